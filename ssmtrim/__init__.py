@@ -1,0 +1,39 @@
+"""ssmtrim: post-training token pruning for vision state-space models (Vim, PlainMamba).
+
+Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA or mamba-ssm):
+``load_model``, ``create_model``, ``list_models``, ``save_model``, ``describe_model``, ``selective_scan``,
+``set_backend``, ``use_backend``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "ssmtrim.models.loading",
+    "resolve_source": "ssmtrim.models.loading",
+    "create_model": "ssmtrim.models.registry",
+    "list_models": "ssmtrim.models.registry",
+    "get_spec": "ssmtrim.models.registry",
+    "save_model": "ssmtrim.checkpoint",
+    "describe_model": "ssmtrim.info",
+    "selective_scan": "ssmtrim.ops",
+    "selective_scan_ref": "ssmtrim.ops",
+    "set_backend": "ssmtrim.ops",
+    "use_backend": "ssmtrim.ops",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ssmtrim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,46 @@
+"""Assembles the ``ssmtrim`` Typer application from one module per command."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+
+from ssmtrim import __version__
+from ssmtrim.cli.convert_cmd import convert
+from ssmtrim.cli.info_cmd import info
+from ssmtrim.cli.models_cmd import models
+
+app = typer.Typer(
+    name="ssmtrim",
+    help="Post-training token pruning for vision state-space models (Vim, PlainMamba).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("models")(models)
+app.command("info")(info)
+app.command("convert")(convert)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ssmtrim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what ssmtrim chooses (backend...).")] = False,
+) -> None:
+    level = logging.INFO if verbose or os.environ.get("SSMTRIM_DEBUG") else logging.WARNING
+    logging.basicConfig(level=level, format="ssmtrim: %(message)s")
+
+
+def main() -> None:
+    app()

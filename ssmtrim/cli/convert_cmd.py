@@ -1,0 +1,37 @@
+"""``ssmtrim convert SOURCE -o OUT``: any supported checkpoint to an ssmtrim safetensors folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssmtrim.cli._errors import handle_errors
+from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, RevisionOpt
+from ssmtrim.cli._render import console, print_json
+
+
+@handle_errors
+def convert(
+    source: Annotated[str, typer.Argument(help="Registered name, Hub id[:file] or checkpoint file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write (config.json + model.safetensors).")],
+    arch: ArchOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert an official checkpoint into a folder that reloads on its own, with safetensors weights."""
+    from ssmtrim.checkpoint import save_model
+    from ssmtrim.models.loading import load_model
+
+    if output.exists() and not force:  # fail before the (possibly long) load
+        from ssmtrim.errors import ConfigError
+
+        raise ConfigError(f"output folder {str(output)!r} already exists; pass --force to replace it or choose another -o.")
+    model = load_model(source, arch=arch, revision=revision)
+    out = save_model(model, output, force=force)
+    if json_out:
+        print_json({"output": str(out), "family": model.config.family, "arch": model.config.to_dict()})
+    else:
+        console.print(f"wrote {out} ({model.config.family}, {sum(p.numel() for p in model.parameters()):,} parameters)")

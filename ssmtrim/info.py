@@ -1,0 +1,70 @@
+"""What ``ssmtrim info`` reports about a model: architecture, size, tokens, preprocessing and the scan backend."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssmtrim.models.loading import load_model, num_params, num_tokens
+from ssmtrim.models.registry import create_model, find_spec
+from ssmtrim.ops.backend import describe_backends, resolve_backend
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    family: str
+    arch: dict[str, Any]
+    parameters: int
+    tokens: int
+    input_size: tuple[int, int, int]
+    preprocessing: dict[str, Any]
+    weights: str
+    backend: str
+    backends: dict[str, str] = field(default_factory=dict)
+    pretrained: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu") -> ModelInfo:
+    """Describe a model. A registered name is described from its architecture alone (nothing is downloaded)."""
+    spec = None
+    if isinstance(source, nn.Module):
+        model = source
+        weights = "in memory"
+    elif (spec := find_spec(str(source))) is not None and not Path(str(source)).exists():
+        model = create_model(spec.name)
+        weights = "not loaded (architecture only)"
+    else:
+        model = load_model(source, device=device)
+        weights = f"{model.source.kind}: {model.source.path}"
+    config = model.config
+    data = getattr(model, "data_config", None) or (spec.data if spec else None)
+    if data is None:
+        from ssmtrim.models.registry import DataConfig
+
+        data = DataConfig(input_size=(config.in_chans, config.img_size, config.img_size))
+    source_spec = getattr(getattr(model, "source", None), "spec", None)
+    spec = spec or (find_spec(source_spec) if source_spec else None)
+    return ModelInfo(
+        name=spec.name if spec else type(model).__name__,
+        family=config.family,
+        arch=config.to_dict(),
+        parameters=num_params(model),
+        tokens=num_tokens(config),
+        input_size=tuple(data.input_size),
+        preprocessing={"resize_short_side": round(data.input_size[-1] / data.crop_pct), "center_crop":
+                       data.input_size[-1], "interpolation": data.interpolation, "mean": data.mean, "std": data.std},
+        weights=weights,
+        backend=resolve_backend(next(model.parameters()).device if any(True for _ in model.parameters())
+                                else torch.device(device)),
+        backends=describe_backends(),
+        pretrained=[asdict(p) for p in spec.pretrained] if spec else [],
+    )

@@ -1,0 +1,178 @@
+"""ssmtrim's own model registry: short names, typed architecture configs, and Hub metadata kept apart.
+
+Modelled on timm's ``_registry.py`` / ``_pretrained.py`` split (architecture arguments vs. where the weights live and
+how to preprocess for them), but private: nothing is registered into another library.
+
+A *family* (``vim``, ``plainmamba``) knows how to build a model from its config, convert an official state dict into
+ours, recognise its own tensors and infer a config from them. A *spec* is one named architecture of a family with the
+Hub files that hold its official weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor, nn
+
+from ssmtrim.errors import ConfigError, UnknownModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Eval preprocessing: resize the short side to size / crop_pct, center-crop ``size``, normalise."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """One official weight file on the Hugging Face Hub."""
+
+    hub_id: str
+    filename: str
+    top1: float | None = None
+    note: str = ""
+
+
+class ArchConfig:
+    """Mixin for the architecture dataclasses: dict round trip with validation."""
+
+    family: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["family"] = self.family
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = {k: v for k, v in d.items() if k != "family"}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.family} architecture field(s) {unknown}; the config.json is from a newer "
+                              "ssmtrim or was edited by hand.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class Family(Protocol):
+    """What a model family module provides (see ``vim.py``, ``plainmamba.py``)."""
+
+    name: str
+    config_cls: type
+
+    def build(self, config: Any) -> nn.Module: ...
+
+    def convert_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def detect(self, state_dict: dict[str, Tensor]) -> bool: ...
+
+    def infer_config(self, state_dict: dict[str, Tensor]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    arch: Any  # an ArchConfig dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrained: tuple[PretrainedCfg, ...] = ()
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    test_only: bool = False
+
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+
+_FAMILIES: dict[str, Family] = {}
+_SPECS: dict[str, ModelSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_family(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    for key in (spec.name, *spec.aliases):
+        if key in _ALIASES and _ALIASES[key] != spec.name:
+            raise ValueError(f"model name {key!r} registered twice")
+        _ALIASES[key] = spec.name
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    if not _FAMILIES:
+        from ssmtrim.models import plainmamba, vim  # noqa: F401  (registers on import)
+
+
+def families() -> dict[str, Family]:
+    _ensure_loaded()
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _ensure_loaded()
+    if name not in _FAMILIES:
+        raise UnknownModelError(f"unknown model family {name!r}; known families: {', '.join(sorted(_FAMILIES))}.")
+    return _FAMILIES[name]
+
+
+def list_models(include_test: bool = False) -> list[ModelSpec]:
+    _ensure_loaded()
+    return [s for s in _SPECS.values() if include_test or not s.test_only]
+
+
+def find_spec(name: str) -> ModelSpec | None:
+    _ensure_loaded()
+    key = _ALIASES.get(name) or _ALIASES.get(name.lower())
+    return _SPECS[key] if key else None
+
+
+def get_spec(name: str) -> ModelSpec:
+    spec = find_spec(name)
+    if spec is None:
+        known = ", ".join(s.name for s in list_models())
+        raise UnknownModelError(f"unknown model {name!r}; run `ssmtrim models` to list them (known: {known}).")
+    return spec
+
+
+def spec_for_hub_file(hub_id: str, filename: str | None) -> tuple[ModelSpec, PretrainedCfg] | None:
+    """The registered spec that owns an official Hub file (``filename=None``: the repo's first listed file)."""
+    _ensure_loaded()
+    for spec in _SPECS.values():
+        for cfg in spec.pretrained:
+            if cfg.hub_id.lower() == hub_id.lower() and (filename is None or cfg.filename == filename):
+                return spec, cfg
+    return None
+
+
+def create_model(name_or_config: str | Any, **overrides: Any) -> nn.Module:
+    """A randomly initialised model from a registered name or an architecture config; ``overrides`` replace
+    config fields (e.g. ``num_classes=10``)."""
+    if isinstance(name_or_config, str):
+        arch = get_spec(name_or_config).arch
+    else:
+        arch = name_or_config
+    if overrides:
+        arch = dataclasses.replace(arch, **overrides)
+    return get_family(arch.family).build(arch)

@@ -1,0 +1,316 @@
+"""Vision Mamba (Vim): Zhu et al., "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State
+Space Model", ICML 2024, arXiv 2401.09417.
+
+Mirrors ``vim/models_mamba.py::VisionMamba`` of hustvl/Vim with the "bimamba v2" mixer of its vendored
+``mamba_ssm/modules/mamba_simple.py``, for the released configuration: middle class token, absolute position
+embedding, RMSNorm, residual stream in fp32, outputs of the two directions averaged (``div2``). Training-only switches
+of the official code (token flipping, RoPE, drop path at eval) are left out. State-dict keys equal the official ones.
+
+Shapes: B batch, L tokens (M patches + 1 class token), D embed dim, E d_inner, N d_state, R dt_rank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
+from ssmtrim.ops import selective_scan
+
+
+@dataclass(frozen=True)
+class VimConfig(ArchConfig):
+    family: ClassVar[str] = "vim"
+
+    embed_dim: int
+    depth: int
+    img_size: int = 224
+    patch_size: int = 16
+    stride: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None: ceil(embed_dim / 16), the official "auto"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "depth", "img_size", "patch_size", "stride", "in_chans", "d_state", "d_conv",
+                     "expand"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"Vim config field {name} must be a positive integer, got {getattr(self, name)}.")
+        if self.num_classes < 0:
+            raise ConfigError(f"Vim config field num_classes must be >= 0, got {self.num_classes}.")
+        if self.img_size < self.patch_size:
+            raise ConfigError(f"Vim img_size {self.img_size} is smaller than patch_size {self.patch_size}.")
+        if self.dt_rank is None:
+            object.__setattr__(self, "dt_rank", math.ceil(self.embed_dim / 16))
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        return (self.img_size - self.patch_size) // self.stride + 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def cls_position(self) -> int:
+        """Index of the class token: M // 2 with M the number of patches before insertion (98 for 196)."""
+        return self.num_patches // 2
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias, computed in fp32 (as mamba-ssm's fused kernel does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(self.weight.dtype)
+
+
+class BiMambaMixer(nn.Module):
+    """The bidirectional "v2" Mamba mixer: one in_proj/out_proj, a forward and a backward scan branch.
+
+    ``forward(h: B L D) -> B L D`` is ``out_proj(ssm_output(h))``; :meth:`ssm_output` is the gated output of both
+    directions in the original token order, averaged (B L E), which token pruning scores.
+    """
+
+    def __init__(self, cfg: VimConfig) -> None:
+        super().__init__()
+        d, e, n, r = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = e, n, r, cfg.d_conv
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.out_proj = nn.Linear(e, d, bias=False)
+        for suffix in ("", "_b"):
+            self.add_module("conv1d" + suffix, nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1))
+            self.add_module("x_proj" + suffix, nn.Linear(e, r + 2 * n, bias=False))
+            self.add_module("dt_proj" + suffix, nn.Linear(r, e, bias=True))
+        # A = -exp(A_log), S4D-real initialisation A_n = -(n + 1); D = 1 (mamba_simple.py)
+        a_log = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1)
+        self.A_log = nn.Parameter(a_log.clone())
+        self.A_b_log = nn.Parameter(a_log.clone())
+        self.D = nn.Parameter(torch.ones(e))
+        self.D_b = nn.Parameter(torch.ones(e))
+        self.reset_dt()
+
+    @torch.no_grad()
+    def reset_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
+        """Mamba's dt initialisation: softplus(bias) log-uniform in [dt_min, dt_max]."""
+        std = self.dt_rank**-0.5
+        for proj in (self.dt_proj, self.dt_proj_b):
+            nn.init.uniform_(proj.weight, -std, std)
+            dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp_min(dt_floor)
+            proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def branch(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
+        """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L)."""
+        s = "_b" if backward else ""
+        conv, x_proj, dt_proj = getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
+        A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
+        length = x.shape[-1]
+        x = F.silu(conv(x)[..., :length])  # causal: left padding d_conv - 1
+        x_dbl = x_proj(x.transpose(1, 2))  # B L (R + 2N)
+        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B E L; the bias enters once, inside the scan
+        A = -torch.exp(A_log.float())
+        return selective_scan(
+            x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
+        )  # fmt: skip
+
+    def ssm_output(self, hidden: Tensor) -> Tensor:
+        """hidden (B L D) -> averaged gated output of both directions, original order (B L E)."""
+        xz = self.in_proj(hidden).transpose(1, 2)  # B 2E L
+        x, z = xz.chunk(2, dim=1)
+        y_f = self.branch(x, z, backward=False)
+        y_b = self.branch(x.flip(-1), z.flip(-1), backward=True).flip(-1)
+        return ((y_f + y_b) / 2).transpose(1, 2)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.out_proj(self.ssm_output(hidden))
+
+
+class Block(nn.Module):
+    """Pre-norm block "add -> norm -> mixer"; returns (mixer output, residual). Residual kept in fp32."""
+
+    def __init__(self, cfg: VimConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+        self.mixer = BiMambaMixer(cfg)
+
+    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VimConfig) -> None:
+        super().__init__()
+        self.img_size = cfg.img_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B 3 H W) -> patch tokens, row-major (B M D)."""
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ConfigError(
+                f"this model takes {self.img_size}x{self.img_size} images but got {x.shape[-2]}x{x.shape[-1]}; "
+                "resize the input (the eval transform from the model's data config does)."
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionMamba(nn.Module):
+    """Vim classifier: ``forward(x: B 3 H W) -> logits (B num_classes)``."""
+
+    def __init__(self, config: VimConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.patch_embed = PatchEmbed(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, d))
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm_f = RMSNorm(d, config.norm_eps)
+        self.head = nn.Linear(d, config.num_classes) if config.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith(("dt_proj", "dt_proj_b")):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # GPT-2 style rescaling of the residual projections (models_mamba.py::_init_weights)
+        for block in self.layers:
+            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
+            block.mixer.out_proj.weight /= math.sqrt(self.config.depth)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Images (B 3 H W) -> tokens with the class token in the middle and positions added (B L D)."""
+        x = self.patch_embed(x)
+        pos = self.config.cls_position
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :pos], cls, x[:, pos:]], dim=1)
+        return x + self.pos_embed
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images -> final-normed tokens (B L D)."""
+        hidden, residual = self.embed(x), None
+        for block in self.layers:
+            hidden, residual = block(hidden, residual)
+        return self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
+
+    def forward_head(self, tokens: Tensor) -> Tensor:
+        return self.head(tokens[:, self.config.cls_position])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# family: build, convert official checkpoints, infer architectures
+
+
+class VimFamily:
+    name = "vim"
+    config_cls = VimConfig
+
+    def build(self, config: VimConfig) -> VisionMamba:
+        return VisionMamba(config)
+
+    def convert_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Official hustvl/Vim keys already equal ours; strip wrappers added by DDP or other tools."""
+        out = {}
+        for key, value in state_dict.items():
+            for prefix in ("module.", "model.", "backbone."):
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+            out[key] = value
+        return out
+
+    def detect(self, state_dict: dict[str, Tensor]) -> bool:
+        return any(re.search(r"(^|\.)layers\.\d+\.mixer\.A_b_log$", k) for k in state_dict)
+
+    def infer_config(self, state_dict: dict[str, Tensor]) -> VimConfig:
+        sd = self.convert_state_dict(state_dict)
+        try:
+            patch_w = sd["patch_embed.proj.weight"]  # D 3 P P
+            pos = sd["pos_embed"]  # 1 M+1 D
+            in_proj = sd["layers.0.mixer.in_proj.weight"]  # 2E D
+            a_log = sd["layers.0.mixer.A_log"]  # E N
+            conv = sd["layers.0.mixer.conv1d.weight"]  # E 1 K
+            dt_w = sd["layers.0.mixer.dt_proj.weight"]  # E R
+        except KeyError as exc:
+            raise CheckpointError(
+                f"this looks like a Vim checkpoint but has no tensor {exc.args[0]!r}; it is incomplete or not in the "
+                "hustvl/Vim layout, so pass the architecture explicitly with --arch."
+            ) from None
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+        embed_dim, patch = patch_w.shape[0], patch_w.shape[-1]
+        grid = math.isqrt(pos.shape[1] - 1)
+        if grid * grid != pos.shape[1] - 1:
+            raise CheckpointError(f"Vim pos_embed has {pos.shape[1]} tokens, not a square grid plus a class token.")
+        # stride is not stored; prefer the one that makes a 224 input (the _stride8_ variants), else stride = patch
+        stride = next((s for s in (patch, patch // 2) if s > 0 and (grid - 1) * s + patch == 224), patch)
+        head = sd.get("head.weight")
+        return VimConfig(
+            embed_dim=embed_dim, depth=depth, img_size=(grid - 1) * stride + patch, patch_size=patch, stride=stride,
+            in_chans=patch_w.shape[1], num_classes=0 if head is None else head.shape[0], d_state=a_log.shape[1],
+            d_conv=conv.shape[-1], expand=in_proj.shape[0] // 2 // embed_dim, dt_rank=dt_w.shape[1],
+        )  # fmt: skip
+
+
+FAMILY = register_family(VimFamily())
+
+_HUB = "hustvl/Vim-{}-midclstok"
+_LONG = "vim_{}_patch16_{}224_bimambav2_final_pool_mean_abs_pos_embed_with_{}_div2"
+
+
+def _register_vim(size: str, dim: int, top1: float, ft_top1: float | None) -> None:
+    s = size[0]
+    files = (PretrainedCfg(_HUB.format(size), f"vim_{s}_midclstok_{top1:.1f}acc.pth".replace(".", "p", 1), top1),)
+    register_model(ModelSpec(
+        name=f"vim_{size}", arch=VimConfig(embed_dim=dim, depth=24), pretrained=files,
+        aliases=(_LONG.format(size, "", "middle_cls_token" if size == "base" else "midclstok"), f"vim_{s}", f"vim-{s}"),
+        description=f"Vim-{s.upper()}: D={dim}, 24 layers, middle class token, 196 patches, ImageNet-1k",
+    ))  # fmt: skip
+    if ft_top1 is None:
+        return
+    # the "+" checkpoints are fine-tuned at patch stride 8 (729 patches), a second architecture
+    ft = (PretrainedCfg(_HUB.format(size), f"vim_{s}_midclstok_ft_{ft_top1:.1f}acc.pth".replace(".", "p", 1), ft_top1),)
+    register_model(ModelSpec(
+        name=f"vim_{size}_stride8", arch=VimConfig(embed_dim=dim, depth=24, stride=8), pretrained=ft,
+        aliases=(_LONG.format(size, "stride8_", "midclstok"),),
+        description=f"Vim-{s.upper()}+: Vim-{s.upper()} fine-tuned at patch stride 8 (729 patches), ImageNet-1k",
+    ))  # fmt: skip
+
+
+_register_vim("tiny", 192, 76.1, 78.3)
+_register_vim("small", 384, 80.5, 81.6)
+_register_vim("base", 768, 81.9, None)
+register_model(ModelSpec(
+    name="vim_test", arch=VimConfig(embed_dim=32, depth=4, img_size=32, patch_size=8, stride=8, num_classes=10),
+    data=DataConfig(input_size=(3, 32, 32)), test_only=True, description="tiny Vim for tests",
+))  # fmt: skip

@@ -1,0 +1,131 @@
+"""Builds and loads the fused CPU selective scan (``csrc/selective_scan.c``) at first use.
+
+Why plain C through ctypes rather than a torch C++ extension: it compiles in about a second with the system C
+compiler (no torch headers, no ninja), and nothing is built at install time, so ``pip install`` never pulls a
+CUDA-sized torch into a build environment. The shared object is cached per source, compiler flags and CPU, so a
+cache shared between machines never hands a ``-march=native`` build to the wrong processor.
+Where no compiler is found the fast path reports itself unavailable and ``auto`` falls back to the reference scan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+_SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
+_FLAG_SETS = (
+    ["-O3", "-ffast-math", "-march=native", "-fopenmp"],
+    ["-O3", "-ffast-math", "-fopenmp"],
+    ["-O3", "-ffast-math"],
+)
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    detail: str  # path of the loaded library, or why it is unavailable
+
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_status: KernelStatus | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SSMTRIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ssmtrim"
+    )
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def _build(cc: str) -> tuple[Path | None, str]:
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        target = cache_dir() / f"selective_scan_{key}.so"
+        if target.exists():
+            return target, ""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [cc, *flags, "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent builder never sees half a library
+            return target, ""
+        os.unlink(tmp)
+        errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return None, "; ".join(errors)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.ssm_scan_fwd.argtypes = [p] * 9 + [i, p, p] + [lng] * 4 + [i]
+    lib.ssm_scan_fwd.restype = None
+    lib.ssm_scan_bwd.argtypes = [p] * 9 + [i] + [p] * 11 + [lng] * 4 + [i]
+    lib.ssm_scan_bwd.restype = None
+    lib.ssm_max_state.restype = ctypes.c_int
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, building it on first call; None where it cannot be built (see :func:`status`)."""
+    global _lib, _status
+    if _status is not None:
+        return _lib
+    with _lock:
+        if _status is not None:
+            return _lib
+        if os.environ.get("SSMTRIM_NO_COMPILE") == "1":
+            _status = KernelStatus(False, "disabled by SSMTRIM_NO_COMPILE=1")
+            return None
+        cc = _compiler()
+        if cc is None:
+            _status = KernelStatus(False, "no C compiler found (install gcc, or set CC)")
+            return None
+        try:
+            path, err = _build(cc)
+            if path is None:
+                _status = KernelStatus(False, f"compiling the CPU scan failed: {err}")
+                return None
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except OSError as exc:
+            _status = KernelStatus(False, f"loading the CPU scan failed: {exc}")
+            return None
+        _lib, _status = lib, KernelStatus(True, str(path))
+        return _lib
+
+
+def status() -> KernelStatus:
+    load()
+    assert _status is not None
+    return _status
