@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import zipfile
@@ -350,8 +349,4 @@ def num_params(model: nn.Module) -> int:
 
 def num_tokens(config: Any) -> int:
     """Tokens the mixers see for a full image: patches (+1 class token for Vim)."""
-    grid = getattr(config, "grid_size", None)
-    if grid is None:
-        grid = math.ceil(config.img_size / config.patch_size)
-    return grid * grid + (1 if config.family == "vim" else 0)
-
+    return config.num_patches + (1 if config.family == "vim" else 0)

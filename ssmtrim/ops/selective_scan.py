@@ -175,7 +175,7 @@ def _backward_ref(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | Non
         present = [t for t in leaves if t is not None]
         got = iter(torch.autograd.grad(outputs, present, grads, allow_unused=True))
     result = [None if t is None else next(got) for t in leaves]
-    result = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(result, leaves)]
+    result = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(result, leaves, strict=True)]
     return (*result, None)
 
 
