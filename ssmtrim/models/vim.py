@@ -170,7 +170,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B 3 H W) -> patch tokens, row-major (B M D)."""
-        if x.shape[-2:] != (self.img_size, self.img_size):
+        if not torch.jit.is_tracing() and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ConfigError(
                 f"this model takes {self.img_size}x{self.img_size} images but got {x.shape[-2]}x{x.shape[-1]}; "
                 "resize the input (the eval transform from the model's data config does)."

@@ -17,7 +17,9 @@ Shapes: u, delta, z, gap (B E L); A (E N); B, C (B N L); D, delta_bias (E); last
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -185,6 +187,21 @@ _scan_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------
 # public entry point
 
+_force_op = False
+
+
+@contextlib.contextmanager
+def scan_as_single_op() -> Iterator[None]:
+    """Route every CPU scan through the registered op (kernel, or the reference loop inside it), so that tracers such
+    as fvcore see one ``ssmtrim::selective_scan`` node instead of an unrolled loop. Used by FLOP counting."""
+    global _force_op
+    previous, _force_op = _force_op, True
+    try:
+        yield
+    finally:
+        _force_op = previous
+
+
 
 def selective_scan(
     u: Tensor,
@@ -201,7 +218,7 @@ def selective_scan(
     backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the backend chosen by :mod:`ssmtrim.ops.backend` (or ``backend``); see module docstring."""
-    chosen = resolve_backend(u.device, backend)
+    chosen = "op" if _force_op and u.device.type == "cpu" else resolve_backend(u.device, backend)
     if chosen == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, return_last_state)
     if chosen == "cuda":
