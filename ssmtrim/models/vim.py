@@ -121,20 +121,28 @@ class BiMambaMixer(nn.Module):
             dt = dt.clamp_min(dt_floor)
             proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    def conv_act(self, x: Tensor, backward: bool) -> Tensor:
+        """SiLU(causal depth-wise conv1d(x)), x (B E L) in the branch's scan order (left padding d_conv - 1)."""
+        conv = self.conv1d_b if backward else self.conv1d
+        return F.silu(conv(x)[..., : x.shape[-1]])
+
+    def decay_gap(self, dt: Tensor, backward: bool) -> Tensor | None:
+        """Extra decay per token (B E L) for the scan; none in the dense model (token pruning overrides this)."""
+        return None
+
     def branch(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
         """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L)."""
         s = "_b" if backward else ""
-        conv, x_proj, dt_proj = getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
+        x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
         A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
-        length = x.shape[-1]
-        x = F.silu(conv(x)[..., :length])  # causal: left padding d_conv - 1
+        x = self.conv_act(x, backward)
         x_dbl = x_proj(x.transpose(1, 2))  # B L (R + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B E L; the bias enters once, inside the scan
         A = -torch.exp(A_log.float())
         return selective_scan(
             x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
-            delta_softplus=True,
+            delta_softplus=True, gap=self.decay_gap(dt, backward),
         )  # fmt: skip
 
     def ssm_output(self, hidden: Tensor) -> Tensor:
