@@ -1,0 +1,164 @@
+"""Image folders and the eval transform, with Pillow and NumPy only (there is no CPU torchvision).
+
+Folder layouts:
+- class sub-folders (``DIR/<class>/<image>``, ImageFolder order: sorted class names);
+- a flat folder of ImageNet files named by WordNet id (``n01440764_xxx.JPEG``): the label is the rank of the wnid
+  among the sorted wnids, which needs all 1000 present or ``num_classes`` wnids known (see :func:`scan_folder`);
+- a flat folder of unlabelled images (label -1), enough for calibration.
+
+The eval transform follows the model's data config (timm's ``transforms_imagenet_eval``): resize the short side to
+``size / crop_pct`` (bicubic by default), center-crop ``size``, scale to [0, 1], normalise. Unreadable images are
+skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from ssmtrim.errors import ConfigError, SourceNotFoundError
+from ssmtrim.models.registry import DataConfig
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+_WNID = re.compile(r"^(n\d{8})[_.-]")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an unreadable image, counted as such
+
+
+@dataclass
+class ImageSet:
+    """A list of images with optional labels."""
+
+    root: str
+    paths: list[str]
+    labels: list[int]  # -1 when unlabelled
+    classes: list[str] = field(default_factory=list)
+    layout: str = "unlabelled"  # "class-folders", "wnid-files" or "unlabelled"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels) and all(v >= 0 for v in self.labels)
+
+    def subset(self, n: int | None, seed: int = 0) -> ImageSet:
+        """A seeded random subset of ``n`` images (all of them if ``n`` is None or larger)."""
+        if n is None or n >= len(self.paths):
+            return self
+        idx = sorted(random.Random(seed).sample(range(len(self.paths)), n))
+        return ImageSet(self.root, [self.paths[i] for i in idx], [self.labels[i] for i in idx], self.classes,
+                        self.layout)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def scan_folder(root: str | os.PathLike) -> ImageSet:
+    """Find the images under ``root`` and their labels (see the module docstring for the layouts)."""
+    root_p = Path(root).expanduser()
+    if not root_p.exists():
+        raise SourceNotFoundError(f"data folder {str(root)!r} does not exist; give a folder of images with --data.")
+    if not root_p.is_dir():
+        raise ConfigError(f"--data {str(root)!r} is a file; give a folder of images (class sub-folders or flat).")
+    subdirs = sorted(d for d in root_p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = [d for d in subdirs if any(_is_image(p) for p in d.iterdir())]
+    if class_dirs:
+        paths, labels = [], []
+        for label, d in enumerate(class_dirs):
+            for p in sorted(d.iterdir()):
+                if _is_image(p):
+                    paths.append(str(p))
+                    labels.append(label)
+        return ImageSet(str(root_p), paths, labels, [d.name for d in class_dirs], "class-folders")
+    files = sorted(p for p in root_p.iterdir() if _is_image(p))
+    if not files:
+        raise ConfigError(f"data folder {str(root)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); put "
+                          "images in it or in class sub-folders.")
+    wnids = [m.group(1) if (m := _WNID.match(p.name)) else None for p in files]
+    if all(wnids):
+        classes = sorted(set(wnids))
+        return ImageSet(str(root_p), [str(p) for p in files], [classes.index(w) for w in wnids], classes, "wnid-files")
+    return ImageSet(str(root_p), [str(p) for p in files], [-1] * len(files), [], "unlabelled")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB: grayscale, palette, CMYK, alpha (composited on white) and 16-bit included."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            img = Image.fromarray(((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def eval_transform(img: Image.Image, data: DataConfig) -> torch.Tensor:
+    """PIL RGB image -> normalised tensor (3 H W) as the model's data config says."""
+    size = data.input_size[-1]
+    scale = int(math.floor(size / data.crop_pct))
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = scale, int(round(scale * h / w))
+    else:
+        new_w, new_h = int(round(scale * w / h)), scale
+    img = img.resize((new_w, new_h), _RESAMPLE.get(data.interpolation, Image.Resampling.BICUBIC))
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(data.mean, dtype=np.float32)) / np.asarray(data.std, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+class EvalDataset(torch.utils.data.Dataset):
+    """(image tensor or None, label, index); None marks an unreadable image."""
+
+    def __init__(self, images: ImageSet, data: DataConfig) -> None:
+        self.images, self.data = images, data
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            x = eval_transform(load_rgb(self.images.paths[i]), self.data)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            x = None
+        return x, self.images.labels[i], i
+
+
+def collate_skip_unreadable(batch):
+    """Stack the readable images; report the indices of unreadable ones."""
+    good = [(x, y, i) for x, y, i in batch if x is not None]
+    bad = [i for x, _, i in batch if x is None]
+    if not good:
+        return None, None, bad
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), bad
+
+
+def make_loader(images: ImageSet, data: DataConfig, batch_size: int = 32, workers: int | None = None):
+    """A DataLoader over ``images`` that yields (images (B 3 H W) or None, labels (B), unreadable indices)."""
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    return torch.utils.data.DataLoader(
+        EvalDataset(images, data), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate_skip_unreadable, persistent_workers=False,
+    )  # fmt: skip

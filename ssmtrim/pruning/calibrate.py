@@ -1,0 +1,132 @@
+"""Calibration: token-importance thresholds per pruning layer from a small image set.
+
+Layer by layer, the model runs in threshold mode with the thresholds found so far (each image keeps its own tokens)
+and stops at the next pruning layer, whose candidate scores are pooled over the images; that layer's threshold is the
+pooled (1 - keep) quantile. So in threshold mode each layer keeps, on average over the calibration images, the
+fraction its keep ratio asks for. A last pass checks it and records the mean kept fraction per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ssmtrim.data import ImageSet, make_loader
+from ssmtrim.errors import ConfigError
+from ssmtrim.pruning.config import PruneConfig
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class _StopForward(Exception):
+    """Raised by the score observer once the layer being calibrated has been seen."""
+
+
+@dataclass
+class LayerCalibration:
+    layer: int  # 1-based block after which tokens are pruned
+    keep: float
+    threshold: float
+    score_mean: float
+    score_std: float
+    quantiles: dict[str, float]  # q05 q25 q50 q75 q95 of the candidate scores
+    kept_fraction: float | None = None  # mean kept fraction in threshold mode on the calibration images
+
+
+@dataclass
+class CalibrationResult:
+    thresholds: tuple[float, ...]
+    layers: list[LayerCalibration]
+    num_images: int
+    unreadable: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_images(images: ImageSet, data_config, batch_size: int = 32, progress: Progress | None = None,
+                workers: int | None = None) -> tuple[Tensor, Tensor, int]:
+    """Read and transform every image once: (images (B 3 H W), labels (B), number unreadable)."""
+    xs, ys, bad = [], [], 0
+    done = 0
+    for x, y, unreadable in make_loader(images, data_config, batch_size, workers):
+        bad += len(unreadable)
+        if x is not None:
+            xs.append(x)
+            ys.append(y)
+        done += (0 if x is None else x.shape[0]) + len(unreadable)
+        if progress:
+            progress("reading images", done, len(images))
+    if not xs:
+        raise ConfigError(f"none of the {len(images)} images in {images.root!r} could be read; check the --data "
+                          "folder.")
+    return torch.cat(xs), torch.cat(ys), bad
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    config: PruneConfig,
+    images: Tensor,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    unreadable: int = 0,
+) -> CalibrationResult:
+    """Thresholds for ``config`` on ``images`` (N 3 H W, already transformed) with the dense ``model``."""
+    from ssmtrim.pruning import apply_pruning, remove_pruning
+
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    thresholds: list[float] = []
+    layers: list[LayerCalibration] = []
+    n = images.shape[0]
+    for j, (layer, keep) in enumerate(zip(config.layers, config.keep, strict=True)):
+        partial = config.replace(layers=config.layers[: j + 1], keep=config.keep[: j + 1], mode="threshold",
+                                 thresholds=(*thresholds, float("-inf")))
+        pruned = apply_pruning(model, partial)
+        pooled: list[Tensor] = []
+
+        def observe(block: int, scores: Tensor, candidates: Tensor, target: int = layer - 1, pooled=pooled) -> None:
+            if block == target:
+                pooled.append(scores[candidates].float().cpu())
+                raise _StopForward
+
+        pruned.score_observer = observe
+        try:
+            for i in range(n):  # threshold mode runs image by image anyway
+                try:
+                    pruned(images[i : i + 1])
+                except _StopForward:
+                    pass
+                if progress:
+                    progress(f"calibrating layer {layer}", i + 1, n)
+        finally:
+            remove_pruning(pruned)
+        scores = torch.cat(pooled)
+        threshold = float(torch.quantile(scores.double(), 1.0 - keep)) if keep < 1.0 else float("-inf")
+        thresholds.append(threshold)
+        qs = torch.quantile(scores.double(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
+        layers.append(LayerCalibration(layer, keep, threshold, float(scores.mean()), float(scores.std()),
+                                       {f"q{int(q * 100):02d}": float(v) for q, v in zip((0.05, 0.25, 0.5, 0.75, 0.95),
+                                                                                          qs, strict=True)}))
+    # check: the mean kept fraction of the threshold mode on the same images
+    pruned = apply_pruning(model, config.replace(mode="threshold", thresholds=tuple(thresholds)))
+    try:
+        fractions = []
+        for lo in range(0, n, batch_size):
+            pruned(images[lo : lo + batch_size])
+            fractions.append((pruned.last_stats.kept_fraction, min(batch_size, n - lo)))
+            if progress:
+                progress("checking thresholds", min(lo + batch_size, n), n)
+    finally:
+        remove_pruning(pruned)
+    for j, entry in enumerate(layers):
+        entry.kept_fraction = sum(f[j] * w for f, w in fractions) / n
+    model.train(was_training)
+    return CalibrationResult(tuple(thresholds), layers, n, unreadable, time.perf_counter() - start)
