@@ -1,8 +1,9 @@
 """ssmtrim: post-training token pruning for vision state-space models (Vim, PlainMamba).
 
 Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA or mamba-ssm):
-``load_model``, ``create_model``, ``list_models``, ``save_model``, ``describe_model``, ``selective_scan``,
-``set_backend``, ``use_backend``.
+``load_model``, ``create_model``, ``list_models``, ``save_model``, ``describe_model``, ``count_flops``,
+``PruneConfig``, ``prune``, ``calibrate``, ``apply_pruning``, ``prune_and_save``, ``selective_scan``, ``set_backend``,
+``use_backend``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ _EXPORTS = {
     "get_spec": "ssmtrim.models.registry",
     "save_model": "ssmtrim.checkpoint",
     "describe_model": "ssmtrim.info",
+    "count_flops": "ssmtrim.flops",
+    "count_flops_all": "ssmtrim.flops",
+    "PruneConfig": "ssmtrim.pruning",
+    "apply_pruning": "ssmtrim.pruning",
+    "remove_pruning": "ssmtrim.pruning",
+    "prune": "ssmtrim.pruning",
+    "calibrate": "ssmtrim.pruning.calibrate",
+    "prune_and_save": "ssmtrim.api",
     "selective_scan": "ssmtrim.ops",
     "selective_scan_ref": "ssmtrim.ops",
     "set_backend": "ssmtrim.ops",

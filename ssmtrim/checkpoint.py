@@ -45,6 +45,9 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
         "arch": model.config.to_dict(),
         "data": data.to_dict(),
     }
+    plan = getattr(model, "prune_config", None)
+    if plan is not None:
+        config["pruning"] = plan.to_dict()
     if source is not None:
         config["source"] = {"source": source.source, "kind": source.kind, "hub_id": source.hub_id,
                             "filename": source.filename, "revision": source.revision, "spec": source.spec}
@@ -52,27 +55,44 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
     return config
 
 
-def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then move the result to ``out_dir`` in one rename; refuse to replace without force."""
+def check_output(out_dir: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing output folder without ``force`` (call it before long work), and a file in its place."""
     out = Path(out_dir)
     if out.exists() and not force:
-        raise ConfigError(f"output folder {str(out)!r} already exists; pass --force to replace it or choose another -o.")
+        raise ConfigError(f"output folder {str(out)!r} already exists; pass --force to replace it or choose another "
+                          "-o.")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {str(out)!r} is a file, not a folder; choose another -o.")
+    return out
+
+
+def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_dir)`` then move the result to ``out_dir`` in one rename; refuse to replace without force."""
+    out = check_output(out_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes the folder 0700; the result must get the permissions of any folder made with mkdir
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    old: Path | None = None
     try:
         write(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)  # put the previous folder back
+                raise
         else:
             os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -116,4 +136,53 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
                                src.get("spec"), folder_config=config)
     model.data_config = DataConfig.from_dict(config["data"]) if "data" in config else DataConfig(
         input_size=(arch_config.in_chans, arch_config.img_size, arch_config.img_size))
+    if config.get("pruning") is not None:
+        from ssmtrim.pruning import PruneConfig, apply_pruning
+
+        apply_pruning(model, PruneConfig.from_dict(config["pruning"]))
     return model.to(device)
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, summary: dict[str, Any], force: bool = False) -> Path:
+    """Write a pruned model: weights + plan (``config.json`` and safetensors metadata), the calibration statistics,
+    the dense source's id and sha256, and a model card (``README.md``) with the FLOPs / agreement summary."""
+    source: ModelSource | None = getattr(model, "source", None)
+    extra = {
+        "calibration": summary.get("calibration"),
+        "summary": {k: summary[k] for k in ("comparison", "flops", "tokens_per_block") if k in summary},
+    }
+    if source is not None:
+        extra["source_sha256"] = source.sha256()
+    return save_model(model, out_dir, force=force, extra_config=extra, readme=model_card(model, summary))
+
+
+def model_card(model: nn.Module, summary: dict[str, Any]) -> str:
+    """A short Markdown model card for a pruned checkpoint folder."""
+    plan = summary["plan"]
+    cmp = summary["comparison"]
+    lines = [
+        f"# {model.config.family} pruned with ssmtrim {_version()}",
+        "",
+        f"Dense source: `{summary['source']}`. Token pruning after blocks {', '.join(map(str, plan['layers']))} "
+        "keeping "
+        f"{', '.join(f'{k:g}' for k in plan['keep'])} of the patch tokens; score `{plan['score']}`, arrangement "
+        f"`{plan['arrangement']}` (gap estimate `{plan['gap']}`), `{plan['mode']}` mode.",
+        "",
+        "| | dense | pruned |",
+        "|---|---|---|",
+    ]
+    for convention, f in (summary.get("flops") or {}).items():
+        lines.append(f"| GFLOPs ({convention} convention) | {f['dense']:.3f} | {f['pruned']:.3f} "
+                     f"({100 * (1 - f['ratio']):.1f}% fewer) |")
+    if cmp.get("top1") is not None:
+        lines.append(f"| top-1 on the calibration images | {100 * cmp['dense_top1']:.2f}% | {100 * cmp['top1']:.2f}% |")
+    lines.append(f"| agreement with dense top-1 (calibration images) | 100% | {100 * cmp['agreement']:.2f}% |")
+    lines += [
+        "",
+        f"Measured on the {cmp['num_images']} calibration images (not a held-out set). Tokens entering each block: "
+        f"{' '.join(f'{t:g}' for t in summary.get('tokens_per_block', []))}.",
+        "",
+        "Load it with `ssmtrim.load_model(\"<this folder>\")`; the plan travels in `config.json`.",
+        "",
+    ]
+    return "\n".join(lines)

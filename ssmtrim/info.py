@@ -38,7 +38,8 @@ def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu") -
     spec = None
     if isinstance(source, nn.Module):
         model = source
-        weights = "in memory"
+        loaded_from = getattr(model, "source", None)
+        weights = f"{loaded_from.kind}: {loaded_from.path}" if loaded_from is not None else "in memory"
     elif (spec := find_spec(str(source))) is not None and not Path(str(source)).exists():
         model = create_model(spec.name)
         weights = "not loaded (architecture only)"

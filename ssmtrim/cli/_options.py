@@ -20,3 +20,4 @@ BackendOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

@@ -24,3 +24,28 @@ def key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+
+class ProgressRenderer:
+    """Turns the library's ``progress(stage, done, total)`` callbacks into Rich progress bars (one per stage)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self._progress = Progress(TextColumn("{task.description:28s}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                                  disable=quiet)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self) -> ProgressRenderer:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)

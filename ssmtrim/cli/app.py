@@ -10,8 +10,10 @@ import typer
 
 from ssmtrim import __version__
 from ssmtrim.cli.convert_cmd import convert
+from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
+from ssmtrim.cli.prune_cmd import prune
 
 app = typer.Typer(
     name="ssmtrim",
@@ -22,6 +24,8 @@ app = typer.Typer(
 )
 app.command("models")(models)
 app.command("info")(info)
+app.command("flops")(flops)
+app.command("prune")(prune)
 app.command("convert")(convert)
 
 

@@ -22,13 +22,10 @@ def convert(
     json_out: JsonOpt = False,
 ) -> None:
     """Convert an official checkpoint into a folder that reloads on its own, with safetensors weights."""
-    from ssmtrim.checkpoint import save_model
+    from ssmtrim.checkpoint import check_output, save_model
     from ssmtrim.models.loading import load_model
 
-    if output.exists() and not force:  # fail before the (possibly long) load
-        from ssmtrim.errors import ConfigError
-
-        raise ConfigError(f"output folder {str(output)!r} already exists; pass --force to replace it or choose another -o.")
+    check_output(output, force)  # fail before the (possibly long) load
     model = load_model(source, arch=arch, revision=revision)
     out = save_model(model, output, force=force)
     if json_out:

@@ -20,17 +20,19 @@ def info(
     json_out: JsonOpt = False,
 ) -> None:
     """Describe a model. Registered names are described from the architecture alone (no download)."""
+    import contextlib
+
     from ssmtrim.info import describe_model
-    from ssmtrim.ops import set_backend
+    from ssmtrim.ops import use_backend
 
-    if backend is not None:
-        set_backend(backend)
-    if revision is not None:  # a revision only means something for a Hub download
-        from ssmtrim.models.loading import load_model
+    # scoped, not set_backend: the choice must not outlive the command when the app runs inside another process
+    with use_backend(backend) if backend is not None else contextlib.nullcontext():
+        if revision is not None:  # a revision only means something for a Hub download
+            from ssmtrim.models.loading import load_model
 
-        result = describe_model(load_model(model, revision=revision, device=device))
-    else:
-        result = describe_model(model, device=device)
+            result = describe_model(load_model(model, revision=revision, device=device))
+        else:
+            result = describe_model(model, device=device)
     if json_out:
         print_json(result.to_dict())
         return

@@ -87,7 +87,8 @@ def _hub_download(repo_id: str, filename: str, revision: str | None) -> Path:
         ) from None
     except hf_errors.RepositoryNotFoundError:
         raise SourceNotFoundError(
-            f"the Hub repository {repo_id!r} does not exist or is private; check the id (or log in with `hf auth login`)."
+            f"the Hub repository {repo_id!r} does not exist or is private; check the id (or log in with "
+            "`hf auth login`)."
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise SourceNotFoundError(f"revision {revision!r} does not exist in {repo_id}; pass an existing branch, tag or "
@@ -126,8 +127,10 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
         return ModelSource(text, "hub", str(local), cfg.hub_id, cfg.filename, revision, spec.name)
 
     repo_id, _, filename = text.partition(":")
-    if _HUB_ID.match(repo_id) and not text.startswith((".", "/", "~")) and not text.endswith(
-        (*_PICKLE_SUFFIXES, ".safetensors")
+    # `owner/repo:file.pth` names a Hub file even though it ends like a checkpoint path; without a ':' part, a
+    # missing `dir/model.pth` is a mistyped local path, not a Hub repo
+    if _HUB_ID.match(repo_id) and not text.startswith((".", "/", "~")) and (
+        filename or not text.endswith((*_PICKLE_SUFFIXES, ".safetensors"))
     ):
         known = spec_for_hub_file(repo_id, filename or None)
         if known is not None:
@@ -141,7 +144,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
         config = _hub_download(repo_id, CONFIG_NAME, revision)
         _hub_download(repo_id, WEIGHTS_NAME, revision)
         folder = config.parent
-        return ModelSource(text, "folder", str(folder), repo_id, None, revision, folder_config=_read_folder_config(folder))
+        return ModelSource(text, "folder", str(folder), repo_id, None, revision,
+                           folder_config=_read_folder_config(folder))
 
     if any(sep in text for sep in ("/", "\\")) or text.endswith((*_PICKLE_SUFFIXES, ".safetensors")):
         raise SourceNotFoundError(f"no such file or folder: {text!r}; check the path.")
@@ -182,7 +186,12 @@ def _safe_globals() -> list:
     try:
         import numpy as np
 
-        allowed += [np.dtype, np.core.multiarray.scalar] if hasattr(np, "core") else []
+        # numpy scalars pickle as `numpy.core.multiarray.scalar` (numpy 1, e.g. the 2024 official files) or
+        # `numpy._core.multiarray.scalar` (numpy 2); name both, and avoid `np.core`, deprecated in numpy 2
+        core = getattr(np, "_core", None) or np.core
+        scalar = core.multiarray.scalar
+        allowed += [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+                    (scalar, "numpy._core.multiarray.scalar")]
         allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
     except (ImportError, AttributeError):
         pass
@@ -202,14 +211,17 @@ def _load_pickle(path: Path) -> Any:
     except Exception as exc:  # pickle and zip errors come in many types
         message = str(exc)
         unsafe = re.search(r"(?:Unsupported global|GLOBAL) ?:? ?(?:GLOBAL )?([\w.]+)", message)
-        if "weights_only" in message.lower() or unsafe:
+        # an opcode the restricted unpickler does not know is what random or cut bytes look like, not an object
+        garbage = re.search(r"Unsupported operand \S+", message)
+        if unsafe or ("weights_only" in message.lower() and not garbage):
             what = unsafe.group(1) if unsafe else "an arbitrary Python object"
             raise CheckpointError(
                 f"{path} contains a pickled Python object ({what}) that ssmtrim refuses to load for safety; re-save "
                 "only the weights (torch.save(model.state_dict())) or convert the file to safetensors."
             ) from None
-        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({type(exc).__name__}); it is "
-                              "probably truncated or corrupt: download it again.") from None
+        detail = garbage.group(0) if garbage else type(exc).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint ({detail}); it is probably truncated "
+                              "or corrupt: download it again.") from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -271,7 +283,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
                                  f"({'; '.join(parts)}); pass the right --arch or an unmodified checkpoint.")
 
 
-def _arch_from(arch: str | Any | None, family: str, state_dict: dict[str, Tensor], source: str) -> tuple[Any, str | None]:
+def _arch_from(
+    arch: str | Any | None, family: str, state_dict: dict[str, Tensor], source: str
+) -> tuple[Any, str | None]:
     if arch is None:
         config = get_family(family).infer_config(state_dict)
         spec = next((s for s in list_models(include_test=True) if s.arch == config), None)
@@ -325,6 +339,10 @@ def load_model(
         raise CheckpointError(f"{label} is a {family} checkpoint but the architecture asked for is {arch.family}; "
                               "drop --arch or pass a matching one.")
     state_dict = get_family(family).convert_state_dict(state_dict)
+    if arch is None and resolved.spec is not None:
+        # the official file of a registered model must hold that architecture; inferring another one would pair it
+        # with the registered model's name and preprocessing
+        arch = resolved.spec
     config, spec_name = _arch_from(arch, family, state_dict, label)
     spec_name = resolved.spec or spec_name
     model = build_with_weights(config, state_dict, label)

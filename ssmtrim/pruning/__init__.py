@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.pruning.config import ARRANGEMENTS, GAP_ESTIMATES, MODES, SCORES, PruneConfig, PruneStats, kept_count
@@ -58,14 +58,15 @@ class PruneResult:
 def prune(
     model: nn.Module,
     config: PruneConfig,
-    data: str | os.PathLike | None = None,
+    data: str | os.PathLike | Tensor | None = None,
     num_images: int = 256,
     batch_size: int = 32,
     seed: int = 0,
     progress=None,
     workers: int | None = None,
 ) -> PruneResult:
-    """Calibrate thresholds on ``num_images`` images of ``data`` (a folder; seeded subset) and patch ``model``.
+    """Calibrate thresholds on ``num_images`` images of ``data`` (a folder, seeded subset; or transformed images
+    (N 3 H W)) and patch ``model``.
 
     Without ``data`` the model is patched in count mode with no thresholds (threshold mode then needs calibration).
     """
@@ -78,7 +79,10 @@ def prune(
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
     calibration = None
-    if data is not None:
+    if isinstance(data, Tensor):
+        calibration = calibrate(model, config, data, batch_size, progress)
+        config = config.replace(thresholds=calibration.thresholds)
+    elif data is not None:
         images = scan_folder(data).subset(num_images, seed)
         data_config = getattr(model, "data_config", None)
         if data_config is None:

@@ -181,7 +181,8 @@ class PrunedVisionMamba(VisionMamba):
         positions = gather_tokens(layout.positions, index)
         fuse_w = None
         if cfg.arrangement == "reorder":
-            dropped = torch.ones(bsz, length, dtype=torch.bool, device=y.device).scatter_(1, index, False)
+            dropped = torch.ones(bsz, length, dtype=torch.bool, device=y.device)
+            dropped = dropped.scatter(1, index, torch.zeros_like(index, dtype=torch.bool))
             weights = (scores.clamp_min(0) + 1e-6) * dropped  # clipped scores of the pruned tokens, normalised
             fuse_w = weights / weights.sum(1, keepdim=True)
             positions = torch.cat([positions, positions.new_full((bsz, 1), -1)], 1)

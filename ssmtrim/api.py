@@ -1,0 +1,84 @@
+"""High-level library calls that the CLI commands wrap one to one."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ssmtrim.errors import ConfigError
+from ssmtrim.pruning import PruneConfig
+
+
+def model_data_config(model: torch.nn.Module):
+    from ssmtrim.models.registry import DataConfig
+
+    return getattr(model, "data_config", None) or DataConfig(
+        input_size=(model.config.in_chans, model.config.img_size, model.config.img_size))
+
+
+def gflops(model: torch.nn.Module, images: torch.Tensor | None = None) -> dict[str, float]:
+    """GFLOPs per image in the two conventions (see :mod:`ssmtrim.flops`), from one trace; pass real ``images``
+    when the token counts depend on them (threshold mode)."""
+    from ssmtrim.flops import count_flops_all
+
+    return {c: r.gflops for c, r in count_flops_all(model, images=images).items()}
+
+
+def prune_and_save(
+    source: str | os.PathLike,
+    config: PruneConfig,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    num_images: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    arch: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    progress=None,
+    count_flops: bool = True,
+) -> dict[str, Any]:
+    """Load ``source``, calibrate ``config`` on images of ``data``, prune, compare with dense on those images, and
+    write the pruned checkpoint folder ``output``. Returns the summary that the CLI prints."""
+    from ssmtrim.checkpoint import check_output, save_pruned
+    from ssmtrim.data import scan_folder
+    from ssmtrim.evaluate import compare_logits, predict
+    from ssmtrim.models.loading import load_model
+    from ssmtrim.pruning import apply_pruning, is_pruned
+    from ssmtrim.pruning.calibrate import calibrate, load_images
+
+    check_output(output, force)
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
+    images_set = scan_folder(data).subset(num_images, seed)
+    model = load_model(source, arch=arch, revision=revision)
+    if is_pruned(model):
+        raise ConfigError(f"{source} is already pruned; prune the dense model it came from instead.")
+    config.validate_for(model.config.depth)
+    images, labels, unreadable = load_images(images_set, model_data_config(model), batch_size, progress)
+    if images_set.labelled and len(images_set.classes) != getattr(model.config, "num_classes", -1):
+        labels = None  # folder classes do not match the head: agreement with dense only
+    dense_logits = predict(model, images, batch_size, progress, "dense forward")
+    dense_flops = gflops(model) if count_flops else {}
+    calibration = calibrate(model, config, images, batch_size, progress, unreadable)
+    config = config.replace(thresholds=calibration.thresholds)
+    apply_pruning(model, config)
+    pruned_logits = predict(model, images, batch_size, progress, "pruned forward")
+    comparison = compare_logits(dense_logits, pruned_logits, labels)
+    summary: dict[str, Any] = {
+        "source": str(source),
+        "plan": config.to_dict(),
+        "tokens_per_block": model.last_stats.tokens_per_block if model.last_stats else [],
+        "comparison": comparison.to_dict(),
+        "calibration": calibration.to_dict(),
+        "unreadable": unreadable,
+    }
+    if count_flops:
+        flop_images = images[: min(len(images), 16)] if config.mode == "threshold" else None
+        summary["flops"] = {c: {"dense": d, "pruned": p, "ratio": p / d}
+                            for (c, d), p in zip(dense_flops.items(), gflops(model, flop_images).values(), strict=True)}
+    out = save_pruned(model, output, summary, force=force)
+    summary["output"] = str(out)
+    return summary

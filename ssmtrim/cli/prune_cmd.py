@@ -1,0 +1,91 @@
+"""``ssmtrim prune SOURCE --data DIR --layers 5,10,15 --keep 0.8 -o OUT``: calibrate, prune, write a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssmtrim.cli._errors import handle_errors
+from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, QuietOpt, RevisionOpt
+from ssmtrim.cli._render import ProgressRenderer, console, key_value_table, print_json
+from ssmtrim.errors import ConfigError
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.8 or 0.9,0.8,0.7; got {text!r}.") from None
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated block numbers, e.g. 5,10,15; got {text!r}.") from None
+
+
+@handle_errors
+def prune(
+    source: Annotated[str, typer.Argument(help="Dense model: registered name, Hub id[:file], file or folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Calibration images: a folder (class sub-folders or flat).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the pruned checkpoint to.")],
+    layers: Annotated[str, typer.Option("--layers", help="1-based blocks after which to prune, e.g. 5,10,15.")] = "",
+    keep: Annotated[str, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per layer).")]
+    = "0.8",
+    score: Annotated[str, typer.Option("--score", help="clipped (default), unclipped, l1, l2 or random.")] = "clipped",
+    arrangement: Annotated[str, typer.Option("--arrangement", help="align (default), keep-order or reorder.")]
+    = "align",
+    gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: mean, bias or zero.")] = "mean",
+    mode: Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")] = "count",
+    num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded subset).")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration subset.")] = 0,
+    arch: ArchOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Calibrate token-importance thresholds, prune the model and write OUT/ (model.safetensors, config.json,
+    README.md) that `ssmtrim.load_model(OUT)` rebuilds."""
+    from ssmtrim.api import prune_and_save
+    from ssmtrim.checkpoint import check_output
+    from ssmtrim.pruning import PruneConfig
+
+    check_output(output, force)  # before any long work
+    if not layers:
+        raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    config = PruneConfig(layers=_ints(layers, "--layers"), keep=_floats(keep, "--keep"), score=score,
+                         arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed)
+    with ProgressRenderer(quiet or json_out) as progress:
+        summary = prune_and_save(source, config, data, output, num_images=num_images, batch_size=batch_size,
+                                 seed=seed, arch=arch, revision=revision, force=force, progress=progress)
+    if json_out:
+        print_json(summary)
+        return
+    cmp = summary["comparison"]
+    rows = [
+        ("output", summary["output"]),
+        ("plan", f"prune after blocks {summary['plan']['layers']} keeping {summary['plan']['keep']}, "
+                 f"{summary['plan']['score']} score, {summary['plan']['arrangement']}, {summary['plan']['mode']} mode"),
+        ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
+        ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
+        ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),
+        ("KL(dense || pruned)", f"{cmp['kl']:.4f}"),
+    ]
+    if cmp.get("top1") is not None:
+        rows.append(("top-1 dense -> pruned", f"{100 * cmp['dense_top1']:.1f}% -> {100 * cmp['top1']:.1f}%"))
+    for conv, f in summary.get("flops", {}).items():
+        saved = 100 * (1 - f["ratio"])
+        rows.append((f"GFLOPs ({conv})", f"{f['dense']:.3f} -> {f['pruned']:.3f} ({saved:.1f}% fewer)"))
+    for entry in summary["calibration"]["layers"]:
+        kept = 100 * entry["kept_fraction"]
+        rows.append((f"layer {entry['layer']} threshold",
+                     f"{entry['threshold']:.4g} (kept {kept:.1f}% in threshold mode, "
+                     f"target {100 * entry['keep']:.0f}%)"))
+    console.print(key_value_table("ssmtrim prune", rows))
