@@ -189,15 +189,33 @@ class PlainMambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
 
-    def project(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B L C) -> scan inputs in raster order: u (B E L) after conv and SiLU, delta (B E L) = dt_proj(dt)
-        including its bias once, B and C (B N L), and the gate z (B L E)."""
-        bsz, length, _ = x.shape
+    def conv_act(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
+        """SiLU(depth-wise conv2d) on the h x w grid: u (B E L) in raster order -> (B E L). A hook: token pruning
+        runs the conv on the grid cells of the tokens it kept."""
+        bsz, e, length = u.shape
         h, w = hw
         if h * w != length:
             raise ConfigError(f"PlainMamba got {length} tokens for a {h}x{w} grid; the mixer needs the full grid.")
+        return F.silu(self.conv2d(u.reshape(bsz, e, h, w))).flatten(2)
+
+    def scan_orders(self, u: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per direction and image, for u (B E L): ``orders`` (K B L) the token read at each scan step, ``inverse``
+        (K B L) the scan step of each token, ``directions`` (K B L) the direction embedding id of each step. Here the
+        zig-zag paths of the grid, the same for every image; a hook that token pruning overrides."""
+        orders, inverse, directions = _orders_on(*hw, u.device)
+        shape = (NUM_DIRECTIONS, u.shape[0], u.shape[2])
+        return orders[:, None].expand(shape), inverse[:, None].expand(shape), directions[:, None].expand(shape)
+
+    def decay_gap(self, delta: Tensor) -> Tensor | None:
+        """Extra decay per direction and scan step (K B E L) given delta (B E L); none in the dense model (a hook:
+        token pruning adds the decay of the positions it removed)."""
+        return None
+
+    def project(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (B L C) -> scan inputs in raster order: u (B E L) after conv and SiLU, delta (B E L) = dt_proj(dt)
+        including its bias once, B and C (B N L), and the gate z (B L E)."""
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        u = F.silu(self.conv2d(u.transpose(1, 2).reshape(bsz, self.d_inner, h, w))).flatten(2)  # B E L
+        u = self.conv_act(u.transpose(1, 2), hw)  # B E L
         dt, b, c = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)
         return u, delta, b.transpose(1, 2), c.transpose(1, 2), z
@@ -206,22 +224,24 @@ class PlainMambaMixer(nn.Module):
         """The four directional scans in one batched call; u, delta (B E L), b, c (B N L) in raster order ->
         the sum of the four outputs (with D u in each) back in raster order (B E L), not gated."""
         bsz, e, length = u.shape
-        orders, inverse, directions = _orders_on(*hw, u.device)
         k = NUM_DIRECTIONS
+        orders, inverse, directions = self.scan_orders(u, hw)  # K B L each
         # only u is permuted into scan order; delta, B and C stay in raster order (official behaviour)
-        u_k = u[:, :, orders].movedim(2, 0).reshape(k * bsz, e, length)
+        u_k = u.unsqueeze(0).expand(k, -1, -1, -1).gather(3, orders[:, :, None, :].expand(k, bsz, e, length))
+        u_k = u_k.reshape(k * bsz, e, length)
         delta_k = delta.unsqueeze(0).expand(k, -1, -1, -1).reshape(k * bsz, e, length)
-        dir_b = self.direction_Bs[directions].transpose(1, 2).to(b.dtype)  # K N L, indexed by scan step
-        b_k = (b.unsqueeze(0) + dir_b.unsqueeze(1)).reshape(k * bsz, self.d_state, length)
+        dir_b = self.direction_Bs[directions].transpose(2, 3).to(b.dtype)  # K B N L, indexed by scan step
+        b_k = (b.unsqueeze(0) + dir_b).reshape(k * bsz, self.d_state, length)
         c_k = c.unsqueeze(0).expand(k, -1, -1, -1).reshape(k * bsz, self.d_state, length)
+        gap = self.decay_gap(delta)
+        # the bias goes in once through dt_proj and a second time as delta_bias, as in the official forward
         y = selective_scan(
             u_k.contiguous(), delta_k.contiguous(), -torch.exp(self.A_log.float()), b_k.contiguous(),
             c_k.contiguous(), self.D.float(), z=None, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            gap=None if gap is None else gap.reshape(k * bsz, e, length).contiguous(),
         )  # fmt: skip
-        # the bias went in once through dt_proj and a second time as delta_bias, as in the official forward
         y = y.reshape(k, bsz, e, length)
-        y = torch.gather(y, 3, inverse[:, None, None, :].expand(k, bsz, e, length))
-        return y.sum(0)
+        return y.gather(3, inverse[:, :, None, :].expand(k, bsz, e, length)).sum(0)  # back in raster order
 
     def ssm_output(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         """x (B L C) -> SiLU(z) * sum of the four un-permuted scans (B L E)."""

@@ -121,8 +121,8 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def _ensure_loaded() -> None:
-    if not _FAMILIES:
-        from ssmtrim.models import plainmamba, vim  # noqa: F401  (registers on import)
+    # every family module, not "any": importing one family directly must not hide the others
+    from ssmtrim.models import plainmamba, vim  # noqa: F401  (register on import; cached after the first call)
 
 
 def families() -> dict[str, Family]:

@@ -37,7 +37,8 @@ def is_pruned(model: nn.Module) -> bool:
 
 
 def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """Patch ``model`` in place so that it prunes tokens as ``config`` says (see :mod:`ssmtrim.pruning.vim`)."""
+    """Patch ``model`` in place so that it prunes tokens as ``config`` says (:mod:`ssmtrim.pruning.vim`,
+    :mod:`ssmtrim.pruning.plainmamba`)."""
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
     return _family_module(model).apply_pruning(model, config)

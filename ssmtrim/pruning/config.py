@@ -2,7 +2,8 @@
 
 Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962; METHOD.md of this project):
 - ``layers``: 1-based block indices AFTER which tokens are pruned (``5, 10, 15`` prunes after the 5th, 10th, 15th);
-- ``keep``: fraction of the current patch tokens kept at each of those layers (the class token is always kept);
+- ``keep``: fraction of the current patch tokens kept at each of those layers (Vim's class token is always kept;
+  PlainMamba has none, see ``ssmtrim.pruning.plainmamba``);
 - ``score``: token importance, from the gated SSM output y (B L E) of the pruning layer before out_proj:
   ``clipped`` mean_e max(0, y) (the method), ``unclipped`` mean_e y, ``l1`` mean_e |y|, ``l2`` ||y||_2, ``random``;
 - ``arrangement`` of the kept tokens: ``align`` (original order, class token at its original position, and the scans

@@ -155,3 +155,13 @@ def test_wrong_input_size_is_a_clear_error():
     model = ssmtrim.create_model("vim_test")
     with pytest.raises(ConfigError, match="32x32"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_registry_lists_every_family_whichever_is_imported_first():
+    import subprocess
+    import sys
+
+    code = ("import ssmtrim.models.plainmamba; from ssmtrim.models.registry import find_spec; "
+            "print(find_spec('vim_test') is not None, find_spec('plainmamba_test') is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "True True"
