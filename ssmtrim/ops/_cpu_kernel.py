@@ -22,9 +22,9 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAG_SETS = (
-    ["-O3", "-ffast-math", "-march=native", "-fopenmp-simd", "-pthread"],
-    ["-O3", "-ffast-math", "-fopenmp-simd", "-pthread"],
-    ["-O3", "-ffast-math", "-pthread"],
+    ["-O3", "-ffast-math", "-march=native", "-fopenmp"],
+    ["-O3", "-ffast-math", "-fopenmp"],
+    ["-O3", "-ffast-math"],
 )
 
 

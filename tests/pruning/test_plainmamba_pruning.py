@@ -3,8 +3,6 @@ the packed grid of keep-order, counts and order, batching, the dw conv on the gr
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,27 +255,3 @@ def test_calibrated_thresholds_hit_target_fraction(model):
 
 # ---------------------------------------------------------------------------------------------------------------
 # speed sanity: printed, never asserted (machines are shared and noisy)
-
-
-def test_speed_l1_dense_vs_align():
-    torch.manual_seed(0)
-    l1 = ssmtrim.create_model("plainmamba_l1").eval()
-    x = torch.randn(8, 3, 224, 224)
-
-    def images_per_second(iters: int = 2) -> float:
-        with torch.no_grad():
-            l1(x)  # warm-up
-            start = time.perf_counter()
-            for _ in range(iters):
-                l1(x)
-        return iters * x.shape[0] / (time.perf_counter() - start)
-
-    dense = images_per_second()
-    apply_pruning(l1, PruneConfig(layers=(6, 12, 18), keep=(0.7,)))
-    try:
-        pruned = images_per_second()
-        tokens = l1.last_stats.tokens_per_block
-    finally:
-        remove_pruning(l1)
-    print(f"\nPlainMamba-L1 224px batch 8, {torch.get_num_threads()} threads: dense {dense:.1f} img/s, align keep 0.7 "
-          f"after 6/12/18 {pruned:.1f} img/s ({pruned / dense:.2f}x); tokens {tokens[0]:.0f}->{tokens[-1]:.0f}")

@@ -12,14 +12,12 @@
  * D, bias: (E); last: (B, E, N); per-batch partial sums dA: (B, E, N), dD, dbias: (B, E).
  * Optional pointers may be NULL.
  *
- * Parallel over (b, e) rows in the forward; over b in the backward so that dB/dC (summed over e) need no atomics.
- * Threads are plain pthreads started per call, not OpenMP: a second OpenMP runtime beside PyTorch's would keep its
- * idle threads spinning between calls and steal the cores PyTorch's own ops need (measured: up to 10x slower
- * forwards when the machine is shared). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with -O3 -ffast-math
- * -fopenmp-simd so that expf vectorises (libmvec).
+ * Parallel over (b, e) in the forward; over b in the backward so that dB/dC (summed over e) need no atomics.
+ * OpenMP on purpose: the library's DT_NEEDED libgomp.so.1 resolves to the copy PyTorch has already loaded, so the
+ * kernel and PyTorch's own ops share one thread pool (a private pthread pool measured 25% slower end to end, its
+ * threads competing with PyTorch's spinning workers). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with -O3 -ffast-math so that expf vectorises (libmvec).
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,61 +28,11 @@ static inline float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
 int ssm_max_state(void) { return MAXN; }
 
-typedef void (*range_fn)(void *ctx, long lo, long hi);
-typedef struct {
-    range_fn fn;
-    void *ctx;
-    long lo, hi;
-} task_t;
-
-static void *run_task(void *arg) {
-    task_t *t = (task_t *)arg;
-    t->fn(t->ctx, t->lo, t->hi);
-    return NULL;
-}
-
-/* fn over [0, n) split into nthreads contiguous ranges; the calling thread takes the first. */
-static void parallel_for(long n, int nthreads, range_fn fn, void *ctx) {
-    if (nthreads > n) nthreads = (int)n;
-    if (nthreads <= 1) {
-        fn(ctx, 0, n);
-        return;
-    }
-    task_t tasks[64];
-    pthread_t threads[64];
-    int started[64] = {0};
-    if (nthreads > 64) nthreads = 64;
-    for (int i = 0; i < nthreads; i++) {
-        tasks[i].fn = fn;
-        tasks[i].ctx = ctx;
-        tasks[i].lo = n * i / nthreads;
-        tasks[i].hi = n * (i + 1) / nthreads;
-    }
-    for (int i = 1; i < nthreads; i++) started[i] = pthread_create(&threads[i], NULL, run_task, &tasks[i]) == 0;
-    fn(ctx, tasks[0].lo, tasks[0].hi);
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i])
-            pthread_join(threads[i], NULL);
-        else
-            fn(ctx, tasks[i].lo, tasks[i].hi); /* could not start a thread: do its share here */
-    }
-}
-
-typedef struct {
-    const float *u, *delta, *A, *Bt, *Ct, *D, *z, *bias, *gap, *dout, *dlast;
-    int softplus;
-    float *out, *last, *du, *ddelta, *dA, *dBt, *dCt, *dD, *dz, *dbias, *dgap;
-    long Bn, En, Ln, Nn;
-} scan_args;
-
-static void fwd_rows(void *ctx, long lo, long hi) {
-    const scan_args *p = (const scan_args *)ctx;
-    const float *u = p->u, *delta = p->delta, *A = p->A, *Bt = p->Bt, *Ct = p->Ct, *D = p->D, *z = p->z;
-    const float *bias = p->bias, *gap = p->gap;
-    const int softplus = p->softplus;
-    float *out = p->out, *last = p->last;
-    const long En = p->En, Ln = p->Ln, Nn = p->Nn;
-    for (long be = lo; be < hi; be++) {
+void ssm_scan_fwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
+                  const float *D, const float *z, const float *bias, const float *gap, int softplus,
+                  float *out, float *last, long Bn, long En, long Ln, long Nn, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long be = 0; be < Bn * En; be++) {
         const long b = be / En, e = be % En;
         float h[MAXN];
         for (long n = 0; n < Nn; n++) h[n] = 0.f;
@@ -115,23 +63,13 @@ static void fwd_rows(void *ctx, long lo, long hi) {
     }
 }
 
-void ssm_scan_fwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
+void ssm_scan_bwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
                   const float *D, const float *z, const float *bias, const float *gap, int softplus,
-                  float *out, float *last, long Bn, long En, long Ln, long Nn, int nthreads) {
-    scan_args p = {u, delta, A, Bt, Ct, D, z, bias, gap, NULL, NULL, softplus, out, last,
-                   NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, Bn, En, Ln, Nn};
-    parallel_for(Bn * En, nthreads, fwd_rows, &p);
-}
-
-static void bwd_batches(void *ctx, long lo, long hi) {
-    const scan_args *p = (const scan_args *)ctx;
-    const float *u = p->u, *delta = p->delta, *A = p->A, *Bt = p->Bt, *Ct = p->Ct, *D = p->D, *z = p->z;
-    const float *bias = p->bias, *gap = p->gap, *dout = p->dout, *dlast = p->dlast;
-    const int softplus = p->softplus;
-    float *du = p->du, *ddelta = p->ddelta, *dA = p->dA, *dBt = p->dBt, *dCt = p->dCt, *dD = p->dD, *dz = p->dz;
-    float *dbias = p->dbias, *dgap = p->dgap;
-    const long En = p->En, Ln = p->Ln, Nn = p->Nn;
-    for (long b = lo; b < hi; b++) {
+                  const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
+                  float *dCt, float *dD, float *dz, float *dbias, float *dgap, long Bn, long En, long Ln, long Nn,
+                  int nthreads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (long b = 0; b < Bn; b++) {
         float *hs = (float *)malloc(sizeof(float) * Ln * Nn); /* states h_t of one (b, e) row */
         float *ys = (float *)malloc(sizeof(float) * Ln);      /* ungated outputs y_t */
         float gh[MAXN], dA_acc[MAXN];
@@ -213,14 +151,4 @@ static void bwd_batches(void *ctx, long lo, long hi) {
         free(hs);
         free(ys);
     }
-}
-
-void ssm_scan_bwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
-                  const float *D, const float *z, const float *bias, const float *gap, int softplus,
-                  const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
-                  float *dCt, float *dD, float *dz, float *dbias, float *dgap, long Bn, long En, long Ln, long Nn,
-                  int nthreads) {
-    scan_args p = {u, delta, A, Bt, Ct, D, z, bias, gap, dout, dlast, softplus, NULL, NULL,
-                   du, ddelta, dA, dBt, dCt, dD, dz, dbias, dgap, Bn, En, Ln, Nn};
-    parallel_for(Bn, nthreads, bwd_batches, &p);
 }

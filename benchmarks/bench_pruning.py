@@ -1,0 +1,95 @@
+"""Dense against pruned, side by side in one run: FLOPs, throughput, and the cost of the alignment bookkeeping.
+
+    python benchmarks/bench_pruning.py [--models vim_tiny,vim_small,plainmamba_l1] [--batch 8] [--json out.json]
+
+Random weights (the speed of a forward does not depend on them). For each model: dense, then pruning after the given
+blocks at the given keep ratio with each arrangement; prints GFLOPs (paper and full), images/s (median of repeats,
+after warm-up), the measured speed-up, the FLOPs reduction ratio, and speed-up / FLOPs ratio (how much of the saved
+FLOPs became saved time). align vs keep-order runs the same token counts, so their ratio is the alignment's cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import ssmtrim
+from ssmtrim.flops import count_flops_all
+from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
+
+SCHEDULES = {  # the released Vim-S schedule, the Vim-T budget of the literature, an L1 schedule of our own
+    "vim_tiny": ((10,), 0.8),
+    "vim_small": ((5, 10, 15), 0.8),
+    "vim_base": ((5, 10, 15), 0.8),
+    "plainmamba_l1": ((6, 12, 18), 0.7),
+    "plainmamba_l2": ((6, 12, 18), 0.7),
+    "plainmamba_l3": ((9, 18, 27), 0.7),
+}
+
+
+def throughput(model, x, warmup: int, iters: int, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(x)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model(x)
+            rates.append(iters * x.shape[0] / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vim_tiny,vim_small,plainmamba_l1")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, CPU\n")
+    header = f"{'model':14s} {'variant':11s} {'GF paper':>8s} {'GF full':>8s} {'img/s':>7s} {'speed-up':>8s} " \
+             f"{'FLOPs ratio':>11s} {'realised':>8s}"
+    print(header)
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        model = ssmtrim.create_model(name).eval()
+        x = torch.randn(args.batch, 3, model.config.img_size, model.config.img_size)
+        layers, keep = SCHEDULES[name]
+        variants = [("dense", None)] + [(a, PruneConfig(layers=layers, keep=(keep,), arrangement=a))
+                                        for a in ("align", "keep-order", "reorder")]
+        base = None
+        for label, config in variants:
+            if config is not None:
+                apply_pruning(model, config)
+            flops = {c: r.gflops for c, r in count_flops_all(model).items()}
+            rate = throughput(model, x, args.warmup, args.iters, args.repeats)
+            if config is not None:
+                remove_pruning(model)
+            if base is None:
+                base = (flops, rate)
+            speedup = rate / base[1]
+            flops_ratio = base[0]["full"] / flops["full"]
+            row = {"model": name, "variant": label, "schedule": [list(layers), keep], "gflops": flops,
+                   "images_per_s": rate, "speedup": speedup, "flops_ratio_full": flops_ratio,
+                   "realised": speedup / flops_ratio}
+            results.append(row)
+            print(f"{name:14s} {label:11s} {flops['paper']:8.3f} {flops['full']:8.3f} {rate:7.2f} {speedup:7.2f}x "
+                  f"{flops_ratio:10.2f}x {row['realised']:8.2f}")
+        by = {r["variant"]: r for r in results if r["model"] == name}
+        cost = by["keep-order"]["images_per_s"] / by["align"]["images_per_s"] - 1
+        print(f"{'':14s} alignment bookkeeping: align is {100 * cost:+.1f}% slower than keep-order at equal tokens\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
