@@ -46,6 +46,8 @@ def info(
         ("input size", "x".join(map(str, result.input_size))),
         ("preprocessing", ", ".join(f"{k}={v}" for k, v in result.preprocessing.items())),
         ("weights", result.weights),
+        *[(f"GFLOPs ({c})", f"{v:.3f}") for c, v in result.gflops.items()],
+        *([("pruning", ", ".join(f"{k}={v}" for k, v in result.pruning.items()))] if result.pruning else []),
         ("scan backend", result.backend),
     ]
     rows += [(f"  {k}", v) for k, v in result.backends.items()]
