@@ -5,7 +5,7 @@ Both conventions come from ONE fvcore trace (``fvcore.nn.FlopCountAnalysis``, CP
 node). Like fvcore, counts are multiply-accumulates: one MAC is one "flop", so "GFLOPs" below means G-MACs, which is
 what the literature calls GFLOPs for these models. Every count is per image (the trace's count / batch size).
 
-``paper`` (METHOD.md section 4; the peers count with module hooks): the MACs of every conv and linear layer outside
+``paper`` (the peers count with module hooks): the MACs of every conv and linear layer outside
 the mixers (patch embedding or PlainMamba's conv stem, the head, PlainMamba-L1's depth-wise conv after layer 0; no
 biases, norms or activations), plus, per mixer call on l tokens (l read from the traced run, so pruned models are
 counted with the tokens each mixer really sees), with D dim, E d_inner, N d_state, r dt_rank, k conv width::

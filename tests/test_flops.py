@@ -1,4 +1,4 @@
-"""FLOP counting: the peers' published numbers (METHOD.md section 4), the full count, token pruning, the CLI."""
+"""FLOP counting: the peers' published numbers, the full count, token pruning, the CLI."""
 
 from __future__ import annotations
 

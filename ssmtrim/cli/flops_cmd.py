@@ -20,7 +20,7 @@ class Convention(str, Enum):
 
 
 _MEANING = {
-    "paper": "peers' convention: convs, linears, one Vim scan direction (METHOD.md section 4)",
+    "paper": "peers' convention: convs, linears, one Vim scan direction",
     "full": "everything that runs: both Vim directions, norms, gating, residual adds",
 }
 

@@ -1,6 +1,6 @@
 """The pruning plan: where, how much, how tokens are scored and arranged. Travels with the weights.
 
-Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962; METHOD.md of this project):
+Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962):
 - ``layers``: 1-based block indices AFTER which tokens are pruned (``5, 10, 15`` prunes after the 5th, 10th, 15th);
 - ``keep``: fraction of the current patch tokens kept at each of those layers (Vim's class token is always kept;
   PlainMamba has none, see ``ssmtrim.pruning.plainmamba``);
@@ -118,3 +118,29 @@ class PruneStats:
 
     tokens_per_block: list[float] = field(default_factory=list)  # mean tokens entering each block
     kept_fraction: list[float] = field(default_factory=list)  # mean kept fraction at each pruning layer
+
+    @staticmethod
+    def mean(stats: list[PruneStats | None]) -> PruneStats:
+        """Per-image stats averaged (threshold mode runs images one by one)."""
+        valid = [s for s in stats if s is not None]
+        if not valid:
+            return PruneStats()
+        n = len(valid)
+        blocks, layers = len(valid[0].tokens_per_block), len(valid[0].kept_fraction)
+        return PruneStats(
+            tokens_per_block=[sum(s.tokens_per_block[i] for s in valid) / n for i in range(blocks)],
+            kept_fraction=[sum(s.kept_fraction[i] for s in valid) / n for i in range(layers)],
+        )
+
+
+def forward_image_by_image(model, x):
+    """Threshold mode: each image keeps its own number of tokens, so a batch runs one image at a time; the model's
+    ``last_stats`` becomes the mean over the images. ``model`` is a pruned model of any family."""
+    import torch
+
+    outs, stats = [], []
+    for i in range(x.shape[0]):
+        outs.append(model(x[i : i + 1]))
+        stats.append(model.last_stats)
+    model.last_stats = PruneStats.mean(stats)
+    return torch.cat(outs)

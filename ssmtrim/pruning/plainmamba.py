@@ -1,7 +1,7 @@
 """Token pruning patched into a loaded PlainMamba, in place (as :mod:`ssmtrim.pruning.vim`: swap classes, keep weights).
 
 After each pruning block the tokens are scored from that block's gated SSM output (the sum of the four un-permuted
-scans times SiLU(z), B L E; Zhan et al., NeurIPS 2024, arXiv 2409.18962, §1 of METHOD.md), and one index per image
+scans times SiLU(z), B L E; Zhan et al., NeurIPS 2024, arXiv 2409.18962), and one index per image
 is applied to the token stream and to the position map (the original raster index of each token on the H x W grid).
 PlainMamba has no class token: nothing is protected, every current token is a candidate, and the head averages the
 tokens that are left. Arrangements (see :mod:`ssmtrim.pruning.config`):
@@ -27,7 +27,7 @@ tokens that are left. Arrangements (see :mod:`ssmtrim.pruning.config`):
   grid, in storage order, so the fused token is simply the last token of the sequence: it has a cell and takes part
   in the convs, the scans and the head's mean like any other token. It is a candidate at the next pruning layer.
 
-The official quirk (MODELS.md): per direction only x is put into scan order; dt, B and C stay in raster order, so
+The official quirk: per direction only x is put into scan order; dt, B and C stay in raster order, so
 scan step t reads x of the t-th token of the path with dt_t, B_t, C_t of raster token t. On a reduced sequence this
 is kept literally, as the official code would run on the stored sequence: step i of every reduced scan uses the
 dt, B and C of the i-th STORED token (for ``align`` and ``keep-order`` the i-th kept token in raster order), and
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.plainmamba import NUM_DIRECTIONS, PlainMamba, PlainMambaLayer, PlainMambaMixer, zigzag_orders
-from ssmtrim.pruning.config import PruneConfig, PruneStats
+from ssmtrim.pruning.config import PruneConfig, PruneStats, forward_image_by_image
 from ssmtrim.pruning.scoring import gather_tokens, token_scores, topk_sorted
 
 # observer(block index 0-based, scores (B L), candidate mask (B L) of prunable tokens); used by calibration
@@ -176,13 +176,7 @@ class PrunedPlainMamba(PlainMamba):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.prune_config.mode == "threshold" and x.shape[0] > 1:
-            # each image keeps its own number of tokens: run them one by one
-            outs, stats = [], []
-            for i in range(x.shape[0]):
-                outs.append(self.forward(x[i : i + 1]))
-                stats.append(self.last_stats)
-            self.last_stats = _mean_stats(stats)
-            return torch.cat(outs)
+            return forward_image_by_image(self, x)
         tokens, _, self.last_stats = self.forward_pruned(x)
         return self.head(tokens.mean(dim=1))
 
@@ -276,17 +270,6 @@ def _dwconv(layer: PlainMambaLayer, x: Tensor, layout: TokenLayout) -> Tensor:
         return layer.dw(x.transpose(1, 2).reshape(bsz, c, *layout.hw)).flatten(2).transpose(1, 2)
     plan = layout.plan()
     return _from_grid(layer.dw(_to_grid(x.transpose(1, 2), plan)), plan).transpose(1, 2)
-
-
-def _mean_stats(stats: list[PruneStats | None]) -> PruneStats:
-    valid = [s for s in stats if s is not None]
-    if not valid:
-        return PruneStats()
-    n = len(valid)
-    return PruneStats(
-        tokens_per_block=[sum(s.tokens_per_block[i] for s in valid) / n for i in range(len(valid[0].tokens_per_block))],
-        kept_fraction=[sum(s.kept_fraction[i] for s in valid) / n for i in range(len(valid[0].kept_fraction))],
-    )
 
 
 def apply_pruning(model: PlainMamba, config: PruneConfig) -> PlainMamba:

@@ -1,6 +1,6 @@
 """Token scores and selection: pure functions on tensors, applied the same way to any stream.
 
-Score (Zhan et al., NeurIPS 2024, §1 of METHOD.md): the channel mean of the clipped gated SSM output,
+Score (Zhan et al., NeurIPS 2024): the channel mean of the clipped gated SSM output,
 S_t = mean_e max(0, y_{t,e}), with y in the ORIGINAL token order. Indices are computed once and applied to every
 tensor that follows the tokens (hidden, residual, positions), in the manner of ToMe's ``bipartite_soft_matching``
 returning a merge function.

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.vim import BiMambaMixer, VisionMamba
-from ssmtrim.pruning.config import PruneConfig, PruneStats, kept_count
+from ssmtrim.pruning.config import PruneConfig, PruneStats, forward_image_by_image, kept_count
 from ssmtrim.pruning.scoring import gaps_from_positions, gather_tokens, token_scores, topk_sorted
 
 # observer(block index 0-based, scores (B L), candidate mask (B L) of prunable tokens); used by calibration
@@ -96,13 +96,7 @@ class PrunedVisionMamba(VisionMamba):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.prune_config.mode == "threshold" and x.shape[0] > 1:
-            # each image keeps its own number of tokens: run them one by one
-            outs, stats = [], []
-            for i in range(x.shape[0]):
-                outs.append(self.forward(x[i : i + 1]))
-                stats.append(self.last_stats)
-            self.last_stats = _mean_stats(stats)
-            return torch.cat(outs)
+            return forward_image_by_image(self, x)
         tokens, layout, self.last_stats = self.forward_pruned(x)
         return self.head(gather_tokens(tokens, layout.cls_index[:, None])[:, 0])
 
@@ -187,17 +181,6 @@ class PrunedVisionMamba(VisionMamba):
             fuse_w = weights / weights.sum(1, keepdim=True)
             positions = torch.cat([positions, positions.new_full((bsz, 1), -1)], 1)
         return index, TokenLayout(positions, new_cls, layout.length, layout.aligned), fuse_w, kept_frac
-
-
-def _mean_stats(stats: list[PruneStats | None]) -> PruneStats:
-    valid = [s for s in stats if s is not None]
-    if not valid:
-        return PruneStats()
-    n = len(valid)
-    return PruneStats(
-        tokens_per_block=[sum(s.tokens_per_block[i] for s in valid) / n for i in range(len(valid[0].tokens_per_block))],
-        kept_fraction=[sum(s.kept_fraction[i] for s in valid) / n for i in range(len(valid[0].kept_fraction))],
-    )
 
 
 def apply_pruning(model: VisionMamba, config: PruneConfig) -> VisionMamba:

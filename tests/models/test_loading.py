@@ -1,6 +1,6 @@
 """load_model from every official layout (local files and a pre-filled Hub cache, no network) and its typed errors.
 
-The checkpoints are written by the tests in the layouts of MODELS.md with random weights: hustvl/Vim training
+The checkpoints are written by the tests in the official layouts with random weights: hustvl/Vim training
 checkpoints (``model`` next to optimizer, lr_scheduler, epoch, model_ema, scaler, args) and mmcls PlainMamba files
 (``meta`` + ``state_dict`` with ``backbone.`` / ``head.fc.`` keys).
 """
@@ -50,7 +50,7 @@ def assert_same_model(loaded: torch.nn.Module, source: torch.nn.Module, size: in
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the official layouts themselves: exact key names and shapes (MODELS.md), built on the meta device
+# the official layouts themselves: exact key names and shapes, built on the meta device
 
 
 def official_vim_shapes(d: int) -> dict[str, tuple[int, ...]]:
@@ -106,7 +106,7 @@ def official_plainmamba_shapes(c: int, depth: int, convs: int, dw: tuple[int, ..
 OFFICIAL_LAYOUTS = {
     "vim_tiny": (official_vim_shapes(192), 7_148_008),
     "vim_small": (official_vim_shapes(384), 25_796_584),
-    "vim_base": (official_vim_shapes(768), 97_598_440),  # MODELS.md: ~97.6 M
+    "vim_base": (official_vim_shapes(768), 97_598_440),  # published: ~97.6 M
     "plainmamba_l1": (official_plainmamba_shapes(192, 24, 1, (0,)), 7_551_656),  # official code, 1000-class head
     "plainmamba_l2": (official_plainmamba_shapes(384, 24, 2, ()), 25_760_832 + 385_000),  # published backbone 25.7 M
     "plainmamba_l3": (official_plainmamba_shapes(448, 36, 2, ()), 50_507_456 + 449_000),  # published backbone 50.5 M

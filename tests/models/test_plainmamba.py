@@ -1,5 +1,5 @@
 """PlainMamba: zig-zag orders, the mixer and a whole tiny model against naive re-implementations written from the
-semantics in specs/MODELS.md, checkpoint conversion from the mmcls layout, config inference and parameter counts."""
+semantics of the official code, checkpoint conversion from the mmcls layout, config inference and parameter counts."""
 
 from __future__ import annotations
 
