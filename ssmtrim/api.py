@@ -39,9 +39,15 @@ def prune_and_save(
     force: bool = False,
     progress=None,
     count_flops: bool = True,
+    flops_target: float | None = None,
+    flops_convention: str = "full",
+    search_images: int = 64,
 ) -> dict[str, Any]:
     """Load ``source``, calibrate ``config`` on images of ``data``, prune, compare with dense on those images, and
-    write the pruned checkpoint folder ``output``. Returns the summary that the CLI prints."""
+    write the pruned checkpoint folder ``output``. Returns the summary that the CLI prints.
+
+    With ``flops_target`` (a fraction of the dense FLOPs) the layers and keep ratio of ``config`` are replaced by the
+    schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds on the first ``search_images`` images."""
     from ssmtrim.checkpoint import check_output, save_pruned
     from ssmtrim.data import scan_folder
     from ssmtrim.evaluate import compare_logits, predict
@@ -56,12 +62,21 @@ def prune_and_save(
     model = load_model(source, arch=arch, revision=revision)
     if is_pruned(model):
         raise ConfigError(f"{source} is already pruned; prune the dense model it came from instead.")
-    config.validate_for(model.config.depth)
+    if flops_target is None:
+        config.validate_for(model.config.depth)
     images, labels, unreadable = load_images(images_set, model_data_config(model), batch_size, progress)
     if images_set.labelled and len(images_set.classes) != getattr(model.config, "num_classes", -1):
         labels = None  # folder classes do not match the head: agreement with dense only
     dense_logits = predict(model, images, batch_size, progress, "dense forward")
     dense_flops = gflops(model) if count_flops else {}
+    search = None
+    if flops_target is not None:
+        from ssmtrim.pruning.schedule import search_schedule
+
+        n = min(search_images, images.shape[0])
+        search = search_schedule(model, config, flops_target, images[:n], dense_logits[:n], flops_convention,
+                                 batch_size, progress)
+        config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))
     calibration = calibrate(model, config, images, batch_size, progress, unreadable)
     config = config.replace(thresholds=calibration.thresholds)
     apply_pruning(model, config)
@@ -75,6 +90,8 @@ def prune_and_save(
         "calibration": calibration.to_dict(),
         "unreadable": unreadable,
     }
+    if search is not None:
+        summary["schedule_search"] = search.to_dict()
     if count_flops:
         flop_images = images[: min(len(images), 16)] if config.mode == "threshold" else None
         summary["flops"] = {c: {"dense": d, "pruned": p, "ratio": p / d}

@@ -40,6 +40,10 @@ def prune(
     = "align",
     gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: mean, bias or zero.")] = "mean",
     mode: Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")] = "count",
+    flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
+                     "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
+    flops_convention: Annotated[str, typer.Option("--flops-convention", help="FLOPs convention of --flops: full or "
+                                "paper.")] = "full",
     num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded subset).")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration subset.")] = 0,
@@ -56,15 +60,22 @@ def prune(
     from ssmtrim.pruning import PruneConfig
 
     check_output(output, force)  # before any long work
-    if not layers:
-        raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8.")
+    if flops is not None and layers:
+        raise ConfigError("--flops and --layers conflict: give a FLOPs target or an explicit schedule, not both.")
+    if flops is None and not layers:
+        raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8, or give --flops 0.7.")
+    if flops_convention not in ("full", "paper"):
+        raise ConfigError(f"--flops-convention {flops_convention!r} is not one of full, paper.")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
-    config = PruneConfig(layers=_ints(layers, "--layers"), keep=_floats(keep, "--keep"), score=score,
+    # with --flops the search replaces layers and keep; the placeholder only carries score, arrangement, gap, mode
+    config = PruneConfig(layers=_ints(layers, "--layers") if layers else (1,),
+                         keep=_floats(keep, "--keep") if layers else (1.0,), score=score,
                          arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed)
     with ProgressRenderer(quiet or json_out) as progress:
         summary = prune_and_save(source, config, data, output, num_images=num_images, batch_size=batch_size,
-                                 seed=seed, arch=arch, revision=revision, force=force, progress=progress)
+                                 seed=seed, arch=arch, revision=revision, force=force, progress=progress,
+                                 flops_target=flops, flops_convention=flops_convention)
     if json_out:
         print_json(summary)
         return
@@ -78,6 +89,11 @@ def prune(
         ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),
         ("KL(dense || pruned)", f"{cmp['kl']:.4f}"),
     ]
+    if "schedule_search" in summary:
+        found = summary["schedule_search"]
+        rows.append(("schedule search", f"{len(found['candidates'])} candidates for {found['target']:g} x dense "
+                     f"({found['convention']}); chosen: layers {found['chosen']['layers']} keep "
+                     f"{found['chosen']['keep']:.3f}, KL {found['chosen']['kl']:.4f}"))
     if cmp.get("top1") is not None:
         rows.append(("top-1 dense -> pruned", f"{100 * cmp['dense_top1']:.1f}% -> {100 * cmp['top1']:.1f}%"))
     for conv, f in summary.get("flops", {}).items():

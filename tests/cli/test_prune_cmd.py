@@ -109,3 +109,17 @@ def test_bad_data_folders(tmp_path):
     res = runner.invoke(app, ["prune", str(ckpt), "--data", str(bad), "--layers", "1", "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "could be read" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_flops_target_chooses_a_schedule(tmp_path, image_dir):
+    ckpt = tmp_path / "dense.pth"
+    write_checkpoint(ckpt, "vim_test")
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.75", "-o",
+                              str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["flops"]["full"]["ratio"] <= 0.755
+    assert tuple(summary["plan"]["layers"]) == tuple(summary["schedule_search"]["chosen"]["layers"])
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.7", "--layers", "2",
+                              "-o", str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "conflict" in res.output

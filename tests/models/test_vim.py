@@ -14,7 +14,7 @@ from ssmtrim.ops import use_backend
 
 
 def naive_vim_forward(sd: dict[str, torch.Tensor], cfg: VimConfig, images: torch.Tensor) -> torch.Tensor:
-    """Written from the official forward pass as documented, token by token, in float64: no code shared with ssmtrim.models.vim."""
+    """Written from the official forward pass, token by token, in float64: no code shared with ssmtrim.models.vim."""
     sd = {k: v.double() for k, v in sd.items()}
     x = F.conv2d(images.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg.stride)
     x = x.flatten(2).transpose(1, 2)  # row-major patches

@@ -1,0 +1,163 @@
+"""From a FLOPs target to a pruning schedule: search layers and keep ratios, keep the one closest to dense.
+
+The FLOPs of a schedule are estimated from one fvcore count of the dense model: each block's FLOPs scale with the
+tokens it sees (the scan, projections and norms are per token; the convs nearly so), everything else is fixed. For
+each candidate set of pruning layers (one to three, spread over the depth) the largest common keep ratio that meets
+the target is found by bisection on that estimate; the candidates are then run on the calibration images and the
+one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs are then counted for real.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssmtrim.errors import ConfigError
+from ssmtrim.pruning.config import PruneConfig, kept_count
+
+# candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
+_CANDIDATES = (
+    (0.1,), (0.2,), (0.3,), (0.4,), (0.5,),
+    (0.1, 0.4), (0.2, 0.45), (0.2, 0.6), (0.3, 0.6),
+    (0.1, 0.3, 0.5), (0.2, 0.4, 0.6), (0.15, 0.35, 0.6),
+)  # fmt: skip
+
+
+@dataclass
+class Candidate:
+    layers: tuple[int, ...]
+    keep: float
+    estimated_ratio: float  # estimated FLOPs / dense FLOPs
+    kl: float | None = None
+    measured_ratio: float | None = None  # counted on the pruned model (the chosen candidate only)
+
+
+@dataclass
+class ScheduleSearch:
+    target: float
+    convention: str
+    chosen: Candidate
+    candidates: list[Candidate]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> list[int]:
+    """Tokens entering each block under a count-mode schedule (class token included for Vim)."""
+    family = model.config.family
+    if family == "vim":
+        count, extra = kept_count, 1
+    else:
+        from ssmtrim.pruning.plainmamba import plain_kept_count
+
+        count, extra = plain_kept_count, 0
+    candidates = model.config.num_patches
+    out = []
+    for block in range(model.config.depth):
+        out.append(candidates + extra)
+        if block + 1 in layers:
+            candidates = count(candidates, keep)
+    return out
+
+
+class FlopsModel:
+    """FLOPs of a schedule, estimated from the dense model's per-block counts."""
+
+    def __init__(self, model: nn.Module, convention: str = "full") -> None:
+        from ssmtrim.flops import count_flops
+
+        report = count_flops(model, convention=convention)
+        self.total = report.total
+        self.blocks = [report.by_module.get(f"layers.{i}", 0) for i in range(model.config.depth)]
+        self.dense_tokens = tokens_per_block(model, (), 1.0)
+        self.model = model
+
+    def ratio(self, layers: tuple[int, ...], keep: float) -> float:
+        tokens = tokens_per_block(self.model, layers, keep)
+        saved = sum(f * (1 - t / d) for f, t, d in zip(self.blocks, tokens, self.dense_tokens, strict=True))
+        return (self.total - saved) / self.total
+
+
+def _keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float) -> float | None:
+    """Largest keep ratio (to 1e-3) whose estimated FLOPs ratio is <= target; None if none is."""
+    lo, hi = 0.01, 1.0
+    if flops.ratio(layers, lo) > target:
+        return None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if flops.ratio(layers, mid) <= target else (lo, mid)
+    return lo
+
+
+@torch.no_grad()
+def search_schedule(
+    model: nn.Module,
+    base: PruneConfig,
+    target: float,
+    images: Tensor,
+    dense_logits: Tensor,
+    convention: str = "full",
+    batch_size: int = 32,
+    progress=None,
+) -> ScheduleSearch:
+    """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives score, arrangement and gap estimate."""
+    from ssmtrim.evaluate import predict
+    from ssmtrim.pruning import apply_pruning, remove_pruning
+
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"--flops {target} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
+    depth = model.config.depth
+    flops = FlopsModel(model, convention)
+    candidates: list[Candidate] = []
+    seen = set()
+    for fractions in _CANDIDATES:
+        layers = tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions}))
+        if layers in seen:
+            continue
+        seen.add(layers)
+        keep = _keep_for(flops, layers, target)
+        if keep is not None:
+            keep = math.floor(keep * 1e4) / 1e4  # round down: rounding up can cross a token-count step
+            candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
+    if not candidates:
+        least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
+        raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
+                          f"{least:.2f} of the dense FLOPs ({convention} convention); ask for more.")
+    dense_logp = F.log_softmax(dense_logits.float(), 1)
+
+    def run(cand: Candidate, measure: bool = False) -> None:
+        config = base.replace(layers=cand.layers, keep=(cand.keep,), mode="count", thresholds=None)
+        pruned = apply_pruning(model, config)
+        try:
+            logits = predict(pruned, images, batch_size)
+            if measure:
+                from ssmtrim.flops import count_flops
+
+                cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
+        finally:
+            remove_pruning(pruned)
+        cand.kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="batchmean"))
+
+    for i, cand in enumerate(candidates):
+        run(cand)
+        if progress:
+            progress("searching schedules", i + 1, len(candidates))
+    chosen = min(candidates, key=lambda c: c.kl)
+    # the estimate leaves out the pruning's own bookkeeping; count the winner and tighten its keep if it overshoots
+    run(chosen, measure=True)
+    for _ in range(3):
+        if chosen.measured_ratio <= target + 0.005:
+            break
+        keep = _keep_for(flops, chosen.layers, target - (chosen.measured_ratio - chosen.estimated_ratio))
+        if keep is None:
+            break
+        keep = math.floor(keep * 1e4) / 1e4
+        chosen = Candidate(chosen.layers, keep, flops.ratio(chosen.layers, keep))
+        run(chosen, measure=True)
+        candidates.append(chosen)
+    return ScheduleSearch(target, convention, chosen, candidates)
