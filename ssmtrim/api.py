@@ -11,13 +11,6 @@ from ssmtrim.errors import ConfigError
 from ssmtrim.pruning import PruneConfig
 
 
-def model_data_config(model: torch.nn.Module):
-    from ssmtrim.models.registry import DataConfig
-
-    return getattr(model, "data_config", None) or DataConfig(
-        input_size=(model.config.in_chans, model.config.img_size, model.config.img_size))
-
-
 def gflops(model: torch.nn.Module, images: torch.Tensor | None = None) -> dict[str, float]:
     """GFLOPs per image in the two conventions (see :mod:`ssmtrim.flops`), from one trace; pass real ``images``
     when the token counts depend on them (threshold mode)."""
@@ -51,7 +44,7 @@ def prune_and_save(
     from ssmtrim.checkpoint import check_output, save_pruned
     from ssmtrim.data import scan_folder
     from ssmtrim.evaluate import compare_logits, predict
-    from ssmtrim.models.loading import load_model
+    from ssmtrim.models.loading import data_config_of, load_model
     from ssmtrim.pruning import apply_pruning, is_pruned
     from ssmtrim.pruning.calibrate import calibrate, load_images
 
@@ -64,7 +57,7 @@ def prune_and_save(
         raise ConfigError(f"{source} is already pruned; prune the dense model it came from instead.")
     if flops_target is None:
         config.validate_for(model.config.depth)
-    images, labels, unreadable = load_images(images_set, model_data_config(model), batch_size, progress)
+    images, labels, unreadable = load_images(images_set, data_config_of(model), batch_size, progress)
     if images_set.labelled and len(images_set.classes) != getattr(model.config, "num_classes", -1):
         labels = None  # folder classes do not match the head: agreement with dense only
     dense_logits = predict(model, images, batch_size, progress, "dense forward")

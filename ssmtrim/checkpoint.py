@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
-from ssmtrim.models.loading import CONFIG_NAME, WEIGHTS_NAME, ModelSource, build_with_weights, read_checkpoint
+from ssmtrim.models.loading import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelSource,
+    build_with_weights,
+    data_config_of,
+    read_checkpoint,
+)
 from ssmtrim.models.registry import DataConfig, get_family
 
 FORMAT = "ssmtrim"
@@ -35,9 +42,7 @@ def _version() -> str:
 def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.json`` content for a loaded or created model."""
     source: ModelSource | None = getattr(model, "source", None)
-    data: DataConfig = getattr(model, "data_config", None) or DataConfig(
-        input_size=(model.config.in_chans, model.config.img_size, model.config.img_size)
-    )
+    data = data_config_of(model)
     config: dict[str, Any] = {
         "format": FORMAT,
         "ssmtrim_version": _version(),

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssmtrim.models.loading import load_model, num_params, num_tokens
+from ssmtrim.models.loading import data_config_of, load_model, num_params, num_tokens
 from ssmtrim.models.registry import create_model, find_spec
 from ssmtrim.ops.backend import describe_backends, resolve_backend
 
@@ -56,11 +56,7 @@ def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu", f
         model = load_model(source, device=device)
         weights = f"{model.source.kind}: {model.source.path}"
     config = model.config
-    data = getattr(model, "data_config", None) or (spec.data if spec else None)
-    if data is None:
-        from ssmtrim.models.registry import DataConfig
-
-        data = DataConfig(input_size=(config.in_chans, config.img_size, config.img_size))
+    data = spec.data if spec is not None and getattr(model, "data_config", None) is None else data_config_of(model)
     source_spec = getattr(getattr(model, "source", None), "spec", None)
     spec = spec or (find_spec(source_spec) if source_spec else None)
     return ModelInfo(

@@ -309,6 +309,14 @@ def _data_config(spec_name: str | None, arch: Any) -> DataConfig:
     return DataConfig(input_size=(arch.in_chans, size, size))
 
 
+def data_config_of(model: nn.Module) -> DataConfig:
+    """The eval preprocessing of a model: what it was loaded with, else its registered spec's, else its input size."""
+    found = getattr(model, "data_config", None)
+    if found is not None:
+        return found
+    return _data_config(getattr(getattr(model, "source", None), "spec", None), model.config)
+
+
 def _finite_check(state_dict: dict[str, Tensor], source: str) -> None:
     for key, value in state_dict.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):

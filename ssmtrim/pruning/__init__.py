@@ -72,6 +72,7 @@ def prune(
     Without ``data`` the model is patched in count mode with no thresholds (threshold mode then needs calibration).
     """
     from ssmtrim.data import scan_folder
+    from ssmtrim.models.loading import data_config_of
     from ssmtrim.pruning.calibrate import calibrate, load_images
 
     if is_pruned(model):
@@ -85,11 +86,7 @@ def prune(
         config = config.replace(thresholds=calibration.thresholds)
     elif data is not None:
         images = scan_folder(data).subset(num_images, seed)
-        data_config = getattr(model, "data_config", None)
-        if data_config is None:
-            from ssmtrim.models.registry import DataConfig
-
-            data_config = DataConfig(input_size=(model.config.in_chans, model.config.img_size, model.config.img_size))
+        data_config = data_config_of(model)
         x, _, bad = load_images(images, data_config, batch_size, progress, workers)
         calibration = calibrate(model, config, x, batch_size, progress, bad)
         config = config.replace(thresholds=calibration.thresholds)
