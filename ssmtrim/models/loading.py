@@ -234,8 +234,6 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
         if tensors:
             return tensors
-    if isinstance(obj, nn.Module):  # never reached with weights_only, kept for clarity of the contract
-        return obj.state_dict()
     raise CheckpointError(f"{path} holds no tensors under 'model', 'state_dict' or at the top level; it is not a model "
                           "checkpoint.")
 

@@ -17,6 +17,7 @@ Shapes: B batch, L current tokens, L0 original tokens, K kept tokens, D embed di
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +47,9 @@ class TokenLayout:
     def is_full(self) -> bool:
         return self.positions.shape[1] == self.length
 
+    @functools.cached_property
     def gap_counts(self) -> tuple[Tensor, Tensor]:
+        """(forward, backward) skipped positions before each token (B L): once per layout, shared by all blocks."""
         return gaps_from_positions(self.positions, self.length)
 
 
@@ -55,7 +58,6 @@ class PrunableBiMambaMixer(BiMambaMixer):
 
     layout: TokenLayout | None = None
     gap_estimate: str = "mean"
-    _gaps: tuple[Tensor, Tensor] | None = None
 
     def _aligned(self) -> bool:
         return self.layout is not None and self.layout.aligned and not self.layout.is_full
@@ -73,9 +75,8 @@ class PrunableBiMambaMixer(BiMambaMixer):
     def decay_gap(self, dt: Tensor, backward: bool) -> Tensor | None:
         if not self._aligned() or self.gap_estimate == "zero":
             return None
-        if self._gaps is None:
-            self._gaps = self.layout.gap_counts()
-        counts = self._gaps[1].flip(1) if backward else self._gaps[0]  # B L in scan order
+        fwd, bwd = self.layout.gap_counts
+        counts = bwd.flip(1) if backward else fwd  # B L in scan order
         bias = (self.dt_proj_b if backward else self.dt_proj).bias.float()
         if self.gap_estimate == "bias":
             estimate = F.softplus(bias)[None, :, None]
@@ -84,7 +85,7 @@ class PrunableBiMambaMixer(BiMambaMixer):
         return counts[:, None, :].to(estimate.dtype) * estimate
 
     def set_layout(self, layout: TokenLayout | None) -> None:
-        self.layout, self._gaps = layout, None
+        self.layout = layout
 
 
 class PrunedVisionMamba(VisionMamba):
@@ -202,7 +203,7 @@ def remove_pruning(model: PrunedVisionMamba) -> VisionMamba:
         return model
     for block in model.layers:
         block.mixer.__class__ = BiMambaMixer
-        for attr in ("gap_estimate", "layout", "_gaps"):
+        for attr in ("gap_estimate", "layout"):
             block.mixer.__dict__.pop(attr, None)
     for attr in ("prune_config", "last_stats", "score_observer"):
         model.__dict__.pop(attr, None)
