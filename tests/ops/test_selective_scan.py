@@ -73,6 +73,19 @@ def test_cpu_kernel_matches_reference(dtype, atol, z, gap, bias, softplus):
 
 
 @requires_kernel
+@pytest.mark.parametrize("bsz,e,length,n", [(3, 37, 5, 16), (1, 16, 1, 3), (2, 33, 9, 7)])
+def test_cpu_kernel_channel_blocks(bsz, e, length, n):
+    """Channels run in blocks of 16 lanes: several blocks, a partial last block, one token, odd state sizes."""
+    inputs = make_inputs(bsz=bsz, e=e, length=length, n=n, gap=True, seed=e)
+    out_r, last_r, grads_r = run(inputs, "ref")
+    out_c, last_c, grads_c = run(inputs, "cpu")
+    torch.testing.assert_close(out_c, out_r, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(last_c, last_r, atol=2e-4, rtol=2e-4)
+    for name in grads_r:
+        torch.testing.assert_close(grads_c[name], grads_r[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+@requires_kernel
 def test_cpu_kernel_at_vim_tiny_shapes():
     inputs = make_inputs(bsz=2, e=384, length=197, n=16, seed=3)
     with torch.no_grad():

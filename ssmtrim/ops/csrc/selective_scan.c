@@ -12,7 +12,11 @@
  * D, bias: (E); last: (B, E, N); per-batch partial sums dA: (B, E, N), dD, dbias: (B, E).
  * Optional pointers may be NULL.
  *
- * Parallel over (b, e) in the forward; over b in the backward so that dB/dC (summed over e) need no atomics.
+ * Channels are processed in blocks of W = 16 lanes: every lane is one channel e, so the state h (N x W) lives in
+ * vector registers and the recurrence has no horizontal reductions (vectorising over the N states instead would
+ * need one per token). A block's rows of u, delta, z and gap are transposed into small token-major buffers first.
+ * Parallel over (b, channel block) in the forward; over b in the backward so that dB/dC (summed over e) need no
+ * atomics (they are accumulated per lane and reduced once per b).
  * OpenMP on purpose: the library's DT_NEEDED libgomp.so.1 resolves to the copy PyTorch has already loaded, so the
  * kernel and PyTorch's own ops share one thread pool (a private pthread pool measured 25% slower end to end, its
  * threads competing with PyTorch's spinning workers). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with -O3 -ffast-math so that expf vectorises (libmvec).
@@ -28,38 +32,105 @@ static inline float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
 int ssm_max_state(void) { return MAXN; }
 
+#define W 16
+
+/* Copy rows e0..e0+nl-1 of a (E, L) slab into a token-major (L, W) buffer; missing lanes get `fill`. */
+static void load_block(const float *src, long Ln, long nl, float fill, float *dst) {
+    for (long t = 0; t < Ln; t++)
+        for (long k = 0; k < W; k++) dst[t * W + k] = k < nl ? src[k * Ln + t] : fill;
+}
+
+static void store_block(const float *src, long Ln, long nl, float *dst) {
+    for (long k = 0; k < nl; k++)
+        for (long t = 0; t < Ln; t++) dst[k * Ln + t] = src[t * W + k];
+}
+
+typedef struct {
+    float *u, *d, *dec, *z, *tmp; /* (L, W) each: input, delta (after bias/softplus), decay, gate, scratch */
+} Block;
+
+static Block block_alloc(long Ln) {
+    Block blk;
+    float *mem = (float *)malloc(sizeof(float) * Ln * W * 5);
+    blk.u = mem;
+    blk.d = mem + Ln * W;
+    blk.dec = mem + 2 * Ln * W;
+    blk.z = mem + 3 * Ln * W;
+    blk.tmp = mem + 4 * Ln * W;
+    return blk;
+}
+
+/* Fill a block: u, d = softplus(delta + bias), dec = d + gap, z; A^T (N, W), D and bias per lane. */
+static void block_prepare(Block *blk, const float *u, const float *delta, const float *z, const float *gap,
+                          const float *A, const float *bias, int softplus, long be0, long e0, long nl, long Ln,
+                          long Nn, float *At) {
+    load_block(u + be0 * Ln, Ln, nl, 0.f, blk->u);
+    load_block(delta + be0 * Ln, Ln, nl, 0.f, blk->d);
+    if (z) load_block(z + be0 * Ln, Ln, nl, 0.f, blk->z);
+    if (gap) load_block(gap + be0 * Ln, Ln, nl, 0.f, blk->tmp);
+    for (long t = 0; t < Ln; t++)
+        for (long k = 0; k < W; k++) {
+            const float x = blk->d[t * W + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
+            const float d = softplus ? softplusf(x) : x;
+            blk->d[t * W + k] = d;
+            blk->dec[t * W + k] = gap ? d + blk->tmp[t * W + k] : d;
+            blk->tmp[t * W + k] = x; /* pre-activation, kept for the backward */
+        }
+    for (long n = 0; n < Nn; n++)
+        for (long k = 0; k < W; k++) At[n * W + k] = k < nl ? A[(e0 + k) * Nn + n] : 0.f;
+}
+
 void ssm_scan_fwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
                   const float *D, const float *z, const float *bias, const float *gap, int softplus,
                   float *out, float *last, long Bn, long En, long Ln, long Nn, int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long be = 0; be < Bn * En; be++) {
-        const long b = be / En, e = be % En;
-        float h[MAXN];
-        for (long n = 0; n < Nn; n++) h[n] = 0.f;
-        const float *a = A + e * Nn;
-        const float *ub = u + be * Ln, *db = delta + be * Ln;
-        const float *zb = z ? z + be * Ln : NULL, *gb = gap ? gap + be * Ln : NULL;
-        const float bias_e = bias ? bias[e] : 0.f, D_e = D ? D[e] : 0.f;
-        float *ob = out + be * Ln;
-        for (long t = 0; t < Ln; t++) {
-            const float x = db[t] + bias_e;
-            const float d = softplus ? softplusf(x) : x;
-            const float decay = gb ? d + gb[t] : d;
-            const float du = d * ub[t];
-            const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (long n = 0; n < Nn; n++) {
-                const float hn = expf(decay * a[n]) * h[n] + du * bt[n];
-                h[n] = hn;
-                acc += hn * ct[n];
+    const long nblk = (En + W - 1) / W;
+#pragma omp parallel num_threads(nthreads)
+    {
+        Block blk = block_alloc(Ln);
+        float At[MAXN * W], h[MAXN * W], Dl[W];
+#pragma omp for schedule(static)
+        for (long bb = 0; bb < Bn * nblk; bb++) {
+            const long b = bb / nblk, e0 = (bb % nblk) * W, nl = En - e0 < W ? En - e0 : W;
+            const long be0 = b * En + e0;
+            block_prepare(&blk, u, delta, z, gap, A, bias, softplus, be0, e0, nl, Ln, Nn, At);
+            for (long k = 0; k < W; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
+            for (long i = 0; i < Nn * W; i++) h[i] = 0.f;
+            float *y = blk.tmp; /* the pre-activation is not needed in the forward */
+            for (long t = 0; t < Ln; t++) {
+                const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
+                const float *dec = blk.dec + t * W, *dt = blk.d + t * W, *ut = blk.u + t * W;
+                float acc[W], du[W];
+#pragma omp simd
+                for (long k = 0; k < W; k++) {
+                    acc[k] = Dl[k] * ut[k];
+                    du[k] = dt[k] * ut[k];
+                }
+                for (long n = 0; n < Nn; n++) {
+                    const float bn = bt[n], cn = ct[n];
+                    float *hn = h + n * W;
+                    const float *an = At + n * W;
+#pragma omp simd
+                    for (long k = 0; k < W; k++) {
+                        hn[k] = expf(dec[k] * an[k]) * hn[k] + du[k] * bn;
+                        acc[k] += hn[k] * cn;
+                    }
+                }
+                float *yt = y + t * W;
+                if (z) {
+                    const float *zt = blk.z + t * W;
+#pragma omp simd
+                    for (long k = 0; k < W; k++) yt[k] = acc[k] * zt[k] / (1.f + expf(-zt[k]));
+                } else {
+#pragma omp simd
+                    for (long k = 0; k < W; k++) yt[k] = acc[k];
+                }
             }
-            float y = acc + D_e * ub[t];
-            if (zb) y *= zb[t] * sigmoidf(zb[t]);
-            ob[t] = y;
+            store_block(y, Ln, nl, out + be0 * Ln);
+            if (last)
+                for (long k = 0; k < nl; k++)
+                    for (long n = 0; n < Nn; n++) last[(be0 + k) * Nn + n] = h[n * W + k];
         }
-        if (last)
-            for (long n = 0; n < Nn; n++) last[be * Nn + n] = h[n];
+        free(blk.u);
     }
 }
 
@@ -68,87 +139,128 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
                   const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
                   float *dCt, float *dD, float *dz, float *dbias, float *dgap, long Bn, long En, long Ln, long Nn,
                   int nthreads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (long b = 0; b < Bn; b++) {
-        float *hs = (float *)malloc(sizeof(float) * Ln * Nn); /* states h_t of one (b, e) row */
-        float *ys = (float *)malloc(sizeof(float) * Ln);      /* ungated outputs y_t */
-        float gh[MAXN], dA_acc[MAXN];
-        float *dBb = dBt + b * Ln * Nn, *dCb = dCt + b * Ln * Nn;
-        memset(dBb, 0, sizeof(float) * Ln * Nn);
-        memset(dCb, 0, sizeof(float) * Ln * Nn);
-        for (long e = 0; e < En; e++) {
-            const long be = b * En + e;
-            const float *a = A + e * Nn;
-            const float *ub = u + be * Ln, *db = delta + be * Ln, *gob = dout + be * Ln;
-            const float *zb = z ? z + be * Ln : NULL, *gb = gap ? gap + be * Ln : NULL;
-            const float bias_e = bias ? bias[e] : 0.f, D_e = D ? D[e] : 0.f;
-            /* forward recomputation, keeping every state */
-            float h[MAXN];
-            for (long n = 0; n < Nn; n++) h[n] = 0.f;
-            for (long t = 0; t < Ln; t++) {
-                const float x = db[t] + bias_e;
-                const float d = softplus ? softplusf(x) : x;
-                const float decay = gb ? d + gb[t] : d;
-                const float dut = d * ub[t];
-                const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
-                float *ht = hs + t * Nn;
-                float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                for (long n = 0; n < Nn; n++) {
-                    const float hn = expf(decay * a[n]) * h[n] + dut * bt[n];
-                    h[n] = hn;
-                    ht[n] = hn;
-                    acc += hn * ct[n];
+    const long nblk = (En + W - 1) / W;
+#pragma omp parallel num_threads(nthreads)
+    {
+        Block blk = block_alloc(Ln);
+        float *hs = (float *)malloc(sizeof(float) * (Ln + 1) * Nn * W); /* h_{t-1} at hs[t], h_t at hs[t + 1] */
+        float *ys = (float *)malloc(sizeof(float) * Ln * W);             /* ungated outputs */
+        float *go = (float *)malloc(sizeof(float) * Ln * W * 4);         /* dout, then du, ddelta, dz, dgap rows */
+        float *dBl = (float *)malloc(sizeof(float) * Ln * Nn * W);       /* per-lane partial dB, dC */
+        float *dCl = (float *)malloc(sizeof(float) * Ln * Nn * W);
+        float At[MAXN * W], gh[MAXN * W], dAl[MAXN * W], Dl[W];
+        float *g_du = go + Ln * W, *g_dd = go + 2 * Ln * W, *g_x = go + 3 * Ln * W;
+#pragma omp for schedule(dynamic, 1)
+        for (long b = 0; b < Bn; b++) {
+            memset(dBl, 0, sizeof(float) * Ln * Nn * W);
+            memset(dCl, 0, sizeof(float) * Ln * Nn * W);
+            for (long e0 = 0; e0 < En; e0 += W) {
+                const long nl = En - e0 < W ? En - e0 : W, be0 = b * En + e0;
+                block_prepare(&blk, u, delta, z, gap, A, bias, softplus, be0, e0, nl, Ln, Nn, At);
+                for (long k = 0; k < W; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
+                /* forward recomputation, keeping every state */
+                for (long i = 0; i < Nn * W; i++) hs[i] = 0.f;
+                for (long t = 0; t < Ln; t++) {
+                    const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
+                    const float *dec = blk.dec + t * W, *dt = blk.d + t * W, *ut = blk.u + t * W;
+                    const float *hp = hs + t * Nn * W;
+                    float *hc = hs + (t + 1) * Nn * W;
+                    float acc[W], dut[W];
+#pragma omp simd
+                    for (long k = 0; k < W; k++) {
+                        acc[k] = Dl[k] * ut[k];
+                        dut[k] = dt[k] * ut[k];
+                    }
+                    for (long n = 0; n < Nn; n++) {
+                        const float bn = bt[n], cn = ct[n];
+#pragma omp simd
+                        for (long k = 0; k < W; k++) {
+                            const float hv = expf(dec[k] * At[n * W + k]) * hp[n * W + k] + dut[k] * bn;
+                            hc[n * W + k] = hv;
+                            acc[k] += hv * cn;
+                        }
+                    }
+                    for (long k = 0; k < W; k++) ys[t * W + k] = acc[k];
                 }
-                ys[t] = acc + D_e * ub[t];
-            }
-            /* reverse sweep */
-            for (long n = 0; n < Nn; n++) {
-                gh[n] = dlast ? dlast[be * Nn + n] : 0.f;
-                dA_acc[n] = 0.f;
-            }
-            float dD_acc = 0.f, dbias_acc = 0.f;
-            for (long t = Ln - 1; t >= 0; t--) {
-                float gy = gob[t];
-                if (zb) {
-                    const float zt = zb[t], sz = sigmoidf(zt);
-                    dz[be * Ln + t] = gy * ys[t] * sz * (1.f + zt * (1.f - sz));
-                    gy *= zt * sz;
+                load_block(dout + be0 * Ln, Ln, nl, 0.f, go);
+                for (long i = 0; i < Nn * W; i++) {
+                    const long n = i / W, k = i % W;
+                    gh[i] = dlast && k < nl ? dlast[(be0 + k) * Nn + n] : 0.f;
+                    dAl[i] = 0.f;
                 }
-                const float x = db[t] + bias_e;
-                const float d = softplus ? softplusf(x) : x;
-                const float decay = gb ? d + gb[t] : d;
-                const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
-                float *dbt = dBb + t * Nn, *dct = dCb + t * Nn;
-                const float *ht = hs + t * Nn, *hp = t > 0 ? hs + (t - 1) * Nn : NULL;
-                dD_acc += gy * ub[t];
-                float du_t = gy * D_e, dd = 0.f, ddecay = 0.f;
-                const float ut = ub[t];
-#pragma omp simd reduction(+ : du_t, dd, ddecay)
-                for (long n = 0; n < Nn; n++) {
-                    const float g = gh[n] + gy * ct[n]; /* dL/dh_t */
-                    dct[n] += gy * ht[n];
-                    const float ea = expf(decay * a[n]);
-                    const float gea = hp ? g * hp[n] * ea : 0.f;
-                    ddecay += gea * a[n];
-                    dA_acc[n] += gea * decay;
-                    dd += g * ut * bt[n];
-                    du_t += g * d * bt[n];
-                    dbt[n] += g * d * ut;
-                    gh[n] = g * ea;
+                float dDl[W], dbl[W];
+                for (long k = 0; k < W; k++) dDl[k] = dbl[k] = 0.f;
+                for (long t = Ln - 1; t >= 0; t--) {
+                    const float *bt = Bt + (b * Ln + t) * Nn, *ct = Ct + (b * Ln + t) * Nn;
+                    const float *dec = blk.dec + t * W, *dt = blk.d + t * W, *ut = blk.u + t * W;
+                    const float *hp = hs + t * Nn * W, *hc = hs + (t + 1) * Nn * W;
+                    float gy[W], dut[W], ddt[W], ddec[W];
+                    for (long k = 0; k < W; k++) {
+                        float g = go[t * W + k];
+                        if (z) {
+                            const float zt = blk.z[t * W + k], sz = sigmoidf(zt);
+                            g_x[t * W + k] = g * ys[t * W + k] * sz * (1.f + zt * (1.f - sz)); /* dz */
+                            g *= zt * sz;
+                        }
+                        gy[k] = g;
+                        dDl[k] += g * ut[k];
+                        dut[k] = g * Dl[k];
+                        ddt[k] = 0.f;
+                        ddec[k] = 0.f;
+                    }
+                    float *dbt = dBl + t * Nn * W, *dct = dCl + t * Nn * W;
+                    for (long n = 0; n < Nn; n++) {
+                        const float bn = bt[n], cn = ct[n];
+#pragma omp simd
+                        for (long k = 0; k < W; k++) {
+                            const long i = n * W + k;
+                            const float g = gh[i] + gy[k] * cn; /* dL/dh_t */
+                            dct[i] += gy[k] * hc[i];
+                            const float ea = expf(dec[k] * At[i]);
+                            const float gea = g * hp[i] * ea;
+                            ddec[k] += gea * At[i];
+                            dAl[i] += gea * dec[k];
+                            ddt[k] += g * ut[k] * bn;
+                            dut[k] += g * dt[k] * bn;
+                            dbt[i] += g * dt[k] * ut[k];
+                            gh[i] = g * ea;
+                        }
+                    }
+                    for (long k = 0; k < W; k++) {
+                        const float tot = ddt[k] + ddec[k];
+                        const float draw = softplus ? tot * sigmoidf(blk.tmp[t * W + k]) : tot;
+                        g_dd[t * W + k] = draw;
+                        dbl[k] += draw;
+                        g_du[t * W + k] = dut[k];
+                        go[t * W + k] = ddec[k]; /* dgap; dout[t] is no longer needed */
+                    }
                 }
-                if (dgap) dgap[be * Ln + t] = ddecay;
-                const float dd_tot = dd + ddecay;
-                const float draw = softplus ? dd_tot * sigmoidf(x) : dd_tot;
-                ddelta[be * Ln + t] = draw;
-                dbias_acc += draw;
-                du[be * Ln + t] = du_t;
+                store_block(g_du, Ln, nl, du + be0 * Ln);
+                store_block(g_dd, Ln, nl, ddelta + be0 * Ln);
+                if (z) store_block(g_x, Ln, nl, dz + be0 * Ln);
+                if (dgap) store_block(go, Ln, nl, dgap + be0 * Ln);
+                for (long k = 0; k < nl; k++) {
+                    for (long n = 0; n < Nn; n++) dA[(be0 + k) * Nn + n] = dAl[n * W + k];
+                    dD[be0 + k] = dDl[k];
+                    dbias[be0 + k] = dbl[k];
+                }
             }
-            for (long n = 0; n < Nn; n++) dA[be * Nn + n] = dA_acc[n];
-            dD[be] = dD_acc;
-            dbias[be] = dbias_acc;
+            float *dBb = dBt + b * Ln * Nn, *dCb = dCt + b * Ln * Nn;
+            for (long i = 0; i < Ln * Nn; i++) {
+                float sb = 0.f, sc = 0.f;
+                for (long k = 0; k < W; k++) {
+                    sb += dBl[i * W + k];
+                    sc += dCl[i * W + k];
+                }
+                dBb[i] = sb;
+                dCb[i] = sc;
+            }
         }
+        free(blk.u);
         free(hs);
         free(ys);
+        free(go);
+        free(dBl);
+        free(dCl);
     }
 }
