@@ -109,19 +109,34 @@ def save_model(
     readme: str | None = None,
 ) -> Path:
     """Write ``model`` as an ssmtrim folder that :func:`ssmtrim.load_model` reloads without anything else."""
+    return write_folder_atomic(out_dir, force, lambda tmp: _write_model_files(model, tmp, extra_config, readme))
+
+
+def _write_model_files(model: nn.Module, folder: Path, extra_config: dict[str, Any] | None, readme: str | None) -> None:
     from safetensors.torch import save_file
 
-    config = model_config(model, extra_config)
-    text = json.dumps(config, indent=2, sort_keys=False)
+    text = json.dumps(model_config(model, extra_config), indent=2, sort_keys=False)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "ssmtrim_config": text})
+    (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+    if readme is not None:
+        (folder / "README.md").write_text(readme, encoding="utf-8")
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "ssmtrim_config": text})
-        (tmp / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-        if readme is not None:
-            (tmp / "README.md").write_text(readme, encoding="utf-8")
 
-    return write_folder_atomic(out_dir, force, write)
+def save_model_into(model: nn.Module, folder: str | os.PathLike, extra_config: dict[str, Any] | None = None,
+                    readme: str | None = None) -> Path:
+    """Write the model files into an existing run folder (training keeps its state and log beside them); each file
+    is written to a temporary name and renamed, so a crash leaves the previous files or the new ones, never half."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=folder))
+    try:
+        _write_model_files(model, tmp, extra_config, readme)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.device = "cpu") -> nn.Module:

@@ -14,6 +14,7 @@ from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
 from ssmtrim.cli.prune_cmd import prune
+from ssmtrim.cli.train_cmd import train
 
 app = typer.Typer(
     name="ssmtrim",
@@ -27,6 +28,7 @@ app.command("info")(info)
 app.command("flops")(flops)
 app.command("prune")(prune)
 app.command("convert")(convert)
+app.command("train")(train)
 
 
 def _version(value: bool) -> None:

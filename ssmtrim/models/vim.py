@@ -322,3 +322,12 @@ register_model(ModelSpec(
     name="vim_test", arch=VimConfig(embed_dim=32, depth=4, img_size=32, patch_size=8, stride=8, num_classes=10),
     data=DataConfig(input_size=(3, 32, 32)), test_only=True, description="tiny Vim for tests",
 ))  # fmt: skip
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR10_DATA = DataConfig(input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+register_model(ModelSpec(
+    name="vim_cifar",
+    arch=VimConfig(embed_dim=96, depth=12, img_size=32, patch_size=4, stride=4, num_classes=10),
+    data=CIFAR10_DATA,
+    description="small Vim for CIFAR-10: D=96, 12 layers, patch 4 on 32x32 (64 patches + middle class token)",
+))  # fmt: skip
