@@ -1,12 +1,21 @@
-"""Comparing a pruned model with its dense source: top-1/top-5 against labels, agreement and KL against dense."""
+"""Accuracy and faithfulness: top-1/top-5 against labels, agreement and KL against the dense model, over in-memory
+images or an image folder read by a DataLoader (unreadable images counted, never fatal)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ssmtrim.data import ImageSet
+from ssmtrim.errors import ConfigError, SourceNotFoundError
 
 
 @dataclass
@@ -49,3 +58,203 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 32, progress=Non
         if progress:
             progress(stage, min(lo + batch_size, images.shape[0]), images.shape[0])
     return torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------------------- evaluating on a folder
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in the standard class-index order (sorted)."""
+    path = Path(__file__).with_name("assets") / "imagenet_wnids.txt"
+    return path.read_text(encoding="utf-8").split()
+
+
+def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
+    """``name label`` per line (whitespace or comma separated; ``#`` comments); name is a file name or a path
+    relative to the data folder."""
+    labels: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SourceNotFoundError(f"cannot read the labels file {str(path)!r} ({exc.strerror}).") from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.replace(",", " ").split()
+        try:
+            name, value = " ".join(parts[:-1]), int(parts[-1])
+        except (ValueError, IndexError):
+            raise ConfigError(f"line {n} of {str(path)!r} is not 'file label' with an integer label: {line!r}.") \
+                from None
+        labels[name] = value
+    if not labels:
+        raise ConfigError(f"the labels file {str(path)!r} has no 'file label' lines.")
+    return labels
+
+
+def label_images(images: ImageSet, num_classes: int, labels_file: str | os.PathLike | None = None) -> ImageSet:
+    """Map the folder's labels onto the model's class indices (see ``ssmtrim eval --help``), or refuse clearly."""
+    if labels_file is not None:
+        table = read_labels_file(labels_file)
+        root = Path(images.root)
+        found, missing = [], 0
+        for p in images.paths:
+            rel = str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else Path(p).name
+            value = table.get(rel, table.get(Path(p).name))
+            missing += value is None
+            found.append(-1 if value is None else value)
+        if missing:
+            raise ConfigError(f"{missing} of the {len(images)} images are not in the labels file {str(labels_file)!r}; "
+                              "list every image (by file name) or drop --labels.")
+        labels = found
+    elif images.layout == "class-folders":
+        if len(images.classes) != num_classes:
+            raise ConfigError(f"{images.root!r} has {len(images.classes)} class folders but the model predicts "
+                              f"{num_classes} classes; give a labels file with --labels, or a matching folder.")
+        labels = list(images.labels)
+    elif images.layout == "wnid-files":
+        if num_classes != 1000:
+            raise ConfigError(f"{images.root!r} holds ImageNet files named by WordNet id, but the model predicts "
+                              f"{num_classes} classes, not 1000; give a labels file with --labels.")
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        wnids = [images.classes[v] for v in images.labels]
+        unknown = sorted({w for w in wnids if w not in index})
+        if unknown:
+            raise ConfigError(f"{len(unknown)} WordNet ids in {images.root!r} (e.g. {unknown[0]}) are not ImageNet-1k "
+                              "classes; give a labels file with --labels.")
+        labels = [index[w] for w in wnids]
+    else:
+        labels = [-1] * len(images)
+    bad = [v for v in labels if not -1 <= v < num_classes]
+    if bad:
+        raise ConfigError(f"label {bad[0]} is outside the model's {num_classes} classes (0..{num_classes - 1}).")
+    return dataclasses.replace(images, labels=labels)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of a model over an image folder, and how closely it follows the dense model (when given)."""
+
+    num_images: int
+    unreadable: int
+    top1: float | None  # percent, None when the images are unlabelled
+    top5: float | None
+    agreement: float | None = None  # percent of images where top-1 equals the dense model's
+    kl: float | None = None  # mean KL(dense || model) of the softmax outputs, nats
+    dense_top1: float | None = None
+    dense_top5: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.n = self.c1 = self.c5 = self.dc1 = self.dc5 = self.agree = 0
+        self.kl = 0.0
+
+    def add(self, logits: Tensor, labels: Tensor, dense: Tensor | None) -> None:
+        logits = logits.float()
+        self.n += logits.shape[0]
+        if bool((labels >= 0).all()):
+            top = logits.topk(min(5, logits.shape[1]), 1).indices
+            self.c1 += int((top[:, 0] == labels).sum())
+            self.c5 += int((top == labels[:, None]).any(1).sum())
+            if dense is not None:
+                dtop = dense.float().topk(min(5, dense.shape[1]), 1).indices
+                self.dc1 += int((dtop[:, 0] == labels).sum())
+                self.dc5 += int((dtop == labels[:, None]).any(1).sum())
+        if dense is not None:
+            dense = dense.float()
+            self.agree += int((dense.argmax(1) == logits.argmax(1)).sum())
+            self.kl += float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(dense, 1), log_target=True,
+                                      reduction="sum"))
+
+
+@torch.no_grad()
+def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn.Module | Tensor | None = None,
+                     batch_size: int = 64, progress=None) -> EvalResult:
+    """Evaluate on images already transformed (N 3 H W); ``dense`` is a model or its logits on the same images."""
+    start = time.perf_counter()
+    model.eval()
+    tally = _Tally()
+    n = images.shape[0]
+    for lo in range(0, n, batch_size):
+        x, y = images[lo:lo + batch_size], labels[lo:lo + batch_size]
+        ref = dense[lo:lo + batch_size] if isinstance(dense, Tensor) else (dense(x) if dense is not None else None)
+        tally.add(model(x), y, ref)
+        if progress:
+            progress("evaluating", min(lo + batch_size, n), n)
+    return _result(tally, 0, dense is not None, bool((labels >= 0).all()), time.perf_counter() - start)
+
+
+def _result(t: _Tally, unreadable: int, with_dense: bool, labelled: bool, seconds: float) -> EvalResult:
+    if t.n == 0:
+        raise ConfigError("none of the images could be read; check the --data folder.")
+    pct = lambda v: 100.0 * v / t.n  # noqa: E731
+    return EvalResult(
+        num_images=t.n, unreadable=unreadable, top1=pct(t.c1) if labelled else None,
+        top5=pct(t.c5) if labelled else None, agreement=pct(t.agree) if with_dense else None,
+        kl=t.kl / t.n if with_dense else None, dense_top1=pct(t.dc1) if labelled and with_dense else None,
+        dense_top5=pct(t.dc5) if labelled and with_dense else None, seconds=seconds,
+    )  # fmt: skip
+
+
+def dense_of(model: nn.Module) -> nn.Module | None:
+    """The dense model a pruned one came from: the same weights with the pruning hooks removed (pruning never
+    changes weights), or None for a dense model."""
+    from ssmtrim.pruning import is_pruned, remove_pruning
+
+    if not is_pruned(model):
+        return None
+    return remove_pruning(copy.deepcopy(model))
+
+
+def check_compatible(model: nn.Module, dense: nn.Module) -> None:
+    from ssmtrim.models.loading import data_config_of
+
+    a, b = data_config_of(model), data_config_of(dense)
+    if a.input_size != b.input_size:
+        raise ConfigError(f"the model takes {a.input_size[1]}x{a.input_size[2]} images but the dense model "
+                          f"{b.input_size[1]}x{b.input_size[2]}; compare models of the same input size.")
+    if model.config.num_classes != dense.config.num_classes:
+        raise ConfigError(f"the model predicts {model.config.num_classes} classes but the dense model "
+                          f"{dense.config.num_classes}; compare models with the same classes.")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: str | os.PathLike | ImageSet,
+    dense: nn.Module | None = None,
+    labels_file: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int | None = None,
+    progress=None,
+) -> EvalResult:
+    """Top-1 / top-5 of ``model`` over an image folder (class sub-folders, ImageNet files named by WordNet id, or any
+    folder with ``labels_file``), and agreement / KL against ``dense`` when given. Images are read by a DataLoader
+    with workers and the model's own eval transform; unreadable images are counted, never fatal."""
+    from ssmtrim.data import make_loader, scan_folder
+    from ssmtrim.models.loading import data_config_of
+
+    start = time.perf_counter()
+    images = data if isinstance(data, ImageSet) else scan_folder(data)
+    images = label_images(images.subset(num_images, seed), model.config.num_classes, labels_file)
+    if dense is not None:
+        check_compatible(model, dense)
+        dense.eval()
+    model.eval()
+    tally, unreadable, done = _Tally(), 0, 0
+    for x, y, bad in make_loader(images, data_config_of(model), batch_size, workers):
+        unreadable += len(bad)
+        done += len(bad) + (0 if x is None else x.shape[0])
+        if x is not None:
+            tally.add(model(x), y, dense(x) if dense is not None else None)
+        if progress:
+            progress("evaluating", done, len(images))
+    return _result(tally, unreadable, dense is not None, images.labelled, time.perf_counter() - start)

@@ -10,6 +10,7 @@ import typer
 
 from ssmtrim import __version__
 from ssmtrim.cli.convert_cmd import convert
+from ssmtrim.cli.eval_cmd import eval_
 from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
@@ -26,6 +27,7 @@ app = typer.Typer(
 app.command("models")(models)
 app.command("info")(info)
 app.command("flops")(flops)
+app.command("eval")(eval_)
 app.command("prune")(prune)
 app.command("convert")(convert)
 app.command("train")(train)

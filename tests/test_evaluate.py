@@ -1,0 +1,131 @@
+"""Evaluation over folders: label layouts, the standard ImageNet index, labels files, unreadable images, agreement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import ssmtrim
+from ssmtrim.cli.app import app
+from ssmtrim.data import eval_transform, load_rgb, scan_folder
+from ssmtrim.evaluate import dense_of, evaluate, imagenet_wnids, label_images
+from ssmtrim.models.loading import data_config_of
+from ssmtrim.pruning import PruneConfig, apply_pruning
+
+runner = CliRunner()
+
+
+def _save(path, rng, size=(32, 32)):
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three class folders of 4 images each (one of them odd-sized, one corrupt)."""
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(1)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir()
+        for i in range(4):
+            _save(root / c / f"{i}.png", rng, (32 + 7 * i, 40))
+    (root / "b" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ssmtrim.create_model("vim_test", num_classes=3)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    return ssmtrim.save_model(model, tmp_path_factory.mktemp("m") / "model")
+
+
+def _expected_top1(model, root):
+    images = scan_folder(root)
+    correct = n = 0
+    for path, label in zip(images.paths, images.labels, strict=True):
+        try:
+            x = eval_transform(load_rgb(path), data_config_of(model))[None]
+        except OSError:
+            continue
+        correct += int(model(x).argmax(1).item() == label)
+        n += 1
+    return 100.0 * correct / n, n
+
+
+@torch.no_grad()
+def test_top1_matches_image_by_image_and_unreadable_is_counted(folder, model_dir):
+    model = ssmtrim.load_model(model_dir)
+    result = evaluate(model, folder, batch_size=5, workers=0)
+    expected, n = _expected_top1(model, folder)
+    assert result.num_images == n == 12 and result.unreadable == 1
+    assert result.top1 == pytest.approx(expected)
+    assert result.top5 == 100.0  # 3 classes
+    assert result.agreement is None
+
+
+@torch.no_grad()
+def test_pruned_model_is_compared_with_its_own_dense_weights(folder, model_dir):
+    model = apply_pruning(ssmtrim.load_model(model_dir), PruneConfig(layers=(2,), keep=(1.0,)))
+    dense = dense_of(model)
+    result = evaluate(model, folder, dense=dense, batch_size=4, workers=1)
+    assert result.agreement == 100.0 and result.kl == pytest.approx(0.0, abs=1e-9)
+    assert result.dense_top1 == result.top1
+    pruned = apply_pruning(ssmtrim.load_model(model_dir), PruneConfig(layers=(1,), keep=(0.25,), score="random"))
+    result = evaluate(pruned, folder, dense=dense, batch_size=4, workers=0)
+    assert result.kl > 0 and result.dense_top1 == pytest.approx(_expected_top1(dense, folder)[0])
+
+
+def test_imagenet_wnid_files_use_the_standard_index(tmp_path):
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 == len(set(wnids)) and wnids == sorted(wnids)
+    assert wnids[0] == "n01440764" and wnids[-1] == "n15075141"
+    rng = np.random.default_rng(0)
+    for w in (wnids[3], wnids[500], wnids[999]):
+        _save(tmp_path / f"{w}_0001.JPEG", rng)
+    images = label_images(scan_folder(tmp_path), 1000)
+    assert sorted(images.labels) == [3, 500, 999]  # not 0, 1, 2: their ranks among the files present
+    with pytest.raises(ssmtrim.errors.ConfigError, match="not 1000"):
+        label_images(scan_folder(tmp_path), 10)
+
+
+def test_labels_file(tmp_path, model_dir):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _save(tmp_path / f"img{i}.png", rng)
+    (tmp_path / "labels.txt").write_text("# name label\n" + "".join(f"img{i}.png,{i % 3}\n" for i in range(5)))
+    images = label_images(scan_folder(tmp_path), 3, tmp_path / "labels.txt")
+    assert images.labels == [0, 1, 2, 0, 1] and images.labelled
+    (tmp_path / "short.txt").write_text("img0.png 1\n")
+    with pytest.raises(ssmtrim.errors.ConfigError, match="4 of the 5 images are not in the labels file"):
+        label_images(scan_folder(tmp_path), 3, tmp_path / "short.txt")
+    (tmp_path / "big.txt").write_text("".join(f"img{i}.png 7\n" for i in range(5)))
+    with pytest.raises(ssmtrim.errors.ConfigError, match="outside the model's 3 classes"):
+        label_images(scan_folder(tmp_path), 3, tmp_path / "big.txt")
+
+
+def test_cli_json_and_bad_input(folder, model_dir, tmp_path):
+    res = runner.invoke(app, ["eval", str(model_dir), "--data", str(folder), "--json", "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["num_images"] == 12 and out["unreadable"] == 1 and out["top1"] is not None
+    other = ssmtrim.save_model(ssmtrim.create_model("vim_test", num_classes=5), tmp_path / "other")
+    # a folder whose classes do not match the model's
+    (tmp_path / "x" / "only").mkdir(parents=True)
+    _save(tmp_path / "x" / "only" / "1.png", np.random.default_rng(0))
+    cases = [
+        (["--data", str(tmp_path / "x")], "has 1 class folders but the model predicts 3"),
+        (["--data", str(tmp_path / "missing")], "does not exist"),
+        (["--data", str(folder), "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--data", str(folder), "--dense", str(other)], "predicts 3 classes but the dense model 5"),
+    ]
+    for args, message in cases:
+        res = runner.invoke(app, ["eval", str(model_dir), *args])
+        assert res.exit_code == 1, (args, res.output)
+        assert message in res.output, (args, res.output)
