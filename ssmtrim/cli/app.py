@@ -15,6 +15,7 @@ from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
 from ssmtrim.cli.prune_cmd import prune
+from ssmtrim.cli.report_cmd import report
 from ssmtrim.cli.train_cmd import train
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("info")(info)
 app.command("flops")(flops)
 app.command("eval")(eval_)
 app.command("prune")(prune)
+app.command("report")(report)
 app.command("convert")(convert)
 app.command("train")(train)
 

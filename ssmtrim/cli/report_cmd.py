@@ -1,0 +1,76 @@
+"""``ssmtrim report DENSE [PRUNED ...] --data DIR`` or ``--sweep``: FLOPs, accuracy, speed and memory, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ssmtrim.cli._errors import handle_errors
+from ssmtrim.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from ssmtrim.cli._render import ProgressRenderer, console, print_json
+from ssmtrim.errors import ConfigError
+
+
+@handle_errors
+def report(
+    models: Annotated[list[str], typer.Argument(help="The dense model, then pruned folders to compare with it.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled images to evaluate on (see `ssmtrim eval`).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.json, report.md and the plots.")]
+    = Path("ssmtrim-report"),
+    sweep: Annotated[str | None, typer.Option("--sweep", help="Prune the dense model at each value, for each "
+                                              "arrangement: keep=0.9,0.8,0.7 or flops=0.8,0.7,0.6 (paper).")]
+    = None,
+    layers: Annotated[str | None, typer.Option("--layers", help="Blocks to prune after in a sweep (default: at "
+                                               "1/4, 1/2 and 3/4 of the depth).")] = None,
+    arrangements: Annotated[str, typer.Option("--arrangements", help="Arrangements in a sweep.")]
+    = "align,keep-order,reorder",
+    calib: Annotated[Path | None, typer.Option("--calib", help="Calibration images for a sweep (default: the first "
+                                               "evaluation images).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="File of 'name label' lines.")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", help="Seeded subset of the images.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch of the throughput measurement.")] = 8,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (the median is reported).")] = 3,
+    no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare a dense model with pruned ones: GFLOPs (both conventions), top-1/top-5, agreement and KL with dense,
+    throughput, batch-1 latency and peak memory, the speed-up and how much of the FLOPs saving it realises."""
+    import ssmtrim
+    from ssmtrim.checkpoint import check_output
+    from ssmtrim.report import build_report, table_rows, write_report
+
+    check_output(output, force)
+    if batch_size < 1 or repeats < 1:
+        raise ConfigError("--batch-size and --repeats must be at least 1.")
+    if sweep is None and len(models) < 2:
+        raise ConfigError("give the dense model and at least one pruned folder, or --sweep keep=... / flops=....")
+    try:
+        layer_list = tuple(int(v) for v in layers.split(",")) if layers else None
+    except ValueError:
+        raise ConfigError(f"--layers takes comma-separated block numbers, e.g. 3,6,9; got {layers!r}.") from None
+    dense = ssmtrim.load_model(models[0])
+    pruned = [(m, ssmtrim.load_model(m)) for m in models[1:]]
+    with ProgressRenderer(quiet or json_out) as progress:
+        result = build_report(dense, data, pruned, sweep=sweep, layers=layer_list,
+                              arrangements=tuple(a for a in arrangements.split(",") if a), calib=calib,
+                              num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
+                              device=device, labels_file=labels, progress=progress, dense_name=models[0])
+    folder = write_report(result, output, force=force)
+    if json_out:
+        print_json({**result, "output": str(folder)})
+        return
+    header, rows = table_rows(result, compact=True)
+    table = Table(title=f"ssmtrim report: {result['num_images']} images, batch {result['batch_size']} on "
+                  f"{result['device']}", title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"wrote {folder}/report.json, report.md (all columns) and plots")

@@ -1,0 +1,369 @@
+"""The dense-against-pruned report: FLOPs, accuracy, speed and memory, side by side in one run.
+
+:func:`build_report` evaluates a dense model and pruned variants (given as folders, or swept over keep ratios or FLOPs
+targets for each arrangement) on the same images, counts their FLOPs in both conventions, and measures throughput
+(fixed batch, warm-up, median of repeats), batch-1 latency and peak memory (process RSS above the baseline on CPU,
+max allocated on CUDA). :func:`write_report` writes ``report.json``, ``report.md`` and the plots
+(``accuracy_vs_gflops.png``, ``throughput_vs_gflops.png``, one curve per arrangement) atomically to a folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssmtrim.errors import ConfigError
+
+Progress = Callable[[str, int, int], None]
+ARRANGEMENTS = ("align", "keep-order", "reorder")
+
+
+# ------------------------------------------------------------------------------------------------ speed, memory
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; psutil elsewhere; 0 if neither)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except ImportError:
+            return 0
+
+
+class _PeakRss:
+    """Samples the RSS every millisecond in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self) -> None:
+        self.peak = self.base = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+@dataclass
+class Speed:
+    batch_size: int
+    images_per_s: float  # median over repeats
+    latency_ms: float  # batch 1, median
+    peak_memory_mb: float  # CPU: peak RSS above the RSS before the timed runs; CUDA: max allocated
+    peak_rss_mb: float  # the process's peak RSS during the timed runs (CPU and CUDA)
+    device: str
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, warmup: int = 2,
+                  iters: int = 5, repeats: int = 3, device: str | torch.device = "cpu") -> Speed:
+    """Throughput at ``batch_size`` and latency at batch 1, after warm-up; median of ``repeats`` timings of
+    ``iters`` forwards each. Random inputs (speed does not depend on pixel values in count mode)."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.randn(batch_size, *input_size, device=device)
+    x1 = x[:1].clone()
+    for _ in range(warmup):
+        model(x)
+        model(x1)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rates, lats = [], []
+    with _PeakRss() as rss:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model(x)
+            sync()
+            rates.append(iters * batch_size / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                model(x1)
+            sync()
+            lats.append(1e3 * (time.perf_counter() - t0) / iters)
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        mem = (rss.peak - rss.base) / 2**20
+    return Speed(batch_size, statistics.median(rates), statistics.median(lats), mem, rss.peak / 2**20, str(device),
+                 torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Entry:
+    """One row of the report: the dense model or one pruned variant."""
+
+    name: str
+    arrangement: str  # "dense" for the dense model
+    plan: dict[str, Any] | None
+    gflops: dict[str, float]
+    accuracy: dict[str, Any]
+    speed: dict[str, Any] | None = None
+    derived: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """``keep=0.9,0.8,0.7`` or ``flops=0.8,0.7,0.6`` -> (kind, values)."""
+    kind, _, values = text.partition("=")
+    kind = kind.strip().lower()
+    if kind not in ("keep", "flops") or not values:
+        raise ConfigError(f"--sweep takes keep=R1,R2,... or flops=F1,F2,...; got {text!r}.")
+    try:
+        out = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep values must be numbers, got {values!r}.") from None
+    if not out or any(not 0 < v <= 1 for v in out):
+        raise ConfigError(f"--sweep values must be fractions in (0, 1], got {values!r}.")
+    return kind, out
+
+
+def build_report(
+    dense: nn.Module,
+    data: str | os.PathLike,
+    pruned: list[tuple[str, nn.Module]] = (),
+    sweep: str | None = None,
+    layers: tuple[int, ...] | None = None,
+    arrangements: tuple[str, ...] = ARRANGEMENTS,
+    calib: str | os.PathLike | None = None,
+    num_images: int | None = None,
+    calib_images: int = 256,
+    batch_size: int = 8,
+    eval_batch_size: int = 64,
+    speed: bool = True,
+    repeats: int = 3,
+    iters: int = 5,
+    device: str = "cpu",
+    labels_file: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    dense_name: str = "dense",
+) -> dict[str, Any]:
+    """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
+    docstring. Returns the report as a dict (what ``report.json`` holds)."""
+    from ssmtrim.data import scan_folder
+    from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images
+    from ssmtrim.flops import count_flops_all
+    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning
+    from ssmtrim.pruning.calibrate import calibrate, load_images
+    from ssmtrim.pruning.schedule import FlopsModel, keep_for
+
+    if is_pruned(dense):
+        raise ConfigError("the first model of a report must be dense; give the dense model first.")
+    if sweep is None and not pruned:
+        raise ConfigError("nothing to compare: give pruned model folders after the dense model, or --sweep.")
+    for arrangement in arrangements:
+        if arrangement not in ARRANGEMENTS:
+            raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(ARRANGEMENTS)}.")
+    for _, model in pruned:
+        check_compatible(model, dense)
+    data_cfg = data_config_of(dense)
+    images = label_images(scan_folder(data).subset(num_images, seed), dense.config.num_classes, labels_file)
+    x, y, unreadable = load_images(images, data_cfg, eval_batch_size, progress)
+    dense.eval()
+    with torch.no_grad():
+        dense_logits = torch.cat([dense(x[i:i + eval_batch_size]) for i in range(0, len(x), eval_batch_size)])
+
+    def entry(name: str, arrangement: str, model: nn.Module) -> Entry:
+        acc = evaluate_tensors(model, x, y, dense_logits, eval_batch_size).to_dict()
+        acc["unreadable"] = unreadable
+        plan = model.prune_config.to_dict() if is_pruned(model) else None
+        flop_images = x[:16] if plan is not None and plan["mode"] == "threshold" else None
+        flops = {c: r.gflops for c, r in count_flops_all(model, images=flop_images).items()}
+        spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
+                            device=device).to_dict() if speed else None
+        model.to("cpu")
+        return Entry(name, arrangement, plan, flops, acc, spd)
+
+    variants: list[tuple[str, str, Callable[[], nn.Module], Callable[[], None]]] = []
+    for name, model in pruned:
+        variants.append((name, model.prune_config.arrangement, lambda m=model: m, lambda: None))
+    if sweep is not None:
+        kind, values = parse_sweep(sweep)
+        depth = dense.config.depth
+        layers = layers or tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+        PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
+        calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
+        xc = load_images(calib_set, data_cfg, eval_batch_size)[0] if calib_set is not None else x[:calib_images]
+        estimate = FlopsModel(dense, "paper") if kind == "flops" else None
+        for value in values:
+            keep = value if kind == "keep" else keep_for(estimate, layers, value)
+            if keep is None:
+                raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
+                                  f"{','.join(map(str, layers))}; choose larger targets or --layers.")
+            for arrangement in arrangements:
+                label = f"{arrangement} {kind}={value:g}"
+
+                def make(keep=keep, arrangement=arrangement) -> nn.Module:
+                    config = PruneConfig(layers=layers, keep=(keep,), arrangement=arrangement)
+                    thresholds = calibrate(dense, config, xc, eval_batch_size).thresholds
+                    return apply_pruning(dense, config.replace(thresholds=thresholds))
+
+                variants.append((label, arrangement, make, lambda: remove_pruning(dense)))
+    total = len(variants) + 1
+    if progress:
+        progress("report", 0, total)
+    rows = [entry(dense_name, "dense", dense)]
+    if progress:
+        progress("report", 1, total)
+    for i, (name, arrangement, make, undo) in enumerate(variants):
+        rows.append(entry(name, arrangement, make()))
+        undo()
+        if progress:
+            progress("report", i + 2, total)
+    base = rows[0]
+    for row in rows:
+        row.derived["flops_reduction_paper"] = 1 - row.gflops["paper"] / base.gflops["paper"]
+        row.derived["flops_ratio_full"] = base.gflops["full"] / row.gflops["full"]
+        if row.speed is not None:
+            speedup = row.speed["images_per_s"] / base.speed["images_per_s"]
+            row.derived["speedup"] = speedup
+            row.derived["latency_speedup"] = base.speed["latency_ms"] / row.speed["latency_ms"]
+            # how much of the saved FLOPs became saved time
+            row.derived["realised"] = speedup / row.derived["flops_ratio_full"]
+    return {
+        "ssmtrim_version": _version(),
+        "data": str(data),
+        "num_images": int(len(y)),
+        "unreadable": unreadable,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "batch_size": batch_size,
+        "sweep": sweep,
+        "layers": list(layers) if layers else None,
+        "entries": [copy.deepcopy(r.to_dict()) for r in rows],
+    }
+
+
+def _version() -> str:
+    from ssmtrim import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------------- outputs
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table_rows(report: dict[str, Any], compact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the terminal table (``compact``) and of report.md."""
+    header = ["model", "GFLOPs paper", "GFLOPs full", "FLOPs saved", "top-1", "top-5", "agreement", "KL", "img/s",
+              "latency ms", "peak +MB", "peak RSS MB", "speed-up", "realised"]
+    keep = [0, 1, 3, 4, 6, 8, 9, 10, 12, 13] if compact else list(range(len(header)))
+    rows = []
+    for e in report["entries"]:
+        acc, spd, der = e["accuracy"], e["speed"] or {}, e["derived"]
+        name = Path(e["name"]).name if e["arrangement"] == "dense" else e["name"]
+        row = [
+            name, f"{e['gflops']['paper']:.4f}", f"{e['gflops']['full']:.4f}",
+            _fmt(100 * der["flops_reduction_paper"], ".1f", "%"), _fmt(acc["top1"], ".2f"), _fmt(acc["top5"], ".2f"),
+            _fmt(acc["agreement"], ".2f"), _fmt(acc["kl"], ".4f"), _fmt(spd.get("images_per_s"), ".1f"),
+            _fmt(spd.get("latency_ms"), ".1f"), _fmt(spd.get("peak_memory_mb"), ".0f"),
+            _fmt(spd.get("peak_rss_mb"), ".0f"), _fmt(der.get("speedup"), ".2f", "x"), _fmt(der.get("realised"), ".2f"),
+        ]  # fmt: skip
+        rows.append([row[i] for i in keep])
+    return [header[i] for i in keep], rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header, rows = table_rows(report)
+    lines = [f"# ssmtrim report ({report['ssmtrim_version']})", "",
+             f"{report['num_images']} images from `{report['data']}` ({report['unreadable']} unreadable). Speed: "
+             f"batch {report['batch_size']} on {report['device']}, {report['threads']} threads, torch "
+             f"{report['torch']}; median of repeats after warm-up. Top-1/top-5/agreement in %, KL(dense || model) "
+             "in nats. `speed-up` is throughput over dense; `realised` is the speed-up divided by the FLOPs ratio "
+             "(full convention): the share of the saved FLOPs that became saved time.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], folder: Path) -> list[str]:
+    """accuracy_vs_gflops.png and (with speed) throughput_vs_gflops.png; one curve per arrangement."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    entries = report["entries"]
+    dense = entries[0]
+    written = []
+    metrics = [("top1", "top-1 (%)", "accuracy_vs_gflops.png")]
+    if dense["accuracy"]["top1"] is None:
+        metrics = [("agreement", "agreement with dense top-1 (%)", "accuracy_vs_gflops.png")]
+    if dense["speed"] is not None:
+        metrics.append(("images_per_s", "images / s", "throughput_vs_gflops.png"))
+    for key, ylabel, name in metrics:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        section = "speed" if key == "images_per_s" else "accuracy"
+        value = lambda e, k=key, s=section: e[s][k]  # noqa: E731
+        dense_value = value(dense) if key != "agreement" else 100.0
+        ax.scatter([dense["gflops"]["paper"]], [dense_value], color="black", zorder=3, label="dense")
+        for arrangement in ARRANGEMENTS:
+            pts = sorted((e["gflops"]["paper"], value(e)) for e in entries[1:] if e["arrangement"] == arrangement)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=arrangement)
+        ax.set_xlabel("GFLOPs per image (paper convention)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """report.json, report.md and the plots, written to a temporary folder renamed into place."""
+    from ssmtrim.checkpoint import write_folder_atomic
+
+    def write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        (tmp / "report.md").write_text(markdown(report), encoding="utf-8")
+        plot(report, tmp)
+
+    return write_folder_atomic(out_dir, force, write)

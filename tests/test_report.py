@@ -1,0 +1,105 @@
+"""``ssmtrim report``: dense against pruned folders or a sweep; JSON, Markdown and plots; speed; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import ssmtrim
+from ssmtrim.cli.app import app
+from ssmtrim.errors import ConfigError
+from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.report import measure_speed, parse_sweep
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "data" / c / f"{i}.png")
+    torch.manual_seed(0)
+    model = ssmtrim.create_model("vim_test", num_classes=3)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    dense = ssmtrim.save_model(model, root / "dense")
+    pruned = ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(2,), keep=(0.5,))), root / "pruned")
+    return root, dense, pruned
+
+
+def test_report_of_folders_writes_json_md_and_plots(setup):
+    root, dense, pruned = setup
+    res = runner.invoke(app, ["report", str(dense), str(pruned), "--data", str(root / "data"), "-o",
+                              str(root / "r1"), "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {p.name for p in (root / "r1").iterdir()} == {"report.json", "report.md", "accuracy_vs_gflops.png",
+                                                         "throughput_vs_gflops.png"}
+    assert json.loads((root / "r1" / "report.json").read_text())["entries"] == report["entries"]
+    d, p = report["entries"]
+    assert d["arrangement"] == "dense" and p["arrangement"] == "align"
+    assert d["accuracy"]["agreement"] == 100.0 and d["derived"]["speedup"] == 1.0
+    assert p["gflops"]["paper"] < d["gflops"]["paper"] and p["derived"]["flops_reduction_paper"] > 0.2
+    assert p["accuracy"]["num_images"] == 18 and p["accuracy"]["top1"] is not None
+    for key in ("images_per_s", "latency_ms", "peak_memory_mb", "peak_rss_mb"):
+        assert p["speed"][key] >= 0
+    assert p["derived"]["realised"] == pytest.approx(p["derived"]["speedup"] / p["derived"]["flops_ratio_full"])
+    assert "| align |" not in (root / "r1" / "report.md").read_text()  # names, not arrangements, label rows
+    # an existing folder is not replaced without --force
+    res = runner.invoke(app, ["report", str(dense), str(pruned), "--data", str(root / "data"), "-o", str(root / "r1")])
+    assert res.exit_code == 1 and "--force" in res.output
+
+
+def test_sweep_covers_every_arrangement(setup):
+    root, dense, _ = setup
+    res = runner.invoke(app, ["report", str(dense), "--data", str(root / "data"), "--sweep", "keep=0.75,0.5",
+                              "--layers", "1,2", "--no-speed", "-o", str(root / "r2"), "--json"])
+    assert res.exit_code == 0, res.output
+    entries = json.loads(res.stdout)["entries"]
+    assert [e["arrangement"] for e in entries] == ["dense"] + ["align", "keep-order", "reorder"] * 2
+    assert all(e["speed"] is None for e in entries)
+    assert entries[1]["plan"]["layers"] == [1, 2] and entries[4]["plan"]["keep"] == [0.5, 0.5]
+    assert entries[4]["gflops"]["full"] < entries[1]["gflops"]["full"] < entries[0]["gflops"]["full"]
+
+
+def test_speed_is_measured():
+    model = ssmtrim.create_model("vim_test").eval()
+    speed = measure_speed(model, (3, 32, 32), batch_size=4, warmup=1, iters=2, repeats=2)
+    assert speed.images_per_s > 0 and speed.latency_ms > 0 and speed.batch_size == 4 and speed.device == "cpu"
+
+
+@pytest.mark.parametrize("text", ["keep", "keep=", "size=0.5", "keep=1.5", "flops=a"])
+def test_bad_sweeps(text):
+    with pytest.raises(ConfigError, match="--sweep"):
+        parse_sweep(text)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sweep", "flops=0.01", "--layers", "3"], "cannot be reached"),
+    ([], "at least one pruned folder"),
+    (["--sweep", "keep=0.5", "--arrangements", "shuffle"], "not one of"),
+    (["--sweep", "keep=0.5", "--layers", "9"], "out of range"),
+])  # fmt: skip
+def test_bad_input(setup, args, message):
+    root, dense, _ = setup
+    res = runner.invoke(app, ["report", str(dense), "--data", str(root / "data"), "--no-speed", "-o",
+                              str(root / "bad"), *args])
+    assert res.exit_code == 1, res.output
+    assert message in res.output
+    assert not (root / "bad").exists()
+
+
+def test_first_model_must_be_dense(setup):
+    root, _, pruned = setup
+    res = runner.invoke(app, ["report", str(pruned), str(pruned), "--data", str(root / "data"), "--no-speed",
+                              "-o", str(root / "bad2")])
+    assert res.exit_code == 1 and "must be dense" in res.output
