@@ -23,7 +23,7 @@ def prune_and_save(
     source: str | os.PathLike,
     config: PruneConfig,
     data: str | os.PathLike,
-    output: str | os.PathLike,
+    output: str | os.PathLike | None,
     num_images: int = 256,
     batch_size: int = 32,
     seed: int = 0,
@@ -35,12 +35,17 @@ def prune_and_save(
     flops_target: float | None = None,
     flops_convention: str = "full",
     search_images: int = 64,
+    layers_given: bool = False,
+    eval_data: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Load ``source``, calibrate ``config`` on images of ``data``, prune, compare with dense on those images, and
-    write the pruned checkpoint folder ``output``. Returns the summary that the CLI prints.
+    write the pruned checkpoint folder ``output`` (nothing is written when it is None). Returns the summary that the
+    CLI prints.
 
     With ``flops_target`` (a fraction of the dense FLOPs) the layers and keep ratio of ``config`` are replaced by the
-    schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds on the first ``search_images`` images."""
+    schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds on the first ``search_images`` images; with
+    ``layers_given`` too, the layers stay and only the keep ratio that meets the target is solved for. With
+    ``eval_data`` (a labelled folder) dense and pruned are also evaluated there (``summary["evaluation"]``)."""
     from ssmtrim.checkpoint import check_output, save_pruned
     from ssmtrim.data import scan_folder
     from ssmtrim.evaluate import compare_logits, predict
@@ -48,7 +53,8 @@ def prune_and_save(
     from ssmtrim.pruning import apply_pruning, is_pruned
     from ssmtrim.pruning.calibrate import calibrate, load_images
 
-    check_output(output, force)
+    if output is not None:
+        check_output(output, force)
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
     images_set = scan_folder(data).subset(num_images, seed)
@@ -63,7 +69,16 @@ def prune_and_save(
     dense_logits = predict(model, images, batch_size, progress, "dense forward")
     dense_flops = gflops(model) if count_flops else {}
     search = None
-    if flops_target is not None:
+    if flops_target is not None and layers_given:
+        from ssmtrim.pruning.schedule import FlopsModel, keep_for
+
+        config.validate_for(model.config.depth)
+        keep = keep_for(FlopsModel(model, flops_convention), config.layers, flops_target)
+        if keep is None:
+            raise ConfigError(f"--flops {flops_target:g} cannot be reached by pruning after blocks "
+                              f"{','.join(map(str, config.layers))}; prune earlier or ask for fewer savings.")
+        config = config.replace(keep=(keep,) * len(config.layers))
+    elif flops_target is not None:
         from ssmtrim.pruning.schedule import search_schedule
 
         n = min(search_images, images.shape[0])
@@ -89,6 +104,10 @@ def prune_and_save(
         flop_images = images[: min(len(images), 16)] if config.mode == "threshold" else None
         summary["flops"] = {c: {"dense": d, "pruned": p, "ratio": p / d}
                             for (c, d), p in zip(dense_flops.items(), gflops(model, flop_images).values(), strict=True)}
-    out = save_pruned(model, output, summary, force=force)
-    summary["output"] = str(out)
+    if eval_data is not None:
+        from ssmtrim.evaluate import dense_of, evaluate
+
+        summary["evaluation"] = {"data": str(eval_data), **evaluate(
+            model, eval_data, dense=dense_of(model), batch_size=batch_size, progress=progress).to_dict()}
+    summary["output"] = None if output is None else str(save_pruned(model, output, summary, force=force))
     return summary

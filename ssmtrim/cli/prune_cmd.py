@@ -29,12 +29,18 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 @handle_errors
 def prune(
-    source: Annotated[str, typer.Argument(help="Dense model: registered name, Hub id[:file], file or folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Calibration images: a folder (class sub-folders or flat).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the pruned checkpoint to.")],
+    source: Annotated[str | None, typer.Argument(help="Dense model: registered name, Hub id[:file], file or folder. "
+                                                 "Default: the bundled CIFAR-10 Vim with its bundled images.")]
+    = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Calibration images: a folder (class sub-folders or "
+                                              "flat).")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder to write the pruned checkpoint to "
+                                                "(default: write nothing, print the summary).")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labelled held-out images: top-1 of dense "
+                                                   "and pruned.")] = None,
     layers: Annotated[str, typer.Option("--layers", help="1-based blocks after which to prune, e.g. 5,10,15.")] = "",
-    keep: Annotated[str, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per layer).")]
-    = "0.8",
+    keep: Annotated[str | None, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per "
+                                             "layer; default 0.8).")] = None,
     score: Annotated[str, typer.Option("--score", help="clipped (default), unclipped, l1, l2 or random.")] = "clipped",
     arrangement: Annotated[str, typer.Option("--arrangement", help="align (default), keep-order or reorder.")]
     = "align",
@@ -55,13 +61,24 @@ def prune(
 ) -> None:
     """Calibrate token-importance thresholds, prune the model and write OUT/ (model.safetensors, config.json,
     README.md) that `ssmtrim.load_model(OUT)` rebuilds."""
+    from ssmtrim import bundled
     from ssmtrim.api import prune_and_save
     from ssmtrim.checkpoint import check_output
     from ssmtrim.pruning import PruneConfig
 
-    check_output(output, force)  # before any long work
-    if flops is not None and layers:
-        raise ConfigError("--flops and --layers conflict: give a FLOPs target or an explicit schedule, not both.")
+    if source is None:  # the bundled example, offline
+        source = str(bundled.bundled_model())
+        data = data or bundled.calibration_images()
+        eval_data = eval_data or bundled.validation_images()
+        if flops is None and not layers:
+            layers, flops, flops_convention = ",".join(map(str, bundled.DEFAULT_LAYERS)), bundled.DEFAULT_FLOPS, \
+                bundled.DEFAULT_CONVENTION
+    if data is None:
+        raise ConfigError("give the calibration images with --data DIR (a folder of images).")
+    if output is not None:
+        check_output(output, force)  # before any long work
+    if flops is not None and keep is not None:
+        raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
         raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8, or give --flops 0.7.")
     if flops_convention not in ("full", "paper"):
@@ -70,20 +87,23 @@ def prune(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     # with --flops the search replaces layers and keep; the placeholder only carries score, arrangement, gap, mode
     config = PruneConfig(layers=_ints(layers, "--layers") if layers else (1,),
-                         keep=_floats(keep, "--keep") if layers else (1.0,), score=score,
+                         keep=_floats(keep or "0.8", "--keep") if layers else (1.0,), score=score,
                          arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed)
     with ProgressRenderer(quiet or json_out) as progress:
         summary = prune_and_save(source, config, data, output, num_images=num_images, batch_size=batch_size,
                                  seed=seed, arch=arch, revision=revision, force=force, progress=progress,
-                                 flops_target=flops, flops_convention=flops_convention)
+                                 flops_target=flops, flops_convention=flops_convention, layers_given=bool(layers),
+                                 eval_data=eval_data)
     if json_out:
         print_json(summary)
         return
-    cmp = summary["comparison"]
+    cmp, plan = summary["comparison"], summary["plan"]
     rows = [
-        ("output", summary["output"]),
-        ("plan", f"prune after blocks {summary['plan']['layers']} keeping {summary['plan']['keep']}, "
-                 f"{summary['plan']['score']} score, {summary['plan']['arrangement']}, {summary['plan']['mode']} mode"),
+        ("model", summary["source"]),
+        ("output", summary["output"] or "nothing written (no -o)"),
+        ("plan", f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
+                 f"{', '.join(f'{k:.3f}' for k in plan['keep'])} of the tokens; {plan['score']} score, "
+                 f"{plan['arrangement']} (Δ̃ {plan['gap']}), {plan['mode']} mode"),
         ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
         ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
         ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),
@@ -105,3 +125,22 @@ def prune(
                      f"{entry['threshold']:.4g} (kept {kept:.1f}% in threshold mode, "
                      f"target {100 * entry['keep']:.0f}%)"))
     console.print(key_value_table("ssmtrim prune", rows))
+    if "evaluation" in summary:
+        console.print(_eval_table(summary))
+
+
+def _eval_table(summary: dict):
+    from rich.table import Table
+
+    ev, flops = summary["evaluation"], summary.get("flops", {})
+    table = Table(title=f"dense vs pruned on {ev['num_images']} held-out images ({ev['data']})", title_justify="left")
+    for col in ("", "dense", "pruned", "change"):
+        table.add_column(col, justify="right" if col else "left")
+    for conv, f in flops.items():
+        table.add_row(f"GFLOPs ({conv})", f"{f['dense']:.4f}", f"{f['pruned']:.4f}", f"{100 * (f['ratio'] - 1):+.1f}%")
+    if ev.get("top1") is not None:
+        for k in ("top1", "top5"):
+            dense = ev["dense_" + k]
+            table.add_row(f"top-{k[-1]}", f"{dense:.2f}%", f"{ev[k]:.2f}%", f"{ev[k] - dense:+.2f}")
+    table.add_row("agreement with dense top-1", "100%", f"{ev['agreement']:.2f}%", "")
+    return table

@@ -83,7 +83,7 @@ class FlopsModel:
         return (self.total - saved) / self.total
 
 
-def _keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float) -> float | None:
+def keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float) -> float | None:
     """Largest keep ratio (to 1e-3) whose estimated FLOPs ratio is <= target; None if none is."""
     lo, hi = 0.01, 1.0
     if flops.ratio(layers, lo) > target:
@@ -120,7 +120,7 @@ def search_schedule(
         if layers in seen:
             continue
         seen.add(layers)
-        keep = _keep_for(flops, layers, target)
+        keep = keep_for(flops, layers, target)
         if keep is not None:
             keep = math.floor(keep * 1e4) / 1e4  # round down: rounding up can cross a token-count step
             candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
@@ -153,7 +153,7 @@ def search_schedule(
     for _ in range(3):
         if chosen.measured_ratio <= target + 0.005:
             break
-        keep = _keep_for(flops, chosen.layers, target - (chosen.measured_ratio - chosen.estimated_ratio))
+        keep = keep_for(flops, chosen.layers, target - (chosen.measured_ratio - chosen.estimated_ratio))
         if keep is None:
             break
         keep = math.floor(keep * 1e4) / 1e4

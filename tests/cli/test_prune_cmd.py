@@ -120,6 +120,16 @@ def test_flops_target_chooses_a_schedule(tmp_path, image_dir):
     summary = json.loads(res.stdout)
     assert summary["flops"]["full"]["ratio"] <= 0.755
     assert tuple(summary["plan"]["layers"]) == tuple(summary["schedule_search"]["chosen"]["layers"])
+    # fixed layers + a target: only the keep ratio is solved for
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.8", "--layers", "1,3",
+                              "--flops-convention", "paper", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["plan"]["layers"] == [1, 3] and summary["output"] is None
+    assert 0.7 < summary["flops"]["paper"]["ratio"] <= 0.8 + 1e-6
+    assert not (tmp_path / "o2").exists()
     res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.7", "--layers", "2",
-                              "-o", str(tmp_path / "o2")])
+                              "--keep", "0.5", "-o", str(tmp_path / "o2")])
     assert res.exit_code == 1 and "conflict" in res.output
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.05", "--layers", "3"])
+    assert res.exit_code == 1 and "cannot be reached" in res.output

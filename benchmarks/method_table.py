@@ -1,0 +1,157 @@
+"""The method measured: post-training token pruning on a trained model, every arrangement and score, at fixed FLOPs.
+
+    python benchmarks/method_table.py --test ../shared/data/cifar10/test   # after unpacking cifar10.tar.gz there
+
+Rows: dense; random scores; keep-order (the released code's arrangement); reorder (EViT-style); align with the clipped
+score (the default) and with the ablated scores (unclipped, l1, l2); align with the other estimates of the missing Δ
+(bias, zero). Columns: FLOPs reduced by 20/30/40/50% (paper convention) by pruning after the same blocks with the keep
+ratio that meets the target. No fine-tuning. Thresholds are calibrated on the bundled calibration images, accuracy is
+measured on the whole test folder. Writes JSON, Markdown and a plot (top-1 against GFLOPs, one curve per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import ssmtrim
+from ssmtrim.data import scan_folder
+from ssmtrim.evaluate import evaluate_tensors, label_images
+from ssmtrim.flops import count_flops_all
+from ssmtrim.models.loading import data_config_of
+from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
+from ssmtrim.pruning.calibrate import calibrate, load_images
+from ssmtrim.pruning.schedule import FlopsModel, keep_for
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {  # id: (label, score, arrangement, gap)
+    "random": ("random", "random", "align", "mean"),
+    "keep-order": ("keep-order", "clipped", "keep-order", "mean"),
+    "reorder": ("reorder (EViT-style)", "clipped", "reorder", "mean"),
+    "align": ("align, clipped (default)", "clipped", "align", "mean"),
+    "align-unclipped": ("align, unclipped", "unclipped", "align", "mean"),
+    "align-l1": ("align, l1", "l1", "align", "mean"),
+    "align-l2": ("align, l2", "l2", "align", "mean"),
+    "align-gap-bias": ("align, clipped, Δ̃ = bias", "clipped", "align", "bias"),
+    "align-gap-zero": ("align, clipped, Δ̃ = 0", "clipped", "align", "zero"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "examples" / "vim_cifar"))
+    ap.add_argument("--test", required=True, help="labelled test images (class sub-folders)")
+    ap.add_argument("--calib", default=str(ROOT / "examples" / "cifar10" / "calib"))
+    ap.add_argument("--layers", default="3,6,9", help="prune after these blocks (1-based)")
+    ap.add_argument("--targets", default="0.8,0.7,0.6,0.5", help="FLOPs as fractions of dense (paper convention)")
+    ap.add_argument("--rows", default=",".join(ROWS), help="subset of the rows, comma-separated")
+    ap.add_argument("--num-test", type=int, default=None, help="seeded subset of the test images")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_table"))
+    args = ap.parse_args()
+
+    model = ssmtrim.load_model(args.model)
+    data_cfg = data_config_of(model)
+    layers = tuple(int(v) for v in args.layers.split(","))
+    targets = [float(v) for v in args.targets.split(",")]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+
+    t0 = time.perf_counter()
+    test = label_images(scan_folder(args.test).subset(args.num_test), model.config.num_classes)
+    x_test, y_test, bad = load_images(test, data_cfg, 256)
+    calib = scan_folder(args.calib)
+    x_cal, _, _ = load_images(calib, data_cfg, 256)
+    print(f"{len(y_test)} test images ({bad} unreadable), {len(x_cal)} calibration images "
+          f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    dense_flops = {c: r.gflops for c, r in count_flops_all(model).items()}
+    with torch.no_grad():
+        dense_logits = torch.cat([model(x_test[i:i + args.batch_size]) for i in range(0, len(x_test),
+                                                                                       args.batch_size)])
+    dense = evaluate_tensors(model, x_test, y_test, dense_logits, args.batch_size)
+    print(f"dense: top-1 {dense.top1:.2f}%  GFLOPs paper {dense_flops['paper']:.4f} full {dense_flops['full']:.4f}",
+          flush=True)
+    estimate = FlopsModel(model, "paper")
+    results = {"model": args.model, "test": args.test, "calib": args.calib, "num_test": len(y_test),
+               "num_calib": len(x_cal), "layers": layers, "dense": {"top1": dense.top1, "top5": dense.top5,
+                                                                      "gflops": dense_flops}, "rows": {}}
+    for target in targets:
+        keep = keep_for(estimate, layers, target)
+        if keep is None:
+            print(f"target {target}: unreachable with layers {layers}", flush=True)
+            continue
+        for row in rows:
+            label, score, arrangement, gap = ROWS[row]
+            config = PruneConfig(layers=layers, keep=(keep,), score=score, arrangement=arrangement, gap=gap)
+            cal = calibrate(model, config, x_cal, args.batch_size)
+            pruned = apply_pruning(model, config.replace(thresholds=cal.thresholds))
+            flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
+            r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)
+            tokens = pruned.last_stats.tokens_per_block if pruned.last_stats else []
+            remove_pruning(model)
+            entry = {"target": target, "keep": keep, "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
+                     "kl": r.kl, "gflops": flops, "flops_reduction": 1 - flops["paper"] / dense_flops["paper"],
+                     "tokens_per_block": tokens, "seconds": r.seconds}
+            results["rows"].setdefault(label, []).append(entry)
+            print(f"FLOPs x{target:.1f} (keep {keep:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
+                  f"top-1 {r.top1:6.2f}  agreement {r.agreement:6.2f}  KL {r.kl:.4f}  [{r.seconds:.0f} s]",
+                  flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    write(results, Path(args.out))
+
+
+def markdown(results: dict) -> str:
+    rows = results["rows"]
+    cols = [e for e in next(iter(rows.values()))] if rows else []
+    head = "| method | " + " | ".join(f"−{100 * e['flops_reduction']:.0f}% FLOPs ({e['gflops']['paper'] * 1e3:.1f} M)"
+                                      for e in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|",
+             f"| dense ({results['dense']['gflops']['paper'] * 1e3:.1f} MFLOPs) | "
+             + " | ".join(f"{results['dense']['top1']:.2f}" for _ in cols) + " |"]
+    for name, entries in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{e['top1']:.2f}" for e in entries) + " |")
+    lines += ["", f"Top-1 (%) on {results['num_test']} test images; pruning after blocks "
+              f"{', '.join(map(str, results['layers']))}; thresholds calibrated on {results['num_calib']} images; "
+              "no fine-tuning. FLOPs in the paper convention."]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    md = markdown(results)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    d = results["dense"]
+    ax.scatter([d["gflops"]["paper"] * 1e3], [d["top1"]], color="black", zorder=3, label="dense")
+    for name, entries in results["rows"].items():
+        style = "-o" if "default" in name else ("--." if "align" in name else "-s")
+        ax.plot([e["gflops"]["paper"] * 1e3 for e in entries], [e["top1"] for e in entries], style, label=name)
+    ax.set_xlabel("MFLOPs per image (paper convention)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Post-training token pruning, no fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.json')}, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
