@@ -247,6 +247,37 @@ def load_state(path: Path) -> dict[str, Any]:
             from exc
 
 
+# ---------------------------------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside ``torchrun``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on CUDA); no-op otherwise."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def weights_checksum(model: nn.Module) -> float:
+    """A float64 checksum of every parameter and buffer, for checking that ranks hold the same weights."""
+    with torch.no_grad():
+        return float(sum(t.detach().double().abs().sum() + t.detach().double().sum() * (i % 7 + 1)
+                         for i, t in enumerate(model.state_dict().values()) if t.is_floating_point()))
+
+
 # ------------------------------------------------------------------------------------------------------------ fit
 
 
@@ -271,7 +302,12 @@ def fit(
     if cfg.distill_weight > 0 and teacher is None:
         raise ConfigError("distillation needs a teacher model; give one or set the distillation weight to 0.")
     device = torch.device(device)
+    rank, world = dist_info()
+    main = rank == 0
     model.to(device).train()
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
@@ -294,14 +330,20 @@ def fit(
         step, history = int(state["step"]), json.loads(state["history"])
     elif state_path.exists() and not resume:
         raise ConfigError(f"{str(state_path)!r} exists; pass --resume to continue it, or --force to start over.")
+    if cfg.batch_size % world:
+        raise ConfigError(f"the batch size {cfg.batch_size} does not split evenly over {world} processes.")
     amp = cfg.amp and device.type == "cuda"
 
     def checkpoint() -> None:
+        if not main:
+            return
         _save_state(state_path, {"run_id": ident, "step": step, "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "history": json.dumps(history),
                                  "config": json.dumps(cfg.to_dict())})
 
     def emit(record: dict[str, Any]) -> None:
+        if not main:
+            return
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if log is not None:
@@ -314,17 +356,20 @@ def fit(
         for i in range(in_epoch, steps_per_epoch):
             # the augmentation draws depend on (seed, step) only, so a resumed run sees the same batches
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+            # every rank draws the same global batch and augmentation, then keeps its share of the images
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].numpy()
             x = normalise(torch.from_numpy(train.images[np.sort(idx)]), data_cfg)
             y = torch.from_numpy(train.labels[np.sort(idx)])
             if cfg.augment != "none":
                 x = augment(x, cfg.augment, gen, cfg.rrc_scale)
+            if world > 1:
+                x, y = x[rank::world], y[rank::world]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = lr_at(step, total, warmup, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
+                logits = net(x)
                 teacher_logits = None
                 if teacher is not None and cfg.distill_weight > 0:
                     with torch.no_grad():
@@ -338,9 +383,9 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
             step += 1
-            seen += len(y)
+            seen += len(y) * world
             loss_sum, loss_n = loss_sum + float(loss.detach()), loss_n + 1
-            if progress is not None:
+            if progress is not None and main:
                 progress(f"epoch {epoch + 1}/{cfg.epochs}", i + 1, steps_per_epoch)
             if step % 50 == 0:
                 emit({"step": step, "epoch": step / steps_per_epoch, "lr": lr, "loss": loss_sum / loss_n,
@@ -349,14 +394,20 @@ def fit(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                 checkpoint()
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "wall_s": time.perf_counter() - t_start}
-        if eval_set is not None:
+        if world > 1:
+            import torch.distributed as dist
+
+            sums: list[Any] = [None] * world
+            dist.all_gather_object(sums, weights_checksum(model))
+            record.update({"world_size": world, "rank_checksums": sums, "ranks_agree": len(set(sums)) == 1})
+        if eval_set is not None and main:
             record.update({f"eval_{k}": v for k, v in evaluate_arrays(model, eval_set, data_cfg,
                                                                       device=device).items()})
         history.append(record)
         emit(record)
         checkpoint()
     model.eval()
-    return {"steps": step, "history": history, "run_id": ident}
+    return {"steps": step, "history": history, "run_id": ident, "rank": rank, "world_size": world}
 
 
 # ------------------------------------------------------------------------------------------------ from scratch
@@ -376,31 +427,17 @@ def train_from_scratch(
 ) -> dict[str, Any]:
     """Train a registered architecture (e.g. ``vim_cifar``) from random weights on a class-folder image set and
     write an ssmtrim folder to ``output`` (weights, config with the recipe and curve, model card, log, state)."""
-    import shutil
-
     from ssmtrim.checkpoint import save_model_into
-    from ssmtrim.data import scan_folder
     from ssmtrim.models.registry import create_model, get_spec
 
     spec = get_spec(model_name)
     out = Path(output)
-    if out.exists() and not (resume or force):
-        raise ConfigError(f"output folder {str(out)!r} already exists; pass --resume to continue its training, "
-                          "--force to start over, or choose another -o.")
-    if out.exists() and force and not resume:
-        shutil.rmtree(out)
-    train_images = scan_folder(data)
-    if len(train_images.classes) != spec.arch.num_classes:
-        raise ConfigError(f"{str(data)!r} has {len(train_images.classes)} classes but {model_name} predicts "
-                          f"{spec.arch.num_classes}; give a matching data folder.")
+    rank, _ = init_distributed(device)
+    _prepare_output(out, resume, force, "training")
     size = spec.data.input_size[-1]
-    train_set = load_array_set(train_images, size, progress=progress)
-    eval_set = None
-    if eval_data is not None:
-        eval_images = scan_folder(eval_data)
-        if eval_images.classes != train_images.classes:
-            raise ConfigError(f"the classes of {str(eval_data)!r} differ from those of {str(data)!r}.")
-        eval_set = load_array_set(eval_images, size, progress=progress)
+    train_set = _load_set(data, spec.arch.num_classes, size, progress)
+    eval_set = _load_set(eval_data, spec.arch.num_classes, size, progress, train_set.classes) \
+        if eval_data is not None else None
     torch.manual_seed(cfg.seed)
     model = create_model(model_name)
     model.data_config = spec.data
@@ -421,5 +458,138 @@ def train_from_scratch(
     lines += ["| epoch | wall (s) | eval top-1 |", "|---|---|---|"]
     lines += [f"| {r['epoch']} | {r['wall_s']:.0f} | {r.get('eval_top1', float('nan')):.2f} |"
               for r in result["history"]]
-    save_model_into(model, out, extra_config=extra, readme="\n".join(lines) + "\n")
+    if rank == 0:
+        save_model_into(model, out, extra_config=extra, readme="\n".join(lines) + "\n")
     return {"output": str(out), **final, "history": result["history"]}
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tune
+
+
+def _prepare_output(out: Path, resume: bool, force: bool, what: str) -> None:
+    import shutil
+
+    rank, world = dist_info()
+    if out.exists() and not (resume or force):
+        raise ConfigError(f"output folder {str(out)!r} already exists; pass --resume to continue its {what}, --force "
+                          "to start over, or choose another -o.")
+    if rank == 0 and out.exists() and force and not resume:
+        shutil.rmtree(out)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _load_set(data: str | os.PathLike, num_classes: int, size: int, progress: Progress | None,
+              classes: list[str] | None = None) -> ArraySet:
+    from ssmtrim.data import scan_folder
+
+    images = scan_folder(data)
+    if images.layout != "class-folders":
+        raise ConfigError(f"{str(data)!r} has no class sub-folders; training needs labelled images (DIR/<class>/...).")
+    if len(images.classes) != num_classes:
+        raise ConfigError(f"{str(data)!r} has {len(images.classes)} classes but the model predicts {num_classes}; "
+                          "give a data folder with the model's classes.")
+    if classes is not None and images.classes != classes:
+        raise ConfigError(f"the class folders of {str(data)!r} differ from those of the training data.")
+    return load_array_set(images, size, progress=progress if dist_info()[0] == 0 else None)
+
+
+def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> nn.Module:
+    """The distillation teacher of a pruned model: ``teacher`` if given; else the dense weights the pruned folder
+    holds (pruning never changes weights, so they are its dense source's), unless it was already fine-tuned, in
+    which case its recorded dense source is loaded."""
+    from ssmtrim.evaluate import check_compatible, dense_of
+    from ssmtrim.models.loading import load_model
+
+    if teacher is not None:
+        found = load_model(teacher)
+        check_compatible(model, found)
+        return found
+    source = getattr(model, "source", None)
+    config = getattr(source, "folder_config", None) or {}
+    if "finetune" not in config:
+        return dense_of(model)
+    origin = (config.get("finetune") or {}).get("dense_source")
+    if origin:
+        try:
+            found = load_model(origin)
+            check_compatible(model, found)
+            return found
+        except Exception as exc:  # noqa: BLE001 - reported as one clear sentence below
+            raise ConfigError(f"{source.path!r} was fine-tuned from {origin!r}, which cannot be loaded ({exc}); pass "
+                              "the dense model with --teacher.") from exc
+    raise ConfigError(f"{source.path!r} was fine-tuned and records no dense source; pass the dense model with "
+                      "--teacher, or --distill-weight 0.")
+
+
+def finetune(
+    pruned: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    eval_data: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a pruned checkpoint folder with pruning active, distilling from its dense teacher; write a pruned
+    folder in the format ``ssmtrim prune`` writes (plus the recipe and metrics), the log and the resumable state."""
+    from ssmtrim.checkpoint import save_model_into
+    from ssmtrim.models.loading import data_config_of, load_model
+    from ssmtrim.pruning import is_pruned
+
+    model = load_model(pruned)
+    if not is_pruned(model):
+        raise ConfigError(f"{str(pruned)!r} is not pruned; prune it first (ssmtrim prune) or train it with "
+                          "ssmtrim train.")
+    out = Path(output)
+    rank, world = init_distributed(device)
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    _prepare_output(out, resume, force, "fine-tune")
+    teach = teacher_for(model, teacher) if cfg.distill_weight > 0 else None
+    data_cfg = data_config_of(model)
+    size = data_cfg.input_size[-1]
+    train_set = _load_set(data, model.config.num_classes, size, progress)
+    eval_set = _load_set(eval_data, model.config.num_classes, size, progress, train_set.classes) \
+        if eval_data is not None else None
+    before = evaluate_arrays(model, eval_set, data_cfg, device=device) if eval_set is not None and rank == 0 else None
+    torch.manual_seed(cfg.seed)
+    result = fit(model, train_set, cfg, out, data_cfg, eval_set=eval_set, teacher=teach, resume=resume,
+                 device=device, progress=progress, log=log)
+    model.to("cpu")
+    final = result["history"][-1] if result["history"] else {}
+    source_cfg = getattr(getattr(model, "source", None), "folder_config", None) or {}
+    origin = (source_cfg.get("finetune") or {}).get("dense_source") or (source_cfg.get("source") or {}).get("source")
+    info = {"from": str(pruned), "dense_source": origin, "teacher": str(teacher) if teacher else "dense weights of "
+            "the pruned folder", "data": str(data), "eval_data": None if eval_data is None else str(eval_data),
+            "train_images": len(train_set), "world_size": world, "recipe": cfg.to_dict(),
+            "before": before, "curve": result["history"]}
+    if rank == 0:
+        save_model_into(model, out, extra_config={"calibration": source_cfg.get("calibration"), "finetune": info},
+                        readme=_finetune_card(model, info, final))
+    return {"output": str(out), "before": before, **final, "history": result["history"], "world_size": world}
+
+
+def _finetune_card(model: nn.Module, info: dict[str, Any], final: dict[str, Any]) -> str:
+    plan = model.prune_config
+    r = info["recipe"]
+    lines = [
+        f"# {model.config.family} pruned and fine-tuned with ssmtrim", "",
+        f"From `{info['from']}` (dense source `{info['dense_source']}`): token pruning after blocks "
+        f"{', '.join(map(str, plan.layers))} keeping {', '.join(f'{k:.3f}' for k in plan.keep)}, `{plan.arrangement}`, "
+        f"then {r['epochs']} epochs of fine-tuning with pruning active on {info['train_images']} images "
+        f"(AdamW lr {r['lr']:g}, batch {r['batch_size']}, label smoothing {r['label_smoothing']:g}, distillation "
+        f"weight {r['distill_weight']:g} at temperature {r['distill_temperature']:g} from {info['teacher']}, "
+        f"augmentation `{r['augment']}`, {info['world_size']} process(es)).", "",
+    ]
+    if info["before"] is not None and "eval_top1" in final:
+        lines += [f"Top-1 on `{info['eval_data']}`: {info['before']['top1']:.2f}% before, {final['eval_top1']:.2f}% "
+                  "after.", ""]
+    lines += ["Load it with `ssmtrim.load_model(\"<this folder>\")`.", ""]
+    return "\n".join(lines)

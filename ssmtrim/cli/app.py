@@ -11,6 +11,7 @@ import typer
 from ssmtrim import __version__
 from ssmtrim.cli.convert_cmd import convert
 from ssmtrim.cli.eval_cmd import eval_
+from ssmtrim.cli.finetune_cmd import finetune
 from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
@@ -31,6 +32,7 @@ app.command("flops")(flops)
 app.command("eval")(eval_)
 app.command("prune")(prune)
 app.command("report")(report)
+app.command("finetune")(finetune)
 app.command("convert")(convert)
 app.command("train")(train)
 
