@@ -474,3 +474,10 @@ register_model(ModelSpec(
                           stem_channels=16, layers_with_dwconv=(0,)),
     data=DataConfig(input_size=(3, 64, 64)), test_only=True, description="tiny PlainMamba for tests",
 ))  # fmt: skip
+register_model(ModelSpec(
+    name="plainmamba_cifar",
+    arch=PlainMambaConfig(embed_dim=96, depth=12, stem_convs=1, img_size=32, patch_size=4, num_classes=10,
+                          stem_channels=32, layers_with_dwconv=(0,)),
+    data=DataConfig(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    description="small PlainMamba for CIFAR-10: C=96, 12 layers, 8x8 grid of patches on 32x32 (stride 4)",
+))  # fmt: skip

@@ -68,6 +68,18 @@ def load_images(images: ImageSet, data_config, batch_size: int = 32, progress: P
     return torch.cat(xs), torch.cat(ys), bad
 
 
+def _mean_fraction_threshold(per_image: list[Tensor], keep: float) -> float:
+    """The threshold at which images keep, on average, ``keep`` of their candidate tokens. Each token weighs
+    1 / (its image's candidates); a pooled quantile would instead hit the pooled fraction, which drifts from the mean
+    per-image fraction after the first pruning layer, where images bring different numbers of candidates."""
+    scores = torch.cat(per_image).double()
+    weights = torch.cat([torch.full((len(s),), 1.0 / max(len(s), 1), dtype=torch.float64) for s in per_image])
+    order = torch.argsort(scores, descending=True)
+    cumulative = torch.cumsum(weights[order], 0) / len(per_image)
+    i = int(torch.searchsorted(cumulative, torch.tensor([keep], dtype=torch.float64)).item())
+    return float(scores[order][min(i, len(scores) - 1)])
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -109,7 +121,7 @@ def calibrate(
         finally:
             remove_pruning(pruned)
         scores = torch.cat(pooled)
-        threshold = float(torch.quantile(scores.double(), 1.0 - keep)) if keep < 1.0 else float("-inf")
+        threshold = _mean_fraction_threshold(pooled, keep) if keep < 1.0 else float("-inf")
         thresholds.append(threshold)
         qs = torch.quantile(scores.double(), torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
         layers.append(LayerCalibration(layer, keep, threshold, float(scores.mean()), float(scores.std()),
