@@ -44,7 +44,8 @@ def prune(
     score: Annotated[str, typer.Option("--score", help="clipped (default), unclipped, l1, l2 or random.")] = "clipped",
     arrangement: Annotated[str, typer.Option("--arrangement", help="align (default), keep-order or reorder.")]
     = "align",
-    gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: mean, bias or zero.")] = "mean",
+    gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: bias (default), mean or zero.")]
+    = "bias",
     mode: Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")] = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,

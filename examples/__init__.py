@@ -1,0 +1,1 @@
+"""Bundled example model and images (data only; see README.md)."""

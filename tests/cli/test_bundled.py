@@ -1,0 +1,40 @@
+"""The README's main command: ``ssmtrim prune`` with no model prunes the bundled CIFAR-10 Vim, offline."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+import ssmtrim
+from ssmtrim import bundled
+from ssmtrim.cli.app import app
+
+runner = CliRunner()
+
+
+def test_bundled_files_are_complete():
+    model = ssmtrim.load_model(bundled.bundled_model())
+    assert model.config == ssmtrim.models.registry.get_spec("vim_cifar").arch
+    config = json.loads((bundled.bundled_model() / "config.json").read_text())
+    assert config["training"]["recipe"]["epochs"] == len(config["training"]["curve"])  # trained to the end
+    for folder, per_class in ((bundled.calibration_images(), 25), (bundled.validation_images(), 100)):
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        assert classes == config["training"]["classes"]
+        assert all(len(list((folder / c).glob("*.jpg"))) == per_class for c in classes)
+
+
+def test_prune_with_no_model_prunes_the_bundled_vim(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = runner.invoke(app, ["prune", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["output"] is None and summary["plan"]["layers"] == list(bundled.DEFAULT_LAYERS)
+    assert summary["flops"]["paper"]["ratio"] <= bundled.DEFAULT_FLOPS + 1e-6
+    ev = summary["evaluation"]
+    assert ev["num_images"] == 1000 and ev["unreadable"] == 0
+    # the bundled model is trained (random guessing is 10%), and pruning keeps most of its decisions
+    assert ev["dense_top1"] > 70.0
+    assert ev["top1"] > ev["dense_top1"] - 5.0 and ev["agreement"] > 85.0
+    res = runner.invoke(app, ["prune"])
+    assert res.exit_code == 0 and "held-out images" in res.output
