@@ -178,7 +178,7 @@ def build_report(
     """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
     docstring. Returns the report as a dict (what ``report.json`` holds)."""
     from ssmtrim.data import scan_folder
-    from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images
+    from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images, predict
     from ssmtrim.flops import count_flops_all
     from ssmtrim.models.loading import data_config_of
     from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning
@@ -198,8 +198,7 @@ def build_report(
     images = label_images(scan_folder(data).subset(num_images, seed), dense.config.num_classes, labels_file)
     x, y, unreadable = load_images(images, data_cfg, eval_batch_size, progress)
     dense.eval()
-    with torch.no_grad():
-        dense_logits = torch.cat([dense(x[i:i + eval_batch_size]) for i in range(0, len(x), eval_batch_size)])
+    dense_logits = predict(dense, x, eval_batch_size)
 
     def entry(name: str, arrangement: str, model: nn.Module) -> Entry:
         acc = evaluate_tensors(model, x, y, dense_logits, eval_batch_size).to_dict()
