@@ -154,7 +154,7 @@ def _scan(inputs: list, outputs: list) -> Counter:
     n = _shape(inputs[2])[1]
     bel = bsz * e * length
     has_d, has_z, has_bias, has_gap = (_shape(inputs[i]) is not None for i in (5, 6, 7, 8))
-    softplus = bool(inputs[9].toIValue())
+    softplus = bool(inputs[10].toIValue())  # inputs[9] is gap_scale (a factored gap)
     return Counter({
         "selective_scan": 9 * bel * n + bel * (has_d + has_z),  # the peers' count
         "selective_scan_extra": bel * (has_z + has_bias + softplus + has_gap),  # SiLU(z), bias, softplus, gap

@@ -424,9 +424,13 @@ def train_from_scratch(
     device: str = "cpu",
     progress: Progress | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    init: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train a registered architecture (e.g. ``vim_cifar``) from random weights on a class-folder image set and
-    write an ssmtrim folder to ``output`` (weights, config with the recipe and curve, model card, log, state)."""
+    """Train a registered architecture (e.g. ``vim_cifar``) on a class-folder image set and write an ssmtrim folder
+    to ``output`` (weights, config with the recipe and curve, model card, log, state).
+
+    The weights start random, or from ``init``: a dense checkpoint of the same architecture whose training this run
+    continues with a fresh schedule (its own training record is kept in the new config under ``previous``)."""
     from ssmtrim.checkpoint import save_model_into
     from ssmtrim.models.registry import create_model, get_spec
 
@@ -441,14 +445,18 @@ def train_from_scratch(
     torch.manual_seed(cfg.seed)
     model = create_model(model_name)
     model.data_config = spec.data
+    previous = _init_from(model, init) if init is not None else None
     result = fit(model, train_set, cfg, out, spec.data, eval_set=eval_set, resume=resume, device=device,
                  progress=progress, log=log)
     model.to("cpu")
     final = result["history"][-1] if result["history"] else {}
-    extra = {"training": {"from": "scratch", "architecture": model_name, "data": str(data),
+    extra = {"training": {"from": "scratch" if init is None else str(init), "architecture": model_name, "data": str(data),
                           "eval_data": None if eval_data is None else str(eval_data), "classes": train_set.classes,
                           "train_images": len(train_set), "recipe": cfg.to_dict(), "curve": result["history"]}}
-    lines = [f"# {model_name} trained from scratch with ssmtrim", "",
+    if previous is not None:
+        extra["training"]["previous"] = previous
+    origin = "from scratch" if init is None else f"from `{init}`"
+    lines = [f"# {model_name} trained {origin} with ssmtrim", "",
              f"{len(train_set)} training images from `{data}`, {cfg.epochs} epochs "
              f"(batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, label smoothing "
              f"{cfg.label_smoothing:g}, augmentation `{cfg.augment}`).", ""]
@@ -461,6 +469,23 @@ def train_from_scratch(
     if rank == 0:
         save_model_into(model, out, extra_config=extra, readme="\n".join(lines) + "\n")
     return {"output": str(out), **final, "history": result["history"]}
+
+
+def _init_from(model: nn.Module, init: str | os.PathLike) -> dict[str, Any] | None:
+    """Copy the weights of the dense checkpoint ``init`` into ``model`` (same architecture); return its training
+    record, if it has one."""
+    from ssmtrim.models.loading import load_model
+    from ssmtrim.pruning import is_pruned
+
+    source = load_model(init)
+    if is_pruned(source):
+        raise ConfigError(f"{str(init)!r} is pruned; --init takes a dense checkpoint (use ssmtrim finetune for "
+                          "pruned ones).")
+    if source.config != model.config:
+        raise ConfigError(f"{str(init)!r} is a different architecture from the one being trained; give a checkpoint "
+                          "of the same architecture, or no --init.")
+    model.load_state_dict(source.state_dict())
+    return source.source.folder_config.get("training")
 
 
 # ---------------------------------------------------------------------------------------------------- fine-tune

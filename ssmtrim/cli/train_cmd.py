@@ -29,12 +29,14 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save the state every N steps.")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")] = False,
+    init: Annotated[str | None, typer.Option("--init", help="Start from this dense checkpoint of the same "
+                                             "architecture (continue its training on a fresh schedule).")] = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a model from random weights; the state is saved atomically so --resume loses at most one interval."""
+    """Train a model from random weights (or --init weights); the state is saved atomically so --resume loses at most one interval."""
     from ssmtrim.training import TrainConfig, train_from_scratch
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -48,7 +50,7 @@ def train(
 
     with ProgressRenderer(quiet=quiet or json_out) as progress:
         result = train_from_scratch(arch, data, output, cfg, eval_data=eval_data, resume=resume, force=force,
-                                    device=device, progress=progress, log=log)
+                                    device=device, progress=progress, log=log, init=init)
     if json_out:
         print_json(result)
     else:

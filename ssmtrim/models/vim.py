@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.ops import selective_scan
+from ssmtrim.ops.conv import causal_conv1d_silu
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,11 @@ class BiMambaMixer(nn.Module):
 
     def conv_act(self, x: Tensor, backward: bool) -> Tensor:
         """SiLU(causal depth-wise conv1d(x)), x (B E L) in the branch's scan order (left padding d_conv - 1)."""
-        conv = self.conv1d_b if backward else self.conv1d
-        return F.silu(conv(x)[..., : x.shape[-1]])
+        return causal_conv1d_silu(x, self.conv1d_b if backward else self.conv1d)
 
-    def decay_gap(self, dt: Tensor, backward: bool) -> Tensor | None:
-        """Extra decay per token (B E L) for the scan; none in the dense model (token pruning overrides this)."""
+    def decay_gap(self, dt: Tensor, backward: bool) -> tuple[Tensor, Tensor] | None:
+        """Extra decay for the scan in factored form, (counts (B L), Δ estimate (B E)) (see
+        :func:`ssmtrim.ops.selective_scan`); none in the dense model (token pruning overrides this)."""
         return None
 
     def branch(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
@@ -140,9 +141,10 @@ class BiMambaMixer(nn.Module):
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B E L; the bias enters once, inside the scan
         A = -torch.exp(A_log.float())
+        gap, gap_scale = self.decay_gap(dt, backward) or (None, None)
         return selective_scan(
             x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
-            delta_softplus=True, gap=self.decay_gap(dt, backward),
+            delta_softplus=True, gap=gap, gap_scale=gap_scale,
         )  # fmt: skip
 
     def ssm_output(self, hidden: Tensor) -> Tensor:

@@ -91,9 +91,11 @@ def _build(cc: str) -> tuple[Path | None, str]:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    lib.ssm_scan_fwd.argtypes = [p] * 9 + [i, p, p] + [lng] * 4 + [i]
+    lib.ssm_scan_fwd.argtypes = [p] * 10 + [i, p, p] + [lng] * 4 + [i]
     lib.ssm_scan_fwd.restype = None
-    lib.ssm_scan_bwd.argtypes = [p] * 9 + [i] + [p] * 11 + [lng] * 4 + [i]
+    lib.ssm_scan_bwd.argtypes = [p] * 10 + [i] + [p] * 11 + [lng] * 4 + [i]
+    lib.ssm_conv_silu.argtypes = [p, lng, lng, lng, p, p, p, i, p] + [lng] * 4 + [i]
+    lib.ssm_conv_silu.restype = None
     lib.ssm_scan_bwd.restype = None
     lib.ssm_max_state.restype = ctypes.c_int
 

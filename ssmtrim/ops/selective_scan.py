@@ -10,9 +10,11 @@
 Per channel e and state n, with d_t = softplus(delta_t + bias) (or delta_t + bias):
     h_t = exp((d_t + G_t) A) h_{t-1} + d_t B_t u_t,   y_t = C_t . h_t + D u_t,   out_t = y_t * silu(z_t).
 G (``gap``, optional) is the decay of pruned positions between two kept tokens: pruning-aware hidden-state
-alignment (Zhan et al., NeurIPS 2024). Maths run in fp32 whatever the input dtype; the output has u's dtype.
+alignment (Zhan et al., NeurIPS 2024). It is given whole (B E L), or factored as counts ``gap`` (B L) times
+``gap_scale`` (B E): G[b, e, t] = gap[b, t] * gap_scale[b, e] (number of pruned positions times their Δ estimate).
+Maths run in fp32 whatever the input dtype; the output has u's dtype.
 
-Shapes: u, delta, z, gap (B E L); A (E N); B, C (B N L); D, delta_bias (E); last state (B E N).
+Shapes: u, delta, z (B E L); A (E N); B, C (B N L); D, delta_bias (E); last state (B E N).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     gap: Tensor | None = None,
     return_last_state: bool = False,
+    gap_scale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Reference selective scan: a plain loop over tokens. Differentiable by autograd."""
     dtype_in = u.dtype
+    gap = full_gap(gap, gap_scale)
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
     if delta_bias is not None:
         delta = delta + delta_bias.float()[:, None]
@@ -64,6 +68,13 @@ def selective_scan_ref(
         y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, h) if return_last_state else y
+
+
+def full_gap(gap: Tensor | None, gap_scale: Tensor | None) -> Tensor | None:
+    """The (B E L) gap from its factored form (counts (B L), scale (B E)); a whole gap is returned as it is."""
+    if gap is None or gap_scale is None:
+        return gap
+    return gap.float()[:, None, :] * gap_scale.float()[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,36 +105,37 @@ def _scan_op(
     z: Tensor | None,
     delta_bias: Tensor | None,
     gap: Tensor | None,
+    gap_scale: Tensor | None,
     delta_softplus: bool,
 ) -> tuple[Tensor, Tensor]:
     if not _kernel_usable(u, A):
         with torch.no_grad():
-            out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, True)
+            out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, True, gap_scale)
         return out, last.to(u.dtype)
     lib = _cpu_kernel.load()
     bsz, e, length = u.shape
     n = A.shape[1]
     u32, d32, a32, z32, g32 = _f32(u), _f32(delta), _f32(A), _f32(z), _f32(gap)
     bt, ct = _f32(B.transpose(1, 2)), _f32(C.transpose(1, 2))
-    D32, bias32 = _f32(D), _f32(delta_bias)
+    D32, bias32, gs32 = _f32(D), _f32(delta_bias), _f32(gap_scale)
     out = torch.empty(bsz, e, length, dtype=torch.float32)
     last = torch.empty(bsz, e, n, dtype=torch.float32)
-    args = [_ptr(x) for x in (u32, d32, a32, bt, ct, D32, z32, bias32, g32)]
+    args = [_ptr(x) for x in (u32, d32, a32, bt, ct, D32, z32, bias32, g32, gs32)]
     lib.ssm_scan_fwd(*args, int(delta_softplus), _ptr(out), _ptr(last), bsz, e, length, n, torch.get_num_threads())
     return out.to(u.dtype), last.to(u.dtype)
 
 
 @_scan_op.register_fake
-def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, gap, delta_softplus):
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, gap, gap_scale, delta_softplus):
     return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
 
 
-_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "gap")
+_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "gap", "gap_scale")
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
-    ctx.delta_softplus = inputs[9]
+    ctx.save_for_backward(*inputs[:10])
+    ctx.delta_softplus = inputs[10]
 
 
 def _backward(ctx, dout: Tensor | None, dlast: Tensor | None):
@@ -137,7 +149,7 @@ def _backward(ctx, dout: Tensor | None, dlast: Tensor | None):
 
 
 def _backward_kernel(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | None):
-    u, delta, A, B, C, D, z, delta_bias, gap = saved
+    u, delta, A, B, C, D, z, delta_bias, gap, gap_scale = saved
     lib = _cpu_kernel.load()
     bsz, e, length = u.shape
     n = A.shape[1]
@@ -147,7 +159,7 @@ def _backward_kernel(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | 
     dD, dbias = torch.empty(bsz, e, **f32), torch.empty(bsz, e, **f32)
     dz = torch.empty(bsz, e, length, **f32) if z is not None else None
     dgap = torch.empty(bsz, e, length, **f32) if gap is not None else None
-    ins = [_f32(x) for x in (u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, delta_bias, gap)]
+    ins = [_f32(x) for x in (u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, delta_bias, gap, gap_scale)]
     grads_in = [_f32(dout), _f32(dlast)]
     outs = (du, ddelta, dA, dbt, dct, dD, dz, dbias, dgap)
     lib.ssm_scan_bwd(
@@ -158,10 +170,14 @@ def _backward_kernel(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | 
     def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
         return None if g is None or like is None else g.to(like.dtype)
 
+    dscale = None
+    if gap_scale is not None:  # factored gap: G = counts x scale, so dcounts = sum_e dG scale, dscale = sum_t dG counts
+        dscale = (dgap * gap.float()[:, None, :]).sum(2)
+        dgap = (dgap * gap_scale.float()[:, :, None]).sum(1)
     return (
         cast(du, u), cast(ddelta, delta), cast(dA.sum(0), A), cast(dbt.transpose(1, 2), B),
         cast(dct.transpose(1, 2), C), cast(dD.sum(0), D), cast(dz, z), cast(dbias.sum(0), delta_bias),
-        cast(dgap, gap), None,
+        cast(dgap, gap), cast(dscale, gap_scale), None,
     )  # fmt: skip
 
 
@@ -169,7 +185,7 @@ def _backward_ref(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | Non
     """Backward by differentiating the reference loop (devices without the kernel, and fp64)."""
     leaves = [None if t is None else t.detach().requires_grad_(True) for t in saved]
     with torch.enable_grad():
-        out, last = selective_scan_ref(*leaves[:8], delta_softplus, leaves[8], True)
+        out, last = selective_scan_ref(*leaves[:8], delta_softplus, leaves[8], True, leaves[9])
         outputs, grads = [out], [dout]
         if dlast is not None:
             outputs.append(last)
@@ -202,6 +218,10 @@ def scan_as_single_op() -> Iterator[None]:
         _force_op = previous
 
 
+def single_op_requested() -> bool:
+    """Inside :func:`scan_as_single_op` (a tracer is counting): ops keep to what the tracer can see."""
+    return _force_op
+
 
 def selective_scan(
     u: Tensor,
@@ -216,14 +236,17 @@ def selective_scan(
     gap: Tensor | None = None,
     return_last_state: bool = False,
     backend: str | None = None,
+    gap_scale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the backend chosen by :mod:`ssmtrim.ops.backend` (or ``backend``); see module docstring."""
     chosen = "op" if _force_op and u.device.type == "cpu" else resolve_backend(u.device, backend)
     if chosen == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, return_last_state)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, return_last_state,
+                                  gap_scale)
     if chosen == "cuda":
-        return _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, return_last_state)
-    out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, gap, delta_softplus)
+        return _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, full_gap(gap, gap_scale),
+                                     return_last_state)
+    out, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, gap, gap_scale, delta_softplus)
     return (out, last) if return_last_state else out
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.vim import BiMambaMixer, VisionMamba
+from ssmtrim.ops.conv import causal_conv1d_silu
 from ssmtrim.pruning.config import PruneConfig, PruneStats, forward_image_by_image, kept_count
 from ssmtrim.pruning.scoring import gaps_from_positions, gather_tokens, token_scores, topk_sorted
 
@@ -67,22 +68,19 @@ class PrunableBiMambaMixer(BiMambaMixer):
             return super().conv_act(x, backward)
         lay = self.layout
         pos = (lay.length - 1 - lay.positions).flip(1) if backward else lay.positions  # scan order
-        idx = pos[:, None, :].expand(-1, x.shape[1], -1)
-        grid = x.new_zeros(x.shape[0], x.shape[1], lay.length).scatter_(2, idx, x)
-        conv = self.conv1d_b if backward else self.conv1d
-        return F.silu(conv(grid)[..., : lay.length].gather(2, idx))
+        return causal_conv1d_silu(x, self.conv1d_b if backward else self.conv1d, pos, lay.length)
 
-    def decay_gap(self, dt: Tensor, backward: bool) -> Tensor | None:
+    def decay_gap(self, dt: Tensor, backward: bool) -> tuple[Tensor, Tensor] | None:
         if not self._aligned() or self.gap_estimate == "zero":
             return None
         fwd, bwd = self.layout.gap_counts
-        counts = bwd.flip(1) if backward else fwd  # B L in scan order
+        counts = (bwd.flip(1) if backward else fwd).float()  # B L in scan order
         bias = (self.dt_proj_b if backward else self.dt_proj).bias.float()
         if self.gap_estimate == "bias":
-            estimate = F.softplus(bias)[None, :, None]
+            estimate = F.softplus(bias)[None, :].expand(dt.shape[0], -1)
         else:  # mean Δ of the kept tokens of this layer and direction
-            estimate = F.softplus(dt.float() + bias[:, None]).mean(-1, keepdim=True)
-        return counts[:, None, :].to(estimate.dtype) * estimate
+            estimate = F.softplus(dt.float() + bias[:, None]).mean(-1)
+        return counts, estimate  # G = counts x estimate, formed inside the scan
 
     def set_layout(self, layout: TokenLayout | None) -> None:
         self.layout = layout

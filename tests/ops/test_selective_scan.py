@@ -177,3 +177,27 @@ def test_cuda_matches_reference(dtype, atol, gap):
     torch.testing.assert_close(last_c.float(), last_r.float(), atol=atol, rtol=atol)
     for name in grads_r:
         torch.testing.assert_close(grads_c[name].float(), grads_r[name].float(), atol=atol * 10, rtol=atol * 10)
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpu", marks=requires_kernel)])
+def test_factored_gap_equals_whole_gap(backend):
+    """gap (B L) x gap_scale (B E) gives the outputs and gradients of the whole (B E L) gap it stands for; the
+    gradients of the two factors are the chain rule through G = counts x scale."""
+    g = torch.Generator().manual_seed(3)
+    base = make_inputs(gap=False)
+    counts = torch.randint(0, 4, (2, 11), generator=g).float().requires_grad_(True)
+    scale = (torch.rand(2, 6, generator=g) * 0.3).requires_grad_(True)
+    factored = dict(base, gap=counts, gap_scale=scale)
+    out_f, last_f, grads_f = run(factored, backend)
+    whole_gap = (counts.detach()[:, None, :] * scale.detach()[:, :, None]).requires_grad_(True)
+    whole = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in base.items()}
+    whole["gap"] = whole_gap
+    out_w, last_w, grads_w = run(whole, "ref")
+    torch.testing.assert_close(out_f, out_w, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(last_f, last_w, atol=2e-5, rtol=2e-5)
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        torch.testing.assert_close(grads_f[name], grads_w[name], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(grads_f["gap"], (grads_w["gap"] * scale.detach()[:, :, None]).sum(1), atol=2e-4,
+                               rtol=2e-4)
+    torch.testing.assert_close(grads_f["gap_scale"], (grads_w["gap"] * counts.detach()[:, None, :]).sum(2),
+                               atol=2e-4, rtol=2e-4)

@@ -134,6 +134,11 @@ def test_aligned_scan_equals_dense_scan_with_silent_pruned_positions(estimate):
         got = flip(selective_scan(flip(kept(u)), flip(kept(dt)), A, flip(kept(B)), flip(kept(C)), D,
                                   delta_bias=bias, delta_softplus=True, gap=flip(gap)))
         torch.testing.assert_close(got, dense_kept, atol=1e-5, rtol=1e-5)
+        # the factored form the pruned Vim gives the scan: counts (B L) x one estimate per image and channel (B E)
+        factored = flip(selective_scan(flip(kept(u)), flip(kept(dt)), A, flip(kept(B)), flip(kept(C)), D,
+                                       delta_bias=bias, delta_softplus=True, gap=flip(counts.float()),
+                                       gap_scale=tilde[..., 0]))
+        torch.testing.assert_close(factored, dense_kept, atol=1e-5, rtol=1e-5)
 
 
 def test_gaps_from_positions():

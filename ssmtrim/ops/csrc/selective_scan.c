@@ -7,6 +7,10 @@
  *     h_t   = exp((d_t + G_t) * A) * h_{t-1} + d_t * B_t * u_t
  *     y_t   = <C_t, h_t> + D * u_t ;  out_t = y_t * silu(z_t)   (z optional)
  *
+ * The gap comes either whole, gap (B, E, L), or factored, G[b, e, t] = gap[b, t] * gscale[b, e] with gap (B, L)
+ * (the number of pruned positions before a token) and gscale (B, E) (the Δ estimate of a pruned position), which
+ * saves building and transposing a (B, E, L) tensor per scan.
+ *
  * Layouts (all contiguous, fp32): u, delta, z, gap, out, du, ddelta, dz, dgap: (B, E, L);
  * A: (E, N); Bt, Ct, dB, dC: (B, L, N) (token-major so the N loop is contiguous and vectorises);
  * D, bias: (E); last: (B, E, N); per-batch partial sums dA: (B, E, N), dD, dbias: (B, E).
@@ -62,12 +66,22 @@ static Block block_alloc(long Ln) {
 
 /* Fill a block: u, d = softplus(delta + bias), dec = d + gap, z; A^T (N, W), D and bias per lane. */
 static void block_prepare(Block *blk, const float *u, const float *delta, const float *z, const float *gap,
-                          const float *A, const float *bias, int softplus, long be0, long e0, long nl, long Ln,
-                          long Nn, float *At) {
+                          const float *gscale, const float *A, const float *bias, int softplus, long b, long En,
+                          long e0, long nl, long Ln, long Nn, float *At) {
+    const long be0 = b * En + e0;
     load_block(u + be0 * Ln, Ln, nl, 0.f, blk->u);
     load_block(delta + be0 * Ln, Ln, nl, 0.f, blk->d);
     if (z) load_block(z + be0 * Ln, Ln, nl, 0.f, blk->z);
-    if (gap) load_block(gap + be0 * Ln, Ln, nl, 0.f, blk->tmp);
+    if (gap && gscale) {
+        float sc[W];
+        for (long k = 0; k < W; k++) sc[k] = k < nl ? gscale[be0 + k] : 0.f;
+        for (long t = 0; t < Ln; t++) {
+            const float g = gap[b * Ln + t];
+            for (long k = 0; k < W; k++) blk->tmp[t * W + k] = g * sc[k];
+        }
+    } else if (gap) {
+        load_block(gap + be0 * Ln, Ln, nl, 0.f, blk->tmp);
+    }
     for (long t = 0; t < Ln; t++)
         for (long k = 0; k < W; k++) {
             const float x = blk->d[t * W + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
@@ -81,8 +95,8 @@ static void block_prepare(Block *blk, const float *u, const float *delta, const 
 }
 
 void ssm_scan_fwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
-                  const float *D, const float *z, const float *bias, const float *gap, int softplus,
-                  float *out, float *last, long Bn, long En, long Ln, long Nn, int nthreads) {
+                  const float *D, const float *z, const float *bias, const float *gap, const float *gscale,
+                  int softplus, float *out, float *last, long Bn, long En, long Ln, long Nn, int nthreads) {
     const long nblk = (En + W - 1) / W;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -92,7 +106,7 @@ void ssm_scan_fwd(const float *u, const float *delta, const float *A, const floa
         for (long bb = 0; bb < Bn * nblk; bb++) {
             const long b = bb / nblk, e0 = (bb % nblk) * W, nl = En - e0 < W ? En - e0 : W;
             const long be0 = b * En + e0;
-            block_prepare(&blk, u, delta, z, gap, A, bias, softplus, be0, e0, nl, Ln, Nn, At);
+            block_prepare(&blk, u, delta, z, gap, gscale, A, bias, softplus, b, En, e0, nl, Ln, Nn, At);
             for (long k = 0; k < W; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
             for (long i = 0; i < Nn * W; i++) h[i] = 0.f;
             float *y = blk.tmp; /* the pre-activation is not needed in the forward */
@@ -135,8 +149,8 @@ void ssm_scan_fwd(const float *u, const float *delta, const float *A, const floa
 }
 
 void ssm_scan_bwd(const float *u, const float *delta, const float *A, const float *Bt, const float *Ct,
-                  const float *D, const float *z, const float *bias, const float *gap, int softplus,
-                  const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
+                  const float *D, const float *z, const float *bias, const float *gap, const float *gscale,
+                  int softplus, const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
                   float *dCt, float *dD, float *dz, float *dbias, float *dgap, long Bn, long En, long Ln, long Nn,
                   int nthreads) {
     const long nblk = (En + W - 1) / W;
@@ -156,7 +170,7 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
             memset(dCl, 0, sizeof(float) * Ln * Nn * W);
             for (long e0 = 0; e0 < En; e0 += W) {
                 const long nl = En - e0 < W ? En - e0 : W, be0 = b * En + e0;
-                block_prepare(&blk, u, delta, z, gap, A, bias, softplus, be0, e0, nl, Ln, Nn, At);
+                block_prepare(&blk, u, delta, z, gap, gscale, A, bias, softplus, b, En, e0, nl, Ln, Nn, At);
                 for (long k = 0; k < W; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
                 /* forward recomputation, keeping every state */
                 for (long i = 0; i < Nn * W; i++) hs[i] = 0.f;
@@ -262,5 +276,44 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
         free(go);
         free(dBl);
         free(dCl);
+    }
+}
+
+/* Causal depth-wise conv1d (kernel width Kw, left padding Kw - 1) with optional SiLU, for inference, over tokens at
+ * increasing original positions pos (B, L) (NULL: contiguous 0..L-1); a position that is not present reads as
+ * zero, which is the dense conv over the original grid evaluated at the present tokens:
+ *     out[b, e, l] = bias[e] + sum_{j < Kw} w[e, Kw - 1 - j] * x[b, e, position pos[l] - j]
+ * x is read through its strides (so the token-major slice of in_proj's output needs no copy); out is (B, E, L)
+ * contiguous, the layout the scan reads. Parallel over (b, chunk of channels). */
+#define CONV_CHUNK 64
+void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos, const float *w, const float *bias,
+                   int silu, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
+    const long nchunk = (En + CONV_CHUNK - 1) / CONV_CHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long bc = 0; bc < Bn * nchunk; bc++) {
+        const long b = bc / nchunk, e0 = (bc % nchunk) * CONV_CHUNK;
+        const long ne = En - e0 < CONV_CHUNK ? En - e0 : CONV_CHUNK;
+        const long *pb = pos ? pos + b * Ln : NULL;
+        float acc[CONV_CHUNK];
+        for (long l = 0; l < Ln; l++) {
+            for (long e = 0; e < ne; e++) acc[e] = bias ? bias[e0 + e] : 0.f;
+            for (long m = 0; m < Kw && m <= l; m++) {
+                const long d = pb ? pb[l] - pb[l - m] : m; /* distance in original positions, >= m */
+                if (d >= Kw) break;
+                const float *xs = x + b * sxb + (l - m) * sxl + e0 * sxe;
+                const float *wt = w + e0 * Kw + (Kw - 1 - d);
+                if (sxe == 1) {
+#pragma omp simd
+                    for (long e = 0; e < ne; e++) acc[e] += wt[e * Kw] * xs[e];
+                } else {
+                    for (long e = 0; e < ne; e++) acc[e] += wt[e * Kw] * xs[e * sxe];
+                }
+            }
+            float *o = out + (b * En + e0) * Ln + l;
+            for (long e = 0; e < ne; e++) {
+                const float v = acc[e];
+                o[e * Ln] = silu ? v / (1.f + expf(-v)) : v;
+            }
+        }
     }
 }
