@@ -450,7 +450,8 @@ def train_from_scratch(
                  progress=progress, log=log)
     model.to("cpu")
     final = result["history"][-1] if result["history"] else {}
-    extra = {"training": {"from": "scratch" if init is None else str(init), "architecture": model_name, "data": str(data),
+    extra = {"training": {"from": "scratch" if init is None else str(init), "architecture": model_name,
+                          "data": str(data),
                           "eval_data": None if eval_data is None else str(eval_data), "classes": train_set.classes,
                           "train_images": len(train_set), "recipe": cfg.to_dict(), "curve": result["history"]}}
     if previous is not None:

@@ -36,7 +36,8 @@ def train(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a model from random weights (or --init weights); the state is saved atomically so --resume loses at most one interval."""
+    """Train a model from random weights (or --init weights); the state is saved atomically so --resume loses at
+    most one interval."""
     from ssmtrim.training import TrainConfig, train_from_scratch
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

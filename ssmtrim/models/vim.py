@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
