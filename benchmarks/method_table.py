@@ -4,7 +4,8 @@
 
 Rows: dense; random scores; keep-order (the released code's arrangement); reorder (EViT-style); align with the clipped
 score (the default) and with the ablated scores (unclipped, l1, l2); align with the other estimates of the missing
-Δ (mean of the kept tokens' Δ, zero). Columns: FLOPs reduced by 20/30/40/50% (paper convention) by pruning after the
+Δ (mean of the kept tokens' Δ, zero); align with its conv reading the previous kept tokens instead of the original
+positions (``--conv kept``). Columns: FLOPs reduced by 20/30/40/50% (paper convention) by pruning after the
 same blocks with the keep ratio that meets the target, in count mode (no thresholds involved). No fine-tuning.
 Accuracy is measured on the whole test folder. The Δ̃ rows run at −30% and −50% only. Writes JSON, Markdown and a
 plot (top-1 against GFLOPs, one curve per row).
@@ -35,6 +36,7 @@ ROWS = {  # id: (label, score, arrangement, gap); the default gap estimate is bi
     "align-unclipped": ("align, unclipped", "unclipped", "align", "bias"),
     "align-l1": ("align, l1", "l1", "align", "bias"),
     "align-l2": ("align, l2", "l2", "align", "bias"),
+    "align-conv-kept": ("align, clipped, conv over kept neighbours", "clipped", "align", "bias"),
     "align-gap-mean": ("align, clipped, Δ̃ = mean Δ", "clipped", "align", "mean"),
     "align-gap-zero": ("align, clipped, Δ̃ = 0", "clipped", "align", "zero"),
 }
@@ -88,7 +90,8 @@ def main() -> None:
             if row in GAP_ROWS and target not in GAP_TARGETS:
                 continue
             # count mode (the default) keeps a fixed number of tokens per layer: thresholds play no part
-            config = PruneConfig(layers=layers, keep=(keep,), score=score, arrangement=arrangement, gap=gap)
+            config = PruneConfig(layers=layers, keep=(keep,), score=score, arrangement=arrangement, gap=gap,
+                                 conv="kept" if row == "align-conv-kept" else "original")
             pruned = apply_pruning(model, config)
             flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
             r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)

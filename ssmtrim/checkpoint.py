@@ -186,7 +186,8 @@ def model_card(model: nn.Module, summary: dict[str, Any]) -> str:
         f"Dense source: `{summary['source']}`. Token pruning after blocks {', '.join(map(str, plan['layers']))} "
         "keeping "
         f"{', '.join(f'{k:g}' for k in plan['keep'])} of the patch tokens; score `{plan['score']}`, arrangement "
-        f"`{plan['arrangement']}` (gap estimate `{plan['gap']}`), `{plan['mode']}` mode.",
+        f"`{plan['arrangement']}` (gap estimate `{plan['gap']}`, conv neighbours `{plan.get('conv', 'original')}`), "
+        f"`{plan['mode']}` mode.",
         "",
         "| | dense | pruned |",
         "|---|---|---|",

@@ -46,6 +46,8 @@ def prune(
     = "align",
     gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: bias (default), mean or zero.")]
     = "bias",
+    conv: Annotated[str, typer.Option("--conv", help="align's conv neighbours (Vim): original positions (default) "
+                                      "or the kept tokens.")] = "original",
     mode: Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")] = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
@@ -89,7 +91,8 @@ def prune(
     # with --flops the search replaces layers and keep; the placeholder only carries score, arrangement, gap, mode
     config = PruneConfig(layers=_ints(layers, "--layers") if layers else (1,),
                          keep=_floats(keep or "0.8", "--keep") if layers else (1.0,), score=score,
-                         arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed)
+                         arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed,
+                         conv=conv)
     with ProgressRenderer(quiet or json_out) as progress:
         summary = prune_and_save(source, config, data, output, num_images=num_images, batch_size=batch_size,
                                  seed=seed, arch=arch, revision=revision, force=force, progress=progress,
@@ -104,7 +107,8 @@ def prune(
         ("output", summary["output"] or "nothing written (no -o)"),
         ("plan", f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
                  f"{', '.join(f'{k:.3f}' for k in plan['keep'])} of the tokens; {plan['score']} score, "
-                 f"{plan['arrangement']} (Δ̃ {plan['gap']}), {plan['mode']} mode"),
+                 f"{plan['arrangement']} (Δ̃ {plan['gap']}, conv {plan.get('conv', 'original')}), "
+                 f"{plan['mode']} mode"),
         ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
         ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
         ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),

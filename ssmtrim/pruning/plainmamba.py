@@ -279,6 +279,9 @@ def apply_pruning(model: PlainMamba, config: PruneConfig) -> PlainMamba:
     if type(model) is not PlainMamba:
         raise ConfigError(f"cannot prune a {type(model).__name__}; load a PlainMamba with ssmtrim.load_model.")
     config.validate_for(model.config.depth)
+    if config.conv != "original":
+        raise ConfigError(f"--conv {config.conv} is defined for Vim's 1-D conv only; PlainMamba's 2-D conv always "
+                          "runs on the original grid (leave --conv at original).")
     model.__class__ = PrunedPlainMamba
     model.prune_config = config
     for layer in model.layers:

@@ -59,12 +59,13 @@ class PrunableBiMambaMixer(BiMambaMixer):
 
     layout: TokenLayout | None = None
     gap_estimate: str = "mean"
+    conv_neighbours: str = "original"
 
     def _aligned(self) -> bool:
         return self.layout is not None and self.layout.aligned and not self.layout.is_full
 
     def conv_act(self, x: Tensor, backward: bool) -> Tensor:
-        if not self._aligned():
+        if not self._aligned() or self.conv_neighbours == "kept":
             return super().conv_act(x, backward)
         lay = self.layout
         pos = (lay.length - 1 - lay.positions).flip(1) if backward else lay.positions  # scan order
@@ -192,6 +193,7 @@ def apply_pruning(model: VisionMamba, config: PruneConfig) -> VisionMamba:
     for block in model.layers:
         block.mixer.__class__ = PrunableBiMambaMixer
         block.mixer.gap_estimate = config.gap
+        block.mixer.conv_neighbours = config.conv
     return model
 
 
@@ -201,7 +203,7 @@ def remove_pruning(model: PrunedVisionMamba) -> VisionMamba:
         return model
     for block in model.layers:
         block.mixer.__class__ = BiMambaMixer
-        for attr in ("gap_estimate", "layout"):
+        for attr in ("gap_estimate", "conv_neighbours", "layout"):
             block.mixer.__dict__.pop(attr, None)
     for attr in ("prune_config", "last_stats", "score_observer"):
         model.__dict__.pop(attr, None)

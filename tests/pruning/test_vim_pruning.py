@@ -188,3 +188,39 @@ def test_calibrated_thresholds_hit_target_fraction(vim):
     for entry, target in zip(result.layers, (0.7, 0.5), strict=True):
         print(f"\nlayer {entry.layer}: target {target}, kept {entry.kept_fraction:.3f}")
         assert abs(entry.kept_fraction - target) <= 0.02
+
+
+def test_conv_neighbours_original_and_kept(vim, images):
+    """align's conv reads original positions (pruned neighbours zero) by default; conv=kept reads the previous kept
+    tokens, exactly the plain conv over the condensed sequence, while the scans still keep the gaps."""
+    from ssmtrim.models.vim import BiMambaMixer
+    from ssmtrim.pruning.vim import TokenLayout
+
+    mixer = vim.layers[3].mixer
+    x = torch.randn(2, mixer.d_inner, 9)
+    positions = torch.tensor([[0, 1, 4, 5, 6, 9, 12, 13, 16], [2, 3, 4, 8, 9, 10, 11, 15, 16]])
+    apply_pruning(vim, PruneConfig(layers=(2,), keep=(0.5,), conv="kept"))
+    try:
+        mixer.set_layout(TokenLayout(positions, torch.tensor([4, 4]), 17, aligned=True))
+        with torch.no_grad():
+            kept = [mixer.conv_act(x, backward=b) for b in (False, True)]
+            mixer.conv_neighbours = "original"
+            original = [mixer.conv_act(x, backward=b) for b in (False, True)]
+            plain = [BiMambaMixer.conv_act(mixer, x, backward=b) for b in (False, True)]
+        assert mixer.decay_gap(torch.zeros(2, mixer.d_inner, 9), False) is not None  # gaps stay
+    finally:
+        mixer.set_layout(None)
+        remove_pruning(vim)
+    for k, o, p in zip(kept, original, plain, strict=True):
+        torch.testing.assert_close(k, p, atol=0, rtol=0)
+        assert not torch.allclose(o, p, atol=1e-4)
+    with pytest.raises(ConfigError, match="--conv"):
+        PruneConfig(layers=(2,), keep=(0.5,), conv="nearest")
+    assert PruneConfig.from_dict(PruneConfig(layers=(2,), keep=(0.5,), conv="kept").to_dict()).conv == "kept"
+    assert PruneConfig.from_dict({"layers": [2], "keep": [0.5]}).conv == "original"  # plans written before the option
+
+
+def test_plainmamba_refuses_conv_kept():
+    model = ssmtrim.create_model("plainmamba_test")
+    with pytest.raises(ConfigError, match="PlainMamba's 2-D conv"):
+        apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,), conv="kept"))
