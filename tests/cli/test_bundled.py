@@ -34,7 +34,7 @@ def test_prune_with_no_model_prunes_the_bundled_vim(monkeypatch):
     ev = summary["evaluation"]
     assert ev["num_images"] == 1000 and ev["unreadable"] == 0
     # the bundled model is trained (random guessing is 10%); pruned at -30% FLOPs it keeps most of its decisions
-    # (measured: 73.7% dense, 63.4% pruned, 69.8% agreement on these 1,000 images)
+    # (measured: 75.3% dense, 62.5% pruned, 69.8% agreement on these 1,000 images; 67.2% with --conv kept)
     assert ev["dense_top1"] > 70.0
     assert 55.0 < ev["top1"] < ev["dense_top1"] and ev["agreement"] > 60.0
     res = runner.invoke(app, ["prune"])
