@@ -13,15 +13,13 @@ The kernel has no backward; whenever a gradient is wanted, or a tracer (FLOP cou
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
 from ssmtrim.ops.backend import resolve_backend
-from ssmtrim.ops.selective_scan import single_op_requested
+from ssmtrim.ops.selective_scan import _ptr, single_op_requested
 
 
 def _kernel_applies(x: Tensor, conv: nn.Conv1d) -> bool:
@@ -58,9 +56,8 @@ def _conv_kernel(x: Tensor, conv: nn.Conv1d, positions: Tensor | None) -> Tensor
     bias = None if conv.bias is None else conv.bias.detach().contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(bsz, e, length, dtype=torch.float32)
-    p = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     sb, se, sl = x.stride()
     with torch.profiler.record_function("ssmtrim::causal_conv1d_silu"):  # so that profiles show the C call
-        lib.ssm_conv_silu(p(x), sb, se, sl, p(pos), p(weight), p(bias), 1, p(out), bsz, e, length, width,
-                          torch.get_num_threads())
+        lib.ssm_conv_silu(_ptr(x), sb, se, sl, _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(out), bsz, e, length,
+                          width, torch.get_num_threads())
     return out

@@ -50,8 +50,10 @@ class TokenLayout:
 
     @functools.cached_property
     def gap_counts(self) -> tuple[Tensor, Tensor]:
-        """(forward, backward) skipped positions before each token (B L): once per layout, shared by all blocks."""
-        return gaps_from_positions(self.positions, self.length)
+        """(forward, backward) skipped positions before each token (B L, float, the scan's gap counts): once per
+        layout, shared by all blocks."""
+        fwd, bwd = gaps_from_positions(self.positions, self.length)
+        return fwd.float(), bwd.float()
 
 
 class PrunableBiMambaMixer(BiMambaMixer):
@@ -75,7 +77,7 @@ class PrunableBiMambaMixer(BiMambaMixer):
         if not self._aligned() or self.gap_estimate == "zero":
             return None
         fwd, bwd = self.layout.gap_counts
-        counts = (bwd.flip(1) if backward else fwd).float()  # B L in scan order
+        counts = bwd.flip(1) if backward else fwd  # B L in scan order
         bias = (self.dt_proj_b if backward else self.dt_proj).bias.float()
         if self.gap_estimate == "bias":
             estimate = F.softplus(bias)[None, :].expand(dt.shape[0], -1)
