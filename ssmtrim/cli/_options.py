@@ -21,3 +21,8 @@ BackendOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ImgSizeOpt = Annotated[
+    int | None,
+    typer.Option("--img-size", help="Load the model for this input size (pixels, square): the position embedding is "
+                 "interpolated to the new token grid. Default: the model's own size."),
+]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, RevisionOpt
+from ssmtrim.cli._options import ArchOpt, ForceOpt, ImgSizeOpt, JsonOpt, RevisionOpt
 from ssmtrim.cli._render import console, print_json
 
 
@@ -18,15 +18,17 @@ def convert(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write (config.json + model.safetensors).")],
     arch: ArchOpt = None,
     revision: RevisionOpt = None,
+    img_size: ImgSizeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Convert an official checkpoint into a folder that reloads on its own, with safetensors weights."""
+    """Convert an official checkpoint into a folder that reloads on its own, with safetensors weights (optionally
+    for another input size: --img-size)."""
     from ssmtrim.checkpoint import check_output, save_model
     from ssmtrim.models.loading import load_model
 
     check_output(output, force)  # fail before the (possibly long) load
-    model = load_model(source, arch=arch, revision=revision)
+    model = load_model(source, arch=arch, revision=revision, img_size=img_size)
     out = save_model(model, output, force=force)
     if json_out:
         print_json({"output": str(out), "family": model.config.family, "arch": model.config.to_dict()})

@@ -326,13 +326,21 @@ def load_model(
     arch: str | Any | None = None,
     revision: str | None = None,
     device: str | torch.device = "cpu",
+    img_size: int | None = None,
 ) -> nn.Module:
     """Load a model in eval mode from any supported source (see the module docstring).
 
     ``arch`` (a registered name or an architecture config) forces the architecture; by default it is read from the
     folder's config or inferred from the tensors. The model carries ``model.source`` (:class:`ModelSource`) and
     ``model.data_config`` (its eval preprocessing).
+
+    ``img_size`` loads the model for another input size: the position embedding is interpolated to the new token
+    grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction kept).
     """
+    if img_size is not None:
+        from ssmtrim.models.resize import resize_model
+
+        return resize_model(load_model(source, arch=arch, revision=revision), img_size).to(device)
     resolved = resolve_source(source, revision)
     label = resolved.source
     if resolved.kind == "folder":

@@ -332,3 +332,12 @@ register_model(ModelSpec(
     data=CIFAR10_DATA,
     description="small Vim for CIFAR-10: D=96, 12 layers, patch 4 on 32x32 (64 patches + middle class token)",
 ))  # fmt: skip
+# vim_cifar's architecture on CIFAR-10 upsampled to 64x64: 256 patches + middle class token, the token count of the
+# ImageNet models (196) rather than 64; started from vim_cifar with the position embedding interpolated (resize.py)
+register_model(ModelSpec(
+    name="vim_cifar256",
+    arch=VimConfig(embed_dim=96, depth=12, img_size=64, patch_size=4, stride=4, num_classes=10),
+    data=DataConfig(input_size=(3, 64, 64), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    description="small Vim for CIFAR-10 at 64x64 (upsampled): D=96, 12 layers, patch 4, 256 patches + middle class "
+                "token",
+))  # fmt: skip
