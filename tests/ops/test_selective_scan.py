@@ -9,6 +9,7 @@ from ssmtrim.errors import BackendUnavailableError, ConfigError
 from ssmtrim.ops import backend as backend_mod
 from ssmtrim.ops import resolve_backend, selective_scan, selective_scan_ref, use_backend
 from ssmtrim.ops._cpu_kernel import status as kernel_status
+from ssmtrim.ops.backends import cuda as cuda_backend
 
 requires_kernel = pytest.mark.skipif(not kernel_status().available, reason="fast CPU kernel unavailable (no compiler)")
 requires_cuda = pytest.mark.requires_cuda
@@ -149,7 +150,7 @@ def test_backend_switch_and_errors(monkeypatch):
     monkeypatch.delenv(backend_mod.ENV_VAR)
     with pytest.raises(BackendUnavailableError, match="CUDA tensors"):
         resolve_backend("cpu", "cuda")
-    monkeypatch.setattr(backend_mod, "_mamba", (None, "mamba-ssm not importable"))
+    monkeypatch.setattr(cuda_backend, "_mamba", (None, "mamba-ssm not importable"))
     with pytest.raises(BackendUnavailableError, match="pip install"):
         resolve_backend("cuda", "cuda")
 

@@ -1,0 +1,51 @@
+"""What a selective-scan backend is: one object naming how the scan (and, optionally, Vim's causal conv + SiLU) runs
+and where it can. The table of registered backends is :mod:`ssmtrim.ops.backends`; the choice is made in one place,
+:func:`ssmtrim.ops.backend.resolve_backend`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+# scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, gap=None, return_last_state=False,
+#      gap_scale=None) -> out or (out, last state): the signature of ssmtrim.ops.selective_scan
+ScanFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
+
+
+class ConvKernel(NamedTuple):
+    """A fast causal depth-wise conv1d + SiLU for inference (see :mod:`ssmtrim.ops.conv` for the meaning).
+
+    ``accepts(x, conv)`` says whether it takes this input (device, dtype); ``run(x, conv, positions)`` computes it.
+    Gradients, tracers and conv layouts other than Vim's are sent to PyTorch before either is asked."""
+
+    accepts: Callable[[Tensor, nn.Conv1d], bool]
+    run: Callable[[Tensor, nn.Conv1d, Tensor | None], Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the selective scan.
+
+    - ``available(device)``: ``(True, "")``, or ``(False, reason)`` where ``reason`` is the one-sentence error shown
+      when this backend is asked for by name but cannot run on ``device``;
+    - ``scan``: the implementation, with the signature of :func:`ssmtrim.ops.selective_scan` less ``backend``;
+    - ``conv``: a fast causal conv + SiLU used alongside the scan, or None (PyTorch's conv);
+    - ``priority``: ``auto`` takes the available backend of highest priority; None: only when asked for by name;
+    - ``devices``: the device types it is meant for (None: any); when ``auto`` passes it over on one of those, the log
+      line says why with ``note()``;
+    - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where).
+    """
+
+    name: str
+    available: Callable[[torch.device], tuple[bool, str]]
+    scan: ScanFn
+    conv: ConvKernel | None = None
+    priority: int | None = None
+    devices: tuple[str, ...] | None = None
+    note: Callable[[], str] | None = None
+    describe: Callable[[], dict[str, str]] | None = None

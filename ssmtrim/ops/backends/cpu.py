@@ -1,0 +1,213 @@
+"""``cpu``: the fused C kernel (``csrc/selective_scan.c``, built at first use by :mod:`ssmtrim.ops._cpu_kernel`) for
+CPU tensors: forward and backward of the scan, and the causal conv + SiLU for inference.
+
+The scan is one registered PyTorch op, ``ssmtrim::selective_scan``, so fvcore and other tracers see a single node;
+its backward is the kernel's reverse sweep. Where the kernel cannot run (no compiler, fp64, a state size above the
+kernel's limit, another device) the op runs the reference loop inside itself, which is what
+:func:`ssmtrim.ops.selective_scan.scan_as_single_op` relies on. Maths run in fp32; outputs have u's dtype.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor, nn
+
+from ssmtrim.ops import _cpu_kernel
+from ssmtrim.ops.backends.base import Backend, ConvKernel
+from ssmtrim.ops.backends.ref import selective_scan_ref
+
+
+def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _kernel_usable(u: Tensor, A: Tensor) -> bool:
+    lib = _cpu_kernel.load() if u.device.type == "cpu" else None
+    return lib is not None and A.shape[1] <= lib.ssm_max_state() and u.dtype != torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registered scan op
+
+
+@torch.library.custom_op("ssmtrim::selective_scan", mutates_args=())
+def scan_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    gap: Tensor | None,
+    gap_scale: Tensor | None,
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    if not _kernel_usable(u, A):
+        with torch.no_grad():
+            out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, True, gap_scale)
+        return out, last.to(u.dtype)
+    lib = _cpu_kernel.load()
+    bsz, e, length = u.shape
+    n = A.shape[1]
+    u32, d32, a32, z32, g32 = _f32(u), _f32(delta), _f32(A), _f32(z), _f32(gap)
+    bt, ct = _f32(B.transpose(1, 2)), _f32(C.transpose(1, 2))
+    D32, bias32, gs32 = _f32(D), _f32(delta_bias), _f32(gap_scale)
+    out = torch.empty(bsz, e, length, dtype=torch.float32)
+    last = torch.empty(bsz, e, n, dtype=torch.float32)
+    args = [_ptr(x) for x in (u32, d32, a32, bt, ct, D32, z32, bias32, g32, gs32)]
+    lib.ssm_scan_fwd(*args, int(delta_softplus), _ptr(out), _ptr(last), bsz, e, length, n, torch.get_num_threads())
+    return out.to(u.dtype), last.to(u.dtype)
+
+
+@scan_op.register_fake
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, gap, gap_scale, delta_softplus):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.delta_softplus = inputs[10]
+
+
+def _backward(ctx, dout: Tensor | None, dlast: Tensor | None):
+    saved = ctx.saved_tensors
+    u, A = saved[0], saved[2]
+    if dout is None:
+        dout = torch.zeros_like(u)
+    if not _kernel_usable(u, A):
+        return _backward_ref(saved, ctx.delta_softplus, dout, dlast)
+    return _backward_kernel(saved, ctx.delta_softplus, dout, dlast)
+
+
+def _backward_kernel(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | None):
+    u, delta, A, B, C, D, z, delta_bias, gap, gap_scale = saved
+    lib = _cpu_kernel.load()
+    bsz, e, length = u.shape
+    n = A.shape[1]
+    f32 = dict(dtype=torch.float32)
+    du, ddelta = torch.empty(bsz, e, length, **f32), torch.empty(bsz, e, length, **f32)
+    dA, dbt, dct = torch.empty(bsz, e, n, **f32), torch.empty(bsz, length, n, **f32), torch.empty(bsz, length, n, **f32)
+    dD, dbias = torch.empty(bsz, e, **f32), torch.empty(bsz, e, **f32)
+    dz = torch.empty(bsz, e, length, **f32) if z is not None else None
+    dgap = torch.empty(bsz, e, length, **f32) if gap is not None else None
+    ins = [_f32(x) for x in (u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, z, delta_bias, gap, gap_scale)]
+    grads_in = [_f32(dout), _f32(dlast)]
+    outs = (du, ddelta, dA, dbt, dct, dD, dz, dbias, dgap)
+    lib.ssm_scan_bwd(
+        *[_ptr(x) for x in ins], int(delta_softplus), *[_ptr(x) for x in grads_in], *[_ptr(x) for x in outs],
+        bsz, e, length, n, torch.get_num_threads(),
+    )  # fmt: skip
+
+    def cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+        return None if g is None or like is None else g.to(like.dtype)
+
+    dscale = None
+    if gap_scale is not None:  # factored gap: G = counts x scale, so dcounts = sum_e dG scale, dscale = sum_t dG counts
+        dscale = (dgap * gap.float()[:, None, :]).sum(2)
+        dgap = (dgap * gap_scale.float()[:, :, None]).sum(1)
+    return (
+        cast(du, u), cast(ddelta, delta), cast(dA.sum(0), A), cast(dbt.transpose(1, 2), B),
+        cast(dct.transpose(1, 2), C), cast(dD.sum(0), D), cast(dz, z), cast(dbias.sum(0), delta_bias),
+        cast(dgap, gap), cast(dscale, gap_scale), None,
+    )  # fmt: skip
+
+
+def _backward_ref(saved, delta_softplus: bool, dout: Tensor, dlast: Tensor | None):
+    """Backward by differentiating the reference loop (devices without the kernel, and fp64)."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in saved]
+    with torch.enable_grad():
+        out, last = selective_scan_ref(*leaves[:8], delta_softplus, leaves[8], True, leaves[9])
+        outputs, grads = [out], [dout]
+        if dlast is not None:
+            outputs.append(last)
+            grads.append(dlast.to(last.dtype))
+        present = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(outputs, present, grads, allow_unused=True))
+    result = [None if t is None else next(got) for t in leaves]
+    result = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(result, leaves, strict=True)]
+    return (*result, None)
+
+
+scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    gap: Tensor | None = None,
+    return_last_state: bool = False,
+    gap_scale: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The scan through the registered op (the kernel, or the reference loop inside it)."""
+    out, last = scan_op(u, delta, A, B, C, D, z, delta_bias, gap, gap_scale, delta_softplus)
+    return (out, last) if return_last_state else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the causal conv + SiLU (inference)
+
+
+def conv_accepts(x: Tensor, conv: nn.Conv1d) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+
+
+def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None) -> Tensor:
+    """``ssm_conv_silu``: reads x (B E L) through its strides and visits only the present tokens (``positions``)."""
+    lib = _cpu_kernel.load()
+    bsz, e, length = x.shape
+    width = conv.kernel_size[0]
+    weight = conv.weight.detach().reshape(e, width).contiguous()
+    bias = None if conv.bias is None else conv.bias.detach().contiguous()
+    pos = None if positions is None else positions.to(torch.int64).contiguous()
+    out = torch.empty(bsz, e, length, dtype=torch.float32)
+    sb, se, sl = x.stride()
+    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu"):  # so that profiles show the C call
+        lib.ssm_conv_silu(_ptr(x), sb, se, sl, _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(out), bsz, e, length,
+                          width, torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the backend
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    if device.type != "cpu":
+        return False, (f"the 'cpu' scan backend runs on CPU tensors but the model is on {device.type}; choose "
+                       "--backend auto.")
+    status = _cpu_kernel.status()
+    if not status.available:
+        return False, f"the fast CPU scan is unavailable ({status.detail}); install gcc or choose --backend ref."
+    return True, ""
+
+
+def describe() -> dict[str, str]:
+    status = _cpu_kernel.status()
+    return {"fast CPU kernel": status.detail if status.available else f"unavailable: {status.detail}"}
+
+
+BACKEND = Backend(
+    name="cpu",
+    available=available,
+    scan=scan,
+    conv=ConvKernel(accepts=conv_accepts, run=conv_run),
+    priority=10,
+    devices=("cpu",),
+    note=lambda: _cpu_kernel.status().detail,
+    describe=describe,
+)
