@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -173,21 +174,70 @@ class _Tally:
                                       reduction="sum"))
 
 
+_Batch = tuple[Tensor | None, Tensor, Tensor | None, int]  # images (or None), labels, dense logits (or None), skipped
+
+
+def _run(model: nn.Module, batches: Iterable[_Batch], total: int | None, dense: nn.Module | None,
+         device: torch.device | str | None, progress) -> tuple[_Tally, int, bool]:
+    """The one evaluation loop: each batch's images (B 3 H W, transformed) through ``model`` (and ``dense`` when its
+    logits are not given) on ``device``; returns the tally, the skipped count and whether every label was known."""
+    tally, skipped, done, labelled = _Tally(), 0, 0, True
+    for x, y, ref, bad in batches:
+        skipped += bad
+        done += bad + (0 if x is None else x.shape[0])
+        if x is not None:
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                ref = None if ref is None else ref.to(device)
+            labelled = labelled and bool((y >= 0).all())
+            tally.add(model(x), y, ref if ref is not None else (dense(x) if dense is not None else None))
+        if progress:
+            progress("evaluating", done, done if total is None else total)
+    return tally, skipped, labelled
+
+
+def _place(device: torch.device | str | None, *models: nn.Module | Tensor | None) -> None:
+    """Move the models to ``device``, in place (None: leave them where they are)."""
+    if device is not None:
+        for m in models:
+            if isinstance(m, nn.Module):
+                m.to(device)
+
+
 @torch.no_grad()
-def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn.Module | Tensor | None = None,
-                     batch_size: int = 64, progress=None) -> EvalResult:
-    """Evaluate on images already transformed (N 3 H W); ``dense`` is a model or its logits on the same images."""
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], total: int | None = None,
+                     dense: nn.Module | None = None, device: torch.device | str | None = None,
+                     progress=None) -> EvalResult:
+    """Evaluate on batches of transformed images and labels ``(x (B 3 H W), y (B))`` from any iterable (e.g. images
+    normalised batch by batch from memory); ``total`` is the image count, for progress. The images are moved to
+    ``device`` (None: they are used where they are; the models are never moved here)."""
     start = time.perf_counter()
     model.eval()
-    tally = _Tally()
+    if dense is not None:
+        dense.eval()
+    tally, _, labelled = _run(model, ((x, y, None, 0) for x, y in batches), total, dense, device, progress)
+    return _result(tally, 0, dense is not None, labelled, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn.Module | Tensor | None = None,
+                     batch_size: int = 64, progress=None, device: torch.device | str | None = None) -> EvalResult:
+    """Evaluate on images already transformed (N 3 H W); ``dense`` is a model or its logits on the same images.
+    ``device``: move the model(s) there and run there (None: where the model is)."""
+    start = time.perf_counter()
+    _place(device, model, dense)
+    model.eval()
     n = images.shape[0]
-    for lo in range(0, n, batch_size):
-        x, y = images[lo:lo + batch_size], labels[lo:lo + batch_size]
-        ref = dense[lo:lo + batch_size] if isinstance(dense, Tensor) else (dense(x) if dense is not None else None)
-        tally.add(model(x), y, ref)
-        if progress:
-            progress("evaluating", min(lo + batch_size, n), n)
+    batches = ((images[lo:lo + batch_size], labels[lo:lo + batch_size],
+                dense[lo:lo + batch_size] if isinstance(dense, Tensor) else None, 0) for lo in range(0, n, batch_size))
+    module = dense if isinstance(dense, nn.Module) else None
+    tally, _, _ = _run(model, batches, n, module, device or _device_of(model), progress)
     return _result(tally, 0, dense is not None, bool((labels >= 0).all()), time.perf_counter() - start)
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
 
 
 def _result(t: _Tally, unreadable: int, with_dense: bool, labelled: bool, seconds: float) -> EvalResult:
@@ -235,10 +285,12 @@ def evaluate(
     batch_size: int = 64,
     workers: int | None = None,
     progress=None,
+    device: torch.device | str | None = None,
 ) -> EvalResult:
     """Top-1 / top-5 of ``model`` over an image folder (class sub-folders, ImageNet files named by WordNet id, or any
     folder with ``labels_file``), and agreement / KL against ``dense`` when given. Images are read by a DataLoader
-    with workers and the model's own eval transform; unreadable images are counted, never fatal."""
+    with workers and the model's own eval transform; unreadable images are counted, never fatal. ``device``: move the
+    model (and ``dense``) there and run there; None runs where the model is."""
     from ssmtrim.data import make_loader, scan_folder
     from ssmtrim.models.loading import data_config_of
 
@@ -249,12 +301,7 @@ def evaluate(
         check_compatible(model, dense)
         dense.eval()
     model.eval()
-    tally, unreadable, done = _Tally(), 0, 0
-    for x, y, bad in make_loader(images, data_config_of(model), batch_size, workers):
-        unreadable += len(bad)
-        done += len(bad) + (0 if x is None else x.shape[0])
-        if x is not None:
-            tally.add(model(x), y, dense(x) if dense is not None else None)
-        if progress:
-            progress("evaluating", done, len(images))
+    _place(device, model, dense)
+    batches = ((x, y, None, len(bad)) for x, y, bad in make_loader(images, data_config_of(model), batch_size, workers))
+    tally, unreadable, _ = _run(model, batches, len(images), dense, device or _device_of(model), progress)
     return _result(tally, unreadable, dense is not None, images.labelled, time.perf_counter() - start)

@@ -1,0 +1,215 @@
+"""Training recipes: a registered architecture from scratch (the bundled CIFAR-10 models) and the short fine-tune of
+a pruned model with pruning active and distillation from its dense teacher. Each writes an ssmtrim folder (weights,
+``config.json`` with the recipe and the curve, a model card) beside the loop's log and resumable state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssmtrim.errors import ConfigError
+from ssmtrim.training.config import Log, Progress, TrainConfig
+from ssmtrim.training.data import load_folder
+from ssmtrim.training.distributed import barrier, dist_info, init_distributed
+from ssmtrim.training.loop import evaluate_set, fit
+
+
+def train_from_scratch(
+    model_name: str,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    eval_data: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    log: Log | None = None,
+    init: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Train a registered architecture (e.g. ``vim_cifar``) on a class-folder image set and write an ssmtrim folder
+    to ``output`` (weights, config with the recipe and curve, model card, log, state).
+
+    The weights start random, or from ``init``: a dense checkpoint of the same architecture whose training this run
+    continues with a fresh schedule (its own training record is kept in the new config under ``previous``)."""
+    from ssmtrim.checkpoint import save_model_into
+    from ssmtrim.models.registry import create_model, get_spec
+
+    spec = get_spec(model_name)
+    out = Path(output)
+    rank, _ = init_distributed(device)
+    _prepare_output(out, resume, force, "training")
+    size = spec.data.input_size[-1]
+    shown = progress if rank == 0 else None
+    train_set = load_folder(data, spec.arch.num_classes, size, shown)
+    eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes) \
+        if eval_data is not None else None
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name)
+    model.data_config = spec.data
+    previous = _init_from(model, init) if init is not None else None
+    result = fit(model, train_set, cfg, out, spec.data, eval_set=eval_set, resume=resume, device=device,
+                 progress=progress, log=log)
+    model.to("cpu")
+    final = result["history"][-1] if result["history"] else {}
+    extra = {"training": {"from": "scratch" if init is None else str(init), "architecture": model_name,
+                          "data": str(data),
+                          "eval_data": None if eval_data is None else str(eval_data), "classes": train_set.classes,
+                          "train_images": len(train_set), "recipe": cfg.to_dict(), "curve": result["history"]}}
+    if previous is not None:
+        extra["training"]["previous"] = previous
+    if rank == 0:
+        card = _training_card(model_name, init, data, eval_data, cfg, len(train_set),
+                              None if eval_set is None else len(eval_set), final, result["history"])
+        save_model_into(model, out, extra_config=extra, readme=card)
+    return {"output": str(out), **final, "history": result["history"]}
+
+
+def _training_card(model_name: str, init: str | os.PathLike | None, data: str | os.PathLike,
+                   eval_data: str | os.PathLike | None, cfg: TrainConfig, train_images: int, eval_images: int | None,
+                   final: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    origin = "from scratch" if init is None else f"from `{init}`"
+    lines = [f"# {model_name} trained {origin} with ssmtrim", "",
+             f"{train_images} training images from `{data}`, {cfg.epochs} epochs "
+             f"(batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, label smoothing "
+             f"{cfg.label_smoothing:g}, augmentation `{cfg.augment}`).", ""]
+    if "eval_top1" in final:
+        lines += [f"Top-1 on `{eval_data}` ({eval_images} images): {final['eval_top1']:.2f}% "
+                  f"(top-5 {final['eval_top5']:.2f}%).", ""]
+    lines += ["| epoch | wall (s) | eval top-1 |", "|---|---|---|"]
+    lines += [f"| {r['epoch']} | {r['wall_s']:.0f} | {r.get('eval_top1', float('nan')):.2f} |" for r in history]
+    return "\n".join(lines) + "\n"
+
+
+def _init_from(model: nn.Module, init: str | os.PathLike) -> dict[str, Any] | None:
+    """Copy the weights of the dense checkpoint ``init`` into ``model`` (same architecture); return its training
+    record, if it has one."""
+    from ssmtrim.models.loading import load_model
+    from ssmtrim.pruning import is_pruned
+
+    source = load_model(init)
+    if is_pruned(source):
+        raise ConfigError(f"{str(init)!r} is pruned; --init takes a dense checkpoint (use ssmtrim finetune for "
+                          "pruned ones).")
+    if source.config != model.config:
+        raise ConfigError(f"{str(init)!r} is a different architecture from the one being trained; give a checkpoint "
+                          "of the same architecture, or no --init.")
+    model.load_state_dict(source.state_dict())
+    return source.source.folder_config.get("training")
+
+
+def _prepare_output(out: Path, resume: bool, force: bool, what: str) -> None:
+    rank = dist_info()[0]
+    if out.exists() and not (resume or force):
+        raise ConfigError(f"output folder {str(out)!r} already exists; pass --resume to continue its {what}, --force "
+                          "to start over, or choose another -o.")
+    if rank == 0 and out.exists() and force and not resume:
+        shutil.rmtree(out)
+    barrier()
+
+
+def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> nn.Module:
+    """The distillation teacher of a pruned model: ``teacher`` if given; else the dense weights the pruned folder
+    holds (pruning never changes weights, so they are its dense source's), unless it was already fine-tuned, in
+    which case its recorded dense source is loaded."""
+    from ssmtrim.evaluate import check_compatible, dense_of
+    from ssmtrim.models.loading import load_model
+
+    if teacher is not None:
+        found = load_model(teacher)
+        check_compatible(model, found)
+        return found
+    source = getattr(model, "source", None)
+    config = getattr(source, "folder_config", None) or {}
+    if "finetune" not in config:
+        return dense_of(model)
+    origin = (config.get("finetune") or {}).get("dense_source")
+    if origin:
+        try:
+            found = load_model(origin)
+            check_compatible(model, found)
+            return found
+        except Exception as exc:  # noqa: BLE001 - reported as one clear sentence below
+            raise ConfigError(f"{source.path!r} was fine-tuned from {origin!r}, which cannot be loaded ({exc}); pass "
+                              "the dense model with --teacher.") from exc
+    raise ConfigError(f"{source.path!r} was fine-tuned and records no dense source; pass the dense model with "
+                      "--teacher, or --distill-weight 0.")
+
+
+def finetune(
+    pruned: str | os.PathLike,
+    data: str | os.PathLike,
+    output: str | os.PathLike,
+    cfg: TrainConfig,
+    eval_data: str | os.PathLike | None = None,
+    teacher: str | os.PathLike | None = None,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a pruned checkpoint folder with pruning active, distilling from its dense teacher; write a pruned
+    folder in the format ``ssmtrim prune`` writes (plus the recipe and metrics), the log and the resumable state."""
+    from ssmtrim.checkpoint import save_model_into
+    from ssmtrim.models.loading import data_config_of, load_model
+    from ssmtrim.pruning import is_pruned
+
+    model = load_model(pruned)
+    if not is_pruned(model):
+        raise ConfigError(f"{str(pruned)!r} is not pruned; prune it first (ssmtrim prune) or train it with "
+                          "ssmtrim train.")
+    out = Path(output)
+    rank, world = init_distributed(device)
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    _prepare_output(out, resume, force, "fine-tune")
+    teach = teacher_for(model, teacher) if cfg.distill_weight > 0 else None
+    data_cfg = data_config_of(model)
+    size = data_cfg.input_size[-1]
+    shown = progress if rank == 0 else None
+    train_set = load_folder(data, model.config.num_classes, size, shown)
+    eval_set = load_folder(eval_data, model.config.num_classes, size, shown, train_set.classes) \
+        if eval_data is not None else None
+    model.to(device)  # where fit trains it; the accuracy before fine-tuning is measured there too
+    before = evaluate_set(model, eval_set, data_cfg, device=device) if eval_set is not None and rank == 0 else None
+    torch.manual_seed(cfg.seed)
+    result = fit(model, train_set, cfg, out, data_cfg, eval_set=eval_set, teacher=teach, resume=resume,
+                 device=device, progress=progress, log=log)
+    model.to("cpu")
+    final = result["history"][-1] if result["history"] else {}
+    source_cfg = getattr(getattr(model, "source", None), "folder_config", None) or {}
+    origin = (source_cfg.get("finetune") or {}).get("dense_source") or (source_cfg.get("source") or {}).get("source")
+    info = {"from": str(pruned), "dense_source": origin, "teacher": str(teacher) if teacher else "dense weights of "
+            "the pruned folder", "data": str(data), "eval_data": None if eval_data is None else str(eval_data),
+            "train_images": len(train_set), "world_size": world, "recipe": cfg.to_dict(),
+            "before": before, "curve": result["history"]}
+    if rank == 0:
+        save_model_into(model, out, extra_config={"calibration": source_cfg.get("calibration"), "finetune": info},
+                        readme=_finetune_card(model, info, final))
+    return {"output": str(out), "before": before, **final, "history": result["history"], "world_size": world}
+
+
+def _finetune_card(model: nn.Module, info: dict[str, Any], final: dict[str, Any]) -> str:
+    plan = model.prune_config
+    r = info["recipe"]
+    lines = [
+        f"# {model.config.family} pruned and fine-tuned with ssmtrim", "",
+        f"From `{info['from']}` (dense source `{info['dense_source']}`): token pruning after blocks "
+        f"{', '.join(map(str, plan.layers))} keeping {', '.join(f'{k:.3f}' for k in plan.keep)}, `{plan.arrangement}`, "
+        f"then {r['epochs']} epochs of fine-tuning with pruning active on {info['train_images']} images "
+        f"(AdamW lr {r['lr']:g}, batch {r['batch_size']}, label smoothing {r['label_smoothing']:g}, distillation "
+        f"weight {r['distill_weight']:g} at temperature {r['distill_temperature']:g} from {info['teacher']}, "
+        f"augmentation `{r['augment']}`, {info['world_size']} process(es)).", "",
+    ]
+    if info["before"] is not None and "eval_top1" in final:
+        lines += [f"Top-1 on `{info['eval_data']}`: {info['before']['top1']:.2f}% before, {final['eval_top1']:.2f}% "
+                  "after.", ""]
+    lines += ["Load it with `ssmtrim.load_model(\"<this folder>\")`.", ""]
+    return "\n".join(lines)
