@@ -129,3 +129,36 @@ def test_cli_json_and_bad_input(folder, model_dir, tmp_path):
         res = runner.invoke(app, ["eval", str(model_dir), *args])
         assert res.exit_code == 1, (args, res.output)
         assert message in res.output, (args, res.output)
+
+
+def test_cli_device_and_backend(folder, model_dir):
+    from ssmtrim.ops.backend import requested_backend
+
+    args = ["eval", str(model_dir), "--data", str(folder), "--json", "--workers", "0"]
+    plain = json.loads(runner.invoke(app, args).output)
+    res = runner.invoke(app, [*args, "--backend", "ref", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["top1"] == plain["top1"]
+    assert requested_backend() == "auto"  # the option lasts for the command only
+    bad = runner.invoke(app, [*args, "--backend", "gpu"])
+    assert bad.exit_code == 1 and "choose one of auto, ref, cpu, cuda" in bad.output
+    bad = runner.invoke(app, [*args, "--backend", "cuda"])
+    assert bad.exit_code == 1 and "needs CUDA tensors" in bad.output
+
+
+@torch.no_grad()
+def test_batches_tensors_and_folder_share_one_loop(model_dir):
+    """evaluate_batches (what training's per-epoch evaluation uses) counts exactly as evaluate_tensors does."""
+    from ssmtrim.evaluate import evaluate_batches, evaluate_tensors
+
+    model = ssmtrim.load_model(model_dir)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(23, 3, 32, 32, generator=g), torch.randint(0, 3, (23,), generator=g)
+    whole = evaluate_tensors(model, x, y, batch_size=5, device="cpu")
+    seen = []
+    batched = evaluate_batches(model, ((x[i:i + 7], y[i:i + 7]) for i in range(0, 23, 7)), total=23, device="cpu",
+                               progress=lambda stage, done, total: seen.append((done, total)))
+    assert (batched.top1, batched.top5, batched.num_images) == (whole.top1, whole.top5, whole.num_images)
+    assert seen[-1] == (23, 23) and batched.agreement is None
+    logits = model(x)
+    assert whole.top1 == 100.0 * int((logits.argmax(1) == y).sum()) / 23

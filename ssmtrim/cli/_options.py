@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from ssmtrim.training import TrainConfig
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 RevisionOpt = Annotated[
@@ -26,3 +32,50 @@ ImgSizeOpt = Annotated[
     typer.Option("--img-size", help="Load the model for this input size (pixels, square): the position embedding is "
                  "interpolated to the new token grid. Default: the model's own size."),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scan backend, applied for one command
+
+
+def backend_scope(backend: str | None) -> contextlib.AbstractContextManager:
+    """The ``--backend`` choice as a block: scoped, not ``set_backend``, so that it never outlives the command when
+    the app runs inside another process (tests, notebooks)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from ssmtrim.ops import use_backend
+
+    return use_backend(backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the training recipe (ssmtrim train, ssmtrim finetune): each option named as the TrainConfig field it sets
+
+TrainDataOpt = Annotated[Path, typer.Option("--data", help="Training images in class sub-folders.")]
+RunOutputOpt = Annotated[
+    Path, typer.Option("-o", "--output", help="Run folder: model, config, log, training state.")
+]
+EvalDataOpt = Annotated[Path | None, typer.Option("--eval-data", help="Held-out images, evaluated each epoch.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Epochs.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per step (over all processes).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
+WarmupEpochsOpt = Annotated[float, typer.Option("--warmup-epochs")]
+LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing")]
+AugmentOpt = Annotated[
+    str, typer.Option("--augment", help="crop (pad + random crop + flip), rrc (random resized crop + flip) or none.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+CheckpointEveryOpt = Annotated[int, typer.Option("--checkpoint-every", help="Save the state every N steps.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run saved in the output folder.")]
+
+
+def train_config(options: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+    """The recipe from a command's parsed options: each option whose name is a :class:`TrainConfig` field sets it
+    (pass the command's ``locals()``), then ``overrides``; fields the command does not declare keep their defaults."""
+    import dataclasses
+
+    from ssmtrim.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in options.items() if k in names}, **overrides})

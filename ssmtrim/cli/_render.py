@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -49,3 +50,13 @@ class ProgressRenderer:
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)
+
+
+def epoch_printer(show: bool) -> Callable[[dict[str, Any]], None]:
+    """A training ``log`` callback that prints each epoch's held-out top-1 when ``show`` (else it prints nothing)."""
+
+    def log(record: dict[str, Any]) -> None:
+        if show and "eval_top1" in record:
+            console.print(f"epoch {record['epoch']}: eval top-1 {record['eval_top1']:.2f}% ({record['wall_s']:.0f} s)")
+
+    return log

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import ArchOpt, JsonOpt, QuietOpt, RevisionOpt
+from ssmtrim.cli._options import ArchOpt, BackendOpt, DeviceOpt, JsonOpt, QuietOpt, RevisionOpt, backend_scope
 from ssmtrim.cli._render import ProgressRenderer, console, key_value_table, print_json
 from ssmtrim.errors import ConfigError
 
@@ -34,6 +34,8 @@ def eval_(
     = None,
     arch: ArchOpt = None,
     revision: RevisionOpt = None,
+    device: DeviceOpt = "cpu",
+    backend: BackendOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -47,11 +49,12 @@ def eval_(
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {workers}.")
-    net = ssmtrim.load_model(model, arch=arch, revision=revision)
-    ref = ssmtrim.load_model(dense) if dense is not None else dense_of(net)
-    with ProgressRenderer(quiet or json_out) as progress:
-        result = evaluate(net, data, dense=ref, labels_file=labels, num_images=num_images, seed=seed,
-                          batch_size=batch_size, workers=workers, progress=progress)
+    with backend_scope(backend):  # entered first: a bad --backend fails before a (possibly long) download
+        net = ssmtrim.load_model(model, arch=arch, revision=revision)
+        ref = ssmtrim.load_model(dense) if dense is not None else dense_of(net)
+        with ProgressRenderer(quiet or json_out) as progress:
+            result = evaluate(net, data, dense=ref, labels_file=labels, num_images=num_images, seed=seed,
+                              batch_size=batch_size, workers=workers, progress=progress, device=device)
     if json_out:
         print_json({"model": model, "data": str(data), **result.to_dict()})
         return

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import BackendOpt, DeviceOpt, JsonOpt, RevisionOpt
+from ssmtrim.cli._options import BackendOpt, DeviceOpt, JsonOpt, RevisionOpt, backend_scope
 from ssmtrim.cli._render import console, key_value_table, print_json
 
 
@@ -20,13 +20,9 @@ def info(
     json_out: JsonOpt = False,
 ) -> None:
     """Describe a model. Registered names are described from the architecture alone (no download)."""
-    import contextlib
-
     from ssmtrim.info import describe_model
-    from ssmtrim.ops import use_backend
 
-    # scoped, not set_backend: the choice must not outlive the command when the app runs inside another process
-    with use_backend(backend) if backend is not None else contextlib.nullcontext():
+    with backend_scope(backend):
         if revision is not None:  # a revision only means something for a Hub download
             from ssmtrim.models.loading import load_model
 
