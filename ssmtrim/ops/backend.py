@@ -97,10 +97,12 @@ def resolve_backend(device: torch.device | str, name: str | None = None) -> str:
         return name
     passed_over: Backend | None = None
     for backend in by_priority():
+        if backend.devices is not None and device.type not in backend.devices:
+            continue  # not meant for this device (and asking would cost a formatted reason per scan)
         if backend.available(device)[0]:
             chosen = backend
             break
-        if passed_over is None and backend.devices is not None and device.type in backend.devices:
+        if passed_over is None and backend.devices is not None:
             passed_over = backend  # meant for this device but missing something: the log line says what
     else:  # only when ref has been unregistered
         raise BackendUnavailableError(f"no registered scan backend runs on {device.type}; register one or choose "

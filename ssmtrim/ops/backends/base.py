@@ -36,8 +36,8 @@ class Backend:
     - ``scan``: the implementation, with the signature of :func:`ssmtrim.ops.selective_scan` less ``backend``;
     - ``conv``: a fast causal conv + SiLU used alongside the scan, or None (PyTorch's conv);
     - ``priority``: ``auto`` takes the available backend of highest priority; None: only when asked for by name;
-    - ``devices``: the device types it is meant for (None: any); when ``auto`` passes it over on one of those, the log
-      line says why with ``note()``;
+    - ``devices``: the device types it is meant for (None: any); ``auto`` considers it on those only, and when it
+      passes it over there (``available`` said no), the log line says why with ``note()``;
     - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where).
     """
 
