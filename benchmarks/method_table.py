@@ -23,7 +23,7 @@ from ssmtrim.data import scan_folder
 from ssmtrim.evaluate import evaluate_tensors, label_images, predict, topk_accuracy
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
-from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
+from ssmtrim.pruning import PruneConfig, apply_pruning, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
@@ -95,7 +95,7 @@ def main() -> None:
             pruned = apply_pruning(model, config)
             flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
             r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)
-            tokens = pruned.last_stats.tokens_per_block if pruned.last_stats else []
+            tokens = reduced_forward(pruned, x_test[:1]).stats.tokens_per_block
             remove_pruning(model)
             entry = {"target": target, "keep": keep, "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
                      "kl": r.kl, "gflops": flops, "flops_reduction": 1 - flops["paper"] / dense_flops["paper"],

@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "ssmtrim.models.loading",
+    "load_model": "ssmtrim.checkpoint",
     "resolve_source": "ssmtrim.models.loading",
     "create_model": "ssmtrim.models.registry",
     "list_models": "ssmtrim.models.registry",

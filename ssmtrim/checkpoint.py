@@ -26,9 +26,12 @@ from ssmtrim.models.loading import (
     ModelSource,
     build_with_weights,
     data_config_of,
+    load_resolved,
     read_checkpoint,
+    resolve_source,
 )
 from ssmtrim.models.registry import DataConfig, get_family
+from ssmtrim.pruning import PruneConfig, apply_pruning
 
 FORMAT = "ssmtrim"
 
@@ -139,6 +142,33 @@ def save_model_into(model: nn.Module, folder: str | os.PathLike, extra_config: d
     return folder
 
 
+def load_model(
+    source: str | os.PathLike,
+    arch: str | Any | None = None,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    img_size: int | None = None,
+) -> nn.Module:
+    """Load a model in eval mode from any supported source: a registered name, a Hub id[:file], an official checkpoint
+    file, or an ssmtrim folder (which rebuilds its reduction plan too); see :mod:`ssmtrim.models.loading`.
+
+    ``arch`` (a registered name or an architecture config) forces the architecture; by default it is read from the
+    folder's config or inferred from the tensors. The model carries ``model.source`` (:class:`ModelSource`) and
+    ``model.data_config`` (its eval preprocessing).
+
+    ``img_size`` loads the model for another input size: the position embedding is interpolated to the new token
+    grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction kept).
+    """
+    if img_size is not None:
+        from ssmtrim.models.resize import resize_model
+
+        return resize_model(load_model(source, arch=arch, revision=revision), img_size).to(device)
+    resolved = resolve_source(source, revision)
+    if resolved.kind == "folder":
+        return load_folder(resolved, arch=arch, device=device)
+    return load_resolved(resolved, arch=arch, device=device)
+
+
 def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from an ssmtrim folder (called by :func:`ssmtrim.load_model`)."""
     config = resolved.folder_config
@@ -157,8 +187,6 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
     model.data_config = DataConfig.from_dict(config["data"]) if "data" in config else DataConfig(
         input_size=(arch_config.in_chans, arch_config.img_size, arch_config.img_size))
     if config.get("pruning") is not None:
-        from ssmtrim.pruning import PruneConfig, apply_pruning
-
         apply_pruning(model, PruneConfig.from_dict(config["pruning"]))
     return model.to(device)
 

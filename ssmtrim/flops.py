@@ -48,13 +48,11 @@ silently dropped); for the released models and the pruned Vim that list is empty
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -62,6 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
+from ssmtrim.models.flop_terms import MixerDims
+from ssmtrim.models.registry import families
 
 CONVENTIONS = ("paper", "full")
 TOP_LEVEL = "(top level)"  # ops the model runs in its own forward, outside its sub-modules
@@ -71,7 +71,6 @@ _SCAN_OP = "ssmtrim::selective_scan"
 _FLOAT_TYPES = {"Float", "Double", "Half", "BFloat16"}
 # mixer methods that pruned models call directly (not through __call__); scoped during the trace so that their ops
 # are attributed to the mixer, as those of forward are
-_MIXER_METHODS = ("ssm_output", "branch", "project", "scan")
 
 
 @dataclass(frozen=True)
@@ -198,45 +197,12 @@ def _handles() -> dict[str, Callable | None]:
     return handles
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the paper convention's mixer formula
-
-
-@dataclass(frozen=True)
-class _MixerDims:
-    dim: int  # D
-    d_inner: int  # E
-    d_state: int  # N
-    dt_rank: int  # r
-    conv_taps: int  # k (1-D) or k*k (2-D)
-    conv_extra: int  # k - 1 extra outputs of Vim's causally padded conv; 0 for a 'same' 2-D conv
-    scans: int  # scans counted: 1 for Vim (one direction), 4 for PlainMamba
-    gated_scan: bool  # z enters the scan (Vim) -> + l·E
-
-    def terms(self, length: int) -> dict[str, int]:
-        """The paper convention's terms for one image whose mixer sees ``length`` tokens."""
-        t, d, e, n, r = length, self.dim, self.d_inner, self.d_state, self.dt_rank
-        return {
-            "in_proj": t * d * 2 * e,
-            "conv": (t + self.conv_extra) * e * self.conv_taps,
-            "x_proj": t * e * (r + 2 * n),
-            "dt_proj": t * r * e,
-            "scan": self.scans * (9 * t * e * n + t * e + self.gated_scan * t * e),
-            "out_proj": t * e * d,
-        }
-
-
-def _mixer_dims(module: nn.Module) -> _MixerDims | None:
-    from ssmtrim.models.plainmamba import NUM_DIRECTIONS, PlainMambaMixer
-    from ssmtrim.models.vim import BiMambaMixer
-
-    if isinstance(module, BiMambaMixer):
-        k = module.conv1d.kernel_size[0]
-        return _MixerDims(module.in_proj.in_features, module.d_inner, module.d_state, module.dt_rank, k, k - 1, 1, True)
-    if isinstance(module, PlainMambaMixer):
-        taps = math.prod(module.conv2d.kernel_size)
-        return _MixerDims(module.in_proj.in_features, module.d_inner, module.d_state, module.dt_rank, taps, 0,
-                          NUM_DIRECTIONS, False)  # fmt: skip
+def _mixer_dims(module: nn.Module) -> MixerDims | None:
+    """The paper convention's terms of ``module`` if some registered family calls it its mixer."""
+    for family in families().values():
+        dims = family.mixer_dims(module)
+        if dims is not None:
+            return dims
     return None
 
 
@@ -249,7 +215,7 @@ class _Trace:
     analysis: Any  # fvcore FlopCountAnalysis, already run
     model: nn.Module  # the traced model (a CPU copy when the given one was elsewhere)
     units: list[str]  # disjoint top-level parts, in model order
-    mixers: dict[str, _MixerDims]  # mixer name -> dims
+    mixers: dict[str, MixerDims]  # mixer name -> dims
     calls: dict[str, list[tuple[int, int]]]  # mixer name -> (batch, tokens) per call
     input_size: tuple[int, int, int]
     batch_size: int
@@ -273,41 +239,6 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     if config is None:
         raise ConfigError("this model has no config to read its input size from; pass images=... to count_flops.")
     return (config.in_chans, config.img_size, config.img_size)
-
-
-@contextmanager
-def _scoped_methods(mixers: dict[str, nn.Module]) -> Iterator[None]:
-    """Give the ops of mixer methods called from outside ``forward`` (pruned models call ``ssm_output`` and
-    ``out_proj`` themselves) the mixer's fvcore scope, the way fvcore's own module hooks do."""
-
-    def scoped(fn: Callable, name: str) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            state = torch._C._get_tracing_state()
-            if state:
-                state.push_scope(name)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if state:
-                    state.pop_scope()
-
-        return wrapper
-
-    patched: list[tuple[nn.Module, str, Any]] = []
-    try:
-        for name, mixer in mixers.items():
-            for method in _MIXER_METHODS:
-                if callable(getattr(type(mixer), method, None)):
-                    patched.append((mixer, method, mixer.__dict__.get(method)))
-                    object.__setattr__(mixer, method, scoped(getattr(mixer, method), name))
-        yield
-    finally:
-        for mixer, method, previous in reversed(patched):
-            if previous is None:
-                mixer.__dict__.pop(method, None)
-            else:
-                object.__setattr__(mixer, method, previous)
 
 
 def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
@@ -346,7 +277,7 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
     was_training = {m: m.training for m in model.modules()}
     model.eval()  # BatchNorm with running statistics, no drop path: the inference graph
     try:
-        with torch.no_grad(), scan_as_single_op(), _scoped_methods(mixers), warnings.catch_warnings():
+        with torch.no_grad(), scan_as_single_op(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(model, images)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -436,7 +367,7 @@ def _resolve(model: str | os.PathLike | nn.Module, revision: str | None) -> nn.M
         return model
     from pathlib import Path
 
-    from ssmtrim.models.loading import load_model
+    from ssmtrim.checkpoint import load_model
     from ssmtrim.models.registry import create_model, find_spec
 
     spec = find_spec(str(model))
@@ -454,7 +385,7 @@ def count_flops_all(
 ) -> dict[str, FlopReport]:
     """FLOPs per image under several conventions from one trace (see the module docstring).
 
-    ``model``: a model, or a source for :func:`ssmtrim.models.loading.load_model` (a registered name is built from its
+    ``model``: a model, or a source for :func:`ssmtrim.checkpoint.load_model` (a registered name is built from its
     architecture alone, with no download). ``images`` (B 3 H W) replaces the default batch of ``batch_size`` blank
     images of the model's input size; token pruning that depends on the image content needs real ones.
     """

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssmtrim.models.loading import data_config_of, load_model, num_params, num_tokens
+from ssmtrim.checkpoint import load_model
+from ssmtrim.models.loading import data_config_of, num_params, num_tokens
 from ssmtrim.models.registry import create_model, find_spec
 from ssmtrim.ops.backend import describe_backends, resolve_backend
 

@@ -26,7 +26,6 @@ from torch import nn
 from ssmtrim.errors import ConfigError
 
 Progress = Callable[[str, int, int], None]
-ARRANGEMENTS = ("align", "keep-order", "reorder")
 
 
 # ------------------------------------------------------------------------------------------------ speed, memory
@@ -160,7 +159,8 @@ def build_report(
     pruned: list[tuple[str, nn.Module]] = (),
     sweep: str | None = None,
     layers: tuple[int, ...] | None = None,
-    arrangements: tuple[str, ...] = ARRANGEMENTS,
+    arrangements: tuple[str, ...] | None = None,
+    strategy: dict[str, Any] | None = None,
     calib: str | os.PathLike | None = None,
     num_images: int | None = None,
     calib_images: int = 256,
@@ -176,12 +176,14 @@ def build_report(
     dense_name: str = "dense",
 ) -> dict[str, Any]:
     """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
-    docstring. Returns the report as a dict (what ``report.json`` holds)."""
+    docstring. ``strategy`` holds further PruneConfig fields of the sweep (score, gap, conv, mode). Returns the report
+    as a dict (what ``report.json`` holds)."""
     from ssmtrim.data import scan_folder
     from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images, predict
     from ssmtrim.flops import count_flops_all
     from ssmtrim.models.loading import data_config_of
-    from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning
+    from ssmtrim.models.registry import family_of
+    from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import calibrate, load_images
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
@@ -189,9 +191,10 @@ def build_report(
         raise ConfigError("the first model of a report must be dense; give the dense model first.")
     if sweep is None and not pruned:
         raise ConfigError("nothing to compare: give pruned model folders after the dense model, or --sweep.")
+    arrangements = strategy_names() if arrangements is None else tuple(arrangements)
     for arrangement in arrangements:
-        if arrangement not in ARRANGEMENTS:
-            raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(ARRANGEMENTS)}.")
+        if arrangement not in strategy_names():
+            raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(strategy_names())}.")
     for _, model in pruned:
         check_compatible(model, dense)
     data_cfg = data_config_of(dense)
@@ -216,7 +219,7 @@ def build_report(
         variants.append((name, model.prune_config.arrangement, lambda m=model: m, lambda: None))
     if sweep is not None:
         kind, values = parse_sweep(sweep)
-        depth = dense.config.depth
+        depth = family_of(dense).depth(dense.config)
         layers = layers or tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
@@ -231,7 +234,8 @@ def build_report(
                 label = f"{arrangement} {kind}={value:g}"
 
                 def make(keep=keep, arrangement=arrangement) -> nn.Module:
-                    config = PruneConfig(layers=layers, keep=(keep,), arrangement=arrangement)
+                    fields = {**(strategy or {}), "arrangement": arrangement}
+                    config = PruneConfig(layers=layers, keep=(keep,), **fields)
                     thresholds = calibrate(dense, config, xc, eval_batch_size).thresholds
                     return apply_pruning(dense, config.replace(thresholds=thresholds))
 
@@ -341,7 +345,7 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
         value = lambda e, k=key, s=section: e[s][k]  # noqa: E731
         dense_value = value(dense) if key != "agreement" else 100.0
         ax.scatter([dense["gflops"]["paper"]], [dense_value], color="black", zorder=3, label="dense")
-        for arrangement in ARRANGEMENTS:
+        for arrangement in dict.fromkeys(e["arrangement"] for e in entries[1:]):
             pts = sorted((e["gflops"]["paper"], value(e)) for e in entries[1:] if e["arrangement"] == arrangement)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=arrangement)

@@ -11,9 +11,8 @@ import torch
 from safetensors import safe_open
 
 import ssmtrim
-from ssmtrim.checkpoint import save_model
+from ssmtrim.checkpoint import load_model, save_model
 from ssmtrim.errors import CheckpointError, ConfigError, SourceNotFoundError
-from ssmtrim.models.loading import load_model
 from ssmtrim.models.registry import DataConfig, get_spec
 from tests.conftest import randomize
 

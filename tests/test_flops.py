@@ -43,7 +43,7 @@ def drop_tokens(model: torch.nn.Module, keep: dict[int, int]) -> torch.nn.Module
         for i, block in enumerate(self.layers):
             if i in keep:
                 hidden, residual = hidden[:, : keep[i]], residual[:, : keep[i]]
-            hidden, residual = block(hidden, residual)
+            hidden, residual, _ = block(hidden, residual)
         return self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
 
     model.forward_features = types.MethodType(forward_features, model)

@@ -24,8 +24,7 @@ def convert(
 ) -> None:
     """Convert an official checkpoint into a folder that reloads on its own, with safetensors weights (optionally
     for another input size: --img-size)."""
-    from ssmtrim.checkpoint import check_output, save_model
-    from ssmtrim.models.loading import load_model
+    from ssmtrim.checkpoint import check_output, load_model, save_model
 
     check_output(output, force)  # fail before the (possibly long) load
     model = load_model(source, arch=arch, revision=revision, img_size=img_size)

@@ -24,7 +24,7 @@ def info(
 
     with backend_scope(backend):
         if revision is not None:  # a revision only means something for a Hub download
-            from ssmtrim.models.loading import load_model
+            from ssmtrim.checkpoint import load_model
 
             result = describe_model(load_model(model, revision=revision, device=device))
         else:

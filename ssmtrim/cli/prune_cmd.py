@@ -9,22 +9,20 @@ import typer
 
 from ssmtrim.cli._errors import handle_errors
 from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, QuietOpt, RevisionOpt
+from ssmtrim.cli._prune_options import (
+    ArrangementOpt,
+    ConvOpt,
+    GapOpt,
+    KeepOpt,
+    LayersOpt,
+    ModeOpt,
+    ScoreOpt,
+    parse_floats,
+    parse_layers,
+    strategy_fields,
+)  # fmt: skip
 from ssmtrim.cli._render import ProgressRenderer, console, key_value_table, print_json
 from ssmtrim.errors import ConfigError
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.8 or 0.9,0.8,0.7; got {text!r}.") from None
-
-
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{flag} takes comma-separated block numbers, e.g. 5,10,15; got {text!r}.") from None
 
 
 @handle_errors
@@ -38,17 +36,13 @@ def prune(
                                                 "(default: write nothing, print the summary).")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labelled held-out images: top-1 of dense "
                                                    "and pruned.")] = None,
-    layers: Annotated[str, typer.Option("--layers", help="1-based blocks after which to prune, e.g. 5,10,15.")] = "",
-    keep: Annotated[str | None, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per "
-                                             "layer; default 0.8).")] = None,
-    score: Annotated[str, typer.Option("--score", help="clipped (default), unclipped, l1, l2 or random.")] = "clipped",
-    arrangement: Annotated[str, typer.Option("--arrangement", help="align (default), keep-order or reorder.")]
-    = "align",
-    gap: Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: bias (default), mean or zero.")]
-    = "bias",
-    conv: Annotated[str, typer.Option("--conv", help="align's conv neighbours (Vim): original positions (default) "
-                                      "or the kept tokens.")] = "original",
-    mode: Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")] = "count",
+    layers: LayersOpt = None,
+    keep: KeepOpt = None,
+    score: ScoreOpt = "clipped",
+    arrangement: ArrangementOpt = "align",
+    gap: GapOpt = "bias",
+    conv: ConvOpt = "original",
+    mode: ModeOpt = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
     flops_convention: Annotated[str, typer.Option("--flops-convention", help="FLOPs convention of --flops: full or "
@@ -67,7 +61,7 @@ def prune(
     from ssmtrim import bundled
     from ssmtrim.api import prune_and_save
     from ssmtrim.checkpoint import check_output
-    from ssmtrim.pruning import PruneConfig
+    from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget, PruneConfig
 
     if source is None:  # the bundled example, offline
         source = str(bundled.bundled_model())
@@ -84,20 +78,15 @@ def prune(
         raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
         raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8, or give --flops 0.7.")
-    if flops_convention not in ("full", "paper"):
-        raise ConfigError(f"--flops-convention {flops_convention!r} is not one of full, paper.")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
-    # with --flops the search replaces layers and keep; the placeholder only carries score, arrangement, gap, mode
-    config = PruneConfig(layers=_ints(layers, "--layers") if layers else (1,),
-                         keep=_floats(keep or "0.8", "--keep") if layers else (1.0,), score=score,
-                         arrangement=arrangement, gap=gap, mode=mode, thresholds=None, seed=seed,
-                         conv=conv)
+    # with --flops the search replaces layers and keep; the placeholder only carries how tokens are reduced
+    config = PruneConfig(layers=parse_layers(layers) or (1,),
+                         keep=parse_floats(keep or "0.8", "--keep") if layers else (1.0,), seed=seed,
+                         **strategy_fields(score, arrangement, gap, conv, mode))
     with ProgressRenderer(quiet or json_out) as progress:
-        summary = prune_and_save(source, config, data, output, num_images=num_images, batch_size=batch_size,
-                                 seed=seed, arch=arch, revision=revision, force=force, progress=progress,
-                                 flops_target=flops, flops_convention=flops_convention, layers_given=bool(layers),
-                                 eval_data=eval_data)
+        summary = prune_and_save(
+            source, config, data, output, calibration=CalibrationSettings(num_images, batch_size, seed),
+            target=FlopsTarget(flops, flops_convention, keep_layers=bool(layers)) if flops is not None else None,
+            eval_data=eval_data, arch=arch, revision=revision, force=force, progress=progress)
     if json_out:
         print_json(summary)
         return

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ssmtrim.cli._errors import handle_errors
 from ssmtrim.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from ssmtrim.cli._prune_options import ConvOpt, GapOpt, LayersOpt, ScoreOpt, parse_layers, strategy_fields
 from ssmtrim.cli._render import ProgressRenderer, console, print_json
 from ssmtrim.errors import ConfigError
 
@@ -23,10 +24,12 @@ def report(
     sweep: Annotated[str | None, typer.Option("--sweep", help="Prune the dense model at each value, for each "
                                               "arrangement: keep=0.9,0.8,0.7 or flops=0.8,0.7,0.6 (paper).")]
     = None,
-    layers: Annotated[str | None, typer.Option("--layers", help="Blocks to prune after in a sweep (default: at "
-                                               "1/4, 1/2 and 3/4 of the depth).")] = None,
-    arrangements: Annotated[str, typer.Option("--arrangements", help="Arrangements in a sweep.")]
-    = "align,keep-order,reorder",
+    layers: LayersOpt = None,
+    arrangements: Annotated[str | None, typer.Option("--arrangements", help="Strategies in a sweep, comma-separated "
+                                                     "(default: every registered one).")] = None,
+    score: ScoreOpt = "clipped",
+    gap: GapOpt = "bias",
+    conv: ConvOpt = "original",
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration images for a sweep (default: the first "
                                                "evaluation images).")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="File of 'name label' lines.")] = None,
@@ -50,15 +53,13 @@ def report(
         raise ConfigError("--batch-size and --repeats must be at least 1.")
     if sweep is None and len(models) < 2:
         raise ConfigError("give the dense model and at least one pruned folder, or --sweep keep=... / flops=....")
-    try:
-        layer_list = tuple(int(v) for v in layers.split(",")) if layers else None
-    except ValueError:
-        raise ConfigError(f"--layers takes comma-separated block numbers, e.g. 3,6,9; got {layers!r}.") from None
+    layer_list = parse_layers(layers)
     dense = ssmtrim.load_model(models[0])
     pruned = [(m, ssmtrim.load_model(m)) for m in models[1:]]
     with ProgressRenderer(quiet or json_out) as progress:
         result = build_report(dense, data, pruned, sweep=sweep, layers=layer_list,
-                              arrangements=tuple(a for a in arrangements.split(",") if a), calib=calib,
+                              arrangements=tuple(a for a in arrangements.split(",") if a) if arrangements else None,
+                              strategy=strategy_fields(score, "align", gap, conv), calib=calib,
                               num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
                               device=device, labels_file=labels, progress=progress, dense_name=models[0])
     folder = write_report(result, output, force=force)

@@ -321,32 +321,11 @@ def _finite_check(state_dict: dict[str, Tensor], source: str) -> None:
             raise CheckpointError(f"{source} has non-finite values in {key}; the checkpoint is corrupt.")
 
 
-def load_model(
-    source: str | os.PathLike,
-    arch: str | Any | None = None,
-    revision: str | None = None,
-    device: str | torch.device = "cpu",
-    img_size: int | None = None,
-) -> nn.Module:
-    """Load a model in eval mode from any supported source (see the module docstring).
-
-    ``arch`` (a registered name or an architecture config) forces the architecture; by default it is read from the
-    folder's config or inferred from the tensors. The model carries ``model.source`` (:class:`ModelSource`) and
-    ``model.data_config`` (its eval preprocessing).
-
-    ``img_size`` loads the model for another input size: the position embedding is interpolated to the new token
-    grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction kept).
-    """
-    if img_size is not None:
-        from ssmtrim.models.resize import resize_model
-
-        return resize_model(load_model(source, arch=arch, revision=revision), img_size).to(device)
-    resolved = resolve_source(source, revision)
+def load_resolved(resolved: ModelSource, arch: str | Any | None = None, device: str | torch.device = "cpu",
+                  ) -> nn.Module:
+    """Load a dense model from a resolved Hub file or local checkpoint file (not an ssmtrim folder: those carry a
+    plan, see :func:`ssmtrim.checkpoint.load_model`), converting the official layout, in eval mode."""
     label = resolved.source
-    if resolved.kind == "folder":
-        from ssmtrim.checkpoint import load_folder
-
-        return load_folder(resolved, arch=arch, device=device)
     state_dict, _ = read_checkpoint(resolved.path)
     family = detect_family(state_dict, label)
     if arch is not None and not isinstance(arch, str) and getattr(arch, "family", family) != family:
@@ -381,4 +360,4 @@ def num_params(model: nn.Module) -> int:
 
 def num_tokens(config: Any) -> int:
     """Tokens the mixers see for a full image: patches (+1 class token for Vim)."""
-    return config.num_patches + (1 if config.family == "vim" else 0)
+    return get_family(config.family).num_tokens(config)

@@ -31,12 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.models.flop_terms import MixerDims
+from ssmtrim.models.plainmamba_grid import (
+    NUM_DIRECTIONS,
+    ScanPlan,
+    from_grid,
+    make_plan,
+    to_grid,
+    zigzag_orders,
+)  # fmt: skip
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
+from ssmtrim.models.tokens import BlockOutput, TokenState
 from ssmtrim.ops import selective_scan
-
-NUM_DIRECTIONS = 4
-# direction ids of plain_mamba_layer.py: the move that arrived at a token ([start, right, left, up, down])
-START, RIGHT, LEFT, UP, DOWN = range(5)
 
 
 @dataclass(frozen=True)
@@ -116,37 +122,6 @@ class PlainMambaConfig(ArchConfig):
 
 
 @functools.lru_cache(maxsize=64)
-def zigzag_orders(h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The four continuous zig-zag paths over an h x w grid, in the official order.
-
-    Returns ``orders`` (K L): raster index of the t-th token of each path; ``inverse`` (K L): position in the path of
-    each raster token; ``directions`` (K L): the move that arrived at the t-th token (0 start, 1 right, 2 left, 3 up,
-    4 down). Paths: 0 row snake from the top-left (first row rightwards), 1 its reverse, 2 column snake from the
-    top-left (first column downwards), 3 its reverse. Cached: treat the tensors as read-only.
-    """
-    if h < 1 or w < 1:
-        raise ConfigError(f"the token grid must be at least 1x1, got {h}x{w}.")
-    cpu = torch.device("cpu")  # explicit: the cache must not keep tensors made under a `with torch.device(...)`
-    rows = torch.arange(h * w, device=cpu).reshape(h, w)
-    rows[1::2] = rows[1::2].flip(-1)  # odd rows run leftwards
-    cols = torch.arange(h * w, device=cpu).reshape(h, w).t().contiguous()  # row j: raster indices of column j
-    cols[1::2] = cols[1::2].flip(-1)  # odd columns run upwards
-    o_row, o_col = rows.flatten(), cols.flatten()
-    orders = torch.stack([o_row, o_row.flip(0), o_col, o_col.flip(0)])
-    inverse = torch.argsort(orders, dim=1)
-    # a step always goes to a grid neighbour, so the raster-index difference names the move; the vertical moves are
-    # assigned last so that they win on a one-column grid, where +-1 is also +-w
-    step = orders[:, 1:] - orders[:, :-1]
-    moves = torch.full_like(step, -1)
-    moves[step == 1] = RIGHT
-    moves[step == -1] = LEFT
-    moves[step == -w] = UP
-    moves[step == w] = DOWN
-    directions = torch.cat([torch.full((NUM_DIRECTIONS, 1), START, dtype=torch.long, device=cpu), moves], dim=1)
-    return orders, inverse, directions
-
-
-@functools.lru_cache(maxsize=64)
 def _orders_on(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t.to(device) for t in zigzag_orders(h, w))  # type: ignore[return-value]
 
@@ -189,43 +164,57 @@ class PlainMambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
 
-    def conv_act(self, u: Tensor, hw: tuple[int, int]) -> Tensor:
-        """SiLU(depth-wise conv2d) on the h x w grid: u (B E L) in raster order -> (B E L). A hook: token pruning
-        runs the conv on the grid cells of the tokens it kept."""
+    def conv_act(self, u: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None) -> Tensor:
+        """SiLU(depth-wise conv2d) on the h x w grid: u (B E L) in raster order -> (B E L). With a ``plan`` (a
+        reduced sequence) the conv runs on the grid cells the plan gives the tokens."""
+        if plan is not None:
+            return F.silu(from_grid(self.conv2d(to_grid(u, plan)), plan))
         bsz, e, length = u.shape
         h, w = hw
         if h * w != length:
             raise ConfigError(f"PlainMamba got {length} tokens for a {h}x{w} grid; the mixer needs the full grid.")
         return F.silu(self.conv2d(u.reshape(bsz, e, h, w))).flatten(2)
 
-    def scan_orders(self, u: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    def scan_orders(self, u: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None,
+                    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per direction and image, for u (B E L): ``orders`` (K B L) the token read at each scan step, ``inverse``
-        (K B L) the scan step of each token, ``directions`` (K B L) the direction embedding id of each step. Here the
-        zig-zag paths of the grid, the same for every image; a hook that token pruning overrides."""
+        (K B L) the scan step of each token, ``directions`` (K B L) the direction embedding id of each step: the
+        zig-zag paths of the grid, the same for every image, or those the ``plan`` of a reduced sequence gives."""
+        if plan is not None:
+            return plan.orders, plan.inverse, plan.directions
         orders, inverse, directions = _orders_on(*hw, u.device)
         shape = (NUM_DIRECTIONS, u.shape[0], u.shape[2])
         return orders[:, None].expand(shape), inverse[:, None].expand(shape), directions[:, None].expand(shape)
 
-    def decay_gap(self, delta: Tensor) -> Tensor | None:
-        """Extra decay per direction and scan step (K B E L) given delta (B E L); none in the dense model (a hook:
-        token pruning adds the decay of the positions it removed)."""
-        return None
+    def decay_gap(self, delta: Tensor, plan: ScanPlan | None = None) -> Tensor | None:
+        """Extra decay per direction and scan step (K B E L) given delta (B E L): the positions a reduced sequence
+        skips (see :mod:`ssmtrim.models.plainmamba_grid`); none for a full sequence."""
+        if plan is None or plan.gaps is None or plan.gap_estimate == "zero":
+            return None
+        bias = self.dt_proj.bias.float()
+        if plan.gap_estimate == "bias":
+            estimate = F.softplus(2 * bias)[None, :, None]  # 1 E 1: dt_proj adds the bias, the scan adds it again
+        else:  # mean Δ of the present tokens of this layer; delta already holds the bias once
+            estimate = F.softplus(delta.float() + bias[:, None]).mean(-1, keepdim=True)  # B E 1
+        return plan.gaps[:, :, None, :].to(estimate.dtype) * estimate  # K B E L
 
-    def project(self, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (B L C) -> scan inputs in raster order: u (B E L) after conv and SiLU, delta (B E L) = dt_proj(dt)
         including its bias once, B and C (B N L), and the gate z (B L E)."""
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        u = self.conv_act(u.transpose(1, 2), hw)  # B E L
+        u = self.conv_act(u.transpose(1, 2), hw, plan)  # B E L
         dt, b, c = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)
         return u, delta, b.transpose(1, 2), c.transpose(1, 2), z
 
-    def scan(self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, hw: tuple[int, int]) -> Tensor:
+    def scan(self, u: Tensor, delta: Tensor, b: Tensor, c: Tensor, hw: tuple[int, int],
+             plan: ScanPlan | None = None) -> Tensor:
         """The four directional scans in one batched call; u, delta (B E L), b, c (B N L) in raster order ->
         the sum of the four outputs (with D u in each) back in raster order (B E L), not gated."""
         bsz, e, length = u.shape
         k = NUM_DIRECTIONS
-        orders, inverse, directions = self.scan_orders(u, hw)  # K B L each
+        orders, inverse, directions = self.scan_orders(u, hw, plan)  # K B L each
         # only u is permuted into scan order; delta, B and C stay in raster order (official behaviour)
         u_k = u.unsqueeze(0).expand(k, -1, -1, -1).gather(3, orders[:, :, None, :].expand(k, bsz, e, length))
         u_k = u_k.reshape(k * bsz, e, length)
@@ -233,7 +222,7 @@ class PlainMambaMixer(nn.Module):
         dir_b = self.direction_Bs[directions].transpose(2, 3).to(b.dtype)  # K B N L, indexed by scan step
         b_k = (b.unsqueeze(0) + dir_b).reshape(k * bsz, self.d_state, length)
         c_k = c.unsqueeze(0).expand(k, -1, -1, -1).reshape(k * bsz, self.d_state, length)
-        gap = self.decay_gap(delta)
+        gap = self.decay_gap(delta, plan)
         # the bias goes in once through dt_proj and a second time as delta_bias, as in the official forward
         y = selective_scan(
             u_k.contiguous(), delta_k.contiguous(), -torch.exp(self.A_log.float()), b_k.contiguous(),
@@ -243,10 +232,14 @@ class PlainMambaMixer(nn.Module):
         y = y.reshape(k, bsz, e, length)
         return y.gather(3, inverse[:, :, None, :].expand(k, bsz, e, length)).sum(0)  # back in raster order
 
-    def ssm_output(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        """x (B L C) -> SiLU(z) * sum of the four un-permuted scans (B L E)."""
-        u, delta, b, c, z = self.project(x, hw)
-        return self.scan(u, delta, b, c, hw).transpose(1, 2) * F.silu(z)
+    def ssm_output(self, x: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None,
+                   deltas: list[Tensor] | None = None) -> Tensor:
+        """x (B L C) -> SiLU(z) * sum of the four un-permuted scans (B L E). With a ``deltas`` list, softplus(Δ)
+        (B L E, raster order; shared by the four directions) is appended to it."""
+        u, delta, b, c, z = self.project(x, hw, plan)
+        if deltas is not None:  # the bias enters twice (see the module docstring)
+            deltas.append(F.softplus(delta.float() + self.dt_proj.bias.float()[:, None]).transpose(1, 2))
+        return self.scan(u, delta, b, c, hw, plan).transpose(1, 2) * F.silu(z)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.ssm_output(x, hw))
@@ -284,13 +277,20 @@ class PlainMambaLayer(nn.Module):
         self.mamba = PlainMambaMixer(cfg)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        """x (B L C) -> (B L C)."""
-        x = x + self.drop_path(self.mamba(self.norm(x), hw))
+    def forward(self, x: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None,
+                deltas: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x (B L C) -> (x (B L C), the mixer's gated SSM output y (B L E), which token reduction scores). ``plan``
+        says where the tokens of a reduced sequence sit (None: the full h x w grid); ``deltas`` collects
+        softplus(Δ) (see :meth:`PlainMambaMixer.ssm_output`)."""
+        y = self.mamba.ssm_output(self.norm(x), hw, plan, deltas)
+        x = x + self.drop_path(self.mamba.out_proj(y))
         if self.with_dwconv:
-            bsz, _, c = x.shape
-            x = self.dw(x.transpose(1, 2).reshape(bsz, c, *hw)).flatten(2).transpose(1, 2)
-        return x
+            if plan is None:
+                bsz, _, c = x.shape
+                x = self.dw(x.transpose(1, 2).reshape(bsz, c, *hw)).flatten(2).transpose(1, 2)
+            else:
+                x = from_grid(self.dw(to_grid(x.transpose(1, 2), plan)), plan).transpose(1, 2)
+        return x, y
 
 
 class PlainMambaPatchEmbed(nn.Module):
@@ -372,7 +372,7 @@ class PlainMamba(nn.Module):
         """Images -> tokens after the last layer, before the final norm (B L C)."""
         tokens, hw = self.embed(x)
         for layer in self.layers:
-            tokens = layer(tokens, hw)
+            tokens, _ = layer(tokens, hw)
         return tokens
 
     def forward_head(self, tokens: Tensor) -> Tensor:
@@ -449,6 +449,58 @@ class PlainMambaFamily:
             expand=d_inner // embed_dim, conv_size=conv.shape[-1], stem_channels=stem_w.shape[0],
             layers_with_dwconv=tuple(dw_layers), dt_rank=dt_w.shape[1],
         )  # fmt: skip
+
+    # --- token layout and reduction (see ssmtrim.models.registry.Family)
+
+    def depth(self, config: PlainMambaConfig) -> int:
+        return config.depth
+
+    def num_tokens(self, config: PlainMambaConfig) -> int:
+        return config.num_patches
+
+    def has_class_token(self, config: PlainMambaConfig) -> bool:
+        return False  # every token is a candidate; the head averages those left
+
+    def block_name(self, index: int) -> str:
+        return f"layers.{index}"
+
+    def embed(self, model: PlainMamba, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:
+        hidden, hw = model.embed(x)
+        bsz, length, _ = hidden.shape
+        positions = torch.arange(length, device=hidden.device).expand(bsz, -1)
+        return (hidden,), TokenState(positions, None, length, hw, keeps_positions)
+
+    def run_block(self, model: PlainMamba, index: int, streams: tuple, state: TokenState,
+                  geometry: ScanPlan | None, needs: frozenset[str] = frozenset()) -> BlockOutput:
+        layer = model.layers[index]
+        deltas: list[Tensor] | None = [] if "delta" in needs else None
+        mixer_input = layer.norm(streams[0]) if "mixer_input" in needs else None
+        hidden, y = layer(streams[0], state.grid, geometry, deltas)
+        return BlockOutput((hidden,), y, deltas[0] if deltas else None, mixer_input)
+
+    def geometry(self, model: PlainMamba, state: TokenState, plan) -> ScanPlan | None:
+        return make_plan(state, plan.gap) if state.reduced else None
+
+    def head(self, model: PlainMamba, streams: tuple, state: TokenState) -> Tensor:
+        tokens = model.ln1(streams[0])
+        if state.sizes is None:
+            return model.head(tokens.mean(dim=1))
+        # merged tokens stand for several: the mean over the original tokens they represent
+        weights = state.sizes.to(tokens.dtype)[..., None]
+        return model.head((tokens * weights).sum(1) / weights.sum(1))
+
+    def check_plan(self, plan) -> None:
+        if plan.conv != "original":
+            raise ConfigError(f"--conv {plan.conv} is defined for Vim's 1-D conv only; PlainMamba's 2-D conv always "
+                              "runs on the original grid (leave --conv at original).")
+
+    def mixer_dims(self, module: nn.Module) -> MixerDims | None:
+        if not isinstance(module, PlainMambaMixer):
+            return None
+        taps = math.prod(module.conv2d.kernel_size)
+        # four scans counted, z gates outside the scan
+        return MixerDims(module.in_proj.in_features, module.d_inner, module.d_state, module.dt_rank, taps, 0,
+                         NUM_DIRECTIONS, False)  # fmt: skip
 
 
 FAMILY = register_family(PlainMambaFamily())

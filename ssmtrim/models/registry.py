@@ -11,6 +11,7 @@ Hub files that hold its official weights.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -72,11 +73,16 @@ class ArchConfig:
 
 
 class Family(Protocol):
-    """What a model family module provides (see ``vim.py``, ``plainmamba.py``)."""
+    """The family adapter: everything family-specific, asked by shared code, which never names a family.
+
+    A family module (``vim.py``, ``plainmamba.py``) defines one and registers it with :func:`register_family`.
+    Shapes: B batch, L current tokens, E d_inner.
+    """
 
     name: str
     config_cls: type
 
+    # building and checkpoints
     def build(self, config: Any) -> nn.Module: ...
 
     def convert_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]: ...
@@ -84,6 +90,54 @@ class Family(Protocol):
     def detect(self, state_dict: dict[str, Tensor]) -> bool: ...
 
     def infer_config(self, state_dict: dict[str, Tensor]) -> Any: ...
+
+    # token layout
+    def depth(self, config: Any) -> int:
+        """Number of blocks (reduction can follow blocks 1 .. depth - 1)."""
+        ...
+
+    def num_tokens(self, config: Any) -> int:
+        """Tokens entering the first block (patches plus any class token)."""
+        ...
+
+    def has_class_token(self, config: Any) -> bool:
+        """A protected token that is never reduced (counts are then made even to centre it)."""
+        ...
+
+    def block_name(self, index: int) -> str:
+        """Qualified module name of block ``index`` (0-based), as FLOP counters see it."""
+        ...
+
+    # running with a token state (see ssmtrim.pruning.engine)
+    def embed(self, model: nn.Module, x: Tensor, keeps_positions: bool) -> tuple[tuple, Any]:
+        """Images -> (streams, TokenState) before the first block."""
+        ...
+
+    def run_block(self, model: nn.Module, index: int, streams: tuple, state: Any, geometry: Any,
+                  needs: frozenset[str] = frozenset()) -> Any:
+        """One block on the current tokens -> BlockOutput (streams, y (B L E) for the scores, and what ``needs``
+        asks for: "delta" softplus(Δ) (B L E), "mixer_input" the normed mixer input (B L D); a family that gives
+        neither may omit the argument, and scores or strategies that need them then say so)."""
+        ...
+
+    def geometry(self, model: nn.Module, state: Any, plan: Any) -> Any:
+        """Where a reduced token set sits, for the blocks (computed once per token state); None: a full sequence."""
+        ...
+
+    def head(self, model: nn.Module, streams: tuple, state: Any) -> Tensor:
+        """Streams after the last block -> logits (B classes); a pooling head weights tokens by ``state.sizes``
+        when merging set them."""
+        ...
+
+    def check_plan(self, plan: Any) -> None:
+        """Raise ConfigError naming an option this family cannot honour."""
+        ...
+
+    # FLOPs, the paper convention
+    def mixer_dims(self, module: nn.Module) -> Any:
+        """The paper convention's mixer terms (``ssmtrim.flops.MixerDims``) when ``module`` is this family's mixer,
+        else None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -120,9 +174,15 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+# the built-in family modules, imported by name on first use (the way entry points are): the registry needs no
+# import of them, they import the registry
+BUILTIN_FAMILY_MODULES = ("ssmtrim.models.vim", "ssmtrim.models.plainmamba")
+
+
 def _ensure_loaded() -> None:
     # every family module, not "any": importing one family directly must not hide the others
-    from ssmtrim.models import plainmamba, vim  # noqa: F401  (register on import; cached after the first call)
+    for module in BUILTIN_FAMILY_MODULES:
+        importlib.import_module(module)  # cached after the first call
 
 
 def families() -> dict[str, Family]:
@@ -135,6 +195,26 @@ def get_family(name: str) -> Family:
     if name not in _FAMILIES:
         raise UnknownModelError(f"unknown model family {name!r}; known families: {', '.join(sorted(_FAMILIES))}.")
     return _FAMILIES[name]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The adapter of a model built by a registered family."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "family", None)
+    _ensure_loaded()
+    if name not in _FAMILIES:
+        raise ConfigError(f"cannot reduce tokens of a {type(model).__name__}; load a model of a registered family "
+                          f"({', '.join(sorted(_FAMILIES))}) with ssmtrim.load_model.")
+    return _FAMILIES[name]
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family and its models (tests register toy families)."""
+    _FAMILIES.pop(name, None)
+    for spec_name in [n for n, s in _SPECS.items() if s.arch.family == name]:
+        spec = _SPECS.pop(spec_name)
+        for key in (spec.name, *spec.aliases):
+            _ALIASES.pop(key, None)
 
 
 def list_models(include_test: bool = False) -> list[ModelSpec]:

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
+from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens
 from ssmtrim.ops import selective_scan
 from ssmtrim.ops.conv import causal_conv1d_silu
 
@@ -86,6 +89,16 @@ class RMSNorm(nn.Module):
         return out.to(self.weight.dtype)
 
 
+@dataclass(frozen=True)
+class VimGeometry:
+    """Where the tokens of a reduced sequence sit, for the mixers (one per token layout, shared by the blocks)."""
+
+    length: int  # L0, tokens before any reduction
+    conv_positions: Tensor | None  # B L original positions for the causal conv; None: the conv reads the present tokens
+    gap_counts: tuple[Tensor, Tensor] | None  # (forward, backward) skipped positions before each token (B L, float)
+    gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
+
+
 class BiMambaMixer(nn.Module):
     """The bidirectional "v2" Mamba mixer: one in_proj/out_proj, a forward and a backward scan branch.
 
@@ -121,37 +134,62 @@ class BiMambaMixer(nn.Module):
             dt = dt.clamp_min(dt_floor)
             proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def conv_act(self, x: Tensor, backward: bool) -> Tensor:
-        """SiLU(causal depth-wise conv1d(x)), x (B E L) in the branch's scan order (left padding d_conv - 1)."""
-        return causal_conv1d_silu(x, self.conv1d_b if backward else self.conv1d)
+    def conv_act(self, x: Tensor, backward: bool, geometry: VimGeometry | None = None) -> Tensor:
+        """SiLU(causal depth-wise conv1d(x)), x (B E L) in the branch's scan order (left padding d_conv - 1). With a
+        geometry whose tokens keep their original positions, neighbours are found by original position (a missing
+        one reads as zero)."""
+        conv = self.conv1d_b if backward else self.conv1d
+        if geometry is None or geometry.conv_positions is None:
+            return causal_conv1d_silu(x, conv)
+        pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
+        return causal_conv1d_silu(x, conv, pos, geometry.length)
 
-    def decay_gap(self, dt: Tensor, backward: bool) -> tuple[Tensor, Tensor] | None:
-        """Extra decay for the scan in factored form, (counts (B L), Δ estimate (B E)) (see
-        :func:`ssmtrim.ops.selective_scan`); none in the dense model (token pruning overrides this)."""
-        return None
+    def decay_gap(self, dt: Tensor, backward: bool, geometry: VimGeometry | None = None,
+                  ) -> tuple[Tensor, Tensor] | None:
+        """Extra decay of the positions a reduced sequence skips, in factored form (counts (B L), Δ estimate (B E))
+        (see :func:`ssmtrim.ops.selective_scan`); none for a full sequence."""
+        if geometry is None or geometry.gap_counts is None:
+            return None
+        fwd, bwd = geometry.gap_counts
+        counts = bwd.flip(1) if backward else fwd  # B L in scan order
+        bias = (self.dt_proj_b if backward else self.dt_proj).bias.float()
+        if geometry.gap_estimate == "bias":
+            estimate = F.softplus(bias)[None, :].expand(dt.shape[0], -1)
+        else:  # mean Δ of the present tokens of this layer and direction
+            estimate = F.softplus(dt.float() + bias[:, None]).mean(-1)
+        return counts, estimate  # G = counts x estimate, formed inside the scan
 
-    def branch(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
-        """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L)."""
+    def branch(self, x: Tensor, z: Tensor, backward: bool, geometry: VimGeometry | None = None,
+               deltas: list[Tensor] | None = None) -> Tensor:
+        """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L). With a
+        ``deltas`` list, softplus(Δ) of this direction (B E L, scan order) is appended to it."""
         s = "_b" if backward else ""
         x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
         A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
-        x = self.conv_act(x, backward)
+        x = self.conv_act(x, backward, geometry)
         x_dbl = x_proj(x.transpose(1, 2))  # B L (R + 2N)
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # B E L; the bias enters once, inside the scan
         A = -torch.exp(A_log.float())
-        gap, gap_scale = self.decay_gap(dt, backward) or (None, None)
+        gap, gap_scale = self.decay_gap(dt, backward, geometry) or (None, None)
+        if deltas is not None:
+            deltas.append(F.softplus(dt.float() + dt_proj.bias.float()[:, None]))
         return selective_scan(
             x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
             delta_softplus=True, gap=gap, gap_scale=gap_scale,
         )  # fmt: skip
 
-    def ssm_output(self, hidden: Tensor) -> Tensor:
-        """hidden (B L D) -> averaged gated output of both directions, original order (B L E)."""
+    def ssm_output(self, hidden: Tensor, geometry: VimGeometry | None = None,
+                   deltas: list[Tensor] | None = None) -> Tensor:
+        """hidden (B L D) -> averaged gated output of both directions, original order (B L E). With a ``deltas``
+        list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it."""
         xz = self.in_proj(hidden).transpose(1, 2)  # B 2E L
         x, z = xz.chunk(2, dim=1)
-        y_f = self.branch(x, z, backward=False)
-        y_b = self.branch(x.flip(-1), z.flip(-1), backward=True).flip(-1)
+        per_direction: list[Tensor] | None = [] if deltas is not None else None
+        y_f = self.branch(x, z, False, geometry, per_direction)
+        y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction).flip(-1)
+        if deltas is not None:
+            deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
         return ((y_f + y_b) / 2).transpose(1, 2)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -166,9 +204,16 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
         self.mixer = BiMambaMixer(cfg)
 
-    def forward(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, geometry: VimGeometry | None = None,
+        deltas: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(hidden, residual) (B L D) -> (mixer output, residual, the mixer's gated SSM output y (B L E), which token
+        reduction scores). ``geometry`` says where the tokens of a reduced sequence sit (None: a full sequence);
+        ``deltas`` collects softplus(Δ) (see :meth:`BiMambaMixer.ssm_output`)."""
         residual = hidden.float() if residual is None else residual + hidden.float()
-        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+        y = self.mixer.ssm_output(self.norm(residual.to(self.norm.weight.dtype)), geometry, deltas)
+        return self.mixer.out_proj(y), residual, y
 
 
 class PatchEmbed(nn.Module):
@@ -228,7 +273,7 @@ class VisionMamba(nn.Module):
         """Images -> final-normed tokens (B L D)."""
         hidden, residual = self.embed(x), None
         for block in self.layers:
-            hidden, residual = block(hidden, residual)
+            hidden, residual, _ = block(hidden, residual)
         return self.norm_f((residual + hidden.float()).to(self.norm_f.weight.dtype))
 
     def forward_head(self, tokens: Tensor) -> Tensor:
@@ -289,6 +334,66 @@ class VimFamily:
             in_chans=patch_w.shape[1], num_classes=0 if head is None else head.shape[0], d_state=a_log.shape[1],
             d_conv=conv.shape[-1], expand=in_proj.shape[0] // 2 // embed_dim, dt_rank=dt_w.shape[1],
         )  # fmt: skip
+
+    # --- token layout and reduction (see ssmtrim.models.registry.Family)
+
+    def depth(self, config: VimConfig) -> int:
+        return config.depth
+
+    def num_tokens(self, config: VimConfig) -> int:
+        return config.num_patches + 1
+
+    def has_class_token(self, config: VimConfig) -> bool:
+        return True
+
+    def block_name(self, index: int) -> str:
+        return f"layers.{index}"
+
+    def embed(self, model: VisionMamba, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:
+        """Streams (hidden, fp32 residual (None before the first block)) and the full token state."""
+        hidden = model.embed(x)
+        bsz, length, _ = hidden.shape
+        state = TokenState(
+            positions=torch.arange(length, device=x.device).expand(bsz, -1),
+            cls_index=torch.full((bsz,), model.config.cls_position, device=x.device, dtype=torch.long),
+            length=length, grid=(model.config.grid_size, model.config.grid_size), keeps_positions=keeps_positions,
+        )  # fmt: skip
+        return (hidden, None), state
+
+    def run_block(self, model: VisionMamba, index: int, streams: tuple, state: TokenState,
+                  geometry: VimGeometry | None, needs: frozenset[str] = frozenset()) -> BlockOutput:
+        block = model.layers[index]
+        deltas: list[Tensor] | None = [] if "delta" in needs else None
+        hidden, residual, y = block(*streams, geometry, deltas)
+        mixer_input = block.norm(residual.to(block.norm.weight.dtype)) if "mixer_input" in needs else None
+        return BlockOutput((hidden, residual), y, deltas[0] if deltas else None, mixer_input)
+
+    def geometry(self, model: VisionMamba, state: TokenState, plan) -> VimGeometry | None:
+        """Tokens at their original positions (align): the conv reads original neighbours (``plan.conv ==
+        "original"``) and the scans decay over the gaps (unless ``plan.gap == "zero"``)."""
+        if not (state.keeps_positions and state.reduced):
+            return None
+        counts = None
+        if plan.gap != "zero":
+            fwd, bwd = gaps_from_positions(state.positions, state.length)
+            counts = (fwd.float(), bwd.float())
+        conv_positions = state.positions if plan.conv == "original" else None
+        return VimGeometry(state.length, conv_positions, counts, plan.gap)
+
+    def head(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
+        hidden, residual = streams
+        tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
+        return model.head(gather_tokens(tokens, state.cls_index[:, None])[:, 0])
+
+    def check_plan(self, plan) -> None:
+        pass  # every option applies
+
+    def mixer_dims(self, module: nn.Module) -> MixerDims | None:
+        if not isinstance(module, BiMambaMixer):
+            return None
+        k = module.conv1d.kernel_size[0]
+        # one scan direction counted (the peers' convention), z enters the scan
+        return MixerDims(module.in_proj.in_features, module.d_inner, module.d_state, module.dt_rank, k, k - 1, 1, True)
 
 
 FAMILY = register_family(VimFamily())

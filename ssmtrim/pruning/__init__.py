@@ -1,6 +1,6 @@
-"""Token pruning for vision SSMs: scoring, selection, alignment, calibration, in-place patches per family.
-
-``apply_pruning`` / ``remove_pruning`` dispatch on the model's family; ``prune`` calibrates on images and patches.
+"""Token reduction for vision SSMs: the plan (:mod:`.config`), the family-agnostic driver (:mod:`.engine`), registered
+strategies (:mod:`.strategies`) and scores (:mod:`.scores`), calibration (:mod:`.calibrate`) and schedules
+(:mod:`.schedule`). ``prune`` calibrates on images and patches the model in place.
 """
 
 from __future__ import annotations
@@ -11,42 +11,23 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning.config import ARRANGEMENTS, GAP_ESTIMATES, MODES, SCORES, PruneConfig, PruneStats, kept_count
+from ssmtrim.pruning.config import GAP_ESTIMATES, MODES, PruneConfig
+from ssmtrim.pruning.engine import (
+    ReducedOutput,
+    apply_pruning,
+    is_pruned,
+    kept_count,
+    reduced_forward,
+    remove_pruning,
+)  # fmt: skip
+from ssmtrim.pruning.scores import score_names
+from ssmtrim.pruning.state import PruneStats
+from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
-    "ARRANGEMENTS", "GAP_ESTIMATES", "MODES", "SCORES", "PruneConfig", "PruneResult", "PruneStats", "apply_pruning",
-    "is_pruned", "kept_count", "prune", "remove_pruning",
+    "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput", "apply_pruning",
+    "is_pruned", "kept_count", "prune", "reduced_forward", "remove_pruning", "score_names", "strategy_names",
 ]  # fmt: skip
-
-
-def _family_module(model: nn.Module):
-    family = getattr(getattr(model, "config", None), "family", None)
-    if family == "vim":
-        from ssmtrim.pruning import vim
-
-        return vim
-    if family == "plainmamba":
-        from ssmtrim.pruning import plainmamba
-
-        return plainmamba
-    raise ConfigError(f"cannot prune a {type(model).__name__}; load a Vim or PlainMamba model with ssmtrim.load_model.")
-
-
-def is_pruned(model: nn.Module) -> bool:
-    return getattr(model, "prune_config", None) is not None
-
-
-def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """Patch ``model`` in place so that it prunes tokens as ``config`` says (:mod:`ssmtrim.pruning.vim`,
-    :mod:`ssmtrim.pruning.plainmamba`)."""
-    if is_pruned(model):
-        raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
-    return _family_module(model).apply_pruning(model, config)
-
-
-def remove_pruning(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_pruning`; the dense model again, same object and weights."""
-    return _family_module(model).remove_pruning(model) if is_pruned(model) else model
 
 
 @dataclass
@@ -73,11 +54,12 @@ def prune(
     """
     from ssmtrim.data import scan_folder
     from ssmtrim.models.loading import data_config_of
+    from ssmtrim.models.registry import family_of
     from ssmtrim.pruning.calibrate import calibrate, load_images
 
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
-    config.validate_for(model.config.depth)
+    config.validate_for(family_of(model).depth(model.config))
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
     calibration = None

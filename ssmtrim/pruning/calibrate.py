@@ -90,8 +90,14 @@ def calibrate(
     unreadable: int = 0,
 ) -> CalibrationResult:
     """Thresholds for ``config`` on ``images`` (N 3 H W, already transformed) with the dense ``model``."""
-    from ssmtrim.pruning import apply_pruning, remove_pruning
+    from ssmtrim.models.registry import family_of
+    from ssmtrim.pruning.engine import is_pruned, reduced_forward
 
+    if is_pruned(model):
+        raise ConfigError("this model is already pruned; calibrate the dense model it came from instead.")
+    family = family_of(model)
+    config.validate_for(family.depth(model.config))
+    family.check_plan(config)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -101,7 +107,6 @@ def calibrate(
     for j, (layer, keep) in enumerate(zip(config.layers, config.keep, strict=True)):
         partial = config.replace(layers=config.layers[: j + 1], keep=config.keep[: j + 1], mode="threshold",
                                  thresholds=(*thresholds, float("-inf")))
-        pruned = apply_pruning(model, partial)
         pooled: list[Tensor] = []
 
         def observe(block: int, scores: Tensor, candidates: Tensor, target: int = layer - 1, pooled=pooled) -> None:
@@ -109,17 +114,13 @@ def calibrate(
                 pooled.append(scores[candidates].float().cpu())
                 raise _StopForward
 
-        pruned.score_observer = observe
-        try:
-            for i in range(n):  # threshold mode runs image by image anyway
-                try:
-                    pruned(images[i : i + 1])
-                except _StopForward:
-                    pass
-                if progress:
-                    progress(f"calibrating layer {layer}", i + 1, n)
-        finally:
-            remove_pruning(pruned)
+        for i in range(n):  # threshold mode runs image by image anyway
+            try:
+                reduced_forward(model, images[i : i + 1], partial, observe)
+            except _StopForward:
+                pass
+            if progress:
+                progress(f"calibrating layer {layer}", i + 1, n)
         scores = torch.cat(pooled)
         threshold = _mean_fraction_threshold(pooled, keep) if keep < 1.0 else float("-inf")
         thresholds.append(threshold)
@@ -128,16 +129,13 @@ def calibrate(
                                        {f"q{int(q * 100):02d}": float(v) for q, v in zip((0.05, 0.25, 0.5, 0.75, 0.95),
                                                                                           qs, strict=True)}))
     # check: the mean kept fraction of the threshold mode on the same images
-    pruned = apply_pruning(model, config.replace(mode="threshold", thresholds=tuple(thresholds)))
-    try:
-        fractions = []
-        for lo in range(0, n, batch_size):
-            pruned(images[lo : lo + batch_size])
-            fractions.append((pruned.last_stats.kept_fraction, min(batch_size, n - lo)))
-            if progress:
-                progress("checking thresholds", min(lo + batch_size, n), n)
-    finally:
-        remove_pruning(pruned)
+    final = config.replace(mode="threshold", thresholds=tuple(thresholds))
+    fractions = []
+    for lo in range(0, n, batch_size):
+        stats = reduced_forward(model, images[lo : lo + batch_size], final).stats
+        fractions.append((stats.kept_fraction, min(batch_size, n - lo)))
+        if progress:
+            progress("checking thresholds", min(lo + batch_size, n), n)
     for j, entry in enumerate(layers):
         entry.kept_fraction = sum(f[j] * w for f, w in fractions) / n
     model.train(was_training)

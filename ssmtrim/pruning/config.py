@@ -3,12 +3,14 @@
 Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962):
 - ``layers``: 1-based block indices AFTER which tokens are pruned (``5, 10, 15`` prunes after the 5th, 10th, 15th);
 - ``keep``: fraction of the current patch tokens kept at each of those layers (Vim's class token is always kept;
-  PlainMamba has none, see ``ssmtrim.pruning.plainmamba``);
-- ``score``: token importance, from the gated SSM output y (B L E) of the pruning layer before out_proj:
-  ``clipped`` mean_e max(0, y) (the method), ``unclipped`` mean_e y, ``l1`` mean_e |y|, ``l2`` ||y||_2, ``random``;
-- ``arrangement`` of the kept tokens: ``align`` (original order, class token at its original position, and the scans
-  keep the gap of pruned positions), ``keep-order`` (original order, class token re-centred, no gap: the released
-  code), ``reorder`` (score order, pruned tokens fused into one extra token: the EViT baseline);
+  PlainMamba has none, see ``ssmtrim.models.plainmamba_grid``);
+- ``score``: token importance, a registered score (:mod:`ssmtrim.pruning.scores`), from the gated SSM output y
+  (B L E) of the pruning layer before out_proj: ``clipped`` mean_e max(0, y) (the method), ``unclipped`` mean_e y,
+  ``l1`` mean_e |y|, ``l2`` ||y||_2, ``random``;
+- ``arrangement``: the registered strategy (:mod:`ssmtrim.pruning.strategies`) that reduces the tokens: ``align``
+  (original order, class token at its original position, and the scans keep the gap of pruned positions),
+  ``keep-order`` (original order, class token re-centred, no gap: the released code), ``reorder`` (score order,
+  pruned tokens fused into one extra token: the EViT baseline);
 - ``gap``: how ``align`` estimates the step size Δ of the positions that no longer exist: ``bias``
   softplus(dt bias) per channel, ``mean`` the mean Δ of the kept tokens in that layer and direction, ``zero`` no decay
   (the carry-over reading, equal to dropping the tokens for the recurrence). ``bias`` is the default: it measured
@@ -19,6 +21,10 @@ Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962):
   ``keep-order``'s conv does, while the scan still keeps the gaps). ``original`` is the default; ``kept`` measured
   about 5 points of top-1 better on the project's CIFAR-10 Vim (README, "The method, measured"). PlainMamba's 2-D
   conv always runs on the original grid;
+- ``metric`` (merging strategies): what token similarity is measured on, ``input`` the normed input of the block's
+  mixer (the default, measured best), ``y`` the gated SSM output, ``delta`` softplus(Δ);
+- ``drop_fraction`` (``merge``): the share of the removed tokens, the least important, that is dropped instead of
+  merged (UTR's prune-then-merge; 0 merges every removed token);
 - ``mode``: ``count`` keeps a fixed number per layer (batch-friendly), ``threshold`` keeps each image's tokens whose
   score passes the calibrated per-layer threshold.
 """
@@ -27,16 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ssmtrim.errors import ConfigError
+from ssmtrim.pruning.scores import score_names
+from ssmtrim.pruning.strategies import strategy_names
 
-SCORES = ("clipped", "unclipped", "l1", "l2", "random")
-ARRANGEMENTS = ("align", "keep-order", "reorder")
 GAP_ESTIMATES = ("mean", "bias", "zero")
 MODES = ("count", "threshold")
 CONV_NEIGHBOURS = ("original", "kept")
+MERGE_METRICS = ("input", "y", "delta")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class PruneConfig:
     thresholds: tuple[float, ...] | None = None  # per pruning layer, set by calibration
     seed: int = 0  # for the random score
     conv: str = "original"  # align's conv neighbours (Vim): original positions or the kept tokens
+    metric: str = "input"  # merging: token similarity from the mixer input, the gated SSM output y, or softplus(Δ)
+    drop_fraction: float = 0.0  # merging: share of the removed tokens (the least important) dropped, not merged
 
     def __post_init__(self) -> None:
         layers, keep = tuple(int(v) for v in self.layers), tuple(float(v) for v in self.keep)
@@ -67,11 +76,17 @@ class PruneConfig:
         for k in keep:
             if not (0.0 < k <= 1.0) or math.isnan(k):
                 raise ConfigError(f"--keep ratio {k} is outside (0, 1]; give the fraction of tokens to keep, e.g. 0.8.")
-        for name, value, allowed in (("score", self.score, SCORES), ("arrangement", self.arrangement, ARRANGEMENTS),
+        for name, value, allowed in (("score", self.score, score_names()),
+                                     ("arrangement", self.arrangement, strategy_names()),
                                      ("gap", self.gap, GAP_ESTIMATES), ("mode", self.mode, MODES),
                                      ("conv", self.conv, CONV_NEIGHBOURS)):
             if value not in allowed:
                 raise ConfigError(f"--{name} {value!r} is not one of {', '.join(allowed)}.")
+        if self.metric not in MERGE_METRICS:
+            raise ConfigError(f"--metric {self.metric!r} is not one of {', '.join(MERGE_METRICS)}.")
+        if not 0.0 <= float(self.drop_fraction) <= 1.0 or math.isnan(float(self.drop_fraction)):
+            raise ConfigError(f"--drop-fraction {self.drop_fraction} is outside [0, 1]; it is the share of removed "
+                              "tokens dropped instead of merged.")
         if self.thresholds is not None:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if len(self.thresholds) != len(layers):
@@ -110,47 +125,37 @@ class PruneConfig:
         return dataclasses.replace(self, **changes)
 
 
-def kept_count(current: int, keep: float) -> int:
-    """Patch tokens kept out of ``current``: floor(current * keep), made even so that with the class token the
-    sequence length is odd and the class token can sit exactly in the middle (the released code: 196 -> 156 -> 124
-    -> 100 patch tokens at 0.8). At least 2, at most ``current``."""
-    if keep >= 1.0:
-        return current
-    k = int(math.floor(current * keep + 1e-9))
-    if k % 2:
-        k += 1
-    return max(min(k, current), min(2, current))
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Which images calibrate, and how they are read."""
+
+    num_images: int = 256  # seeded subset of the calibration folder
+    batch_size: int = 32
+    seed: int = 0
+    workers: int | None = None  # image-reading processes (None: a default for this machine)
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ConfigError(f"--num-images must be at least 1, got {self.num_images}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.")
 
 
-@dataclass
-class PruneStats:
-    """What pruning recorded during one forward (typed per-forward state, not a dict)."""
+@dataclass(frozen=True)
+class FlopsTarget:
+    """A FLOPs budget instead of a hand-set keep ratio: ``ratio`` of the dense FLOPs in ``convention``. With
+    ``keep_layers`` the plan's layers stay and only the keep ratio is solved for; otherwise a schedule is searched on
+    the first ``search_images`` calibration images."""
 
-    tokens_per_block: list[float] = field(default_factory=list)  # mean tokens entering each block
-    kept_fraction: list[float] = field(default_factory=list)  # mean kept fraction at each pruning layer
+    ratio: float
+    convention: str = "full"
+    keep_layers: bool = False
+    search_images: int = 64
 
-    @staticmethod
-    def mean(stats: list[PruneStats | None]) -> PruneStats:
-        """Per-image stats averaged (threshold mode runs images one by one)."""
-        valid = [s for s in stats if s is not None]
-        if not valid:
-            return PruneStats()
-        n = len(valid)
-        blocks, layers = len(valid[0].tokens_per_block), len(valid[0].kept_fraction)
-        return PruneStats(
-            tokens_per_block=[sum(s.tokens_per_block[i] for s in valid) / n for i in range(blocks)],
-            kept_fraction=[sum(s.kept_fraction[i] for s in valid) / n for i in range(layers)],
-        )
-
-
-def forward_image_by_image(model, x):
-    """Threshold mode: each image keeps its own number of tokens, so a batch runs one image at a time; the model's
-    ``last_stats`` becomes the mean over the images. ``model`` is a pruned model of any family."""
-    import torch
-
-    outs, stats = [], []
-    for i in range(x.shape[0]):
-        outs.append(model(x[i : i + 1]))
-        stats.append(model.last_stats)
-    model.last_stats = PruneStats.mean(stats)
-    return torch.cat(outs)
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0 or math.isnan(self.ratio):
+            raise ConfigError(f"--flops {self.ratio} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
+        if self.convention not in ("full", "paper"):
+            raise ConfigError(f"--flops-convention {self.convention!r} is not one of full, paper.")
+        if self.search_images < 1:
+            raise ConfigError(f"search_images must be at least 1, got {self.search_images}.")

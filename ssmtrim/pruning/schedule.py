@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning.config import PruneConfig, kept_count
+from ssmtrim.models.registry import family_of
+from ssmtrim.pruning.config import PruneConfig
+from ssmtrim.pruning.engine import apply_pruning, kept_count, remove_pruning
 
 # candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
 _CANDIDATES = (
@@ -48,20 +50,15 @@ class ScheduleSearch:
 
 
 def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> list[int]:
-    """Tokens entering each block under a count-mode schedule (class token included for Vim)."""
-    family = model.config.family
-    if family == "vim":
-        count, extra = kept_count, 1
-    else:
-        from ssmtrim.pruning.plainmamba import plain_kept_count
-
-        count, extra = plain_kept_count, 0
-    candidates = model.config.num_patches
+    """Tokens entering each block under a count-mode schedule (a protected class token included)."""
+    family = family_of(model)
+    protected = 1 if family.has_class_token(model.config) else 0
+    candidates = family.num_tokens(model.config) - protected
     out = []
-    for block in range(model.config.depth):
-        out.append(candidates + extra)
+    for block in range(family.depth(model.config)):
+        out.append(candidates + protected)
         if block + 1 in layers:
-            candidates = count(candidates, keep)
+            candidates = kept_count(candidates, keep, centred=bool(protected))
     return out
 
 
@@ -73,7 +70,8 @@ class FlopsModel:
 
         report = count_flops(model, convention=convention)
         self.total = report.total
-        self.blocks = [report.by_module.get(f"layers.{i}", 0) for i in range(model.config.depth)]
+        family = family_of(model)
+        self.blocks = [report.by_module.get(family.block_name(i), 0) for i in range(family.depth(model.config))]
         self.dense_tokens = tokens_per_block(model, (), 1.0)
         self.model = model
 
@@ -107,11 +105,10 @@ def search_schedule(
 ) -> ScheduleSearch:
     """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives score, arrangement and gap estimate."""
     from ssmtrim.evaluate import predict
-    from ssmtrim.pruning import apply_pruning, remove_pruning
 
     if not 0.0 < target < 1.0:
         raise ConfigError(f"--flops {target} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
-    depth = model.config.depth
+    depth = family_of(model).depth(model.config)
     flops = FlopsModel(model, convention)
     candidates: list[Candidate] = []
     seen = set()

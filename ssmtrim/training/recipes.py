@@ -90,7 +90,7 @@ def _training_card(model_name: str, init: str | os.PathLike | None, data: str | 
 def _init_from(model: nn.Module, init: str | os.PathLike) -> dict[str, Any] | None:
     """Copy the weights of the dense checkpoint ``init`` into ``model`` (same architecture); return its training
     record, if it has one."""
-    from ssmtrim.models.loading import load_model
+    from ssmtrim.checkpoint import load_model
     from ssmtrim.pruning import is_pruned
 
     source = load_model(init)
@@ -118,8 +118,8 @@ def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> n
     """The distillation teacher of a pruned model: ``teacher`` if given; else the dense weights the pruned folder
     holds (pruning never changes weights, so they are its dense source's), unless it was already fine-tuned, in
     which case its recorded dense source is loaded."""
+    from ssmtrim.checkpoint import load_model
     from ssmtrim.evaluate import check_compatible, dense_of
-    from ssmtrim.models.loading import load_model
 
     if teacher is not None:
         found = load_model(teacher)
@@ -157,8 +157,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune a pruned checkpoint folder with pruning active, distilling from its dense teacher; write a pruned
     folder in the format ``ssmtrim prune`` writes (plus the recipe and metrics), the log and the resumable state."""
-    from ssmtrim.checkpoint import save_model_into
-    from ssmtrim.models.loading import data_config_of, load_model
+    from ssmtrim.checkpoint import load_model, save_model_into
+    from ssmtrim.models.loading import data_config_of
     from ssmtrim.pruning import is_pruned
 
     model = load_model(pruned)

@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import ssmtrim
+from ssmtrim.checkpoint import load_model
 from ssmtrim.cli.app import app
-from ssmtrim.models.loading import load_model
 
 REPO = Path(ssmtrim.__file__).resolve().parent.parent
 OFFICIAL = {

@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
+from ssmtrim.checkpoint import load_model
 from ssmtrim.cli.app import app
-from ssmtrim.models.loading import load_model
 
 
 def test_convert_at_another_size_writes_a_folder_that_reloads(write_official, tmp_path, monkeypatch):

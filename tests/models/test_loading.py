@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import ssmtrim
+from ssmtrim.checkpoint import load_model
 from ssmtrim.errors import CheckpointError, SourceNotFoundError, SsmtrimError, StateDictMismatchError
-from ssmtrim.models.loading import load_model, read_checkpoint, resolve_source
+from ssmtrim.models.loading import read_checkpoint, resolve_source
 from ssmtrim.models.registry import get_spec
 
 VIM_HUB = "hustvl/Vim-tiny-midclstok"

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import ssmtrim
+from ssmtrim.checkpoint import load_model
 from ssmtrim.errors import ConfigError
 from ssmtrim.models import registry
-from ssmtrim.models.loading import load_model, num_tokens
+from ssmtrim.models.loading import num_tokens
 from ssmtrim.models.resize import resize_model, resize_state_dict
 from tests.conftest import randomize
 

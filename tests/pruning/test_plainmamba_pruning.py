@@ -3,6 +3,8 @@ the packed grid of keep-order, counts and order, batching, the dw conv on the gr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +12,10 @@ import torch.nn.functional as F
 import ssmtrim
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.plainmamba import PlainMambaConfig, PlainMambaMixer
-from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning
+from ssmtrim.models.plainmamba_grid import make_plan
+from ssmtrim.models.tokens import TokenState
+from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, kept_count, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import calibrate
-from ssmtrim.pruning.plainmamba import PrunablePlainMambaMixer, TokenLayout, _dwconv, plain_kept_count
 from tests.models.test_plainmamba import randomise, walks
 
 HW = (5, 6)  # 80 x 96 images: a non-square 30-token grid (pos_embed is resized from the stored 4 x 4)
@@ -31,27 +34,51 @@ def images():
     return torch.randn(5, 3, 16 * HW[0], 16 * HW[1], generator=torch.Generator().manual_seed(1))
 
 
+def plain_kept_count(n, keep):
+    return kept_count(n, keep, centred=False)
+
+
+def reduced_plan(positions, hw, keeps_positions, gap_estimate="bias"):
+    """The scan plan of tokens at raster ``positions`` (B L) of the original ``hw`` grid, after a reduction."""
+    state = TokenState(positions, None, hw[0] * hw[1], hw, keeps_positions=keeps_positions, reduced=True)
+    return make_plan(state, gap_estimate)
+
+
 def run_pruned(model, images, **kw):
     cfg = PruneConfig(**{"layers": (2, 4), "keep": (0.7,), **kw})
     apply_pruning(model, cfg)
     try:
+        assert type(model).__name__ == "ReducedPlainMamba"
         with torch.no_grad():
             out = model(images)
-            _, layout, stats = model.forward_pruned(images) if cfg.mode == "count" else (None, None, None)
-        return out, layout, stats
+            state, stats = None, None
+            if cfg.mode == "count":
+                reduced = reduced_forward(model, images)
+                assert torch.equal(reduced.logits, out)
+                state, stats = reduced.state, reduced.stats
+        return out, state, stats
     finally:
         remove_pruning(model)
 
 
 def test_keep_one_is_exactly_the_dense_model(model, images):
     with torch.no_grad():
-        dense, feats = model(images), model.forward_features(images)
+        dense = model(images)
+    full = torch.arange(HW[0] * HW[1]).expand(images.shape[0], -1)
     for arrangement in ("align", "keep-order", "reorder"):
-        apply_pruning(model, PruneConfig(layers=(2, 4), keep=(1.0,), arrangement=arrangement))
+        config = PruneConfig(layers=(2, 4), keep=(1.0,), arrangement=arrangement)
+        with torch.no_grad():  # the engine on the dense model with an explicit plan
+            assert torch.equal(reduced_forward(model, images, config).logits, dense), arrangement
+        apply_pruning(model, config)
         try:
             with torch.no_grad():
                 assert torch.equal(model(images), dense), arrangement
-                assert torch.equal(model.forward_features(images), feats), arrangement
+                reduced = reduced_forward(model, images)
+            assert torch.equal(reduced.logits, dense), arrangement
+            # no token was touched: every block ran on the full grid, so the features are the dense ones
+            assert not reduced.state.reduced and torch.equal(reduced.state.positions, full), arrangement
+            assert reduced.stats.kept_fraction == [1.0, 1.0], arrangement
+            assert reduced.stats.tokens_per_block == [float(HW[0] * HW[1])] * 6, arrangement
         finally:
             remove_pruning(model)
     assert not is_pruned(model) and type(model).__name__ == "PlainMamba"
@@ -115,13 +142,11 @@ def test_aligned_mixer_equals_dense_grid_reference(estimate):
     hw = (4, 5)
     mixer = PlainMambaMixer(PlainMambaConfig(embed_dim=16, depth=1, d_state=4, conv_size=3))
     randomise(mixer)  # non-zero direction_Bs, dt bias in [-4, -1]
-    mixer.__class__ = PrunablePlainMambaMixer
-    mixer.gap_estimate = estimate
     keep_pos = irregular_positions(hw, 11, 2)
     x = torch.randn(2, 11, 16)
-    mixer.layout = TokenLayout(keep_pos, hw, "align", pruned=True)
+    plan = reduced_plan(keep_pos, hw, keeps_positions=True, gap_estimate=estimate)
     with torch.no_grad():
-        got = mixer.ssm_output(x, hw)
+        got = mixer.ssm_output(x, hw, plan)
         ref = reference_aligned_ssm_output(mixer, x, keep_pos, hw, estimate)
     print(f"\naligned mixer ({estimate}): max err {(got - ref).abs().max():.2e} (scale {ref.abs().max():.2e})")
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
@@ -137,18 +162,21 @@ def test_keep_order_mixer_is_the_dense_mixer_on_the_packed_grid():
     x = torch.randn(2, 15, 16)
     with torch.no_grad():
         dense = mixer.ssm_output(x, (3, 5))
-        mixer.__class__ = PrunablePlainMambaMixer
-        mixer.layout = TokenLayout(irregular_positions(hw, 15, 2), hw, "keep-order", pruned=True)
-        got = mixer.ssm_output(x, hw)
+        got = mixer.ssm_output(x, hw, reduced_plan(irregular_positions(hw, 15, 2), hw, keeps_positions=False))
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_dwconv_runs_on_the_zero_filled_grid(model):
-    layer = model.layers[3]
+    """With the mixer's out_proj zeroed, the layer adds nothing to its input, so its output is the dw step alone."""
+    layer = copy.deepcopy(model.layers[3]).eval()
+    assert layer.with_dwconv
+    with torch.no_grad():
+        layer.mamba.out_proj.weight.zero_()
+        layer.mamba.out_proj.bias.zero_()
     keep_pos = irregular_positions(HW, 17, 2, seed=3)
     x = torch.randn(2, 17, model.config.embed_dim)
     with torch.no_grad():
-        got = _dwconv(layer, x, TokenLayout(keep_pos, HW, "align", pruned=True))
+        got, _ = layer(x, HW, reduced_plan(keep_pos, HW, keeps_positions=True))
         grid = torch.zeros(2, HW[0] * HW[1], x.shape[-1])
         grid.scatter_(1, keep_pos[..., None].expand_as(x), x)
         full = layer.dw(grid.transpose(1, 2).reshape(2, -1, *HW)).flatten(2).transpose(1, 2)
@@ -161,7 +189,7 @@ def test_dwconv_runs_on_the_zero_filled_grid(model):
 
 @pytest.mark.parametrize("arrangement", ["align", "keep-order", "reorder"])
 def test_token_counts_and_order(model, images, arrangement):
-    out, layout, stats = run_pruned(model, images, arrangement=arrangement)
+    out, state, stats = run_pruned(model, images, arrangement=arrangement)
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     n = HW[0] * HW[1]
     k1 = plain_kept_count(n, 0.7)
@@ -172,7 +200,7 @@ def test_token_counts_and_order(model, images, arrangement):
         k2 = plain_kept_count(k1, 0.7)
         expected = [n, n, k1, k1, k2, k2]
     assert stats.tokens_per_block == [float(v) for v in expected]
-    pos = layout.positions
+    pos = state.positions
     if arrangement == "reorder":
         assert (pos[:, -1] == -1).all()  # the fused token at the end
     else:
@@ -209,7 +237,7 @@ def test_batch_equals_single_images(model, images, thresholds, mode, arrangement
     try:
         with torch.no_grad():
             batch = model(images)
-            stats = model.last_stats
+            stats = reduced_forward(model, images).stats
             single = torch.cat([model(images[i : i + 1]) for i in range(images.shape[0])])
     finally:
         remove_pruning(model)
@@ -221,9 +249,9 @@ def test_score_observer_sees_every_token(model, images):
     seen = []
     apply_pruning(model, PruneConfig(layers=(2, 4), keep=(0.7,)))
     try:
-        model.score_observer = lambda block, scores, candidates: seen.append((block, scores.shape, candidates.all()))
+        observer = lambda block, scores, candidates: seen.append((block, scores.shape, candidates.all()))  # noqa: E731
         with torch.no_grad():
-            model(images)
+            reduced_forward(model, images, observer=observer)
     finally:
         remove_pruning(model)
     assert seen == [(1, (5, 30), True), (3, (5, 21), True)]

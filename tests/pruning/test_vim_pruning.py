@@ -8,10 +8,15 @@ import torch
 
 import ssmtrim
 from ssmtrim.errors import ConfigError
+from ssmtrim.models.tokens import BlockOutput, gaps_from_positions, topk_sorted
 from ssmtrim.ops import selective_scan, selective_scan_ref
-from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, kept_count, remove_pruning
+from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, kept_count, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import calibrate
-from ssmtrim.pruning.scoring import gaps_from_positions, token_scores, topk_sorted
+from ssmtrim.pruning.scores import get_score
+
+
+def token_scores(y, method, generator=None):
+    return get_score(method)(BlockOutput((), y), generator)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +39,15 @@ def run_pruned(model, images, **kw):
     cfg = PruneConfig(**{"layers": (2, 4), "keep": (0.7,), **kw})
     apply_pruning(model, cfg)
     try:
+        assert type(model).__name__ == "ReducedVisionMamba"
         with torch.no_grad():
             out = model(images)
-            tokens, layout, stats = model.forward_pruned(images) if cfg.mode == "count" else (None, None, None)
-        return out, layout, stats
+            state, stats = None, None
+            if cfg.mode == "count":
+                reduced = reduced_forward(model, images)
+                assert torch.equal(reduced.logits, out)
+                state, stats = reduced.state, reduced.stats
+        return out, state, stats
     finally:
         remove_pruning(model)
 
@@ -55,7 +65,7 @@ def test_keep_one_is_exactly_the_dense_model(vim, images):
 
 @pytest.mark.parametrize("arrangement", ["align", "keep-order", "reorder"])
 def test_tokens_counts_class_token_and_order(vim, images, arrangement):
-    out, layout, stats = run_pruned(vim, images, arrangement=arrangement)
+    out, state, stats = run_pruned(vim, images, arrangement=arrangement)
     assert out.shape == (5, 10) and torch.isfinite(out).all()
     k1 = kept_count(16, 0.7)
     if arrangement == "reorder":  # the fused token is one more token, and a candidate at the next pruning
@@ -65,14 +75,14 @@ def test_tokens_counts_class_token_and_order(vim, images, arrangement):
         k2 = kept_count(k1, 0.7)
         expected = [17, 17, k1 + 1, k1 + 1, k2 + 1, k2 + 1]
     assert stats.tokens_per_block == [float(v) for v in expected]
-    pos = layout.positions
+    pos = state.positions
     cls_pos = vim.config.cls_position
     # the class token survives
-    assert (pos.gather(1, layout.cls_index[:, None])[:, 0] == cls_pos).all()
+    assert (pos.gather(1, state.cls_index[:, None])[:, 0] == cls_pos).all()
     if arrangement == "align":
         assert (pos.diff(dim=1) > 0).all()  # original order, class token at its original place
     elif arrangement == "keep-order":
-        assert (layout.cls_index == (pos.shape[1] - 1) // 2).all()  # re-centred
+        assert (state.cls_index == (pos.shape[1] - 1) // 2).all()  # re-centred
         patches = torch.cat([pos[:, : pos.shape[1] // 2], pos[:, pos.shape[1] // 2 + 1 :]], 1)
         assert (patches.diff(dim=1) > 0).all()  # kept tokens keep their order
     else:
@@ -193,23 +203,24 @@ def test_calibrated_thresholds_hit_target_fraction(vim):
 def test_conv_neighbours_original_and_kept(vim, images):
     """align's conv reads original positions (pruned neighbours zero) by default; conv=kept reads the previous kept
     tokens, exactly the plain conv over the condensed sequence, while the scans still keep the gaps."""
-    from ssmtrim.models.vim import BiMambaMixer
-    from ssmtrim.pruning.vim import TokenLayout
+    from ssmtrim.models.registry import family_of
+    from ssmtrim.models.tokens import TokenState
 
     mixer = vim.layers[3].mixer
     x = torch.randn(2, mixer.d_inner, 9)
     positions = torch.tensor([[0, 1, 4, 5, 6, 9, 12, 13, 16], [2, 3, 4, 8, 9, 10, 11, 15, 16]])
+    state = TokenState(positions, torch.tensor([4, 4]), 17, (4, 4), keeps_positions=True, reduced=True)
     apply_pruning(vim, PruneConfig(layers=(2,), keep=(0.5,), conv="kept"))
     try:
-        mixer.set_layout(TokenLayout(positions, torch.tensor([4, 4]), 17, aligned=True))
+        family = family_of(vim)
+        kept_geometry = family.geometry(vim, state, vim.prune_config)
+        original_geometry = family.geometry(vim, state, vim.prune_config.replace(conv="original"))
         with torch.no_grad():
-            kept = [mixer.conv_act(x, backward=b) for b in (False, True)]
-            mixer.conv_neighbours = "original"
-            original = [mixer.conv_act(x, backward=b) for b in (False, True)]
-            plain = [BiMambaMixer.conv_act(mixer, x, backward=b) for b in (False, True)]
-        assert mixer.decay_gap(torch.zeros(2, mixer.d_inner, 9), False) is not None  # gaps stay
+            kept = [mixer.conv_act(x, b, kept_geometry) for b in (False, True)]
+            original = [mixer.conv_act(x, b, original_geometry) for b in (False, True)]
+            plain = [mixer.conv_act(x, b) for b in (False, True)]
+        assert mixer.decay_gap(torch.zeros(2, mixer.d_inner, 9), False, kept_geometry) is not None  # gaps stay
     finally:
-        mixer.set_layout(None)
         remove_pruning(vim)
     for k, o, p in zip(kept, original, plain, strict=True):
         torch.testing.assert_close(k, p, atol=0, rtol=0)

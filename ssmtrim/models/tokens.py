@@ -1,0 +1,90 @@
+"""Token state shared by the models' blocks and the reduction engine: where the current tokens of a (possibly
+reduced) sequence came from, and the pure functions that select and gather tokens. Indices are computed once and
+applied to every tensor that follows the tokens (hidden, residual, positions), in the manner of ToMe's
+``bipartite_soft_matching`` returning a merge function.
+
+Per-forward state is typed and passed to and returned by each step, never stored on a module.
+Shapes: B batch, L current tokens, L0 original tokens, K kept tokens, E d_inner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
+# a reduction applies the same selection to each (None entries: a stream not started yet)
+Streams = tuple[Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Where the current tokens came from. Replaced, never mutated, when tokens are reduced."""
+
+    positions: Tensor  # B L original index of each token (-1: a token that stands at no single position, e.g. fused)
+    cls_index: Tensor | None  # B, index of the protected class token in the current sequence; None: nothing protected
+    length: int  # L0, tokens before any reduction
+    grid: tuple[int, int]  # (H, W) of the original patch grid
+    keeps_positions: bool  # the strategy keeps tokens at their original positions (convs and scans see the gaps)
+    reduced: bool = False  # tokens were removed at least once
+    sizes: Tensor | None = None  # B L original tokens each token stands for (merging strategies); None: one each
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[1]
+
+    def protected(self) -> Tensor:
+        """B L bool, True for tokens that are never reduced (the class token)."""
+        if self.cls_index is None:
+            return torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        return torch.arange(self.num_tokens, device=self.positions.device)[None, :] == self.cls_index[:, None]
+
+    def replace(self, **changes) -> TokenState:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class BlockOutput:
+    """What a family's block hands to the reduction step after it ran."""
+
+    streams: Streams
+    y: Tensor  # B L E, the gated SSM output in the current token order (what the scores read)
+    delta: Tensor | None = None  # B L E, softplus(Δ) in the current token order, when asked for ("delta")
+    mixer_input: Tensor | None = None  # B L D, the normed input of the block's mixer, when asked for ("mixer_input")
+
+
+def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tensor:
+    """Indices (B k) of the k highest scores per row, returned in increasing index order (original order).
+
+    ``protected`` (B L bool) marks tokens that must not be chosen (they are kept separately, e.g. the class token).
+    Ties break towards the lower index, so results do not depend on the batch.
+    """
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("-inf"))
+    # a stable sort on -score breaks ties by position; topk's order among equal values is unspecified
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :k]
+    return order.sort(dim=1).values
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B L ...) , index (B K) -> x[b, index[b]] (B K ...)."""
+    shape = index.shape + x.shape[2:]
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
+    return x.gather(1, idx)
+
+
+def gaps_from_positions(positions: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Number of pruned original positions just before each kept token, in each scan direction.
+
+    positions (B K), increasing original positions of the kept tokens of a sequence of ``length`` tokens.
+    Returns (forward (B K), backward (B K)): forward[k] = positions skipped between kept token k-1 and k (leading ones
+    before the first kept token count for the first); backward[k] the same for the reversed scan, i.e. between k and
+    k+1 (trailing ones count for the last), still indexed in original order.
+    """
+    pos = positions.long()
+    prev = torch.cat([pos.new_full((pos.shape[0], 1), -1), pos[:, :-1]], dim=1)
+    nxt = torch.cat([pos[:, 1:], pos.new_full((pos.shape[0], 1), length)], dim=1)
+    return (pos - prev - 1).clamp_min(0), (nxt - pos - 1).clamp_min(0)

@@ -1,0 +1,152 @@
+"""The one family-agnostic reduction driver: embed, then block by block, and after each reduction point
+score -> count -> strategy; the family adapter runs the blocks and the head, the strategy decides what the tokens
+become. Per-forward state (:class:`~ssmtrim.pruning.state.TokenState`, the stats) is passed and returned.
+
+Patching is ToMe's ``apply_patch``: the model's class is swapped for a subclass whose ``forward`` runs this driver,
+weights untouched; :func:`remove_pruning` swaps it back, so "nothing reduced" is exactly the dense model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ssmtrim.errors import ConfigError
+from ssmtrim.models.registry import family_of
+from ssmtrim.models.tokens import TokenState
+from ssmtrim.pruning.config import PruneConfig
+from ssmtrim.pruning.scores import get_score
+from ssmtrim.pruning.state import PruneStats, ReductionStep
+from ssmtrim.pruning.strategies import get_strategy
+
+# observer(block index 0-based, scores (B L), candidate mask (B L) of reducible tokens); used by calibration
+ScoreObserver = Callable[[int, Tensor, Tensor], None]
+
+
+@dataclass
+class ReducedOutput:
+    logits: Tensor  # B classes
+    state: TokenState | None  # of the last image's tokens after the last block (None when run image by image)
+    stats: PruneStats
+
+
+def kept_count(current: int, keep: float, centred: bool = True) -> int:
+    """Unprotected tokens kept out of ``current``: floor(current * keep). With a class token to centre
+    (``centred``) the count is made even so that the sequence length is odd and the class token sits exactly in the
+    middle (the released Vim code: 196 -> 156 -> 124 -> 100 patch tokens at 0.8), at least 2; without, at least 1."""
+    if keep >= 1.0:
+        return current
+    k = int(math.floor(current * keep + 1e-9))
+    if not centred:
+        return max(min(k, current), 1)
+    if k % 2:
+        k += 1
+    return max(min(k, current), min(2, current))
+
+
+def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = None,
+                    observer: ScoreObserver | None = None) -> ReducedOutput:
+    """Images (B 3 H W) -> logits with tokens reduced as ``config`` (default: the model's plan) says."""
+    config = config if config is not None else model.prune_config
+    if config.mode == "threshold" and x.shape[0] > 1:
+        # each image keeps its own number of tokens, so a batch runs one image at a time
+        outs = [reduced_forward(model, x[i : i + 1], config, observer) for i in range(x.shape[0])]
+        return ReducedOutput(torch.cat([o.logits for o in outs]), None, PruneStats.mean([o.stats for o in outs]))
+    family = family_of(model)
+    strategy, score = get_strategy(config.arrangement), get_score(config.score)
+    streams, state = family.embed(model, x, strategy.keeps_positions)
+    keep = config.keep_by_layer()
+    thresholds = dict(zip(keep, config.thresholds, strict=True)) if config.thresholds is not None else {}
+    stats = PruneStats()
+    geometry = None
+    needs_at_reduction = (frozenset({"delta"}) if score.needs_delta else frozenset()) | strategy.needs(config)
+    for i in range(family.depth(model.config)):
+        stats.tokens_per_block.append(float(state.num_tokens))
+        needs = needs_at_reduction if i in keep else frozenset()
+        output = family.run_block(model, i, streams, state, geometry, needs) if needs else \
+            family.run_block(model, i, streams, state, geometry)
+        streams = output.streams
+        if i not in keep:
+            continue
+        generator = torch.Generator().manual_seed(config.seed * 1000 + i) if config.score == "random" else None
+        scores = score(output, generator)
+        protected = state.protected()
+        if observer is not None:
+            observer(i, scores, ~protected)
+        candidates = state.num_tokens - (0 if state.cls_index is None else 1)
+        threshold = thresholds.get(i)
+        if config.mode == "threshold" and threshold is not None:
+            k = max(int(((scores >= threshold) & ~protected).sum()), 1)  # a batch of one
+            k = strategy.threshold_count(k, candidates, state)
+        else:
+            k = kept_count(candidates, keep[i], centred=state.cls_index is not None)
+        stats.kept_fraction.append(k / candidates)
+        if k >= candidates:
+            continue  # nothing to reduce here
+        streams, state = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
+        geometry = family.geometry(model, state, config)
+    return ReducedOutput(family.head(model, streams, state), state, stats)
+
+
+class ReducedModel:
+    """Mixed into a model's class by :func:`apply_pruning`: ``forward`` reduces tokens per ``prune_config``."""
+
+    prune_config: PruneConfig
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reduced_forward(self, x).logits
+
+    def __reduce__(self):
+        # the generated class is not importable by name: pickle the dense class and rebuild the patch on load
+        return _rebuild_reduced, (_dense_class(type(self)), self.__dict__)
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _dense_class(cls: type) -> type:
+    return next(c for c in cls.__mro__ if not issubclass(c, ReducedModel))
+
+
+def _rebuild_reduced(dense_cls: type, state: dict) -> nn.Module:
+    model = dense_cls.__new__(dense_cls)
+    model.__dict__.update(state)
+    model.__class__ = _reduced_class(dense_cls)
+    return model
+
+
+def _reduced_class(cls: type) -> type:
+    if cls not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[cls] = type(f"Reduced{cls.__name__}", (ReducedModel, cls), {"__module__": __name__})
+    return _REDUCED_CLASSES[cls]
+
+
+def is_pruned(model: nn.Module) -> bool:
+    return isinstance(model, ReducedModel)
+
+
+def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
+    """Patch ``model`` in place so that its forward reduces tokens as ``config`` says; returns the same object."""
+    if is_pruned(model):
+        raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
+    family = family_of(model)
+    config.validate_for(family.depth(model.config))
+    get_strategy(config.arrangement).check_plan(config)  # options it cannot use: one sentence now, not mid-forward
+    get_score(config.score)
+    family.check_plan(config)
+    model.__class__ = _reduced_class(type(model))
+    model.prune_config = config
+    return model
+
+
+def remove_pruning(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_pruning`: the dense model again (same object, same weights)."""
+    if not is_pruned(model):
+        return model
+    model.__dict__.pop("prune_config", None)
+    model.__class__ = _dense_class(type(model))
+    return model

@@ -1,0 +1,102 @@
+"""Reduction strategies: registered objects, one module each, with one small interface.
+
+A strategy is given a :class:`~ssmtrim.pruning.state.ReductionStep` (the scores, how many unprotected tokens to keep,
+the streams and the token state) and returns the reduced streams and the new state. It applies one selection to
+every stream, so the hidden and residual streams and the position map stay in step. ``keeps_positions`` tells the
+family how the later blocks treat the reduced sequence: at the tokens' original positions (convs read original
+neighbours, scans decay over the gaps) or as a new, condensed sequence.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ssmtrim.errors import ConfigError
+from ssmtrim.models.tokens import Streams, TokenState, gather_tokens
+from ssmtrim.pruning.state import ReductionStep
+
+
+class Strategy:
+    """Subclass, set ``name`` (and ``keeps_positions``), implement :meth:`reduce`; :func:`register_strategy` it."""
+
+    name: ClassVar[str]
+    keeps_positions: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    # PruneConfig fields this strategy reads beyond where / how many (a non-default value of another strategy's
+    # option is refused with one sentence naming it)
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    def needs(self, plan) -> frozenset[str]:
+        """What the family must hand over at a reduction point besides y ("delta", "mixer_input")."""
+        return frozenset()
+
+    def check_plan(self, plan) -> None:
+        for name, default in STRATEGY_OPTIONS.items():
+            if name not in self.options and getattr(plan, name) != default:
+                flag = name.replace("_", "-")
+                users = ", ".join(s.name for s in _STRATEGIES.values() if name in s.options) or "no strategy"
+                raise ConfigError(f"--{flag} is an option of {users}; --arrangement {self.name} does not use it, so "
+                                  f"leave --{flag} out or choose one of those.")
+
+    def threshold_count(self, k: int, candidates: int, state: TokenState) -> int:
+        """Threshold mode: adjust the number of tokens an image keeps (default: as counted)."""
+        return k
+
+    def reduce(self, step: ReductionStep) -> tuple[Streams, TokenState]:
+        raise NotImplementedError
+
+
+# options of the merging strategies with their defaults (PruneConfig fields); a strategy that does not list one in its
+# ``options`` refuses a non-default value
+STRATEGY_OPTIONS = {"metric": "input", "drop_fraction": 0.0}
+
+_STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    _STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def unregister_strategy(name: str) -> None:
+    _STRATEGIES.pop(name, None)
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in _STRATEGIES:
+        raise ConfigError(f"--arrangement {name!r} is not one of {', '.join(_STRATEGIES)}.")
+    return _STRATEGIES[name]
+
+
+def strategy_names() -> tuple[str, ...]:
+    return tuple(_STRATEGIES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by strategies
+
+
+def gather_streams(streams: Streams, index: Tensor) -> Streams:
+    """The same index (B K) applied to every stream (B L ...)."""
+    return tuple(None if t is None else gather_tokens(t, index) for t in streams)
+
+
+def centre_protected(kept: Tensor, state: TokenState) -> tuple[Tensor, Tensor | None]:
+    """Kept unprotected tokens (B K) with the class token put in the middle (the released Vim code); (index, new
+    class-token index). Without a protected token, the kept tokens as they are."""
+    if state.cls_index is None:
+        return kept, None
+    half = kept.shape[1] // 2
+    index = torch.cat([kept[:, :half], state.cls_index[:, None], kept[:, half:]], 1)
+    return index, torch.full((kept.shape[0],), half, device=kept.device, dtype=torch.long)
+
+
+def even_when_centred(k: int, candidates: int, state: TokenState) -> int:
+    """With a class token to centre, an even number of kept tokens puts it exactly in the middle."""
+    if state.cls_index is not None and k % 2 and k < candidates:
+        return k + 1
+    return k

@@ -1,0 +1,46 @@
+"""``tome``: order-preserving bipartite soft matching (ToMe, Bolya et al., ICLR 2023, as R-MeeTo applies it to Vim),
+the peers' merging baseline. The unprotected tokens, in their current order, alternate between set A (even ranks)
+and set B (odd ranks); each A token finds its most similar B token (cosine of ``metric``); the A tokens with the
+highest such similarity are merged into their match, size-weighted, until k unprotected tokens remain. Scores play
+no part. Survivors keep their original positions (as ``align``), the class token stays where it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssmtrim.models.tokens import gather_tokens
+from ssmtrim.pruning.state import ReductionStep
+from ssmtrim.pruning.strategies.base import Strategy, register_strategy
+from ssmtrim.pruning.strategies.merge import merge_into, similarity_features, sizes_of, survivors
+
+
+class ToMe(Strategy):
+    name = "tome"
+    keeps_positions = True
+    options = frozenset({"metric"})
+    description = "bipartite soft matching (ToMe / R-MeeTo), order-preserving, size-weighted"
+
+    def needs(self, plan) -> frozenset[str]:
+        return frozenset({"mixer_input"} if plan.metric == "input" else {"delta"} if plan.metric == "delta" else ())
+
+    def reduce(self, step: ReductionStep):
+        state = step.state
+        protected = state.protected()
+        bsz, length = protected.shape
+        candidates = length - int(protected[0].sum())
+        removed = candidates - step.k
+        order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
+        a_idx, b_idx = order[:, 0::2], order[:, 1::2]
+        removed = min(removed, a_idx.shape[1])
+        features = F.normalize(similarity_features(step.output, step.plan.metric).float(), dim=-1)
+        sim = gather_tokens(features, a_idx) @ gather_tokens(features, b_idx).transpose(1, 2)  # B |A| |B|
+        best, match = sim.max(-1)
+        chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
+        src, dst = a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
+        streams, sizes = merge_into(step.streams, sizes_of(state), src, dst)
+        return survivors(state, streams, sizes, src)
+
+
+register_strategy(ToMe())

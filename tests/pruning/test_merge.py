@@ -1,0 +1,170 @@
+"""Merging strategies (``merge``, ``tome``): sizes add up to the original token count, the merged stream is the
+size-weighted average written out by hand, survivors keep their original order, the class token is never merged,
+batches equal single images, a pooling head weights by size, options are refused where they do not apply, and the
+Δ score reads softplus(Δ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssmtrim
+from ssmtrim.errors import ConfigError
+from ssmtrim.models.tokens import BlockOutput, TokenState
+from ssmtrim.pruning import PruneConfig, apply_pruning, reduced_forward, remove_pruning
+from ssmtrim.pruning.scores import get_score
+from ssmtrim.pruning.state import ReductionStep
+from ssmtrim.pruning.strategies import get_strategy
+
+
+def _perturbed(name: str, **overrides):
+    torch.manual_seed(0)
+    model = ssmtrim.create_model(name, **overrides).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def vim():
+    return _perturbed("vim_test", depth=6)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _perturbed("plainmamba_test", depth=4)
+
+
+def _images(model, n=4, seed=1):
+    s = model.config.img_size
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def test_merge_step_is_the_size_weighted_average_by_hand():
+    torch.manual_seed(0)
+    bsz, length, dim = 2, 7, 5
+    hidden, residual = torch.randn(bsz, length, dim), torch.randn(bsz, length, dim)
+    features = torch.randn(bsz, length, 3)
+    scores = torch.randn(bsz, length)
+    sizes = torch.randint(1, 4, (bsz, length)).float()
+    state = TokenState(torch.arange(length).expand(bsz, -1), torch.tensor([3, 3]), length, (1, length), True,
+                       sizes=sizes)  # fmt: skip
+    plan = PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge")
+    step = ReductionStep(0, scores, 3, (hidden, residual), state, BlockOutput((), features, mixer_input=features),
+                         plan)  # fmt: skip
+    (h2, r2), new = get_strategy("merge").reduce(step)
+    for b in range(bsz):
+        ranked = [i for i in torch.argsort(scores[b], stable=True).tolist() if i != 3]
+        removed, kept = ranked[:3], sorted(ranked[3:] + [3])
+        assert new.positions[b].tolist() == kept and int(new.cls_index[b]) == kept.index(3)
+        f = F.normalize(features[b], dim=-1)
+        acc = {j: (sizes[b, j] * hidden[b, j], sizes[b, j]) for j in kept}
+        for i in removed:
+            targets = [j for j in kept if j != 3]
+            j = max(targets, key=lambda t: float(f[i] @ f[t]))
+            h, w = acc[j]
+            acc[j] = (h + sizes[b, i] * hidden[b, i], w + sizes[b, i])
+        for n, j in enumerate(kept):
+            torch.testing.assert_close(h2[b, n], acc[j][0] / acc[j][1])
+            assert float(new.sizes[b, n]) == float(acc[j][1])
+        assert float(new.sizes[b].sum()) == float(sizes[b].sum())  # nothing lost
+
+
+@pytest.mark.parametrize("arrangement", ["merge", "tome"])
+@pytest.mark.parametrize("name", ["vim", "plain"])
+def test_merging_keeps_order_and_every_original_token(request, name, arrangement):
+    model = request.getfixturevalue(name)
+    x = _images(model)
+    plan = PruneConfig(layers=(1, 2), keep=(0.6,), arrangement=arrangement)
+    with torch.no_grad():
+        out = reduced_forward(model, x, plan)
+        single = torch.cat([reduced_forward(model, x[i : i + 1], plan).logits for i in range(x.shape[0])])
+    state = out.state
+    assert (state.positions.diff(dim=1) > 0).all()  # original order, real positions
+    assert torch.equal(state.sizes.sum(1), torch.full((x.shape[0],), float(state.length)))
+    if state.cls_index is not None:
+        assert (state.positions.gather(1, state.cls_index[:, None]) == model.config.cls_position).all()
+        assert (state.sizes.gather(1, state.cls_index[:, None]) == 1).all()  # the class token receives nothing
+    torch.testing.assert_close(out.logits, single, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        dense = model(x)
+        apply_pruning(model, PruneConfig(layers=(1, 2), keep=(1.0,), arrangement=arrangement))
+        try:
+            assert torch.equal(model(x), dense)  # nothing reduced is the dense model
+        finally:
+            remove_pruning(model)
+
+
+def test_drop_fraction_drops_the_least_important_share(vim):
+    x = _images(vim)
+    with torch.no_grad():
+        merged = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"))
+        half = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge",
+                                                   drop_fraction=0.5))  # fmt: skip
+        dropped = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge",
+                                                      drop_fraction=1.0))  # fmt: skip
+        align = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.5,), arrangement="align"))
+    assert torch.equal(merged.state.positions, align.state.positions)  # the same survivors
+    removed = 16 - 8
+    assert (half.state.sizes.sum(1) == 17 - removed // 2).all()
+    assert (dropped.state.sizes == 1).all()
+    torch.testing.assert_close(dropped.logits, align.logits)  # dropping every removed token is align
+
+
+def test_pooling_head_weights_merged_tokens_by_size(plain):
+    x = _images(plain)
+    family = ssmtrim.models.registry.family_of(plain)
+    with torch.no_grad():
+        out = reduced_forward(plain, x, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"))
+        streams, _ = family.embed(plain, x, True)
+        # the head alone, on made-up tokens: weighted mean of ln1(tokens) by size
+        tokens = torch.randn(4, 8, plain.config.embed_dim)
+        sizes = torch.tensor([[1.0, 3, 1, 1, 2, 1, 1, 6]]).expand(4, -1)
+        state = out.state.replace(sizes=sizes)
+        got = family.head(plain, (tokens,), state)
+        normed = plain.ln1(tokens)
+        expected = plain.head((normed * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True))
+    torch.testing.assert_close(got, expected)
+
+
+def test_merge_options_are_refused_where_they_do_not_apply(vim):
+    with pytest.raises(ConfigError, match="--metric is an option of merge, tome; --arrangement align"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), metric="y"))
+    with pytest.raises(ConfigError, match="--drop-fraction is an option of merge; --arrangement tome"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="tome", drop_fraction=0.5))
+    with pytest.raises(ConfigError, match="--metric 'cls' is not one of input, y, delta"):
+        PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", metric="cls")
+    with pytest.raises(ConfigError, match="--drop-fraction 1.5 is outside"):
+        PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", drop_fraction=1.5)
+    assert type(vim).__name__ == "VisionMamba"
+
+
+@pytest.mark.parametrize("name", ["vim", "plain"])
+def test_delta_score_is_the_channel_mean_of_softplus_delta(request, name):
+    model = request.getfixturevalue(name)
+    x = _images(model, 2)
+    family = ssmtrim.models.registry.family_of(model)
+    with torch.no_grad():
+        streams, state = family.embed(model, x, True)
+        out = family.run_block(model, 0, streams, state, None, frozenset({"delta"}))
+        mixer = model.layers[0].mixer if name == "vim" else model.layers[0].mamba
+        h = model.layers[0].norm(out.streams[1] if name == "vim" else streams[0])
+        xz = mixer.in_proj(h)
+        if name == "vim":  # both directions, the backward one flipped back to original order
+            x_in, _ = xz.transpose(1, 2).chunk(2, dim=1)
+            deltas = []
+            for backward, seq in ((False, x_in), (True, x_in.flip(-1))):
+                s = "_b" if backward else ""
+                u = mixer.conv_act(seq, backward)
+                dt = getattr(mixer, "x_proj" + s)(u.transpose(1, 2))[..., : mixer.dt_rank]
+                d = F.softplus(getattr(mixer, "dt_proj" + s)(dt))  # B L E
+                deltas.append(d.flip(1) if backward else d)
+            expected = (deltas[0] + deltas[1]) / 2
+        else:  # PlainMamba: the dt bias enters twice
+            _, delta, _, _, _ = mixer.project(h, state.grid)
+            expected = F.softplus(delta + mixer.dt_proj.bias[:, None]).transpose(1, 2)
+    torch.testing.assert_close(out.delta, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(get_score("delta")(out), expected.mean(-1), rtol=1e-5, atol=1e-6)
