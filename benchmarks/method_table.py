@@ -1,14 +1,19 @@
-"""The method measured: post-training token pruning on a trained model, every arrangement and score, at fixed FLOPs.
+"""Training-free token reduction on a trained model: the method, its ablations, the peers' methods as ssmtrim
+reproduces them, and ours, at fixed FLOPs.
 
     python benchmarks/method_table.py --test ../shared/data/cifar10/test   # after unpacking cifar10.tar.gz there
 
-Rows: dense; random scores; keep-order (the released code's arrangement); reorder (EViT-style); align with the clipped
-score (the default) and with the ablated scores (unclipped, l1, l2); align with the other estimates of the missing
-Δ (mean of the kept tokens' Δ, zero); align with its conv reading the previous kept tokens instead of the original
-positions (``--conv kept``). Columns: FLOPs reduced by 20/30/40/50% (paper convention) by pruning after the
-same blocks with the keep ratio that meets the target, in count mode (no thresholds involved). No fine-tuning.
-Accuracy is measured on the whole test folder. The Δ̃ rows run at −30% and −50% only. Writes JSON, Markdown and a
-plot (top-1 against GFLOPs, one curve per row).
+Rows (``--rows``): random scores; keep-order (the released ToP-ViM code's arrangement); reorder (EViT-style);
+align with the clipped score (the method as specified) and its ablations (unclipped, l1, l2 scores; the missing Δ
+estimated as the kept tokens' mean or zero; Vim's conv over the kept neighbours); the peers' merging methods as
+reproduced here on a condensed sequence (no decay across gaps, Vim's conv over the kept neighbours): ToMe / R-MeeTo
+(bipartite matching on the block input, no re-training), UTR (clipped score; half of the removed tokens dropped,
+half merged into their most similar kept token), MTR (Δ importance, merged into the most similar kept token); and
+ours, ``merge`` (clipped score, removed tokens merged into their most similar kept token on the normed block input,
+size-weighted, tokens at their original positions with the scans' gap bookkeeping). Columns: FLOPs reduced by
+20/30/40/50% (paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count
+mode. No fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. ``--append`` keeps
+the rows of an earlier run that this run does not compute. Writes JSON, Markdown and a plot (top-1 against GFLOPs).
 """
 
 from __future__ import annotations
@@ -23,26 +28,45 @@ from ssmtrim.data import scan_folder
 from ssmtrim.evaluate import evaluate_tensors, label_images, predict, topk_accuracy
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
+from ssmtrim.models.registry import family_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = {  # id: (label, score, arrangement, gap); the default gap estimate is bias (chosen by this table's Δ̃ rows)
-    "random": ("random", "random", "align", "bias"),
-    "keep-order": ("keep-order", "clipped", "keep-order", "bias"),
-    "reorder": ("reorder (EViT-style)", "clipped", "reorder", "bias"),
-    "align": ("align, clipped (default)", "clipped", "align", "bias"),
-    "align-unclipped": ("align, unclipped", "unclipped", "align", "bias"),
-    "align-l1": ("align, l1", "l1", "align", "bias"),
-    "align-l2": ("align, l2", "l2", "align", "bias"),
-    "align-conv-kept": ("align, clipped, conv over kept neighbours", "clipped", "align", "bias"),
-    "align-gap-mean": ("align, clipped, Δ̃ = mean Δ", "clipped", "align", "mean"),
-    "align-gap-zero": ("align, clipped, Δ̃ = 0", "clipped", "align", "zero"),
+# id: (label, PruneConfig fields); "conv" = "kept" is Vim's only: rows that ask for it are skipped on other families,
+# and CONDENSED rows take the family's own way of reading a condensed sequence
+CONDENSED = {"gap": "zero", "conv": "kept"}
+ROWS = {
+    "random": ("random", {"score": "random", "arrangement": "align"}),
+    "keep-order": ("keep-order (ToP-ViM released code)", {"arrangement": "keep-order"}),
+    "reorder": ("reorder (EViT-style)", {"arrangement": "reorder"}),
+    "align": ("align, clipped (the method as specified)", {"arrangement": "align"}),
+    "align-unclipped": ("align, unclipped", {"arrangement": "align", "score": "unclipped"}),
+    "align-l1": ("align, l1", {"arrangement": "align", "score": "l1"}),
+    "align-l2": ("align, l2", {"arrangement": "align", "score": "l2"}),
+    "align-conv-kept": ("align, clipped, conv over kept neighbours", {"arrangement": "align", "conv": "kept"}),
+    "align-gap-mean": ("align, clipped, Δ̃ = mean Δ", {"arrangement": "align", "gap": "mean"}),
+    "align-gap-zero": ("align, clipped, Δ̃ = 0", {"arrangement": "align", "gap": "zero"}),
+    "tome": ("ToMe / R-MeeTo (bipartite, block input)", {"arrangement": "tome", **CONDENSED}),
+    "utr": ("UTR-style (clipped; half dropped, half merged)", {"arrangement": "merge", "drop_fraction": 0.5,
+                                                                **CONDENSED}),
+    "mtr": ("MTR-style (Δ importance, merged)", {"arrangement": "merge", "score": "delta", **CONDENSED}),
+    "merge": ("merge (ours, the default)", {"arrangement": "merge", "conv": "kept"}),
 }
-
-
+# labels of earlier runs, renamed
+RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
+
+
+def row_config(row: str, family, arch_config, layers, keep) -> PruneConfig | None:
+    """The plan of a row on this family, or None where the row does not apply (Vim's conv options elsewhere)."""
+    fields = dict(ROWS[row][1])
+    if fields.get("conv") == "kept" and family.recommended_plan(arch_config).get("conv") != "kept":
+        if row == "align-conv-kept":
+            return None
+        fields["conv"] = "original"  # a 2-D conv has no 'previous kept token': the family's own conv
+    return PruneConfig(layers=layers, keep=(keep,), **fields)
 
 
 def main() -> None:
@@ -54,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of the rows, comma-separated")
     ap.add_argument("--num-test", type=int, default=None, help="seeded subset of the test images")
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--append", action="store_true", help="keep the earlier run's rows that this run does not compute")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_table"))
     args = ap.parse_args()
 
@@ -77,6 +102,8 @@ def main() -> None:
     print(f"dense: top-1 {dense_top1:.2f}%  GFLOPs paper {dense_flops['paper']:.4f} full {dense_flops['full']:.4f}",
           flush=True)
     estimate = FlopsModel(model, "paper")
+    family = family_of(model)
+    fresh: dict[str, list] = {}
     results = {"model": args.model, "test": args.test, "num_test": len(y_test), "mode": "count",
                "layers": layers, "dense": {"top1": dense_top1, "top5": dense_top5,
                                                                       "gflops": dense_flops}, "rows": {}}
@@ -86,12 +113,13 @@ def main() -> None:
             print(f"target {target}: unreachable with layers {layers}", flush=True)
             continue
         for row in rows:
-            label, score, arrangement, gap = ROWS[row]
+            label = ROWS[row][0]
             if row in GAP_ROWS and target not in GAP_TARGETS:
                 continue
             # count mode (the default) keeps a fixed number of tokens per layer: thresholds play no part
-            config = PruneConfig(layers=layers, keep=(keep,), score=score, arrangement=arrangement, gap=gap,
-                                 conv="kept" if row == "align-conv-kept" else "original")
+            config = row_config(row, family, model.config, layers, keep)
+            if config is None:
+                continue
             pruned = apply_pruning(model, config)
             flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
             r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)
@@ -100,10 +128,23 @@ def main() -> None:
             entry = {"target": target, "keep": keep, "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
                      "kl": r.kl, "gflops": flops, "flops_reduction": 1 - flops["paper"] / dense_flops["paper"],
                      "tokens_per_block": tokens, "seconds": r.seconds}
-            results["rows"].setdefault(label, []).append(entry)
+            fresh.setdefault(label, []).append(entry)
             print(f"FLOPs x{target:.1f} (keep {keep:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
                   f"top-1 {r.top1:6.2f}  agreement {r.agreement:6.2f}  KL {r.kl:.4f}  [{r.seconds:.0f} s]",
                   flush=True)
+    if args.append and Path(args.out).with_suffix(".json").is_file():
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())
+        if old["num_test"] != results["num_test"] or old["layers"] != list(layers):
+            raise SystemExit("--append: the earlier run used other test images or layers; run every row instead.")
+        merged = {RENAMED.get(k, k): {e["target"]: e for e in v} for k, v in old["rows"].items()}
+        for label, entries in fresh.items():  # this run's entries replace the earlier ones at the same target
+            merged.setdefault(label, {}).update({e["target"]: e for e in entries})
+        results["rows"] = {k: [v[t] for t in sorted(v, reverse=True)] for k, v in merged.items()}
+    else:
+        results["rows"] = fresh
+    # table order: the order of ROWS
+    order = [label for label, _ in ROWS.values()]
+    results["rows"] = dict(sorted(results["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     results["seconds"] = time.perf_counter() - t0
     write(results, Path(args.out))
 
@@ -145,7 +186,7 @@ def write(results: dict, out: Path) -> None:
     d = results["dense"]
     ax.scatter([d["gflops"]["paper"] * 1e3], [d["top1"]], color="black", zorder=3, label="dense")
     for name, entries in results["rows"].items():
-        style = "-o" if "default" in name else ("--." if "align" in name else "-s")
+        style = "-o" if "ours" in name else ("--." if "align" in name else "-s")
         ax.plot([e["gflops"]["paper"] * 1e3 for e in entries], [e["top1"] for e in entries], style, label=name)
     ax.set_xlabel("MFLOPs per image (paper convention)")
     ax.set_ylabel("top-1 (%)")

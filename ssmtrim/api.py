@@ -21,7 +21,7 @@ def gflops(model: torch.nn.Module, images: torch.Tensor | None = None) -> dict[s
 
 def prune_and_save(
     source: str | os.PathLike,
-    config: PruneConfig,
+    config: PruneConfig | dict[str, Any],
     data: str | os.PathLike,
     output: str | os.PathLike | None = None,
     *,
@@ -38,10 +38,11 @@ def prune_and_save(
     write the pruned checkpoint folder ``output`` (nothing is written when it is None). Returns the summary that the
     CLI prints.
 
-    With a FLOPs ``target`` the plan's layers and keep ratio are replaced by the schedule
-    :func:`ssmtrim.pruning.schedule.search_schedule` finds (or, with ``target.keep_layers``, only the keep ratio is
-    solved for). With ``eval_data`` (a labelled folder) dense and pruned are also evaluated there
-    (``summary["evaluation"]``)."""
+    ``config`` is a plan, or a dict of the PruneConfig fields the user gave (None: not given), completed by the
+    model family's recommended plan once the model is loaded. With a FLOPs ``target`` the plan's layers and keep
+    ratio are replaced by the schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds (or, with
+    ``target.keep_layers``, only the keep ratio is solved for). With ``eval_data`` (a labelled folder) dense and
+    pruned are also evaluated there (``summary["evaluation"]``)."""
     from ssmtrim.checkpoint import check_output, load_model, save_pruned
     from ssmtrim.data import scan_folder
     from ssmtrim.evaluate import compare_logits, predict
@@ -57,6 +58,8 @@ def prune_and_save(
     model = load_model(source, arch=arch, revision=revision)
     if is_pruned(model):
         raise ConfigError(f"{source} is already pruned; prune the dense model it came from instead.")
+    if isinstance(config, dict):
+        config = PruneConfig.recommended(model, **config)
     if target is None:
         config.validate_for(family_of(model).depth(model.config))
     images, labels, unreadable = load_images(images_set, data_config_of(model), batch_size, progress,

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import ssmtrim
 from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError
+from ssmtrim.pruning import strategy_names
 from ssmtrim.pruning import PruneConfig, apply_pruning
 from ssmtrim.report import measure_speed, parse_sweep
 
@@ -65,10 +66,13 @@ def test_sweep_covers_every_arrangement(setup):
                               "--layers", "1,2", "--no-speed", "-o", str(root / "r2"), "--json"])
     assert res.exit_code == 0, res.output
     entries = json.loads(res.stdout)["entries"]
-    assert [e["arrangement"] for e in entries] == ["dense"] + ["align", "keep-order", "reorder"] * 2
+    names = list(strategy_names())
+    assert {"align", "keep-order", "reorder", "merge", "tome"} <= set(names)
+    assert [e["arrangement"] for e in entries] == ["dense"] + names * 2
     assert all(e["speed"] is None for e in entries)
-    assert entries[1]["plan"]["layers"] == [1, 2] and entries[4]["plan"]["keep"] == [0.5, 0.5]
-    assert entries[4]["gflops"]["full"] < entries[1]["gflops"]["full"] < entries[0]["gflops"]["full"]
+    n = len(names)
+    assert entries[1]["plan"]["layers"] == [1, 2] and entries[1 + n]["plan"]["keep"] == [0.5, 0.5]
+    assert entries[1 + n]["gflops"]["full"] < entries[1]["gflops"]["full"] < entries[0]["gflops"]["full"]
 
 
 def test_speed_is_measured():

@@ -12,13 +12,20 @@ from ssmtrim.errors import ConfigError
 LayersOpt = Annotated[str | None, typer.Option("--layers", help="1-based blocks after which to reduce, e.g. 5,10,15.")]
 KeepOpt = Annotated[str | None, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per "
                                              "layer; default 0.8).")]
-ScoreOpt = Annotated[str, typer.Option("--score", help="Token importance: clipped (default), unclipped, l1, l2, "
-                                       "random, or another registered score.")]
-ArrangementOpt = Annotated[str, typer.Option("--arrangement", help="Reduction strategy: align (default), keep-order, "
-                                             "reorder, or another registered one.")]
-GapOpt = Annotated[str, typer.Option("--gap", help="Δ estimate for pruned positions: bias (default), mean or zero.")]
-ConvOpt = Annotated[str, typer.Option("--conv", help="align's conv neighbours (Vim): original positions (default) or "
-                                      "the kept tokens.")]
+ScoreOpt = Annotated[str | None, typer.Option("--score", help="Token importance: clipped, unclipped, l1, l2, delta, "
+                                              "random, or another registered score (default: the family's "
+                                              "recommendation).")]
+ArrangementOpt = Annotated[str | None, typer.Option("--arrangement", help="Reduction strategy: merge, align, tome, "
+                                                    "keep-order, reorder, or another registered one (default: the "
+                                                    "family's recommendation, merge).")]
+GapOpt = Annotated[str | None, typer.Option("--gap", help="Δ estimate for skipped positions: bias (default), mean or "
+                                            "zero.")]
+ConvOpt = Annotated[str | None, typer.Option("--conv", help="Conv neighbours of a reduced Vim: original positions or "
+                                             "the kept tokens (Vim's default: kept).")]
+MetricOpt = Annotated[str | None, typer.Option("--metric", help="Merging: token similarity on the normed mixer input "
+                                               "(input, default), the SSM output (y) or softplus(Δ) (delta).")]
+DropFractionOpt = Annotated[float | None, typer.Option("--drop-fraction", help="merge: share of the removed tokens "
+                                                       "(least important) dropped instead of merged (default 0).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")]
 
 
@@ -38,6 +45,7 @@ def parse_layers(text: str | None, flag: str = "--layers") -> tuple[int, ...] | 
         raise ConfigError(f"{flag} takes comma-separated block numbers, e.g. 5,10,15; got {text!r}.") from None
 
 
-def strategy_fields(score: str, arrangement: str, gap: str, conv: str, mode: str = "count") -> dict[str, Any]:
-    """The PruneConfig fields that say how tokens are reduced (not where or how many)."""
-    return {"score": score, "arrangement": arrangement, "gap": gap, "conv": conv, "mode": mode}
+def strategy_fields(score: str | None, arrangement: str | None, gap: str | None, conv: str | None,
+                    ) -> dict[str, Any]:
+    """The PruneConfig fields that say how tokens are reduced (not where or how many); None: not given."""
+    return {"score": score, "arrangement": arrangement, "gap": gap, "conv": conv}

@@ -12,9 +12,11 @@ from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, QuietOpt, RevisionO
 from ssmtrim.cli._prune_options import (
     ArrangementOpt,
     ConvOpt,
+    DropFractionOpt,
     GapOpt,
     KeepOpt,
     LayersOpt,
+    MetricOpt,
     ModeOpt,
     ScoreOpt,
     parse_floats,
@@ -38,10 +40,12 @@ def prune(
                                                    "and pruned.")] = None,
     layers: LayersOpt = None,
     keep: KeepOpt = None,
-    score: ScoreOpt = "clipped",
-    arrangement: ArrangementOpt = "align",
-    gap: GapOpt = "bias",
-    conv: ConvOpt = "original",
+    score: ScoreOpt = None,
+    arrangement: ArrangementOpt = None,
+    gap: GapOpt = None,
+    conv: ConvOpt = None,
+    metric: MetricOpt = None,
+    drop_fraction: DropFractionOpt = None,
     mode: ModeOpt = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
@@ -61,7 +65,7 @@ def prune(
     from ssmtrim import bundled
     from ssmtrim.api import prune_and_save
     from ssmtrim.checkpoint import check_output
-    from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget, PruneConfig
+    from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget
 
     if source is None:  # the bundled example, offline
         source = str(bundled.bundled_model())
@@ -78,10 +82,11 @@ def prune(
         raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
         raise ConfigError("say where to prune with --layers, e.g. --layers 5,10,15 --keep 0.8, or give --flops 0.7.")
-    # with --flops the search replaces layers and keep; the placeholder only carries how tokens are reduced
-    config = PruneConfig(layers=parse_layers(layers) or (1,),
-                         keep=parse_floats(keep or "0.8", "--keep") if layers else (1.0,), seed=seed,
-                         **strategy_fields(score, arrangement, gap, conv, mode))
+    # the options given; the model family's recommended plan fills the rest once the model is loaded. With --flops
+    # (and no --layers) the search replaces layers and keep.
+    config = {"layers": parse_layers(layers), "keep": parse_floats(keep, "--keep") if keep else None, "seed": seed,
+              "mode": mode, "metric": metric, "drop_fraction": drop_fraction,
+              **strategy_fields(score, arrangement, gap, conv)}
     with ProgressRenderer(quiet or json_out) as progress:
         summary = prune_and_save(
             source, config, data, output, calibration=CalibrationSettings(num_images, batch_size, seed),

@@ -27,9 +27,9 @@ def report(
     layers: LayersOpt = None,
     arrangements: Annotated[str | None, typer.Option("--arrangements", help="Strategies in a sweep, comma-separated "
                                                      "(default: every registered one).")] = None,
-    score: ScoreOpt = "clipped",
-    gap: GapOpt = "bias",
-    conv: ConvOpt = "original",
+    score: ScoreOpt = None,
+    gap: GapOpt = None,
+    conv: ConvOpt = None,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration images for a sweep (default: the first "
                                                "evaluation images).")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="File of 'name label' lines.")] = None,
@@ -59,7 +59,8 @@ def report(
     with ProgressRenderer(quiet or json_out) as progress:
         result = build_report(dense, data, pruned, sweep=sweep, layers=layer_list,
                               arrangements=tuple(a for a in arrangements.split(",") if a) if arrangements else None,
-                              strategy=strategy_fields(score, "align", gap, conv), calib=calib,
+                              strategy={k: v for k, v in strategy_fields(score, None, gap, conv).items()
+                                        if v is not None}, calib=calib,
                               num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
                               device=device, labels_file=labels, progress=progress, dense_name=models[0])
     folder = write_report(result, output, force=force)

@@ -489,6 +489,13 @@ class PlainMambaFamily:
         weights = state.sizes.to(tokens.dtype)[..., None]
         return model.head((tokens * weights).sum(1) / weights.sum(1))
 
+    def recommended_plan(self, config: PlainMambaConfig) -> dict:
+        # measured best at -30% FLOPs on the project's CIFAR-10 PlainMamba (README, "The method, measured"): merging
+        # into the most similar kept token (normed mixer input); the head then averages tokens by size
+        layers = tuple(sorted({max(1, min(config.depth - 1, round(config.depth * f))) for f in (1 / 3, 2 / 3)}))
+        return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "original", "gap": "bias",
+                "layers": layers}
+
     def check_plan(self, plan) -> None:
         if plan.conv != "original":
             raise ConfigError(f"--conv {plan.conv} is defined for Vim's 1-D conv only; PlainMamba's 2-D conv always "

@@ -129,6 +129,11 @@ class Family(Protocol):
         when merging set them."""
         ...
 
+    def recommended_plan(self, config: Any) -> dict[str, Any]:
+        """PruneConfig fields used where the user names no strategy option (chosen by measurement, see the README's
+        method table) and ``layers``, the hand-set schedule a FLOPs-target search always considers."""
+        ...
+
     def check_plan(self, plan: Any) -> None:
         """Raise ConfigError naming an option this family cannot honour."""
         ...

@@ -124,6 +124,18 @@ class PruneConfig:
     def replace(self, **changes: Any) -> PruneConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def recommended(cls, model, **fields: Any) -> PruneConfig:
+        """The recommended plan of ``model``'s family (``Family.recommended_plan``: strategy and options chosen by
+        measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8."""
+        from ssmtrim.models.registry import family_of
+
+        base = family_of(model).recommended_plan(model.config)
+        given = {k: v for k, v in fields.items() if v is not None}
+        merged = {**base, **given}
+        merged.setdefault("keep", (0.8,))
+        return cls(**merged)
+
 
 @dataclass(frozen=True)
 class CalibrationSettings:
@@ -150,7 +162,7 @@ class FlopsTarget:
     ratio: float
     convention: str = "full"
     keep_layers: bool = False
-    search_images: int = 64
+    search_images: int = 256
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0 or math.isnan(self.ratio):

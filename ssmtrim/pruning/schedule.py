@@ -24,8 +24,10 @@ from ssmtrim.pruning.engine import apply_pruning, kept_count, remove_pruning
 # candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
 _CANDIDATES = (
     (0.1,), (0.2,), (0.3,), (0.4,), (0.5,),
-    (0.1, 0.4), (0.2, 0.45), (0.2, 0.6), (0.3, 0.6),
-    (0.1, 0.3, 0.5), (0.2, 0.4, 0.6), (0.15, 0.35, 0.6),
+    (0.1, 0.4), (0.2, 0.45), (0.2, 0.6), (0.3, 0.6), (0.33, 0.67),
+    (0.1, 0.3, 0.5), (0.2, 0.4, 0.6), (0.15, 0.35, 0.6), (0.25, 0.5, 0.75),
+    # more, smaller steps (the released logs: three 0.8 steps beat two 0.7 steps at a similar budget)
+    (0.25, 0.42, 0.58, 0.75), (0.2, 0.4, 0.6, 0.8), (0.17, 0.33, 0.5, 0.67, 0.83),
 )  # fmt: skip
 
 
@@ -103,7 +105,9 @@ def search_schedule(
     batch_size: int = 32,
     progress=None,
 ) -> ScheduleSearch:
-    """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives score, arrangement and gap estimate."""
+    """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives how tokens are reduced, and its layers (e.g.
+    the family's hand-set schedule) are always a candidate, so the search never picks a schedule farther from dense
+    on these images than that one."""
     from ssmtrim.evaluate import predict
 
     if not 0.0 < target < 1.0:
@@ -112,8 +116,9 @@ def search_schedule(
     flops = FlopsModel(model, convention)
     candidates: list[Candidate] = []
     seen = set()
-    for fractions in _CANDIDATES:
-        layers = tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions}))
+    layer_sets = [tuple(base.layers)] + [tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions}))
+                                         for fractions in _CANDIDATES]
+    for layers in layer_sets:
         if layers in seen:
             continue
         seen.add(layers)

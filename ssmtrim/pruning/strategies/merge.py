@@ -52,8 +52,9 @@ def merge_into(streams: Streams, sizes: Tensor, src: Tensor, dst: Tensor) -> tup
 def survivors(state: TokenState, streams: Streams, sizes: Tensor, removed: Tensor) -> tuple[Streams, TokenState]:
     """Drop the ``removed`` tokens (B R) from the streams and the state; the rest keep their order."""
     bsz, length = sizes.shape
-    keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(1, removed, False)
-    index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, length - removed.shape[1])
+    keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(
+        1, removed, torch.zeros_like(removed, dtype=torch.bool))
+    index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, int(length) - removed.shape[1])
     new_cls = None
     if state.cls_index is not None:
         new_cls = (index == state.cls_index[:, None]).long().argmax(1)
@@ -80,7 +81,7 @@ class Merge(Strategy):
         state, scores = step.state, step.scores
         protected = state.protected()
         bsz, length = scores.shape
-        removed = length - int(protected[0].sum()) - step.k
+        removed = int(length) - int(protected[0].sum()) - step.k  # int(): shapes are tensors under tracing
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
         n_drop = int(round(step.plan.drop_fraction * removed))
@@ -90,7 +91,8 @@ class Merge(Strategy):
         if src.shape[1]:
             features = F.normalize(similarity_features(step.output, step.plan.metric).float(), dim=-1)
             sim = gather_tokens(features, src) @ features.transpose(1, 2)  # B R L
-            targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(1, src_all, False)
+            targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(
+                1, src_all, torch.zeros_like(src_all, dtype=torch.bool))
             sim = sim.masked_fill(~(targets & ~protected)[:, None, :], float("-inf"))
             streams, sizes = merge_into(streams, sizes, src, sim.argmax(-1))
         return survivors(state, streams, sizes, src_all)
