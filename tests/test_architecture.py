@@ -1,6 +1,7 @@
 """The package's shape, checked from its source with ``ast`` (nothing is imported):
 
 - (a) no import cycles among ssmtrim's modules, counting imports inside functions (the lazy ones) too;
+- every package is listed in pyproject's ``packages`` (a wheel leaves out what is not listed);
 - (b) only the family modules (``ssmtrim/models/vim*.py``, ``ssmtrim/models/plainmamba*.py``,
   ``ssmtrim/models/<family>/``) compare against a family name (``family == "vim"``, ``in ("vim", ...)``): elsewhere
   a family's behaviour is asked of the family, not switched on its name.
@@ -192,3 +193,12 @@ def test_family_names_are_compared_only_in_family_modules():
     found = family_comparisons()
     print("\n".join(found) or "no family comparisons outside the family modules")
     assert not found, "family names compared outside the family modules:\n" + "\n".join(found)
+
+
+def test_every_package_is_installed():
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in ROOT.rglob("__init__.py")}
+    assert packages <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(packages - listed)}"
