@@ -13,6 +13,8 @@ import ast
 from collections import deque
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1] / "ssmtrim"
 FAMILIES = ("vim", "plainmamba")
 
@@ -196,8 +198,6 @@ def test_family_names_are_compared_only_in_family_modules():
 
 
 def test_every_package_is_installed():
-    import pytest
-
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {module_name(p) for p in ROOT.rglob("__init__.py")}
