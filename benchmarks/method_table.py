@@ -10,7 +10,8 @@ reproduced here on a condensed sequence (no decay across gaps, Vim's conv over t
 (bipartite matching on the block input, no re-training), UTR (clipped score; half of the removed tokens dropped,
 half merged into their most similar kept token), MTR (Δ importance, merged into the most similar kept token); and
 ours, ``merge`` (clipped score, removed tokens merged into their most similar kept token on the normed block input,
-size-weighted, tokens at their original positions with the scans' gap bookkeeping). Columns: FLOPs reduced by
+size-weighted, tokens at their original positions with the scans' gap bookkeeping), without and with the head
+compensation fitted on the bundled 250 calibration images (``--calib``). Columns: FLOPs reduced by
 20/30/40/50% (paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count
 mode. No fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. ``--append`` keeps
 the rows of an earlier run that this run does not compute. Writes JSON, Markdown and a plot (top-1 against GFLOPs).
@@ -31,6 +32,7 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
+from ssmtrim.pruning.compensation import compensate
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +54,13 @@ ROWS = {
     "utr": ("UTR-style (clipped; half dropped, half merged)", {"arrangement": "merge", "drop_fraction": 0.5,
                                                                 **CONDENSED}),
     "mtr": ("MTR-style (Δ importance, merged)", {"arrangement": "merge", "score": "delta", **CONDENSED}),
-    "merge": ("merge (ours, the default)", {"arrangement": "merge", "conv": "kept"}),
+    "merge": ("merge (ours, no compensation)", {"arrangement": "merge", "conv": "kept"}),
+    "merge-comp": ("merge + head compensation (ours, the default)", {"arrangement": "merge", "conv": "kept",
+                                                                      "compensate": "head"}),
 }
 # labels of earlier runs, renamed
-RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0]}
+RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0],
+           "merge (ours, the default)": ROWS["merge"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
 
 
@@ -78,6 +83,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of the rows, comma-separated")
     ap.add_argument("--num-test", type=int, default=None, help="seeded subset of the test images")
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--calib", default=str(ROOT / "examples" / "cifar10" / "calib"),
+                    help="images that compensation is fitted on (the bundled 250 calibration images)")
     ap.add_argument("--append", action="store_true", help="keep the earlier run's rows that this run does not compute")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_table"))
     args = ap.parse_args()
@@ -104,6 +111,7 @@ def main() -> None:
     estimate = FlopsModel(model, "paper")
     family = family_of(model)
     fresh: dict[str, list] = {}
+    x_calib = None
     results = {"model": args.model, "test": args.test, "num_test": len(y_test), "mode": "count",
                "layers": layers, "dense": {"top1": dense_top1, "top5": dense_top5,
                                                                       "gflops": dense_flops}, "rows": {}}
@@ -121,6 +129,10 @@ def main() -> None:
             if config is None:
                 continue
             pruned = apply_pruning(model, config)
+            if config.compensate != "none":
+                if x_calib is None:
+                    x_calib = load_images(scan_folder(args.calib), data_cfg, 256)[0]
+                compensate(pruned, x_calib)
             flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
             r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)
             tokens = reduced_forward(pruned, x_test[:1]).stats.tokens_per_block

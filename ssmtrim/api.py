@@ -50,6 +50,7 @@ def prune_and_save(
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning import apply_pruning, is_pruned, reduced_forward
     from ssmtrim.pruning.calibrate import calibrate, load_images
+    from ssmtrim.pruning.compensation import compensate
 
     if output is not None:
         check_output(output, force)
@@ -88,6 +89,7 @@ def prune_and_save(
     calibrated = calibrate(model, config, images, batch_size, progress, unreadable)
     config = config.replace(thresholds=calibrated.thresholds)
     apply_pruning(model, config)
+    compensation = compensate(model, images, batch_size)
     pruned_logits = predict(model, images, batch_size, progress, "pruned forward")
     comparison = compare_logits(dense_logits, pruned_logits, labels)
     summary: dict[str, Any] = {
@@ -97,6 +99,7 @@ def prune_and_save(
         "tokens_per_block": reduced_forward(model, images[:batch_size]).stats.tokens_per_block,
         "comparison": comparison.to_dict(),
         "calibration": calibrated.to_dict(),
+        "compensation": None if compensation is None else compensation.to_dict(),
         "unreadable": unreadable,
     }
     if search is not None:

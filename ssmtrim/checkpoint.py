@@ -32,8 +32,10 @@ from ssmtrim.models.loading import (
 )
 from ssmtrim.models.registry import DataConfig, get_family
 from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning.engine import changed_weights
 
 FORMAT = "ssmtrim"
+DENSE_PREFIX = "dense_original."  # tensors of the dense model that a recovery step changed
 
 
 def _version() -> str:
@@ -56,6 +58,11 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
     plan = getattr(model, "prune_config", None)
     if plan is not None:
         config["pruning"] = plan.to_dict()
+        changed = changed_weights(model)
+        if changed:  # a recovery step changed these; their dense values are stored beside the weights
+            config["dense_weights"] = {"tensors": sorted(changed), "prefix": DENSE_PREFIX,
+                                       "note": "model.safetensors holds the reduced model's weights; the dense "
+                                               "model's values of the changed tensors are stored under the prefix"}
     if source is not None:
         config["source"] = {"source": source.source, "kind": source.kind, "hub_id": source.hub_id,
                             "filename": source.filename, "revision": source.revision, "spec": source.spec}
@@ -120,6 +127,8 @@ def _write_model_files(model: nn.Module, folder: Path, extra_config: dict[str, A
 
     text = json.dumps(model_config(model, extra_config), indent=2, sort_keys=False)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if getattr(model, "prune_config", None) is not None:
+        tensors.update({DENSE_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in changed_weights(model).items()})
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "ssmtrim_config": text})
     (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
     if readme is not None:
@@ -180,6 +189,11 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
     if arch is not None:
         raise ConfigError("an ssmtrim folder carries its own architecture; drop --arch.")
     state_dict, _ = read_checkpoint(folder / WEIGHTS_NAME)
+    dense_weights = {k[len(DENSE_PREFIX):]: state_dict.pop(k) for k in [k for k in state_dict
+                                                                           if k.startswith(DENSE_PREFIX)]}
+    if dense_weights and config.get("pruning") is None:
+        raise CheckpointError(f"{folder} stores dense weights for a reduction plan but has no plan; the folder is "
+                              "inconsistent, write it again.")
     model = build_with_weights(arch_config, state_dict, str(folder))
     src = config.get("source") or {}
     model.source = ModelSource(resolved.source, "folder", str(folder), resolved.hub_id, None, resolved.revision,
@@ -188,6 +202,13 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
         input_size=(arch_config.in_chans, arch_config.img_size, arch_config.img_size))
     if config.get("pruning") is not None:
         apply_pruning(model, PruneConfig.from_dict(config["pruning"]))
+        if dense_weights:
+            params = dict(model.named_parameters())
+            unknown = sorted(set(dense_weights) - set(params))
+            if unknown:
+                raise CheckpointError(f"{folder} stores dense values for {unknown}, which this model does not have; "
+                                      "the folder is inconsistent, write it again.")
+            model.dense_tensors = {k: v.to(params[k].dtype) for k, v in dense_weights.items()}
     return model.to(device)
 
 

@@ -3,7 +3,6 @@ images or an image folder read by a DataLoader (unreadable images counted, never
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -253,13 +252,11 @@ def _result(t: _Tally, unreadable: int, with_dense: bool, labelled: bool, second
 
 
 def dense_of(model: nn.Module) -> nn.Module | None:
-    """The dense model a pruned one came from: the same weights with the pruning hooks removed (pruning never
-    changes weights), or None for a dense model."""
-    from ssmtrim.pruning import is_pruned, remove_pruning
+    """The dense model a reduced one came from (:func:`ssmtrim.pruning.engine.dense_of`: the reduction removed and
+    weights a recovery step changed restored), or None for a dense model."""
+    from ssmtrim.pruning.engine import dense_of as engine_dense_of
 
-    if not is_pruned(model):
-        return None
-    return remove_pruning(copy.deepcopy(model))
+    return engine_dense_of(model)
 
 
 def check_compatible(model: nn.Module, dense: nn.Module) -> None:

@@ -24,6 +24,11 @@ ConvOpt = Annotated[str | None, typer.Option("--conv", help="Conv neighbours of 
                                              "the kept tokens (Vim's default: kept).")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="Merging: token similarity on the normed mixer input "
                                                "(input, default), the SSM output (y) or softplus(Δ) (delta).")]
+CompensateOpt = Annotated[str | None, typer.Option("--compensate", help="Closed-form correction fitted on the "
+                                                   "calibration images and folded into the classifier: head or none "
+                                                   "(default: the family's recommendation, head).")]
+CompensateAlphaOpt = Annotated[float | None, typer.Option("--compensate-alpha", help="Ridge strength of --compensate "
+                                                          "(default 0.1).")]
 DropFractionOpt = Annotated[float | None, typer.Option("--drop-fraction", help="merge: share of the removed tokens "
                                                        "(least important) dropped instead of merged (default 0).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")]

@@ -11,6 +11,8 @@ from ssmtrim.cli._errors import handle_errors
 from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, QuietOpt, RevisionOpt
 from ssmtrim.cli._prune_options import (
     ArrangementOpt,
+    CompensateAlphaOpt,
+    CompensateOpt,
     ConvOpt,
     DropFractionOpt,
     GapOpt,
@@ -46,6 +48,8 @@ def prune(
     conv: ConvOpt = None,
     metric: MetricOpt = None,
     drop_fraction: DropFractionOpt = None,
+    compensate: CompensateOpt = None,
+    compensate_alpha: CompensateAlphaOpt = None,
     mode: ModeOpt = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
@@ -85,7 +89,8 @@ def prune(
     # the options given; the model family's recommended plan fills the rest once the model is loaded. With --flops
     # (and no --layers) the search replaces layers and keep.
     config = {"layers": parse_layers(layers), "keep": parse_floats(keep, "--keep") if keep else None, "seed": seed,
-              "mode": mode, "metric": metric, "drop_fraction": drop_fraction,
+              "mode": mode, "metric": metric, "drop_fraction": drop_fraction, "compensate": compensate,
+              "compensate_alpha": compensate_alpha,
               **strategy_fields(score, arrangement, gap, conv)}
     with ProgressRenderer(quiet or json_out) as progress:
         summary = prune_and_save(

@@ -481,20 +481,24 @@ class PlainMambaFamily:
     def geometry(self, model: PlainMamba, state: TokenState, plan) -> ScanPlan | None:
         return make_plan(state, plan.gap) if state.reduced else None
 
-    def head(self, model: PlainMamba, streams: tuple, state: TokenState) -> Tensor:
+    def features(self, model: PlainMamba, streams: tuple, state: TokenState) -> Tensor:
         tokens = model.ln1(streams[0])
         if state.sizes is None:
-            return model.head(tokens.mean(dim=1))
+            return tokens.mean(dim=1)
         # merged tokens stand for several: the mean over the original tokens they represent
         weights = state.sizes.to(tokens.dtype)[..., None]
-        return model.head((tokens * weights).sum(1) / weights.sum(1))
+        return (tokens * weights).sum(1) / weights.sum(1)
+
+    def classifier(self, model: PlainMamba) -> nn.Module:
+        return model.head
 
     def recommended_plan(self, config: PlainMambaConfig) -> dict:
         # measured best at -30% FLOPs on the project's CIFAR-10 PlainMamba (README, "The method, measured"): merging
-        # into the most similar kept token (normed mixer input); the head then averages tokens by size
+        # into the most similar kept token (normed mixer input); the head then averages tokens by size; and the
+        # head compensation
         layers = tuple(sorted({max(1, min(config.depth - 1, round(config.depth * f))) for f in (1 / 3, 2 / 3)}))
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "original", "gap": "bias",
-                "layers": layers}
+                "compensate": "head", "layers": layers}
 
     def check_plan(self, plan) -> None:
         if plan.conv != "original":

@@ -124,9 +124,13 @@ class Family(Protocol):
         """Where a reduced token set sits, for the blocks (computed once per token state); None: a full sequence."""
         ...
 
-    def head(self, model: nn.Module, streams: tuple, state: Any) -> Tensor:
-        """Streams after the last block -> logits (B classes); a pooling head weights tokens by ``state.sizes``
-        when merging set them."""
+    def features(self, model: nn.Module, streams: tuple, state: Any) -> Tensor:
+        """Streams after the last block -> the feature the classifier reads (B D): the normed class token, or the
+        pooled tokens (a pooling head weights tokens by ``state.sizes`` when merging set them)."""
+        ...
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        """The final linear layer, features -> logits (compensation folds its corrections into it)."""
         ...
 
     def recommended_plan(self, config: Any) -> dict[str, Any]:

@@ -380,17 +380,21 @@ class VimFamily:
         conv_positions = state.positions if plan.conv == "original" else None
         return VimGeometry(state.length, conv_positions, counts, plan.gap)
 
-    def head(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
+    def features(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
         hidden, residual = streams
         tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
-        return model.head(gather_tokens(tokens, state.cls_index[:, None])[:, 0])
+        return gather_tokens(tokens, state.cls_index[:, None])[:, 0]
+
+    def classifier(self, model: VisionMamba) -> nn.Module:
+        return model.head
 
     def recommended_plan(self, config: VimConfig) -> dict:
         # measured best at -30% FLOPs on the project's CIFAR-10 Vim (README, "The method, measured"): merging removed
-        # tokens into their most similar kept token (normed mixer input), the conv over the kept neighbours
+        # tokens into their most similar kept token (normed mixer input), the conv over the kept neighbours, and the
+        # head compensation
         layers = tuple(sorted({max(1, min(config.depth - 1, round(config.depth * f))) for f in (0.25, 0.5, 0.75)}))
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "kept", "gap": "bias",
-                "layers": layers}
+                "compensate": "head", "layers": layers}
 
     def check_plan(self, plan) -> None:
         pass  # every option applies

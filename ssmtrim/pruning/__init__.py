@@ -35,6 +35,7 @@ class PruneResult:
     model: nn.Module
     config: PruneConfig
     calibration: object | None  # CalibrationResult when images were given
+    compensation: object | None = None  # CompensationResult when the plan asks for one
 
 
 def prune(
@@ -56,15 +57,17 @@ def prune(
     from ssmtrim.models.loading import data_config_of
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning.calibrate import calibrate, load_images
+    from ssmtrim.pruning.compensation import compensate
 
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
     config.validate_for(family_of(model).depth(model.config))
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
-    calibration = None
+    calibration, x = None, None
     if isinstance(data, Tensor):
-        calibration = calibrate(model, config, data, batch_size, progress)
+        x = data
+        calibration = calibrate(model, config, x, batch_size, progress)
         config = config.replace(thresholds=calibration.thresholds)
     elif data is not None:
         images = scan_folder(data).subset(num_images, seed)
@@ -72,6 +75,9 @@ def prune(
         x, _, bad = load_images(images, data_config, batch_size, progress, workers)
         calibration = calibrate(model, config, x, batch_size, progress, bad)
         config = config.replace(thresholds=calibration.thresholds)
-    elif config.mode == "threshold":
-        raise ConfigError("--mode threshold needs calibration images; pass --data DIR.")
-    return PruneResult(apply_pruning(model, config), config, calibration)
+    elif config.mode == "threshold" or config.compensate != "none":
+        flag = "--mode threshold" if config.mode == "threshold" else f"--compensate {config.compensate}"
+        raise ConfigError(f"{flag} needs calibration images; pass --data DIR.")
+    apply_pruning(model, config)
+    compensation = compensate(model, x, batch_size) if x is not None else None
+    return PruneResult(model, config, calibration, compensation)

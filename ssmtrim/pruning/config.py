@@ -25,6 +25,8 @@ Terms (Zhan et al., NeurIPS 2024, arXiv 2409.18962):
   mixer (the default, measured best), ``y`` the gated SSM output, ``delta`` softplus(Δ);
 - ``drop_fraction`` (``merge``): the share of the removed tokens, the least important, that is dropped instead of
   merged (UTR's prune-then-merge; 0 merges every removed token);
+- ``compensate``: ``head`` fits a closed-form correction of the final feature on the calibration images and folds it
+  into the classifier (:mod:`ssmtrim.pruning.compensation`); ``compensate_alpha`` its ridge strength;
 - ``mode``: ``count`` keeps a fixed number per layer (batch-friendly), ``threshold`` keeps each image's tokens whose
   score passes the calibrated per-layer threshold.
 """
@@ -59,6 +61,8 @@ class PruneConfig:
     conv: str = "original"  # align's conv neighbours (Vim): original positions or the kept tokens
     metric: str = "input"  # merging: token similarity from the mixer input, the gated SSM output y, or softplus(Δ)
     drop_fraction: float = 0.0  # merging: share of the removed tokens (the least important) dropped, not merged
+    compensate: str = "none"  # closed-form correction fitted on the calibration images: none or head
+    compensate_alpha: float = 0.1  # its ridge strength (relative to the feature variance)
 
     def __post_init__(self) -> None:
         layers, keep = tuple(int(v) for v in self.layers), tuple(float(v) for v in self.keep)
@@ -87,6 +91,10 @@ class PruneConfig:
         if not 0.0 <= float(self.drop_fraction) <= 1.0 or math.isnan(float(self.drop_fraction)):
             raise ConfigError(f"--drop-fraction {self.drop_fraction} is outside [0, 1]; it is the share of removed "
                               "tokens dropped instead of merged.")
+        if self.compensate not in ("none", "head"):
+            raise ConfigError(f"--compensate {self.compensate!r} is not one of none, head.")
+        if not float(self.compensate_alpha) > 0 or math.isinf(float(self.compensate_alpha)):
+            raise ConfigError(f"--compensate-alpha {self.compensate_alpha} must be a positive number, e.g. 0.1.")
         if self.thresholds is not None:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if len(self.thresholds) != len(layers):

@@ -30,6 +30,7 @@ ScoreObserver = Callable[[int, Tensor, Tensor], None]
 @dataclass
 class ReducedOutput:
     logits: Tensor  # B classes
+    features: Tensor  # B D, what the classifier read
     state: TokenState | None  # of the last image's tokens after the last block (None when run image by image)
     stats: PruneStats
 
@@ -55,7 +56,8 @@ def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = No
     if config.mode == "threshold" and x.shape[0] > 1:
         # each image keeps its own number of tokens, so a batch runs one image at a time
         outs = [reduced_forward(model, x[i : i + 1], config, observer) for i in range(x.shape[0])]
-        return ReducedOutput(torch.cat([o.logits for o in outs]), None, PruneStats.mean([o.stats for o in outs]))
+        return ReducedOutput(torch.cat([o.logits for o in outs]), torch.cat([o.features for o in outs]), None,
+                             PruneStats.mean([o.stats for o in outs]))
     family = family_of(model)
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
     streams, state = family.embed(model, x, strategy.keeps_positions)
@@ -89,7 +91,8 @@ def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = No
             continue  # nothing to reduce here
         streams, state = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
         geometry = family.geometry(model, state, config)
-    return ReducedOutput(family.head(model, streams, state), state, stats)
+    features = family.features(model, streams, state)
+    return ReducedOutput(family.classifier(model)(features), features, state, stats)
 
 
 class ReducedModel:
@@ -143,10 +146,41 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
     return model
 
 
+def record_dense(model: nn.Module, names: list[str]) -> None:
+    """Before a recovery step changes parameters ``names`` of a reduced model, keep their dense values
+    (``model.dense_tensors``) so that the true dense model can be rebuilt (:func:`dense_of`), saved and compared."""
+    params = dict(model.named_parameters())
+    kept = model.__dict__.setdefault("dense_tensors", {})
+    for name in names:
+        kept.setdefault(name, params[name].detach().clone())
+
+
+def changed_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The dense values of the parameters a recovery step changed (empty when pruning left every weight alone)."""
+    return dict(model.__dict__.get("dense_tensors") or {})
+
+
+def dense_of(model: nn.Module) -> nn.Module | None:
+    """The dense model a reduced one came from: a copy with the reduction removed and any weights a recovery step
+    changed restored to their dense values; None for a dense model."""
+    import copy
+
+    if not is_pruned(model):
+        return None
+    return remove_pruning(copy.deepcopy(model))
+
+
 def remove_pruning(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_pruning`: the dense model again (same object, same weights)."""
+    """Undo :func:`apply_pruning`: the dense model again (same object; weights that a recovery step changed are
+    restored to their dense values)."""
     if not is_pruned(model):
         return model
+    dense = model.__dict__.pop("dense_tensors", None) or {}
+    if dense:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in dense.items():
+                params[name].copy_(value)
     model.__dict__.pop("prune_config", None)
     model.__class__ = _dense_class(type(model))
     return model

@@ -164,8 +164,11 @@ class ToyFamily:
             return None
         return ToyGeometry(gaps_from_positions(state.positions, state.length)[0].float())
 
-    def head(self, model, streams, state):
-        return model.head(model.norm(streams[0]).mean(1))
+    def features(self, model, streams, state):
+        return model.norm(streams[0]).mean(1)
+
+    def classifier(self, model):
+        return model.head
 
     def check_plan(self, plan):
         if plan.conv != "original":
