@@ -238,6 +238,13 @@ def model_card(model: nn.Module, summary: dict[str, Any]) -> str:
         f"`{plan['arrangement']}` (gap estimate `{plan['gap']}`, conv neighbours `{plan.get('conv', 'original')}`), "
         f"`{plan['mode']}` mode.",
         "",
+    ]
+    comp = summary.get("compensation")
+    if comp:
+        lines += [f"Compensation `{comp['kind']}` (α {comp['alpha']:g}) fitted on {comp['num_images']} calibration "
+                  f"images and folded into {', '.join(f'`{n}`' for n in comp['changed'])}; the dense values of those "
+                  "tensors are stored beside them, so the dense model can be rebuilt from this folder.", ""]
+    lines += [
         "| | dense | pruned |",
         "|---|---|---|",
     ]

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 import ssmtrim
 from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning import strategy_names
-from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning import PruneConfig, apply_pruning, strategy_names
 from ssmtrim.report import measure_speed, parse_sweep
 
 runner = CliRunner()

@@ -70,6 +70,7 @@ def prune(
     from ssmtrim.api import prune_and_save
     from ssmtrim.checkpoint import check_output
     from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget
+    from ssmtrim.pruning.strategies import get_strategy
 
     if source is None:  # the bundled example, offline
         source = str(bundled.bundled_model())
@@ -106,13 +107,20 @@ def prune(
         ("output", summary["output"] or "nothing written (no -o)"),
         ("plan", f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
                  f"{', '.join(f'{k:.3f}' for k in plan['keep'])} of the tokens; {plan['score']} score, "
-                 f"{plan['arrangement']} (Δ̃ {plan['gap']}, conv {plan.get('conv', 'original')}), "
+                 f"{plan['arrangement']} (Δ̃ {plan['gap']}, conv {plan.get('conv', 'original')}"
+                 + (f", similarity {plan['metric']}" if "metric" in get_strategy(plan["arrangement"]).options else "")
+                 + "), "
                  f"{plan['mode']} mode"),
         ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
         ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
         ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),
         ("KL(dense || pruned)", f"{cmp['kl']:.4f}"),
     ]
+    if summary.get("compensation"):
+        comp = summary["compensation"]
+        rows.append(("compensation", f"{comp['kind']} (α {comp['alpha']:g}, {comp['num_images']} images, "
+                     f"{comp['seconds']:.1f} s): feature error {comp['feature_error_before']:.3f} -> "
+                     f"{comp['feature_error_after']:.3f}" + (f"; {comp['note']}" if comp["note"] else "")))
     if "schedule_search" in summary:
         found = summary["schedule_search"]
         rows.append(("schedule search", f"{len(found['candidates'])} candidates for {found['target']:g} x dense "

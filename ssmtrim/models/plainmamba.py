@@ -500,6 +500,12 @@ class PlainMambaFamily:
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "original", "gap": "bias",
                 "compensate": "head", "layers": layers}
 
+    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: int):
+        """(config at ``img_size``, state dict with the position embedding interpolated to its token grid)."""
+        from ssmtrim.models.plainmamba_resize import resize_state_dict
+
+        return resize_state_dict(config, state_dict, img_size)
+
     def check_plan(self, plan) -> None:
         if plan.conv != "original":
             raise ConfigError(f"--conv {plan.conv} is defined for Vim's 1-D conv only; PlainMamba's 2-D conv always "

@@ -10,15 +10,15 @@ Shapes: L = H W tokens before, L' after, C embed dim.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any  # the family's config (its module imports this one)
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from ssmtrim.errors import CheckpointError, ConfigError
-from ssmtrim.models.plainmamba import PlainMambaConfig
 
 
-def check_img_size(config: PlainMambaConfig, img_size: int) -> None:
+def check_img_size(config: Any, img_size: int) -> None:
     """Refuse sizes that are not a whole number of patches (the stem would pad them, a different input)."""
     patch = config.patch_size
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < patch:
@@ -44,8 +44,8 @@ def interpolate_pos_embed(pos_embed: Tensor, src: tuple[int, int], dst: tuple[in
 
 
 def resize_state_dict(
-    config: PlainMambaConfig, state_dict: dict[str, Tensor], img_size: int
-) -> tuple[PlainMambaConfig, dict[str, Tensor]]:
+    config: Any, state_dict: dict[str, Tensor], img_size: int
+) -> tuple[Any, dict[str, Tensor]]:
     """The config for ``img_size`` and a copy of ``state_dict`` whose ``pos_embed`` fits its token grid; every
     other tensor is shared unchanged."""
     check_img_size(config, img_size)

@@ -138,6 +138,8 @@ class Family(Protocol):
         method table) and ``layers``, the hand-set schedule a FLOPs-target search always considers."""
         ...
 
+    # optional: resize_state_dict(config, state_dict, img_size) -> (config, state_dict), to load at another input size
+
     def check_plan(self, plan: Any) -> None:
         """Raise ConfigError naming an option this family cannot honour."""
         ...

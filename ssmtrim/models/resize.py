@@ -12,7 +12,6 @@ a method of its family object or, until it has one, as a function of the module 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,18 +24,10 @@ Resizer = Callable[[Any, dict[str, Tensor], int], tuple[Any, dict[str, Tensor]]]
 
 
 def _resizer(family_name: str) -> Resizer:
-    family = get_family(family_name)
-    method = getattr(family, "resize_state_dict", None)
-    if method is not None:
-        return method
-    try:
-        module = importlib.import_module(f"{type(family).__module__}_resize")
-    except ModuleNotFoundError:
-        module = None
-    function = getattr(module, "resize_state_dict", None)
-    if function is None:
+    method = getattr(get_family(family_name), "resize_state_dict", None)  # optional in the family adapter
+    if method is None:
         raise ConfigError(f"the {family_name} family cannot change its input size; load it at its own size.")
-    return function
+    return method
 
 
 def resize_state_dict(config: Any, state_dict: dict[str, Tensor], img_size: int) -> tuple[Any, dict[str, Tensor]]:

@@ -396,6 +396,12 @@ class VimFamily:
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "kept", "gap": "bias",
                 "compensate": "head", "layers": layers}
 
+    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: int):
+        """(config at ``img_size``, state dict with the position embedding interpolated to its token grid)."""
+        from ssmtrim.models.vim_resize import resize_state_dict
+
+        return resize_state_dict(config, state_dict, img_size)
+
     def check_plan(self, plan) -> None:
         pass  # every option applies
 

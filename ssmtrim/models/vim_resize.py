@@ -11,16 +11,16 @@ Shapes: M patches before, M' after, D embed dim.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any  # the family's config (its module imports this one)
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ssmtrim.errors import CheckpointError, ConfigError
-from ssmtrim.models.vim import VimConfig
 
 
-def check_img_size(config: VimConfig, img_size: int) -> None:
+def check_img_size(config: Any, img_size: int) -> None:
     """Refuse a size the patch grid does not tile exactly (the conv would silently drop border pixels)."""
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < config.patch_size:
         raise ConfigError(f"image size {img_size!r} is smaller than one {config.patch_size}x{config.patch_size} "
@@ -49,8 +49,8 @@ def interpolate_pos_embed(pos_embed: Tensor, cls_index: int, new_grid: int) -> T
 
 
 def resize_state_dict(
-    config: VimConfig, state_dict: dict[str, Tensor], img_size: int
-) -> tuple[VimConfig, dict[str, Tensor]]:
+    config: Any, state_dict: dict[str, Tensor], img_size: int
+) -> tuple[Any, dict[str, Tensor]]:
     """The config for ``img_size`` and a copy of ``state_dict`` whose ``pos_embed`` fits its token grid; every
     other tensor is shared unchanged (nothing else in a Vim depends on the input size)."""
     check_img_size(config, img_size)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import ssmtrim
 from ssmtrim.cli.app import app
+from ssmtrim.evaluate import dense_of
 from ssmtrim.pruning import PruneConfig, apply_pruning
 
 runner = CliRunner()
@@ -66,10 +67,19 @@ def test_prune_writes_a_folder_that_reloads_to_the_same_logits(tmp_path, image_d
 
     reloaded = ssmtrim.load_model(out)
     assert reloaded.prune_config.thresholds == tuple(config["pruning"]["thresholds"])
+    # the default plan (the family's recommendation) compensates the classifier: the folder holds those weights and
+    # the dense values of what changed; the plan applied to the source plus the folder's classifier is the same model
+    assert config["pruning"]["compensate"] == "head" and summary["compensation"]["kind"] == "head"
+    assert sorted(config["dense_weights"]["tensors"]) == ["head.bias", "head.weight"]
+    source = ssmtrim.load_model(ckpt)
     in_memory = apply_pruning(ssmtrim.load_model(ckpt), PruneConfig.from_dict(config["pruning"]))
+    with torch.no_grad():
+        in_memory.head.weight.copy_(reloaded.head.weight)
+        in_memory.head.bias.copy_(reloaded.head.bias)
     x = torch.randn(3, 3, 32, 32) if name == "vim_test" else torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(reloaded(x), in_memory(x))
+        assert torch.equal(dense_of(reloaded)(x), source(x))  # the true dense model comes back from the folder
 
     # pruning a pruned folder, or writing over it without --force, is refused and changes nothing
     before = (out / "config.json").read_bytes()
