@@ -124,9 +124,11 @@ def test_pooling_head_weights_merged_tokens_by_size(plain):
         tokens = torch.randn(4, 8, plain.config.embed_dim)
         sizes = torch.tensor([[1.0, 3, 1, 1, 2, 1, 1, 6]]).expand(4, -1)
         state = out.state.replace(sizes=sizes)
-        got = family.head(plain, (tokens,), state)
+        got = family.classifier(plain)(family.features(plain, (tokens,), state))
         normed = plain.ln1(tokens)
         expected = plain.head((normed * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True))
+        # without sizes (nothing merged) the plain mean, as the dense head
+        torch.testing.assert_close(family.features(plain, (tokens,), state.replace(sizes=None)), normed.mean(1))
     torch.testing.assert_close(got, expected)
 
 
