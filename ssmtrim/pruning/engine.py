@@ -74,7 +74,8 @@ def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = No
         streams = output.streams
         if i not in keep:
             continue
-        generator = torch.Generator().manual_seed(config.seed * 1000 + i) if config.score == "random" else None
+        # a seeded generator per plan and block keeps random scores reproducible
+        generator = torch.Generator().manual_seed(config.seed * 1000 + i) if score.needs_generator else None
         scores = score(output, generator)
         protected = state.protected()
         if observer is not None:

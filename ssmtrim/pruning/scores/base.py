@@ -16,7 +16,8 @@ class Score:
     """Subclass, set ``name``, implement :meth:`__call__`, and :func:`register_score` an instance."""
 
     name: ClassVar[str]
-    needs_delta: ClassVar[bool] = False
+    needs_delta: ClassVar[bool] = False  # reads softplus(Δ) (the family computes it only then)
+    needs_generator: ClassVar[bool] = False  # draws random numbers (given a generator seeded per plan and block)
 
     def __call__(self, output: BlockOutput, generator: torch.Generator | None = None) -> Tensor:
         """-> scores (B L)."""

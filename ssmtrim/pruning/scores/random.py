@@ -7,6 +7,7 @@ from ssmtrim.pruning.scores.base import Score, register_score
 
 class Random(Score):
     name = "random"
+    needs_generator = True
 
     def __call__(self, output, generator=None):
         y = output.y
