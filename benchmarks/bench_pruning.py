@@ -64,7 +64,7 @@ def main() -> None:
         x = torch.randn(args.batch, 3, model.config.img_size, model.config.img_size)
         layers, keep = SCHEDULES[name]
         variants = [("dense", None)] + [(a, PruneConfig(layers=layers, keep=(keep,), arrangement=a))
-                                        for a in ("align", "keep-order", "reorder")]
+                                        for a in ("align", "keep-order", "reorder", "merge")]
         base = None
         for label, config in variants:
             if config is not None:
