@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import Strategy, register_strategy
@@ -26,8 +27,6 @@ def similarity_features(output: BlockOutput, metric: str) -> Tensor:
     """B L F features whose cosine similarity decides where a token is merged."""
     features = {"input": output.mixer_input, "y": output.y, "delta": output.delta}[metric]
     if features is None:
-        from ssmtrim.errors import ConfigError
-
         raise ConfigError(f"--metric {metric} needs what this model family does not give; choose --metric y.")
     return features
 
