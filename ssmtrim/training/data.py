@@ -86,10 +86,11 @@ def normalise(batch_u8: Tensor, data: DataConfig) -> Tensor:
 
 
 def augment(x: Tensor, kind: str, generator: torch.Generator, rrc_scale: tuple[float, float] = (0.35, 1.0)) -> Tensor:
-    """Random crop (pad 4, reflect) or random resized crop (3/4..4/3 aspect), then a random horizontal flip."""
+    """Random crop (pad an eighth of the side, reflect: 4 pixels at 32x32) or random resized crop (3/4..4/3 aspect),
+    then a random horizontal flip."""
     b, _, h, w = x.shape
     if kind == "crop":
-        pad = 4
+        pad = max(1, min(h, w) // 8)
         xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
         dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
         dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
