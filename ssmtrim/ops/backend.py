@@ -4,8 +4,10 @@ Backends (one module each in :mod:`ssmtrim.ops.backends`, registered in its tabl
 - ``ref``: the readable PyTorch loop (:func:`ssmtrim.ops.selective_scan.selective_scan_ref`), any device;
 - ``cpu``: the fused C kernel (fp32 maths, compiled at first use), CPU tensors;
 - ``cuda``: mamba-ssm's CUDA kernel (``selective_scan_fn``), CUDA tensors, when mamba-ssm is installed;
-- ``auto`` (default): the available backend of highest priority for the tensors' device: ``cuda`` for CUDA tensors
-  when mamba-ssm is importable, ``cpu`` for CPU tensors when the kernel builds, else ``ref``.
+- ``portable``: the chunked scan in plain PyTorch, parallel over the sequence, any device;
+- ``auto`` (default): the available backend of highest priority for the tensors' device: for CUDA tensors ``cuda``
+  when mamba-ssm is importable, else ``portable``; ``portable`` for MPS tensors; for CPU tensors ``cpu`` when the
+  kernel builds, else ``ref``.
 
 Chosen by, in order: :func:`use_backend` (scoped to the block, per thread and task: a ``contextvars.ContextVar``),
 :func:`set_backend` (the process-wide default), the ``SSMTRIM_SCAN_BACKEND`` environment variable, ``auto``.
@@ -30,7 +32,7 @@ from ssmtrim.ops.backends.cuda import MAMBA_INSTALL, mamba_selective_scan
 __all__ = ["BACKENDS", "ENV_VAR", "MAMBA_INSTALL", "backend_for", "describe_backends", "mamba_selective_scan",
            "requested_backend", "resolve_backend", "set_backend", "use_backend"]
 
-BACKENDS = ("auto", "ref", "cpu", "cuda")  # the built-in names; backend_names() includes any registered later
+BACKENDS = ("auto", "ref", "cpu", "cuda", "portable")  # built in; backend_names() includes any registered later
 ENV_VAR = "SSMTRIM_SCAN_BACKEND"
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def resolve_backend(device: torch.device | str, name: str | None = None) -> str:
-    """The name of the concrete backend (``ref``, ``cpu``, ``cuda`` or another registered one) for tensors on
-    ``device``."""
+    """The name of the concrete backend (``ref``, ``cpu``, ``cuda``, ``portable`` or another registered one) for
+    tensors on ``device``."""
     device = torch.device(device)
     name = _validate(name, "the scan backend") if name is not None else requested_backend()
     if name != "auto":
@@ -114,6 +116,11 @@ def resolve_backend(device: torch.device | str, name: str | None = None) -> str:
                 _reported.add(key)
                 note = passed_over.note() if passed_over is not None and passed_over.note is not None else ""
                 log.info("selective scan backend for %s: %s%s", device.type, chosen.name, f" ({note})" if note else "")
+                if passed_over is not None:  # a slower fallback is said aloud, not only under -v
+                    from ssmtrim.notices import notice
+
+                    notice(f"scan-fallback:{device.type}", f"the {passed_over.name!r} selective scan cannot run on "
+                           f"{device.type} ({note or 'unavailable'}), so the slower {chosen.name!r} scan is used.")
     return chosen.name
 
 

@@ -45,7 +45,7 @@ def causal_conv1d_silu(x: Tensor, conv: nn.Conv1d, positions: Tensor | None = No
     """SiLU(causal depth-wise conv1d) of x (B E L); see the module docstring for ``positions`` and ``length``."""
     kernel = _kernel_for(x, conv)
     if kernel is not None:
-        return kernel.run(x, conv, positions)
+        return kernel.run(x, conv, positions, length)
     if positions is None:
         return F.silu(conv(x)[..., : x.shape[-1]])
     full = int(length) if length is not None else int(positions.max()) + 1

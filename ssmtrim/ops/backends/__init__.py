@@ -1,9 +1,9 @@
 """The table of selective-scan backends: one module per backend, each defining one :class:`Backend` object, all
 registered here. :func:`ssmtrim.ops.backend.resolve_backend` chooses among them.
 
-Built in: ``ref`` (:mod:`.ref`), ``cpu`` (:mod:`.cpu`), ``cuda`` (:mod:`.cuda`). A new backend is one new module
-that defines a ``Backend`` plus one line in ``_BUILTIN`` below (or, from outside the package,
-:func:`register_backend`, e.g. in a test).
+Built in: ``ref`` (:mod:`.ref`), ``cpu`` (:mod:`.cpu`), ``cuda`` (:mod:`.cuda`), ``portable`` (:mod:`.portable`).
+A new backend is one new module that defines a ``Backend`` plus one line in ``_BUILTIN`` below (or, from outside the
+package, :func:`register_backend`, e.g. in a test).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.ops.backends import cpu, cuda, ref
+from ssmtrim.ops.backends import cpu, cuda, portable, ref
 from ssmtrim.ops.backends.base import Backend, ConvKernel, ScanFn
 
 __all__ = ["Backend", "ConvKernel", "ScanFn", "backend_names", "by_priority", "get_backend", "register_backend",
            "registered_backends", "unregister_backend"]
 
-_BUILTIN = (ref.BACKEND, cpu.BACKEND, cuda.BACKEND)
+_BUILTIN = (ref.BACKEND, cpu.BACKEND, cuda.BACKEND, portable.BACKEND)
 
 _lock = threading.Lock()
 _table: dict[str, Backend] = {b.name: b for b in _BUILTIN}

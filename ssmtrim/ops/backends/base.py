@@ -20,11 +20,12 @@ ScanFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
 class ConvKernel(NamedTuple):
     """A fast causal depth-wise conv1d + SiLU for inference (see :mod:`ssmtrim.ops.conv` for the meaning).
 
-    ``accepts(x, conv)`` says whether it takes this input (device, dtype); ``run(x, conv, positions)`` computes it.
-    Gradients, tracers and conv layouts other than Vim's are sent to PyTorch before either is asked."""
+    ``accepts(x, conv)`` says whether it takes this input (device, dtype); ``run(x, conv, positions, length)``
+    computes it (``length``: the original sequence length when ``positions`` are given, or None). Gradients, tracers
+    and conv layouts other than Vim's are sent to PyTorch before either is asked."""
 
     accepts: Callable[[Tensor, nn.Conv1d], bool]
-    run: Callable[[Tensor, nn.Conv1d, Tensor | None], Tensor]
+    run: Callable[[Tensor, nn.Conv1d, Tensor | None, int | None], Tensor]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,20 @@ def _kernel_usable(u: Tensor, A: Tensor) -> bool:
     return lib is not None and A.shape[1] <= lib.ssm_max_state() and u.dtype != torch.float64
 
 
+def _say_why_reference(u: Tensor, A: Tensor) -> None:
+    """The kernel is built but cannot take these tensors: say once that the reference loop runs instead."""
+    lib = _cpu_kernel.load() if u.device.type == "cpu" else None
+    if lib is None:
+        return  # no kernel at all: resolve_backend has said so (auto) or refused (--backend cpu)
+    from ssmtrim.notices import notice
+
+    if u.dtype == torch.float64:
+        notice("cpu-scan:fp64", "the fast CPU scan runs in fp32, so fp64 tensors use the slower reference scan.")
+    elif A.shape[1] > lib.ssm_max_state():
+        notice("cpu-scan:state", f"the fast CPU scan takes state sizes up to {lib.ssm_max_state()}, so d_state "
+               f"{A.shape[1]} uses the slower reference scan.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the registered scan op
 
@@ -51,6 +65,7 @@ def scan_op(
     delta_softplus: bool,
 ) -> tuple[Tensor, Tensor]:
     if not _kernel_usable(u, A):
+        _say_why_reference(u, A)
         with torch.no_grad():
             out, last = selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, True, gap_scale)
         return out, last.to(u.dtype)
@@ -166,8 +181,9 @@ def conv_accepts(x: Tensor, conv: nn.Conv1d) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
 
 
-def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None) -> Tensor:
-    """``ssm_conv_silu``: reads x (B E L) through its strides and visits only the present tokens (``positions``)."""
+def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int | None = None) -> Tensor:
+    """``ssm_conv_silu``: reads x (B E L) through its strides and visits only the present tokens (``positions``; the
+    conv looks back only, so the original ``length`` is not needed)."""
     lib = _cpu_kernel.load()
     bsz, e, length = x.shape
     width = conv.kernel_size[0]
