@@ -16,8 +16,11 @@ Pickled checkpoints are read with ``torch.load(weights_only=True)``: tensors and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
+import inspect
 import json
+import math
 import os
 import re
 import zipfile
@@ -28,7 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssmtrim.errors import CheckpointError, SourceNotFoundError, StateDictMismatchError, UnknownModelError
+from ssmtrim.errors import (
+    CheckpointError,
+    ConfigError,
+    HubUnreachableError,
+    SourceNotFoundError,
+    StateDictMismatchError,
+    UnknownModelError,
+)
 from ssmtrim.models.registry import (
     DataConfig,
     ModelSpec,
@@ -39,6 +49,7 @@ from ssmtrim.models.registry import (
     list_models,
     spec_for_hub_file,
 )
+from ssmtrim.models.sizes import size_hw
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,12 +83,33 @@ class ModelSource:
 # resolving a source string to a local path
 
 
+def _check_hub_reachable(repo_id: str, filename: str, revision: str | None, where: str) -> None:
+    """Fail at once, in one sentence, when a file that is not in the cache cannot be fetched because the Hub cannot
+    be reached (huggingface_hub would retry for about 25 s, logging each retry): one quick request, no retries."""
+    import huggingface_hub as hf
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf_errors
+
+    if constants.HF_HUB_OFFLINE or isinstance(hf.try_to_load_from_cache(repo_id, filename, revision=revision), str):
+        return  # offline: huggingface_hub answers at once; cached: it falls back to the cache when unreachable
+    try:
+        hf.get_hf_file_metadata(hf.hf_hub_url(repo_id, filename, revision=revision), timeout=10)
+    except hf_errors.HfHubHTTPError:
+        return  # the Hub answered: the download reports what it said (no such repo, file, revision...)
+    except Exception as exc:  # noqa: BLE001 - a failed connection, whatever the HTTP library calls it
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HubUnreachableError(f"cannot reach the Hugging Face Hub to fetch {where} ({reason}), and it is not in "
+                                  "the local cache; connect to the network (or set HF_ENDPOINT to a mirror), or pass "
+                                  "a local checkpoint file.") from None
+
+
 def _hub_download(repo_id: str, filename: str, revision: str | None) -> Path:
     """One file through the huggingface_hub cache (honours HF_HUB_OFFLINE and HF_HOME)."""
     import huggingface_hub as hf  # imported here: slow to import and only needed for Hub sources
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}:{filename}" + (f"@{revision}" if revision else "")
+    _check_hub_reachable(repo_id, filename, revision, where)
     try:
         return Path(hf.hf_hub_download(repo_id, filename, revision=revision))
     except hf_errors.LocalEntryNotFoundError:
@@ -106,6 +138,9 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
     text = str(source)
     path = Path(text).expanduser()
     if path.exists():
+        if revision is not None:
+            raise ConfigError(f"--revision {revision!r} picks a Hub branch, tag or commit, but {text!r} is a local "
+                              "path; drop --revision (or name the Hub repository).")
         if path.is_dir():
             if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
                 raise SourceNotFoundError(
@@ -163,6 +198,123 @@ def _read_folder_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "arch" not in config:
         raise CheckpointError(f"{folder / CONFIG_NAME} has no 'arch' entry; it was not written by ssmtrim.")
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checking a folder's config.json before anything is built from it
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a dataclass field's type (int, float, str, bool, None, unions, tuples as lists)."""
+    import types
+    import typing
+
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, h) for v, h in zip(value, args, strict=True))
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+
+
+def check_fields(values: Any, cls: type, where: str, section: str) -> None:
+    """Refuse, in one sentence naming the field and the file, a ``section`` of a config.json whose values do not fit
+    the dataclass ``cls`` (wrong type, null where a value is needed); unknown fields are left to ``cls``."""
+    import typing
+
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{where}: \"{section}\" must be an object of fields, got {json.dumps(values)}; restore "
+                              "the file or re-export the model.")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values and not _matches(values[f.name], hints[f.name]):
+            raise CheckpointError(f"{where}: field {section}.{f.name} is {json.dumps(values[f.name])}, not of type "
+                                  f"{_type_name(hints[f.name])}; fix it or re-export the model.")
+
+
+def check_data_config(data: Any, in_chans: int, where: str) -> DataConfig:
+    """The ``data`` section of a config.json as a :class:`DataConfig`, or one sentence naming the bad field."""
+    check_fields(data, DataConfig, where, "data")
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(DataConfig)})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown field(s) {unknown} in \"data\"; the file is from a newer ssmtrim or "
+                              "was edited by hand: remove them.")
+    config = DataConfig.from_dict(data)
+
+    def bad(name: str, why: str) -> CheckpointError:
+        value = json.dumps(data.get(name, getattr(config, name)))
+        return CheckpointError(f"{where}: field data.{name} is {value}, {why}; fix it or re-export the model.")
+
+    if len(config.input_size) != 3 or any(v < 1 for v in config.input_size):
+        raise bad("input_size", "but it must be three positive integers (channels, height, width)")
+    if config.input_size[0] != in_chans:
+        raise bad("input_size", f"but the model takes {in_chans} channels")
+    if not 0.0 < config.crop_pct <= 1.0:
+        raise bad("crop_pct", "but it must be a fraction in (0, 1] (the center-crop share of the resized image)")
+    from ssmtrim.data import resample_filter  # data imports only the registry: no cycle
+
+    try:
+        resample_filter(config.interpolation)
+    except ConfigError:
+        raise bad("interpolation", "which is not one of bicubic, bilinear, nearest, lanczos") from None
+    for name in ("mean", "std"):
+        if len(getattr(config, name)) != in_chans:
+            raise bad(name, f"but it needs one value per input channel ({in_chans})")
+    if any(v <= 0 for v in config.std):
+        raise bad("std", "but every value must be positive (images are divided by it)")
+    return config
+
+
+def check_classes(classes: Any, num_classes: int, where: str) -> list[str]:
+    """The class names a config.json records (index = class index), checked against the model's head."""
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise CheckpointError(f"{where}: field classes must be a list of class names, got {json.dumps(classes)[:80]}; "
+                              "fix it or re-export the model.")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{where}: field classes names a class twice; fix it or re-export the model.")
+    if num_classes and len(classes) != num_classes:
+        raise CheckpointError(f"{where}: field classes lists {len(classes)} names but the model predicts "
+                              f"{num_classes} classes; fix it or re-export the model.")
+    return list(classes)
+
+
+def recorded_classes(config: dict[str, Any]) -> Any:
+    """The class names a config.json records: ``classes``, else its training record's (None: none)."""
+    if config.get("classes") is not None:
+        return config["classes"]
+    training = config.get("training")
+    return training.get("classes") if isinstance(training, dict) else None
+
+
+def class_names_of(model: nn.Module) -> list[str] | None:
+    """The class names of a model (index = class index): set on it (``model.class_names``), or recorded in the
+    folder it was loaded from; None when it records none."""
+    names = model.__dict__.get("class_names")
+    if names is None:
+        config = getattr(getattr(model, "source", None), "folder_config", None) or {}
+        names = recorded_classes(config)
+    return list(names) if names else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,6 +423,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state_dict and state_dict[k].shape != v.shape]
     if not (missing or unexpected or wrong):
+        not_float = [k for k, v in expected.items() if v.is_floating_point() and not state_dict[k].is_floating_point()]
+        if not_float:
+            more = f" and {len(not_float) - 1} more" if len(not_float) > 1 else ""
+            raise CheckpointError(f"{source} stores {not_float[0]}{more} as {state_dict[not_float[0]].dtype}, but "
+                                  "model weights must be floating point; re-export the checkpoint with float weights.")
         return
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
@@ -282,10 +439,14 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
 
 
 def _arch_from(
-    arch: str | Any | None, family: str, state_dict: dict[str, Tensor], source: str
+    arch: str | Any | None, family: str, state_dict: dict[str, Tensor], source: str, size_hint: Any = None
 ) -> tuple[Any, str | None]:
     if arch is None:
-        config = get_family(family).infer_config(state_dict)
+        infer = get_family(family).infer_config
+        # the size is only needed where the tensors cannot tell it (a non-square position embedding), and only passed
+        # to a family whose infer_config takes it (the argument is optional in the family contract)
+        takes_size = size_hint is not None and "img_size" in inspect.signature(infer).parameters
+        config = infer(state_dict, img_size=size_hint) if takes_size else infer(state_dict)
         spec = next((s for s in list_models(include_test=True) if s.arch == config), None)
         return config, spec.name if spec else None
     if isinstance(arch, str):
@@ -303,8 +464,7 @@ def _data_config(spec_name: str | None, arch: Any) -> DataConfig:
     spec: ModelSpec | None = find_spec(spec_name) if spec_name else None
     if spec is not None:
         return spec.data
-    size = arch.img_size
-    return DataConfig(input_size=(arch.in_chans, size, size))
+    return DataConfig(input_size=(arch.in_chans, *size_hw(arch.img_size)))
 
 
 def data_config_of(model: nn.Module) -> DataConfig:
@@ -321,12 +481,24 @@ def _finite_check(state_dict: dict[str, Tensor], source: str) -> None:
             raise CheckpointError(f"{source} has non-finite values in {key}; the checkpoint is corrupt.")
 
 
+def _arch_in_metadata(metadata: dict[str, str], family: str) -> Any:
+    """The architecture recorded in the safetensors metadata ssmtrim writes (a model.safetensors taken out of its
+    folder: it knows its input size even where the tensors cannot tell it), else None."""
+    try:
+        arch = json.loads(metadata["ssmtrim_config"])["arch"]
+        return get_family(family).config_cls.from_dict(arch) if arch.get("family") == family else None
+    except (KeyError, TypeError, ValueError, AttributeError):  # not ssmtrim's, or unreadable: infer from the tensors
+        return None
+
+
 def load_resolved(resolved: ModelSource, arch: str | Any | None = None, device: str | torch.device = "cpu",
-                  ) -> nn.Module:
+                  img_size: Any = None) -> nn.Module:
     """Load a dense model from a resolved Hub file or local checkpoint file (not an ssmtrim folder: those carry a
-    plan, see :func:`ssmtrim.checkpoint.load_model`), converting the official layout, in eval mode."""
+    plan, see :func:`ssmtrim.checkpoint.load_model`), converting the official layout, in eval mode. ``img_size``
+    (N or (H, W)) is the size the checkpoint was trained at, used only where its tensors cannot tell it (a
+    non-square position embedding); the architecture recorded in ssmtrim's safetensors metadata comes first."""
     label = resolved.source
-    state_dict, _ = read_checkpoint(resolved.path)
+    state_dict, metadata = read_checkpoint(resolved.path)
     family = detect_family(state_dict, label)
     if arch is not None and not isinstance(arch, str) and getattr(arch, "family", family) != family:
         raise CheckpointError(f"{label} is a {family} checkpoint but the architecture asked for is {arch.family}; "
@@ -336,12 +508,20 @@ def load_resolved(resolved: ModelSource, arch: str | Any | None = None, device: 
         # the official file of a registered model must hold that architecture; inferring another one would pair it
         # with the registered model's name and preprocessing
         arch = resolved.spec
-    config, spec_name = _arch_from(arch, family, state_dict, label)
+    if arch is None:
+        arch = _arch_in_metadata(metadata, family)
+    config, spec_name = _arch_from(arch, family, state_dict, label, img_size)
     spec_name = resolved.spec or spec_name
     model = build_with_weights(config, state_dict, label)
     model.source = ModelSource(resolved.source, resolved.kind, resolved.path, resolved.hub_id, resolved.filename,
                                resolved.revision, spec_name)
     model.data_config = _data_config(spec_name, config)
+    if spec_name is None:
+        from ssmtrim.notices import notice
+
+        notice(f"imagenet-preprocessing:{label}", f"{label} is not a registered architecture, so its images are "
+               "preprocessed as ImageNet's (mean/std, crop 0.875, bicubic); if it was trained otherwise, convert it "
+               "(ssmtrim convert) and edit the \"data\" entry of its config.json.")
     return model.to(device)
 
 

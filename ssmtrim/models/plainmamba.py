@@ -41,6 +41,7 @@ from ssmtrim.models.plainmamba_grid import (
     zigzag_orders,
 )  # fmt: skip
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
+from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
 from ssmtrim.models.tokens import BlockOutput, TokenState
 from ssmtrim.ops import selective_scan
 
@@ -52,7 +53,7 @@ class PlainMambaConfig(ArchConfig):
     embed_dim: int
     depth: int
     stem_convs: int = 1  # extra 3x3 conv + BN + ReLU blocks after the 7x7 stride-2 stem conv
-    img_size: int = 224
+    img_size: ImgSize = 224  # N (square) or (H, W), as the official to_2tuple takes it
     patch_size: int = 16  # total stride: the stem halves, the projection (kernel = stride = patch_size / 2) the rest
     in_chans: int = 3
     num_classes: int = 1000
@@ -67,7 +68,7 @@ class PlainMambaConfig(ArchConfig):
     drop_path_rate: float = 0.0  # stochastic depth (training only; linear over depth as in the official code)
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "depth", "img_size", "patch_size", "in_chans", "d_state", "expand", "conv_size",
+        for name in ("embed_dim", "depth", "patch_size", "in_chans", "d_state", "expand", "conv_size",
                      "stem_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -81,8 +82,10 @@ class PlainMambaConfig(ArchConfig):
                               f"got {self.patch_size}.")
         if self.conv_size % 2 == 0:
             raise ConfigError(f"PlainMamba config field conv_size must be odd ('same' padding), got {self.conv_size}.")
-        if self.img_size < 2:
-            raise ConfigError(f"PlainMamba config field img_size must be at least 2, got {self.img_size}.")
+        object.__setattr__(self, "img_size", normalize_img_size(self.img_size))  # a square (N, N) is stored as N
+        if min(self.input_hw) < 2:
+            raise ConfigError(f"PlainMamba config field img_size must be at least 2 on each side, got "
+                              f"{size_text(self.img_size)}.")
         layers = tuple(self.layers_with_dwconv)
         if any(not isinstance(i, int) or not 0 <= i < self.depth for i in layers) or len(set(layers)) != len(layers):
             raise ConfigError(f"PlainMamba config field layers_with_dwconv must list distinct layer indices in "
@@ -104,12 +107,18 @@ class PlainMambaConfig(ArchConfig):
         return self.expand * self.embed_dim
 
     @property
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) of the input images."""
+        return size_hw(self.img_size)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        """(H, W) of the token grid that ``pos_embed`` is stored for, computed as ConvPatchEmbed.init_out_size does:
-        img_size // 2 after the stem, padded up to a multiple of patch_size / 2, divided by it."""
-        half, step = self.img_size // 2, self.patch_size // 2
-        g = -(-half // step)
-        return g, g
+        """(h, w) of the token grid that ``pos_embed`` is stored for, computed per side as
+        ConvPatchEmbed.init_out_size does: side // 2 after the stem, padded up to a multiple of patch_size / 2,
+        divided by it."""
+        step = self.patch_size // 2
+        h, w = (-(-(side // 2) // step) for side in self.input_hw)
+        return h, w
 
     @property
     def num_patches(self) -> int:
@@ -387,6 +396,24 @@ class PlainMamba(nn.Module):
 # family: build, convert official checkpoints, infer architectures
 
 
+def _stored_size(tokens: int, patch: int, img_size: ImgSize | None) -> ImgSize:
+    """The input size of a position embedding of ``tokens`` grid cells: a square number is a square grid of
+    ``patch``-pixel patches; any other number needs ``img_size``, whose grid must hold exactly that many."""
+    grid = math.isqrt(tokens)
+    if grid * grid == tokens:
+        return grid * patch
+    if img_size is None:
+        raise CheckpointError(f"the PlainMamba pos_embed holds {tokens} positions, not a square grid, so the input "
+                              "size it was trained at cannot be inferred; give that size with --img-size H,W "
+                              "(img_size=(H, W) in Python).")
+    h, w = size_hw(img_size)
+    if h % patch == 0 and w % patch == 0 and (h // patch) * (w // patch) == tokens:
+        return normalize_img_size(img_size)
+    raise CheckpointError(f"the PlainMamba pos_embed holds {tokens} positions, not a square grid, and {h}x{w} images "
+                          f"do not make {tokens} {patch}-pixel patches; give the size it was trained at with "
+                          "--img-size H,W (img_size=(H, W) in Python), then resize the loaded model.")
+
+
 class PlainMambaFamily:
     name = "plainmamba"
     config_cls = PlainMambaConfig
@@ -416,7 +443,9 @@ class PlainMambaFamily:
     def detect(self, state_dict: dict[str, Tensor]) -> bool:
         return any(re.search(r"(^|\.)layers\.\d+\.mamba\.direction_Bs$", k) for k in state_dict)
 
-    def infer_config(self, state_dict: dict[str, Tensor]) -> PlainMambaConfig:
+    def infer_config(self, state_dict: dict[str, Tensor], img_size: ImgSize | None = None) -> PlainMambaConfig:
+        """The architecture of a state dict. A square position embedding gives the input size; a non-square one
+        does not, so it needs ``img_size``, the size it was trained at (ignored for a square one)."""
         sd = self.convert_state_dict(state_dict)
         try:
             stem_w = sd["patch_embed.stem.0.weight"]  # S 3 7 7
@@ -436,15 +465,13 @@ class PlainMambaFamily:
         d_inner = in_proj.shape[0] // 2
         if d_inner % embed_dim:
             raise CheckpointError(f"PlainMamba d_inner {d_inner} is not a multiple of the embed dim {embed_dim}.")
-        grid = math.isqrt(pos.shape[1])
-        if grid * grid != pos.shape[1]:
-            raise CheckpointError(f"PlainMamba pos_embed has {pos.shape[1]} tokens, not a square grid.")
+        size = _stored_size(pos.shape[1], patch, img_size)
         convs = [v for k, v in sd.items() if re.fullmatch(r"patch_embed\.convs\.\d+\.weight", k)]
         stem_convs = sum(1 for v in convs if v.ndim == 4)  # the BatchNorm weights in between are 1-D
         dw_layers = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(r"layers\.(\d+)\.dw\.0\.weight", k)))
         head = sd.get("head.weight")
         return PlainMambaConfig(
-            embed_dim=embed_dim, depth=depth, stem_convs=stem_convs, img_size=grid * patch, patch_size=patch,
+            embed_dim=embed_dim, depth=depth, stem_convs=stem_convs, img_size=size, patch_size=patch,
             in_chans=stem_w.shape[1], num_classes=0 if head is None else head.shape[0], d_state=a_log.shape[1],
             expand=d_inner // embed_dim, conv_size=conv.shape[-1], stem_channels=stem_w.shape[0],
             layers_with_dwconv=tuple(dw_layers), dt_rank=dt_w.shape[1],
@@ -500,8 +527,9 @@ class PlainMambaFamily:
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "original", "gap": "bias",
                 "compensate": "head", "layers": layers}
 
-    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: int):
-        """(config at ``img_size``, state dict with the position embedding interpolated to its token grid)."""
+    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: ImgSize):
+        """(config at ``img_size`` (N or (H, W)), state dict with the position embedding interpolated to its token
+        grid)."""
         from ssmtrim.models.plainmamba_resize import resize_state_dict
 
         return resize_state_dict(config, state_dict, img_size)

@@ -89,7 +89,11 @@ class Family(Protocol):
 
     def detect(self, state_dict: dict[str, Tensor]) -> bool: ...
 
-    def infer_config(self, state_dict: dict[str, Tensor]) -> Any: ...
+    def infer_config(self, state_dict: dict[str, Tensor]) -> Any:
+        """The architecture of a (converted) state dict. A family may accept ``img_size=`` (N or (H, W)), the size
+        the weights were trained at, for what the tensors cannot tell (a non-square position embedding); the loader
+        passes it only when the user gave a size."""
+        ...
 
     # token layout
     def depth(self, config: Any) -> int:

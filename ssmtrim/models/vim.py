@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
+from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
 from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens
 from ssmtrim.ops import selective_scan
 from ssmtrim.ops.conv import causal_conv1d_silu
@@ -34,7 +35,7 @@ class VimConfig(ArchConfig):
 
     embed_dim: int
     depth: int
-    img_size: int = 224
+    img_size: ImgSize = 224  # N (square) or (H, W), as the official to_2tuple takes it
     patch_size: int = 16
     stride: int = 16
     in_chans: int = 3
@@ -46,14 +47,14 @@ class VimConfig(ArchConfig):
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "depth", "img_size", "patch_size", "stride", "in_chans", "d_state", "d_conv",
-                     "expand"):
+        for name in ("embed_dim", "depth", "patch_size", "stride", "in_chans", "d_state", "d_conv", "expand"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"Vim config field {name} must be a positive integer, got {getattr(self, name)}.")
         if self.num_classes < 0:
             raise ConfigError(f"Vim config field num_classes must be >= 0, got {self.num_classes}.")
-        if self.img_size < self.patch_size:
-            raise ConfigError(f"Vim img_size {self.img_size} is smaller than patch_size {self.patch_size}.")
+        object.__setattr__(self, "img_size", normalize_img_size(self.img_size))  # a square (N, N) is stored as N
+        if min(self.input_hw) < self.patch_size:
+            raise ConfigError(f"Vim img_size {size_text(self.img_size)} is smaller than patch_size {self.patch_size}.")
         if self.dt_rank is None:
             object.__setattr__(self, "dt_rank", math.ceil(self.embed_dim / 16))
 
@@ -62,16 +63,25 @@ class VimConfig(ArchConfig):
         return self.expand * self.embed_dim
 
     @property
-    def grid_size(self) -> int:
-        return (self.img_size - self.patch_size) // self.stride + 1
+    def input_hw(self) -> tuple[int, int]:
+        """(H, W) of the input images."""
+        return size_hw(self.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) patches, as the official PatchEmbed computes them per side: (side - patch) // stride + 1."""
+        h, w = self.input_hw
+        return (h - self.patch_size) // self.stride + 1, (w - self.patch_size) // self.stride + 1
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size**2
+        h, w = self.grid_size
+        return h * w
 
     @property
     def cls_position(self) -> int:
-        """Index of the class token: M // 2 with M the number of patches before insertion (98 for 196)."""
+        """Index of the class token: M // 2 with M = h w the number of patches before insertion (98 for 196; the
+        official forward uses M // 2 for any grid, square or not)."""
         return self.num_patches // 2
 
 
@@ -219,15 +229,16 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: VimConfig) -> None:
         super().__init__()
-        self.img_size = cfg.img_size
+        self.input_hw = cfg.input_hw
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.stride)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B 3 H W) -> patch tokens, row-major (B M D)."""
-        if not torch.jit.is_tracing() and tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+        if not torch.jit.is_tracing() and tuple(x.shape[-2:]) != self.input_hw:
+            h, w = self.input_hw
             raise ConfigError(
-                f"this model takes {self.img_size}x{self.img_size} images but got {x.shape[-2]}x{x.shape[-1]}; "
-                "resize the input (the eval transform from the model's data config does)."
+                f"this model takes {h}x{w} images (height x width) but got {x.shape[-2]}x{x.shape[-1]}; resize the "
+                "input (the eval transform from the model's data config does) or load the model for that size."
             )
         return self.proj(x).flatten(2).transpose(1, 2)
 
@@ -287,6 +298,28 @@ class VisionMamba(nn.Module):
 # family: build, convert official checkpoints, infer architectures
 
 
+def _stored_size(patches: int, patch: int, img_size: ImgSize | None) -> tuple[ImgSize, int]:
+    """(input size, stride) of a position embedding of ``patches`` patch slots. A square number is a square grid
+    (the stride is not stored: prefer the one that makes a 224 input, the _stride8_ variants, else the patch size);
+    any other number needs ``img_size``, whose grid must hold exactly that many patches."""
+    grid = math.isqrt(patches)
+    if grid * grid == patches:
+        stride = next((s for s in (patch, patch // 2) if s > 0 and (grid - 1) * s + patch == 224), patch)
+        return (grid - 1) * stride + patch, stride
+    if img_size is None:
+        raise CheckpointError(f"the Vim pos_embed holds {patches} patch positions, not a square grid, so the input "
+                              "size it was trained at cannot be inferred; give that size with --img-size H,W "
+                              "(img_size=(H, W) in Python).")
+    h, w = size_hw(img_size)
+    for stride in (patch, patch // 2):
+        fits = stride > 0 and all(side >= patch and (side - patch) % stride == 0 for side in (h, w))
+        if fits and ((h - patch) // stride + 1) * ((w - patch) // stride + 1) == patches:
+            return normalize_img_size(img_size), stride
+    raise CheckpointError(f"the Vim pos_embed holds {patches} patch positions, not a square grid, and {h}x{w} images "
+                          f"do not make {patches} {patch}-pixel patches; give the size it was trained at with "
+                          "--img-size H,W (img_size=(H, W) in Python), then resize the loaded model.")
+
+
 class VimFamily:
     name = "vim"
     config_cls = VimConfig
@@ -307,7 +340,9 @@ class VimFamily:
     def detect(self, state_dict: dict[str, Tensor]) -> bool:
         return any(re.search(r"(^|\.)layers\.\d+\.mixer\.A_b_log$", k) for k in state_dict)
 
-    def infer_config(self, state_dict: dict[str, Tensor]) -> VimConfig:
+    def infer_config(self, state_dict: dict[str, Tensor], img_size: ImgSize | None = None) -> VimConfig:
+        """The architecture of a state dict. A square position embedding gives the input size; a non-square one
+        does not, so it needs ``img_size``, the size it was trained at (ignored for a square one)."""
         sd = self.convert_state_dict(state_dict)
         try:
             patch_w = sd["patch_embed.proj.weight"]  # D 3 P P
@@ -323,14 +358,10 @@ class VimFamily:
             ) from None
         depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
         embed_dim, patch = patch_w.shape[0], patch_w.shape[-1]
-        grid = math.isqrt(pos.shape[1] - 1)
-        if grid * grid != pos.shape[1] - 1:
-            raise CheckpointError(f"Vim pos_embed has {pos.shape[1]} tokens, not a square grid plus a class token.")
-        # stride is not stored; prefer the one that makes a 224 input (the _stride8_ variants), else stride = patch
-        stride = next((s for s in (patch, patch // 2) if s > 0 and (grid - 1) * s + patch == 224), patch)
+        size, stride = _stored_size(pos.shape[1] - 1, patch, img_size)
         head = sd.get("head.weight")
         return VimConfig(
-            embed_dim=embed_dim, depth=depth, img_size=(grid - 1) * stride + patch, patch_size=patch, stride=stride,
+            embed_dim=embed_dim, depth=depth, img_size=size, patch_size=patch, stride=stride,
             in_chans=patch_w.shape[1], num_classes=0 if head is None else head.shape[0], d_state=a_log.shape[1],
             d_conv=conv.shape[-1], expand=in_proj.shape[0] // 2 // embed_dim, dt_rank=dt_w.shape[1],
         )  # fmt: skip
@@ -356,7 +387,7 @@ class VimFamily:
         state = TokenState(
             positions=torch.arange(length, device=x.device).expand(bsz, -1),
             cls_index=torch.full((bsz,), model.config.cls_position, device=x.device, dtype=torch.long),
-            length=length, grid=(model.config.grid_size, model.config.grid_size), keeps_positions=keeps_positions,
+            length=length, grid=model.config.grid_size, keeps_positions=keeps_positions,
         )  # fmt: skip
         return (hidden, None), state
 
@@ -396,8 +427,9 @@ class VimFamily:
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "kept", "gap": "bias",
                 "compensate": "head", "layers": layers}
 
-    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: int):
-        """(config at ``img_size``, state dict with the position embedding interpolated to its token grid)."""
+    def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: ImgSize):
+        """(config at ``img_size`` (N or (H, W)), state dict with the position embedding interpolated to its token
+        grid)."""
         from ssmtrim.models.vim_resize import resize_state_dict
 
         return resize_state_dict(config, state_dict, img_size)

@@ -1,9 +1,11 @@
 """Vim at another input size: the position embedding interpolated to the new token grid.
 
 The official fine-tunes at new resolutions (hustvl/Vim ``vim/main.py``, after DeiT's ``main.py``) resize the
-position embedding bicubically with ``align_corners=False``. DeiT takes the extra (class) tokens from the front of
-the sequence; Vim's class token sits in the middle (index M // 2 of M + 1), so here it is taken out from there, the
-M patch positions are resized as a sqrt(M) x sqrt(M) grid, and the class slot goes back at the new middle M' // 2.
+position embedding bicubically with ``align_corners=False`` to the new (rows, columns) of patches. DeiT takes the
+extra (class) tokens from the front of the sequence; Vim's class token sits in the middle (index M // 2 of M + 1),
+so here it is taken out from there, the M patch positions are resized as the h x w grid they were stored for
+(row-major, like the tokens) to h' x w', and the class slot goes back at the new middle M' // 2 (M' = h' w', the
+index the official forward inserts it at for any grid, square or not).
 
 Shapes: M patches before, M' after, D embed dim.
 """
@@ -18,45 +20,58 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
 
 
-def check_img_size(config: Any, img_size: int) -> None:
-    """Refuse a size the patch grid does not tile exactly (the conv would silently drop border pixels)."""
-    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < config.patch_size:
-        raise ConfigError(f"image size {img_size!r} is smaller than one {config.patch_size}x{config.patch_size} "
-                          f"patch; give a size of at least {config.patch_size}.")
+def _check_side(config: Any, side: Any, what: str) -> None:
     patch, stride = config.patch_size, config.stride
-    if (img_size - patch) % stride:
-        lower = img_size - (img_size - patch) % stride
-        raise ConfigError(f"image size {img_size} does not tile into {patch}-pixel patches at stride {stride}; give "
+    if not isinstance(side, int) or isinstance(side, bool) or side < patch:
+        raise ConfigError(f"{what} {side!r} is smaller than one {patch}x{patch} patch; give a size of at least "
+                          f"{patch}.")
+    if (side - patch) % stride:
+        lower = side - (side - patch) % stride
+        raise ConfigError(f"{what} {side} does not tile into {patch}-pixel patches at stride {stride}; give "
                           f"{patch} plus a multiple of {stride}, e.g. {lower} or {lower + stride}.")
 
 
-def interpolate_pos_embed(pos_embed: Tensor, cls_index: int, new_grid: int) -> Tensor:
-    """pos_embed (1 M+1 D), class slot at ``cls_index`` -> (1 M'+1 D) with M' = new_grid², class slot at M' // 2."""
+def check_img_size(config: Any, img_size: ImgSize) -> None:
+    """Refuse a size the patch grid does not tile exactly (the conv would silently drop border pixels); ``img_size``
+    is ``N`` or ``(H, W)``."""
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        _check_side(config, img_size, "image size")
+        return
+    h, w = size_hw(img_size)
+    _check_side(config, h, "image height")
+    _check_side(config, w, "image width")
+
+
+def interpolate_pos_embed(pos_embed: Tensor, cls_index: int, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """pos_embed (1 M+1 D) on the patch grid ``src`` (h, w), class slot at ``cls_index`` -> (1 M'+1 D) on ``dst``
+    (h', w'), class slot at M' // 2."""
     _, length, dim = pos_embed.shape
-    grid = round((length - 1) ** 0.5)
-    if grid * grid != length - 1:
-        raise CheckpointError(f"Vim pos_embed has {length} tokens, not a square grid plus a class token.")
+    if length - 1 != src[0] * src[1]:
+        raise CheckpointError(f"Vim pos_embed has {length} tokens, not the {src[0]}x{src[1]} patch grid of its config "
+                              "plus a class token; the checkpoint does not match its config.")
     cls = pos_embed[:, cls_index : cls_index + 1]
     patches = torch.cat([pos_embed[:, :cls_index], pos_embed[:, cls_index + 1 :]], dim=1)  # 1 M D
-    if new_grid != grid:
-        image = patches.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # 1 D g g, row-major like the tokens
-        image = F.interpolate(image, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-        patches = image.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
-    middle = new_grid * new_grid // 2
+    if tuple(dst) != tuple(src):
+        image = patches.float().reshape(1, *src, dim).permute(0, 3, 1, 2)  # 1 D h w, row-major like the tokens
+        image = F.interpolate(image, size=tuple(dst), mode="bicubic", align_corners=False)
+        patches = image.permute(0, 2, 3, 1).reshape(1, dst[0] * dst[1], dim).to(pos_embed.dtype)
+    middle = dst[0] * dst[1] // 2
     return torch.cat([patches[:, :middle], cls, patches[:, middle:]], dim=1)
 
 
 def resize_state_dict(
-    config: Any, state_dict: dict[str, Tensor], img_size: int
+    config: Any, state_dict: dict[str, Tensor], img_size: ImgSize
 ) -> tuple[Any, dict[str, Tensor]]:
-    """The config for ``img_size`` and a copy of ``state_dict`` whose ``pos_embed`` fits its token grid; every
-    other tensor is shared unchanged (nothing else in a Vim depends on the input size)."""
+    """The config for ``img_size`` (``N`` or ``(H, W)``) and a copy of ``state_dict`` whose ``pos_embed`` fits its
+    token grid; every other tensor is shared unchanged (nothing else in a Vim depends on the input size)."""
     check_img_size(config, img_size)
-    new_config = dataclasses.replace(config, img_size=img_size)
+    new_config = dataclasses.replace(config, img_size=normalize_img_size(img_size))
     if "pos_embed" not in state_dict:
         raise CheckpointError("the Vim state dict has no pos_embed; it is not a complete Vim checkpoint.")
     out = dict(state_dict)
-    out["pos_embed"] = interpolate_pos_embed(state_dict["pos_embed"], config.cls_position, new_config.grid_size)
+    out["pos_embed"] = interpolate_pos_embed(state_dict["pos_embed"], config.cls_position, config.grid_size,
+                                             new_config.grid_size)
     return new_config, out

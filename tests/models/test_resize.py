@@ -38,7 +38,7 @@ def test_vim_32_to_64_keeps_the_class_token_and_resizes_the_grid():
     config, sd = model.config, model.state_dict()
     new_config, new_sd = resize_state_dict(config, sd, 64)
     assert new_config == dataclasses.replace(config, img_size=64)
-    assert (new_config.grid_size, new_config.cls_position, num_tokens(new_config)) == (8, 32, 65)
+    assert (new_config.grid_size, new_config.cls_position, num_tokens(new_config)) == ((8, 8), 32, 65)
     old, new = sd["pos_embed"], new_sd["pos_embed"]
     assert new.shape == (1, 65, config.embed_dim) and new.dtype == old.dtype
     assert torch.equal(new[:, 32], old[:, 8])  # the class slot, moved to the new middle, unchanged
@@ -99,7 +99,7 @@ def test_vim_at_64_runs_and_its_folder_reloads_alone(write_official, tmp_path):
 
 def test_bundled_vim_cifar_at_64_is_vim_cifar256():
     spec = registry.get_spec("vim_cifar256")
-    assert (spec.arch.grid_size, spec.arch.num_patches, num_tokens(spec.arch)) == (16, 256, 257)
+    assert (spec.arch.grid_size, spec.arch.num_patches, num_tokens(spec.arch)) == ((16, 16), 256, 257)
     assert spec.arch == dataclasses.replace(registry.get_spec("vim_cifar").arch, img_size=64)
     assert spec.data.input_size == (3, 64, 64) and spec.data.crop_pct == 1.0
     from ssmtrim.bundled import bundled_model
