@@ -33,6 +33,8 @@ def prune_and_save(
     force: bool = False,
     count_flops: bool = True,
     progress=None,
+    skip_unknown_classes: bool = False,
+    img_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Load ``source``, calibrate ``config`` on images of ``data``, prune, compare with dense on those images, and
     write the pruned checkpoint folder ``output`` (nothing is written when it is None). Returns the summary that the
@@ -42,29 +44,47 @@ def prune_and_save(
     model family's recommended plan once the model is loaded. With a FLOPs ``target`` the plan's layers and keep
     ratio are replaced by the schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds (or, with
     ``target.keep_layers``, only the keep ratio is solved for). With ``eval_data`` (a labelled folder) dense and
-    pruned are also evaluated there (``summary["evaluation"]``)."""
+    pruned are also evaluated there (``summary["evaluation"]``). A model that records its class names has the class
+    folders of ``data`` and ``eval_data`` matched by name (``skip_unknown_classes``: leave out the folders that are
+    not among them instead of refusing). Inside :func:`ssmtrim.distributed.sharded` each
+    rank reads and runs its block of the images, every rank gets the one-process summary, and rank 0 alone writes.
+    ``img_size`` (N or (H, W)) prunes the model loaded for that input size (see :func:`ssmtrim.load_model`)."""
     from ssmtrim.checkpoint import check_output, load_model, save_pruned
-    from ssmtrim.data import scan_folder
-    from ssmtrim.evaluate import compare_logits, predict
-    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.data import map_to_classes, scan_folder
+    from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
+    from ssmtrim.evaluate import compare_logits, label_images, predict
+    from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
-    from ssmtrim.pruning import apply_pruning, is_pruned, reduced_forward
+    from ssmtrim.pruning import apply_pruning, is_pruned
     from ssmtrim.pruning.calibrate import calibrate, load_images
     from ssmtrim.pruning.compensation import compensate
 
+    inputs = {"the source model": source, "the --data folder": data, "the --eval-data folder": eval_data}
     if output is not None:
-        check_output(output, force)
+        check_output(output, force, inputs)
     num_images, batch_size = calibration.num_images, calibration.batch_size
     images_set = scan_folder(data).subset(num_images, calibration.seed)
-    model = load_model(source, arch=arch, revision=revision)
+    world = work_split()[1]
+    if len(images_set) < world:
+        raise ConfigError(f"{len(images_set)} calibration images for {world} processes; give at least one image per "
+                          "process (--num-images, --data) or start fewer processes.")
+    model = load_model(source, arch=arch, revision=revision, img_size=img_size)
     if is_pruned(model):
         raise ConfigError(f"{source} is already pruned; prune the dense model it came from instead.")
+    classes = class_names_of(model)
+    if classes is not None:  # class folders matched by name, never by their sorted position
+        images_set = map_to_classes(scan_folder(data), classes, skip_unknown_classes).subset(num_images,
+                                                                                          calibration.seed)
+    if eval_data is not None:  # a bad --eval-data is one sentence now, not after the calibration
+        _check_eval_data(eval_data, lambda images: label_images(images, model.config.num_classes, None, classes,
+                                                                skip_unknown_classes))
     if isinstance(config, dict):
         config = PruneConfig.recommended(model, **config)
     if target is None:
         config.validate_for(family_of(model).depth(model.config))
-    images, labels, unreadable = load_images(images_set, data_config_of(model), batch_size, progress,
+    images, labels, unreadable = load_images(shard_images(images_set), data_config_of(model), batch_size, progress,
                                              calibration.workers)
+    unreadable = sum_counts(unreadable)[0]
     if images_set.labelled and len(images_set.classes) != getattr(model.config, "num_classes", -1):
         labels = None  # folder classes do not match the head: agreement with dense only
     dense_logits = predict(model, images, batch_size, progress, "dense forward")
@@ -82,7 +102,7 @@ def prune_and_save(
     elif target is not None:
         from ssmtrim.pruning.schedule import search_schedule
 
-        n = min(target.search_images, images.shape[0])
+        n = local_prefix(images.shape[0], target.search_images)  # (this rank's share of) the first search images
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))
@@ -96,7 +116,7 @@ def prune_and_save(
         "source": str(source),
         "plan": config.to_dict(),
         # mean tokens entering each block, over the first batch of images
-        "tokens_per_block": reduced_forward(model, images[:batch_size]).stats.tokens_per_block,
+        "tokens_per_block": _tokens_per_block(model, images, batch_size),
         "comparison": comparison.to_dict(),
         "calibration": calibrated.to_dict(),
         "compensation": None if compensation is None else compensation.to_dict(),
@@ -105,13 +125,57 @@ def prune_and_save(
     if search is not None:
         summary["schedule_search"] = search.to_dict()
     if count_flops:
-        flop_images = images[: min(len(images), 16)] if config.mode == "threshold" else None
+        flop_images = leading(images, 16) if config.mode == "threshold" else None  # the first 16 of all ranks
         summary["flops"] = {c: {"dense": d, "pruned": p, "ratio": p / d}
                             for (c, d), p in zip(dense_flops.items(), gflops(model, flop_images).values(), strict=True)}
     if eval_data is not None:
         from ssmtrim.evaluate import dense_of, evaluate
 
         summary["evaluation"] = {"data": str(eval_data), **evaluate(
-            model, eval_data, dense=dense_of(model), batch_size=batch_size, progress=progress).to_dict()}
-    summary["output"] = None if output is None else str(save_pruned(model, output, summary, force=force))
+            model, eval_data, dense=dense_of(model), batch_size=batch_size, progress=progress,
+            skip_unknown_classes=skip_unknown_classes).to_dict()}
+    written = output is not None and is_main()
+    summary["output"] = str(save_pruned(model, output, summary, force=force, inputs=inputs)) if written else None
     return summary
+
+
+def _tokens_per_block(model: torch.nn.Module, images: torch.Tensor, first: int) -> list[float]:
+    """Mean tokens entering each block over the ``first`` images (over every rank's share of them inside
+    :func:`ssmtrim.distributed.sharded`)."""
+    from ssmtrim.distributed import local_prefix, sum_counts, sum_tensor
+    from ssmtrim.models.registry import family_of
+    from ssmtrim.pruning import reduced_forward
+
+    k = local_prefix(images.shape[0], first)
+    tokens = torch.zeros(family_of(model).depth(model.config), dtype=torch.float64)
+    if k:
+        tokens = torch.tensor(reduced_forward(model, images[:k]).stats.tokens_per_block, dtype=torch.float64) * k
+    return (sum_tensor(tokens) / sum_counts(k)[0]).tolist()
+
+
+def _check_eval_data(eval_data: str | os.PathLike, label: Any) -> None:
+    """Refuse, naming --eval-data, held-out images that cannot be evaluated: a missing folder, no images, labels
+    that do not fit the model (``label``: the evaluation's own labelling, called on the scanned images) or no image
+    that can be read."""
+    from pathlib import Path
+
+    from ssmtrim.data import load_rgb, scan_folder
+    from ssmtrim.errors import SsmtrimError
+
+    text = os.fspath(eval_data)
+    if not Path(text).is_dir():
+        what = "is a file" if Path(text).exists() else "does not exist"
+        raise ConfigError(f"--eval-data {text!r} {what}; give a folder of labelled held-out images (class "
+                          "sub-folders).")
+    try:
+        images = label(scan_folder(text))
+    except SsmtrimError as exc:
+        raise ConfigError(f"--eval-data {text!r} cannot be evaluated: {str(exc).rstrip('.')}.") from None
+    for path in images.paths:
+        try:
+            load_rgb(path)
+            return
+        except Exception:  # noqa: BLE001 - any decoding failure is an unreadable image
+            continue
+    raise ConfigError(f"none of the {len(images)} images in --eval-data {text!r} could be read; give a folder of "
+                      "readable images.")

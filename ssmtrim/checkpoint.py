@@ -3,7 +3,7 @@
 The architecture, eval preprocessing and provenance travel in ``config.json`` and, as a copy, in the safetensors
 metadata (``ssmtrim_config``), in the manner of timm's ``save_for_hf``. Folders are written atomically: everything goes
 to a temporary sibling folder that is renamed into place, so a crash never leaves a half-written checkpoint, and an
-existing folder is replaced only with ``force=True``.
+existing folder is replaced only with ``force=True`` and only when ssmtrim wrote it (:mod:`ssmtrim.outputs`).
 """
 
 from __future__ import annotations
@@ -12,29 +12,37 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.errors import CheckpointError, ConfigError, SsmtrimError
 from ssmtrim.models.loading import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ModelSource,
     build_with_weights,
+    check_classes,
+    check_data_config,
+    check_fields,
+    class_names_of,
     data_config_of,
     load_resolved,
     read_checkpoint,
+    recorded_classes,
     resolve_source,
 )
 from ssmtrim.models.registry import DataConfig, get_family
+from ssmtrim.models.resize import resize_model
+from ssmtrim.models.sizes import ImgSize, size_hw
+from ssmtrim.outputs import FORMAT, Inputs, check_output, output_error, write_folder_atomic
 from ssmtrim.pruning import PruneConfig, apply_pruning
 from ssmtrim.pruning.engine import changed_weights
 
-FORMAT = "ssmtrim"
+__all__ = ["DENSE_PREFIX", "FORMAT", "check_output", "load_folder", "load_model", "model_card", "model_config",
+           "save_model", "save_model_into", "save_pruned", "source_inputs", "write_folder_atomic"]
 DENSE_PREFIX = "dense_original."  # tensors of the dense model that a recovery step changed
 
 
@@ -55,6 +63,9 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
         "arch": model.config.to_dict(),
         "data": data.to_dict(),
     }
+    classes = class_names_of(model)
+    if classes:  # the class names travel with the weights, so every folder maps image folders by name
+        config["classes"] = classes
     plan = getattr(model, "prune_config", None)
     if plan is not None:
         config["pruning"] = plan.to_dict()
@@ -70,56 +81,27 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
     return config
 
 
-def check_output(out_dir: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing output folder without ``force`` (call it before long work), and a file in its place."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise ConfigError(f"output folder {str(out)!r} already exists; pass --force to replace it or choose another "
-                          "-o.")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {str(out)!r} is a file, not a folder; choose another -o.")
-    return out
-
-
-def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then move the result to ``out_dir`` in one rename; refuse to replace without force."""
-    out = check_output(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    # mkdtemp makes the folder 0700; the result must get the permissions of any folder made with mkdir
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    old: Path | None = None
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)  # put the previous folder back
-                raise
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def save_model(
     model: nn.Module,
     out_dir: str | os.PathLike,
     force: bool = False,
     extra_config: dict[str, Any] | None = None,
     readme: str | None = None,
+    inputs: Inputs | None = None,
 ) -> Path:
-    """Write ``model`` as an ssmtrim folder that :func:`ssmtrim.load_model` reloads without anything else."""
-    return write_folder_atomic(out_dir, force, lambda tmp: _write_model_files(model, tmp, extra_config, readme))
+    """Write ``model`` as an ssmtrim folder that :func:`ssmtrim.load_model` reloads without anything else.
+
+    An existing ``out_dir`` is replaced only with ``force`` and only when ssmtrim wrote it (see
+    :mod:`ssmtrim.outputs`); never when it is, contains or lies inside the model's own source or ``inputs``
+    (label -> path)."""
+    return write_folder_atomic(out_dir, force, lambda tmp: _write_model_files(model, tmp, extra_config, readme),
+                               inputs={**source_inputs(model), **(inputs or {})})
+
+
+def source_inputs(model: nn.Module) -> dict[str, str]:
+    """The model's local source (file or folder) as an input that an output must stay clear of."""
+    source: ModelSource | None = getattr(model, "source", None)
+    return {"the source model": source.path} if source is not None and source.path else {}
 
 
 def _write_model_files(model: nn.Module, folder: Path, extra_config: dict[str, Any] | None, readme: str | None) -> None:
@@ -140,14 +122,20 @@ def save_model_into(model: nn.Module, folder: str | os.PathLike, extra_config: d
     """Write the model files into an existing run folder (training keeps its state and log beside them); each file
     is written to a temporary name and renamed, so a crash leaves the previous files or the new ones, never half."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=folder))
+    tmp: Path | None = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=folder))
         _write_model_files(model, tmp, extra_config, readme)
         for f in sorted(tmp.iterdir()):
             os.replace(f, folder / f.name)
+    except OSError as exc:
+        if isinstance(exc, SsmtrimError):
+            raise
+        raise output_error(os.fspath(folder), exc, "the model files into") from exc
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -156,7 +144,7 @@ def load_model(
     arch: str | Any | None = None,
     revision: str | None = None,
     device: str | torch.device = "cpu",
-    img_size: int | None = None,
+    img_size: ImgSize | None = None,
 ) -> nn.Module:
     """Load a model in eval mode from any supported source: a registered name, a Hub id[:file], an official checkpoint
     file, or an ssmtrim folder (which rebuilds its reduction plan too); see :mod:`ssmtrim.models.loading`.
@@ -165,17 +153,17 @@ def load_model(
     folder's config or inferred from the tensors. The model carries ``model.source`` (:class:`ModelSource`) and
     ``model.data_config`` (its eval preprocessing).
 
-    ``img_size`` loads the model for another input size: the position embedding is interpolated to the new token
-    grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction kept).
+    ``img_size`` (``N`` or ``(H, W)``) loads the model for another input size: the position embedding is interpolated
+    to the new token grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction
+    kept); at the model's own size it changes nothing. A checkpoint file whose position embedding is not a square
+    grid does not say its size: ``img_size`` must then be the size it was trained at (an ssmtrim folder records it).
     """
-    if img_size is not None:
-        from ssmtrim.models.resize import resize_model
-
-        return resize_model(load_model(source, arch=arch, revision=revision), img_size).to(device)
     resolved = resolve_source(source, revision)
     if resolved.kind == "folder":
-        return load_folder(resolved, arch=arch, device=device)
-    return load_resolved(resolved, arch=arch, device=device)
+        model = load_folder(resolved, arch=arch, device="cpu" if img_size is not None else device)
+    else:
+        model = load_resolved(resolved, arch=arch, device="cpu" if img_size is not None else device, img_size=img_size)
+    return model if img_size is None else resize_model(model, img_size).to(device)
 
 
 def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -184,8 +172,7 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
     folder = Path(resolved.path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{folder / CONFIG_NAME} is not an ssmtrim config (no \"format\": \"{FORMAT}\").")
-    family = get_family(config.get("family") or config["arch"].get("family", ""))
-    arch_config = family.config_cls.from_dict(config["arch"])
+    arch_config, data_config, plan = _checked_folder_config(config, str(folder / CONFIG_NAME))
     if arch is not None:
         raise ConfigError("an ssmtrim folder carries its own architecture; drop --arch.")
     state_dict, _ = read_checkpoint(folder / WEIGHTS_NAME)
@@ -198,10 +185,9 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
     src = config.get("source") or {}
     model.source = ModelSource(resolved.source, "folder", str(folder), resolved.hub_id, None, resolved.revision,
                                src.get("spec"), folder_config=config)
-    model.data_config = DataConfig.from_dict(config["data"]) if "data" in config else DataConfig(
-        input_size=(arch_config.in_chans, arch_config.img_size, arch_config.img_size))
+    model.data_config = data_config
     if config.get("pruning") is not None:
-        apply_pruning(model, PruneConfig.from_dict(config["pruning"]))
+        apply_pruning(model, plan)
         if dense_weights:
             params = dict(model.named_parameters())
             unknown = sorted(set(dense_weights) - set(params))
@@ -212,7 +198,46 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
     return model.to(device)
 
 
-def save_pruned(model: nn.Module, out_dir: str | os.PathLike, summary: dict[str, Any], force: bool = False) -> Path:
+def _checked_folder_config(config: dict[str, Any], where: str) -> tuple[Any, DataConfig, PruneConfig | None]:
+    """The architecture and data config of a folder's config.json, every field typed and in range (a wrong type,
+    null or an impossible value is one sentence naming the field and the file)."""
+    arch = config["arch"]
+    family_name = config.get("family") or (arch.get("family", "") if isinstance(arch, dict) else "")
+    if not isinstance(family_name, str):
+        raise CheckpointError(f"{where}: field family is {json.dumps(family_name)}, not a family name; fix it or "
+                              "re-export the model.")
+    family = get_family(family_name)
+    check_fields(arch, family.config_cls, where, "arch")
+    try:
+        arch_config = family.config_cls.from_dict(arch)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise ConfigError(f"{where}: {exc}") from None
+        raise CheckpointError(f"{where}: the \"arch\" entry cannot build a {family_name} model ({exc}); fix it or "
+                              "re-export the model.") from None
+    if "data" in config:
+        data_config = check_data_config(config["data"], arch_config.in_chans, where)
+    else:
+        data_config = DataConfig(input_size=(arch_config.in_chans, *size_hw(arch_config.img_size)))
+    classes = recorded_classes(config)
+    if classes is not None:
+        check_classes(classes, arch_config.num_classes, where)
+    for record in ("source", "training", "finetune"):
+        if config.get(record) is not None and not isinstance(config[record], dict):
+            raise CheckpointError(f"{where}: field {record} is {json.dumps(config[record])[:60]}, not an object; fix "
+                                  "it or re-export the model.")
+    plan = None
+    if config.get("pruning") is not None:
+        check_fields(config["pruning"], PruneConfig, where, "pruning")
+        try:
+            plan = PruneConfig.from_dict(config["pruning"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: the \"pruning\" entry is refused: {exc}") from None
+    return arch_config, data_config, plan
+
+
+def save_pruned(model: nn.Module, out_dir: str | os.PathLike, summary: dict[str, Any], force: bool = False,
+                inputs: Inputs | None = None) -> Path:
     """Write a pruned model: weights + plan (``config.json`` and safetensors metadata), the calibration statistics,
     the dense source's id and sha256, and a model card (``README.md``) with the FLOPs / agreement summary."""
     source: ModelSource | None = getattr(model, "source", None)
@@ -222,7 +247,8 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, summary: dict[str,
     }
     if source is not None:
         extra["source_sha256"] = source.sha256()
-    return save_model(model, out_dir, force=force, extra_config=extra, readme=model_card(model, summary))
+    return save_model(model, out_dir, force=force, extra_config=extra, readme=model_card(model, summary),
+                      inputs=inputs)
 
 
 def model_card(model: nn.Module, summary: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from PIL import Image, ImageFile
 
 from ssmtrim.errors import ConfigError, SourceNotFoundError
 from ssmtrim.models.registry import DataConfig
+from ssmtrim.notices import notice
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
 _WNID = re.compile(r"^(n\d{8})[_.-]")
@@ -92,6 +94,34 @@ def scan_folder(root: str | os.PathLike) -> ImageSet:
     return ImageSet(str(root_p), [str(p) for p in files], [-1] * len(files), [], "unlabelled")
 
 
+def map_to_classes(images: ImageSet, classes: Sequence[str], skip_unknown: bool = False) -> ImageSet:
+    """Relabel a class-folder set by folder name onto ``classes`` (a model's recorded class names; the index is the
+    class index). A folder that is not among them is an error naming it, or, with ``skip_unknown``, its images are
+    left out (said once on stderr); other layouts are returned unchanged."""
+    if images.layout != "class-folders":
+        return images
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [c for c in images.classes if c not in index]
+    if unknown and not skip_unknown:
+        shown = ", ".join(repr(c) for c in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise ConfigError(f"class folder(s) {shown} of {images.root!r} are not among the model's {len(classes)} "
+                          f"classes ({_preview(classes)}); rename them, pass --skip-unknown-classes to leave them "
+                          "out, or give --labels.")
+    keep = [i for i, v in enumerate(images.labels) if images.classes[v] in index]
+    if not keep:
+        raise ConfigError(f"none of the class folders of {images.root!r} is among the model's classes "
+                          f"({_preview(classes)}); give a folder with the model's classes.")
+    if unknown:
+        notice(f"skip-classes:{images.root}", f"left out {len(images) - len(keep)} images in {len(unknown)} class "
+               f"folder(s) of {images.root!r} that are not among the model's classes ({', '.join(unknown[:5])}).")
+    labels = [index[images.classes[images.labels[i]]] for i in keep]
+    return ImageSet(images.root, [images.paths[i] for i in keep], labels, list(classes), "class-folders")
+
+
+def _preview(names: Sequence[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open any image as 8-bit RGB: grayscale, palette, CMYK, alpha (composited on white) and 16-bit included."""
     with Image.open(path) as img:
@@ -111,19 +141,38 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
+def resample_filter(interpolation: str) -> Image.Resampling:
+    """The Pillow filter of a data config's ``interpolation``; an unknown name is an error, never bicubic in
+    silence."""
+    try:
+        return _RESAMPLE[interpolation]
+    except (KeyError, TypeError):
+        raise ConfigError(f"interpolation {interpolation!r} is not one of {', '.join(_RESAMPLE)}; fix the model's "
+                          "data config (config.json \"data\").") from None
+
+
+def resize_crop(img: Image.Image, data: DataConfig) -> Image.Image:
+    """The geometry of the eval transform (timm's ``transforms_imagenet_eval``): for a square ``size``, resize the
+    short side to ``size / crop_pct``; for a non-square (H, W), resize to (H / crop_pct, W / crop_pct), the aspect
+    ratio not kept, as timm does; then center-crop (H, W)."""
+    size_h, size_w = data.input_size[-2:]
+    w, h = img.size
+    if size_h == size_w:
+        scale = int(math.floor(size_w / data.crop_pct))
+        if w <= h:
+            new_w, new_h = scale, int(round(scale * h / w))
+        else:
+            new_w, new_h = int(round(scale * w / h)), scale
+    else:
+        new_w, new_h = int(math.floor(size_w / data.crop_pct)), int(math.floor(size_h / data.crop_pct))
+    img = img.resize((new_w, new_h), resample_filter(data.interpolation))
+    left, top = int(round((new_w - size_w) / 2.0)), int(round((new_h - size_h) / 2.0))
+    return img.crop((left, top, left + size_w, top + size_h))
+
+
 def eval_transform(img: Image.Image, data: DataConfig) -> torch.Tensor:
     """PIL RGB image -> normalised tensor (3 H W) as the model's data config says."""
-    size = data.input_size[-1]
-    scale = int(math.floor(size / data.crop_pct))
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = scale, int(round(scale * h / w))
-    else:
-        new_w, new_h = int(round(scale * w / h)), scale
-    img = img.resize((new_w, new_h), _RESAMPLE.get(data.interpolation, Image.Resampling.BICUBIC))
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = np.asarray(resize_crop(img, data), dtype=np.float32) / 255.0
     arr = (arr - np.asarray(data.mean, dtype=np.float32)) / np.asarray(data.std, dtype=np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
@@ -156,6 +205,7 @@ def collate_skip_unreadable(batch):
 
 def make_loader(images: ImageSet, data: DataConfig, batch_size: int = 32, workers: int | None = None):
     """A DataLoader over ``images`` that yields (images (B 3 H W) or None, labels (B), unreadable indices)."""
+    resample_filter(data.interpolation)  # a bad data config is one error now, not every image "unreadable"
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     return torch.utils.data.DataLoader(

@@ -36,3 +36,16 @@ class BackendUnavailableError(SsmtrimError, RuntimeError):
 
 class ConfigError(SsmtrimError, ValueError):
     """A bad option or configuration value."""
+
+
+class OutputError(SsmtrimError, OSError):
+    """An output that cannot be written (no space left, no permission, a read-only file system), named as the user
+    gave it."""
+
+
+class DeviceError(SsmtrimError, RuntimeError):
+    """A ``--device`` that is not a device name, or that this machine does not have (e.g. CUDA without a GPU)."""
+
+
+class HubUnreachableError(SourceNotFoundError):
+    """A Hub file that is not in the local cache while the Hub cannot be reached (offline, no network)."""

@@ -38,13 +38,17 @@ def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
 
 
 def compare_logits(dense: Tensor, pruned: Tensor, labels: Tensor | None = None) -> Comparison:
-    """Logits (N classes) of both models on the same images."""
-    dense, pruned = dense.float(), pruned.float()
-    kl = F.kl_div(F.log_softmax(pruned, 1), F.log_softmax(dense, 1), log_target=True, reduction="batchmean")
-    result = Comparison(dense.shape[0], float((dense.argmax(1) == pruned.argmax(1)).float().mean()), float(kl))
-    if labels is not None and bool((labels >= 0).all()):
-        result.top1, result.top5 = topk_accuracy(pruned, labels, 1), topk_accuracy(pruned, labels, 5)
-        result.dense_top1, result.dense_top5 = topk_accuracy(dense, labels, 1), topk_accuracy(dense, labels, 5)
+    """Logits (N classes) of both models on the same images; inside :func:`ssmtrim.distributed.sharded` each rank
+    passes its own images' logits and the comparison covers all of them."""
+    from ssmtrim.distributed import all_ranks
+
+    labelled = all_ranks(labels is not None and bool((labels >= 0).all()))
+    tally = _Tally()
+    tally.add(pruned, labels if labelled else torch.full((pruned.shape[0],), -1), dense)
+    t = tally.reduce()
+    result = Comparison(t.n, t.agree / t.n, t.kl / t.n)
+    if labelled:
+        result.top1, result.top5, result.dense_top1, result.dense_top5 = (v / t.n for v in (t.c1, t.c5, t.dc1, t.dc5))
     return result
 
 
@@ -69,14 +73,24 @@ def imagenet_wnids() -> list[str]:
     return path.read_text(encoding="utf-8").split()
 
 
-def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
+def read_labels_file(path: str | os.PathLike, num_classes: int | None = None) -> dict[str, int]:
     """``name label`` per line (whitespace or comma separated; ``#`` comments); name is a file name or a path
-    relative to the data folder."""
+    relative to the data folder. Labels are checked against ``num_classes`` (when given) line by line, and a file
+    listed twice must carry the same label both times."""
     labels: dict[str, int] = {}
+    first_line: dict[str, int] = {}
+    where = str(path)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise SourceNotFoundError(f"cannot read the labels file {str(path)!r} ({exc.strerror}).") from None
+        raise SourceNotFoundError(f"cannot read the labels file {where!r} ({exc.strerror}).") from None
+    try:
+        if b"\x00" in raw:
+            raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(f"the labels file {where!r} is not UTF-8 text; give a text file of 'file label' lines.") \
+            from None
     for n, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -85,18 +99,32 @@ def read_labels_file(path: str | os.PathLike) -> dict[str, int]:
         try:
             name, value = " ".join(parts[:-1]), int(parts[-1])
         except (ValueError, IndexError):
-            raise ConfigError(f"line {n} of {str(path)!r} is not 'file label' with an integer label: {line!r}.") \
-                from None
-        labels[name] = value
+            raise ConfigError(f"line {n} of {where!r} is not 'file label' with an integer label: {line!r}.") from None
+        if not name:
+            raise ConfigError(f"line {n} of {where!r} has a label but no file name: {line!r}.")
+        if value < 0 or (num_classes is not None and value >= num_classes):
+            allowed = f"the model's {num_classes} classes (0..{num_classes - 1})" if num_classes is not None else \
+                "the class indices (0 or more)"
+            raise ConfigError(f"line {n} of {where!r} gives {name!r} the label {value}, outside {allowed}; fix the "
+                              "line.")
+        if name in labels and labels[name] != value:
+            raise ConfigError(f"{where!r} lists {name!r} twice with different labels ({labels[name]} on line "
+                              f"{first_line[name]}, {value} on line {n}); keep one.")
+        labels[name], first_line[name] = value, first_line.get(name, n)
     if not labels:
-        raise ConfigError(f"the labels file {str(path)!r} has no 'file label' lines.")
+        raise ConfigError(f"the labels file {where!r} has no 'file label' lines.")
     return labels
 
 
-def label_images(images: ImageSet, num_classes: int, labels_file: str | os.PathLike | None = None) -> ImageSet:
-    """Map the folder's labels onto the model's class indices (see ``ssmtrim eval --help``), or refuse clearly."""
+def label_images(images: ImageSet, num_classes: int, labels_file: str | os.PathLike | None = None,
+                 classes: list[str] | None = None, skip_unknown: bool = False) -> ImageSet:
+    """Map the folder's labels onto the model's class indices (see ``ssmtrim eval --help``), or refuse clearly.
+    ``classes``: the model's recorded class names; class folders are then matched by name (a folder not among them
+    is an error, or left out with ``skip_unknown``), never by their sorted position."""
+    from ssmtrim.data import map_to_classes
+
     if labels_file is not None:
-        table = read_labels_file(labels_file)
+        table = read_labels_file(labels_file, num_classes)
         root = Path(images.root)
         found, missing = [], 0
         for p in images.paths:
@@ -108,6 +136,9 @@ def label_images(images: ImageSet, num_classes: int, labels_file: str | os.PathL
             raise ConfigError(f"{missing} of the {len(images)} images are not in the labels file {str(labels_file)!r}; "
                               "list every image (by file name) or drop --labels.")
         labels = found
+    elif images.layout == "class-folders" and classes:
+        images = map_to_classes(images, classes, skip_unknown)
+        labels = list(images.labels)
     elif images.layout == "class-folders":
         if len(images.classes) != num_classes:
             raise ConfigError(f"{images.root!r} has {len(images.classes)} class folders but the model predicts "
@@ -155,6 +186,15 @@ class _Tally:
         self.n = self.c1 = self.c5 = self.dc1 = self.dc5 = self.agree = 0
         self.kl = 0.0
 
+    def reduce(self) -> _Tally:
+        """Summed over the ranks inside :func:`ssmtrim.distributed.sharded` (counts exactly); itself otherwise."""
+        from ssmtrim.distributed import sum_counts, sum_floats
+
+        self.n, self.c1, self.c5, self.dc1, self.dc5, self.agree = sum_counts(
+            self.n, self.c1, self.c5, self.dc1, self.dc5, self.agree)
+        self.kl = sum_floats(self.kl)[0]
+        return self
+
     def add(self, logits: Tensor, labels: Tensor, dense: Tensor | None) -> None:
         logits = logits.float()
         self.n += logits.shape[0]
@@ -179,7 +219,8 @@ _Batch = tuple[Tensor | None, Tensor, Tensor | None, int]  # images (or None), l
 def _run(model: nn.Module, batches: Iterable[_Batch], total: int | None, dense: nn.Module | None,
          device: torch.device | str | None, progress) -> tuple[_Tally, int, bool]:
     """The one evaluation loop: each batch's images (B 3 H W, transformed) through ``model`` (and ``dense`` when its
-    logits are not given) on ``device``; returns the tally, the skipped count and whether every label was known."""
+    logits are not given) on ``device``; returns the tally, the skipped count and whether every label was known,
+    summed over the ranks inside :func:`ssmtrim.distributed.sharded` (each rank passing its own share)."""
     tally, skipped, done, labelled = _Tally(), 0, 0, True
     for x, y, ref, bad in batches:
         skipped += bad
@@ -192,7 +233,9 @@ def _run(model: nn.Module, batches: Iterable[_Batch], total: int | None, dense: 
             tally.add(model(x), y, ref if ref is not None else (dense(x) if dense is not None else None))
         if progress:
             progress("evaluating", done, done if total is None else total)
-    return tally, skipped, labelled
+    from ssmtrim.distributed import all_ranks, sum_counts
+
+    return tally.reduce(), sum_counts(skipped)[0], all_ranks(labelled)
 
 
 def _place(device: torch.device | str | None, *models: nn.Module | Tensor | None) -> None:
@@ -230,8 +273,8 @@ def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn
     batches = ((images[lo:lo + batch_size], labels[lo:lo + batch_size],
                 dense[lo:lo + batch_size] if isinstance(dense, Tensor) else None, 0) for lo in range(0, n, batch_size))
     module = dense if isinstance(dense, nn.Module) else None
-    tally, _, _ = _run(model, batches, n, module, device or _device_of(model), progress)
-    return _result(tally, 0, dense is not None, bool((labels >= 0).all()), time.perf_counter() - start)
+    tally, _, labelled = _run(model, batches, n, module, device or _device_of(model), progress)
+    return _result(tally, 0, dense is not None, labelled, time.perf_counter() - start)
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
@@ -259,8 +302,39 @@ def dense_of(model: nn.Module) -> nn.Module | None:
     return engine_dense_of(model)
 
 
+def dense_reference(model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """What a reduced model is compared with, and its name. A folder that was pruned (and not fine-tuned) holds its
+    dense weights: "dense". A fine-tuned folder's weights are no longer the dense model's, so its recorded dense
+    source is loaded ("dense original"); where that cannot be, the comparison is with its own weights without the
+    reduction, named so (and said once on stderr). (None, None) for a dense model."""
+    from ssmtrim.errors import SsmtrimError
+    from ssmtrim.notices import notice
+
+    dense = dense_of(model)
+    if dense is None:
+        return None, None
+    config = getattr(getattr(model, "source", None), "folder_config", None) or {}
+    finetune = config.get("finetune")
+    if not finetune:
+        return dense, "dense"
+    origin = finetune.get("dense_source") if isinstance(finetune, dict) else None
+    why = "it records no dense source"
+    if origin:
+        from ssmtrim.checkpoint import load_model
+
+        try:
+            original = load_model(origin, img_size=model.config.img_size)  # at the size it was pruned at
+            check_compatible(model, original)
+            return original, "dense original"
+        except (SsmtrimError, OSError) as exc:
+            why = f"its dense source {origin!r} cannot be loaded ({exc})"
+    notice(f"reference:{model.source.path}", f"{model.source.path!r} was fine-tuned and {why}, so it is compared "
+           "with its own weights without pruning (not the dense original); pass the dense model with --dense.")
+    return dense, "unpruned (fine-tuned weights)"
+
+
 def check_compatible(model: nn.Module, dense: nn.Module) -> None:
-    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.models.loading import class_names_of, data_config_of
 
     a, b = data_config_of(model), data_config_of(dense)
     if a.input_size != b.input_size:
@@ -269,6 +343,10 @@ def check_compatible(model: nn.Module, dense: nn.Module) -> None:
     if model.config.num_classes != dense.config.num_classes:
         raise ConfigError(f"the model predicts {model.config.num_classes} classes but the dense model "
                           f"{dense.config.num_classes}; compare models with the same classes.")
+    names, dense_names = class_names_of(model), class_names_of(dense)
+    if names and dense_names and names != dense_names:
+        raise ConfigError("the model and the dense model record different class names (or orders); compare models "
+                          "with the same classes.")
 
 
 @torch.no_grad()
@@ -283,17 +361,25 @@ def evaluate(
     workers: int | None = None,
     progress=None,
     device: torch.device | str | None = None,
+    skip_unknown_classes: bool = False,
 ) -> EvalResult:
     """Top-1 / top-5 of ``model`` over an image folder (class sub-folders, ImageNet files named by WordNet id, or any
     folder with ``labels_file``), and agreement / KL against ``dense`` when given. Images are read by a DataLoader
     with workers and the model's own eval transform; unreadable images are counted, never fatal. ``device``: move the
-    model (and ``dense``) there and run there; None runs where the model is."""
+    model (and ``dense``) there and run there; None runs where the model is. Inside
+    :func:`ssmtrim.distributed.sharded` each rank reads its block of the images and every rank gets the whole
+    result. A model that records its class names has class folders matched by name (``skip_unknown_classes``: leave
+    out the folders that are not among them instead of refusing)."""
     from ssmtrim.data import make_loader, scan_folder
-    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.distributed import shard_images
+    from ssmtrim.models.loading import class_names_of, data_config_of
 
     start = time.perf_counter()
     images = data if isinstance(data, ImageSet) else scan_folder(data)
-    images = label_images(images.subset(num_images, seed), model.config.num_classes, labels_file)
+    images = label_images(images, model.config.num_classes, labels_file, class_names_of(model),
+                          skip_unknown_classes).subset(num_images, seed)
+    labelled = images.labelled
+    images = shard_images(images)  # this rank's block inside ssmtrim.distributed.sharded, else all of them
     if dense is not None:
         check_compatible(model, dense)
         dense.eval()
@@ -301,4 +387,4 @@ def evaluate(
     _place(device, model, dense)
     batches = ((x, y, None, len(bad)) for x, y, bad in make_loader(images, data_config_of(model), batch_size, workers))
     tally, unreadable, _ = _run(model, batches, len(images), dense, device or _device_of(model), progress)
-    return _result(tally, unreadable, dense is not None, images.labelled, time.perf_counter() - start)
+    return _result(tally, unreadable, dense is not None, labelled, time.perf_counter() - start)

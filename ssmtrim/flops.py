@@ -62,6 +62,8 @@ from torch import Tensor, nn
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import families
+from ssmtrim.models.resize import resize_model
+from ssmtrim.models.sizes import ImgSize, size_hw
 
 CONVENTIONS = ("paper", "full")
 TOP_LEVEL = "(top level)"  # ops the model runs in its own forward, outside its sub-modules
@@ -238,7 +240,7 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
     config = getattr(model, "config", None)
     if config is None:
         raise ConfigError("this model has no config to read its input size from; pass images=... to count_flops.")
-    return (config.in_chans, config.img_size, config.img_size)
+    return (config.in_chans, *size_hw(config.img_size))
 
 
 def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
@@ -362,9 +364,10 @@ def _paper_report(trace: _Trace) -> FlopReport:
 _BUILDERS = {"paper": _paper_report, "full": _full_report}
 
 
-def _resolve(model: str | os.PathLike | nn.Module, revision: str | None) -> nn.Module:
+def _resolve(model: str | os.PathLike | nn.Module, revision: str | None, img_size: ImgSize | None = None,
+             ) -> nn.Module:
     if isinstance(model, nn.Module):
-        return model
+        return model if img_size is None else resize_model(model, img_size)
     from pathlib import Path
 
     from ssmtrim.checkpoint import load_model
@@ -372,8 +375,9 @@ def _resolve(model: str | os.PathLike | nn.Module, revision: str | None) -> nn.M
 
     spec = find_spec(str(model))
     if spec is not None and revision is None and not Path(str(model)).exists():
-        return create_model(spec.name)  # FLOPs depend on the architecture only: nothing to download
-    return load_model(model, revision=revision)
+        built = create_model(spec.name)  # FLOPs depend on the architecture only: nothing to download
+        return built if img_size is None else resize_model(built, img_size)
+    return load_model(model, revision=revision, img_size=img_size)
 
 
 def count_flops_all(
@@ -382,17 +386,19 @@ def count_flops_all(
     batch_size: int = 1,
     images: Tensor | None = None,
     revision: str | None = None,
+    img_size: ImgSize | None = None,
 ) -> dict[str, FlopReport]:
     """FLOPs per image under several conventions from one trace (see the module docstring).
 
     ``model``: a model, or a source for :func:`ssmtrim.checkpoint.load_model` (a registered name is built from its
     architecture alone, with no download). ``images`` (B 3 H W) replaces the default batch of ``batch_size`` blank
-    images of the model's input size; token pruning that depends on the image content needs real ones.
+    images of the model's input size; token pruning that depends on the image content needs real ones. ``img_size``
+    (N or (H, W)) counts the model at another input size (see :func:`ssmtrim.models.resize.resize_model`).
     """
     unknown = [c for c in conventions if c not in _BUILDERS]
     if unknown:
         raise ConfigError(f"unknown FLOPs convention {unknown[0]!r}; choose from {', '.join(CONVENTIONS)}.")
-    trace = _trace(_resolve(model, revision), batch_size, images)
+    trace = _trace(_resolve(model, revision, img_size), batch_size, images)
     return {c: _BUILDERS[c](trace) for c in conventions}
 
 
@@ -402,6 +408,7 @@ def count_flops(
     batch_size: int = 1,
     images: Tensor | None = None,
     revision: str | None = None,
+    img_size: ImgSize | None = None,
 ) -> FlopReport:
     """FLOPs (MACs) per image of ``model`` under ``convention`` ("paper" or "full"); see the module docstring."""
-    return count_flops_all(model, (convention,), batch_size, images, revision)[convention]
+    return count_flops_all(model, (convention,), batch_size, images, revision, img_size)[convention]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +13,9 @@ from torch import nn
 
 from ssmtrim.checkpoint import load_model
 from ssmtrim.models.loading import data_config_of, num_params, num_tokens
-from ssmtrim.models.registry import create_model, find_spec
+from ssmtrim.models.registry import DataConfig, create_model, find_spec
+from ssmtrim.models.resize import resize_model
+from ssmtrim.models.sizes import ImgSize
 from ssmtrim.ops.backend import describe_backends, resolve_backend
 
 
@@ -42,19 +45,32 @@ def _gflops(model: nn.Module) -> dict[str, float]:
     return {c: r.gflops for c, r in count_flops_all(model).items()}
 
 
-def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu", flops: bool = True) -> ModelInfo:
+def _geometry(data: DataConfig) -> dict[str, Any]:
+    """The resize and crop of the eval transform (:func:`ssmtrim.data.resize_crop`)."""
+    h, w = data.input_size[-2:]
+    if h == w:
+        return {"resize_short_side": round(w / data.crop_pct), "center_crop": w}
+    return {"resize": f"{math.floor(h / data.crop_pct)}x{math.floor(w / data.crop_pct)}", "center_crop": f"{h}x{w}"}
+
+
+def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu", flops: bool = True,
+                   img_size: ImgSize | None = None) -> ModelInfo:
     """Describe a model. A registered name is described from its architecture alone (nothing is downloaded).
-    ``flops`` adds the GFLOPs per image (one fvcore trace, about a second on CPU)."""
+    ``flops`` adds the GFLOPs per image (one fvcore trace, about a second on CPU). ``img_size`` (N or (H, W))
+    describes it loaded for another input size (:func:`ssmtrim.models.resize.resize_model`)."""
     spec = None
     if isinstance(source, nn.Module):
-        model = source
+        model = source if img_size is None else resize_model(source, img_size)
         loaded_from = getattr(model, "source", None)
         weights = f"{loaded_from.kind}: {loaded_from.path}" if loaded_from is not None else "in memory"
     elif (spec := find_spec(str(source))) is not None and not Path(str(source)).exists():
         model = create_model(spec.name)
+        if img_size is not None:
+            model.data_config = spec.data  # resized with the registered preprocessing, at the new size
+            model = resize_model(model, img_size)
         weights = "not loaded (architecture only)"
     else:
-        model = load_model(source, device=device)
+        model = load_model(source, device=device, img_size=img_size)
         weights = f"{model.source.kind}: {model.source.path}"
     config = model.config
     data = spec.data if spec is not None and getattr(model, "data_config", None) is None else data_config_of(model)
@@ -67,11 +83,11 @@ def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu", f
         parameters=num_params(model),
         tokens=num_tokens(config),
         input_size=tuple(data.input_size),
-        preprocessing={"resize_short_side": round(data.input_size[-1] / data.crop_pct), "center_crop":
-                       data.input_size[-1], "interpolation": data.interpolation, "mean": data.mean, "std": data.std},
+        preprocessing={**_geometry(data), "interpolation": data.interpolation, "mean": data.mean, "std": data.std},
         weights=weights,
-        backend=resolve_backend(next(model.parameters()).device if any(True for _ in model.parameters())
-                                else torch.device(device)),
+        # the backend for the --device asked for (a model given in memory: where its weights are)
+        backend=resolve_backend(next(model.parameters()).device if isinstance(source, nn.Module)
+                                and any(True for _ in model.parameters()) else torch.device(device)),
         backends=describe_backends(),
         pretrained=[asdict(p) for p in spec.pretrained] if spec else [],
         gflops=_gflops(model) if flops else {},

@@ -15,7 +15,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,14 +174,18 @@ def build_report(
     seed: int = 0,
     progress: Progress | None = None,
     dense_name: str = "dense",
+    skip_unknown_classes: bool = False,
 ) -> dict[str, Any]:
     """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
     docstring. ``strategy`` holds further PruneConfig fields of the sweep (score, gap, conv, mode). Returns the report
-    as a dict (what ``report.json`` holds)."""
+    as a dict (what ``report.json`` holds). Inside :func:`ssmtrim.distributed.sharded` each rank evaluates and
+    calibrates on its block of the images (every rank gets the one-process accuracies) and rank 0 alone measures the
+    speed."""
     from ssmtrim.data import scan_folder
+    from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
     from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images, predict
     from ssmtrim.flops import count_flops_all
-    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import calibrate, load_images
@@ -195,11 +199,19 @@ def build_report(
     for arrangement in arrangements:
         if arrangement not in strategy_names():
             raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(strategy_names())}.")
-    for _, model in pruned:
+    for name, model in pruned:
+        if not is_pruned(model):
+            raise ConfigError(f"{name!r} is not pruned, and a report compares one dense model with pruned ones; give "
+                              "the dense model first, then pruned folders (or --sweep).")
         check_compatible(model, dense)
     data_cfg = data_config_of(dense)
-    images = label_images(scan_folder(data).subset(num_images, seed), dense.config.num_classes, labels_file)
-    x, y, unreadable = load_images(images, data_cfg, eval_batch_size, progress)
+    images = label_images(scan_folder(data), dense.config.num_classes, labels_file, class_names_of(dense),
+                          skip_unknown_classes).subset(num_images, seed)
+    if len(images) < work_split()[1]:
+        raise ConfigError(f"{len(images)} images for {work_split()[1]} processes; give at least one image per process "
+                          "or start fewer processes.")
+    x, y, unreadable = load_images(shard_images(images), data_cfg, eval_batch_size, progress)
+    unreadable = sum_counts(unreadable)[0]
     dense.eval()
     dense_logits = predict(dense, x, eval_batch_size)
 
@@ -207,10 +219,10 @@ def build_report(
         acc = evaluate_tensors(model, x, y, dense_logits, eval_batch_size).to_dict()
         acc["unreadable"] = unreadable
         plan = model.prune_config.to_dict() if is_pruned(model) else None
-        flop_images = x[:16] if plan is not None and plan["mode"] == "threshold" else None
+        flop_images = leading(x, 16) if plan is not None and plan["mode"] == "threshold" else None
         flops = {c: r.gflops for c, r in count_flops_all(model, images=flop_images).items()}
         spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
-                            device=device).to_dict() if speed else None
+                            device=device).to_dict() if speed and is_main() else None
         model.to("cpu")
         return Entry(name, arrangement, plan, flops, acc, spd)
 
@@ -223,7 +235,8 @@ def build_report(
         layers = layers or tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
-        xc = load_images(calib_set, data_cfg, eval_batch_size)[0] if calib_set is not None else x[:calib_images]
+        xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
+            else x[:local_prefix(len(x), calib_images)]
         estimate = FlopsModel(dense, "paper") if kind == "flops" else None
         for value in values:
             keep = value if kind == "keep" else keep_for(estimate, layers, value)
@@ -264,7 +277,7 @@ def build_report(
     return {
         "ssmtrim_version": _version(),
         "data": str(data),
-        "num_images": int(len(y)),
+        "num_images": sum_counts(len(y))[0],
         "unreadable": unreadable,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -330,6 +343,10 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        from ssmtrim.notices import notice
+
+        notice("plots-skipped", "matplotlib is not installed, so the report has no plots (report.json and report.md "
+               "are complete); pip install matplotlib to get them.")
         return []
     entries = report["entries"]
     dense = entries[0]
@@ -360,8 +377,11 @@ def plot(report: dict[str, Any], folder: Path) -> list[str]:
     return written
 
 
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """report.json, report.md and the plots, written to a temporary folder renamed into place."""
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, force: bool = False,
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:
+    """report.json, report.md and the plots, written to a temporary folder renamed into place; an existing folder is
+    replaced only with ``force`` and only when ssmtrim wrote it, never when it overlaps ``inputs`` (label -> path;
+    see :mod:`ssmtrim.outputs`)."""
     from ssmtrim.checkpoint import write_folder_atomic
 
     def write(tmp: Path) -> None:
@@ -369,4 +389,4 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, force: bool
         (tmp / "report.md").write_text(markdown(report), encoding="utf-8")
         plot(report, tmp)
 
-    return write_folder_atomic(out_dir, force, write)
+    return write_folder_atomic(out_dir, force, write, inputs)

@@ -78,11 +78,17 @@ def test_provenance_and_preprocessing_travel_with_the_folder(write_official, tmp
 def test_refuses_to_overwrite_without_force(model, tmp_path):
     out = save_model(model, tmp_path / "export")
     before = (out / "model.safetensors").read_bytes()
-    (out / "stale.txt").write_text("from an older export")
+    (out / "README.md").write_text("from an older export")
     other = randomize(ssmtrim.create_model(model.config.family + "_test"), seed=1)
     with pytest.raises(ConfigError, match="already exists; pass --force"):
         save_model(other, out)
-    assert (out / "model.safetensors").read_bytes() == before and (out / "stale.txt").exists()
+    assert (out / "model.safetensors").read_bytes() == before and (out / "README.md").exists()
+    # a file ssmtrim does not write is the user's: the folder is never replaced, not even with force
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"did not write \(notes.txt\)"):
+        save_model(other, out, force=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").read_bytes() == before
+    (out / "notes.txt").unlink()
     save_model(other, out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # replaced, not merged
     assert torch.equal(logits(load_model(out)), logits(other))

@@ -91,6 +91,22 @@ def test_resume_after_interruption_gives_the_same_weights(setup, tmp_path):
     assert (tmp_path / "cut" / "train_state.pt").exists()
 
 
+def test_resume_is_exact_with_stochastic_depth(setup, tmp_path):
+    """PlainMamba's stochastic depth draws from torch's global generator; the resume file carries its state, so an
+    interrupted and resumed run ends with the weights of an uninterrupted one."""
+    root, _, _ = setup
+    torch.manual_seed(0)
+    model = ssmtrim.create_model("plainmamba_test", img_size=32, num_classes=3, drop_path_rate=0.5)
+    pruned = ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,))), tmp_path / "pm")
+    finetune(pruned, root / "train", tmp_path / "straight", CFG)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(pruned, root / "train", tmp_path / "cut", CFG, progress=_Interrupt(at=4))
+    finetune(pruned, root / "train", tmp_path / "cut", CFG, resume=True)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_bad_input(setup, tmp_path):
     root, dense, pruned = setup
     cases = [

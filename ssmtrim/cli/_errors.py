@@ -5,6 +5,7 @@ Set ``SSMTRIM_DEBUG=1`` to get the traceback instead (modelled on huggingface_hu
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -17,13 +18,51 @@ from ssmtrim.errors import SsmtrimError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# exception type -> prefix shown before the message; first match wins
-_TABLE: tuple[tuple[type[BaseException], str], ...] = (
-    (SsmtrimError, "error"),
-    (FileNotFoundError, "file not found"),
-    (PermissionError, "permission denied"),
-    (MemoryError, "out of memory; try a smaller --batch-size"),
-    (OSError, "I/O error"),
+def _os_error(exc: OSError) -> str:
+    """An environment error (full disk, permissions, read-only file system...) as one sentence."""
+    name = exc.filename or getattr(exc, "filename2", None)
+    where = f" ({name!r})" if name else ""
+    full = "no space left on the device" + where + "; free some space or write elsewhere, then run again"
+    denied = "permission denied" + where + "; check the permissions or use another path"
+    sentence = {
+        errno.ENOSPC: full, errno.EDQUOT: full, errno.EACCES: denied, errno.EPERM: denied,
+        errno.EROFS: "read-only file system" + where + "; write elsewhere",
+        errno.ENOENT: f"{name!r} does not exist; check the path" if name else f"not found: {exc.strerror or exc}",
+        errno.EMFILE: "too many open files; lower --workers or raise the limit (ulimit -n)",
+    }.get(exc.errno)
+    return sentence or f"I/O error{where}: {exc.strerror or exc}; check the disk and run again"
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    where = "the GPU" if type(exc).__name__ == "OutOfMemoryError" else "the machine"
+    return f"{where} ran out of memory; try a smaller --batch-size"
+
+
+def _no_cuda(exc: BaseException) -> str:
+    return f"CUDA is not usable here ({_first_line(exc)}); use --device cpu"
+
+
+def _is_no_cuda(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, AssertionError)) and "CUDA" in text and any(
+        w in text for w in ("not compiled", "NVIDIA driver", "no CUDA GPUs", "not available"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# (matches, sentence) in order, first match wins; the sentence is printed after "ssmtrim: "
+_TABLE: tuple[tuple[Callable[[BaseException], bool], Callable[[BaseException], str]], ...] = (
+    (lambda e: isinstance(e, SsmtrimError), _one_line),
+    (lambda e: isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError", _out_of_memory),
+    (_is_no_cuda, _no_cuda),
+    (lambda e: isinstance(e, OSError), _os_error),  # type: ignore[list-item]
 )
 
 
@@ -43,13 +82,12 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:
             if debug_enabled():
                 raise
-            for kind, prefix in _TABLE:
-                if isinstance(exc, kind):
-                    message = str(exc) if isinstance(exc, SsmtrimError) else f"{prefix}: {exc}"
-                    print(f"ssmtrim: {message}" if prefix == "error" else f"ssmtrim: {message}", file=sys.stderr)
+            for matches, sentence in _TABLE:
+                if matches(exc):
+                    print(f"ssmtrim: {sentence(exc)}", file=sys.stderr)
                     raise typer.Exit(1) from None
-            print(f"ssmtrim: unexpected {type(exc).__name__}: {exc} (set SSMTRIM_DEBUG=1 for the traceback and "
-                  "report it)", file=sys.stderr)
+            print(f"ssmtrim: unexpected {type(exc).__name__}: {_first_line(exc)} (set SSMTRIM_DEBUG=1 for the "
+                  "traceback and report it)", file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ssmtrim.errors import ConfigError
+
 if TYPE_CHECKING:
     from ssmtrim.training import TrainConfig
 
@@ -21,17 +23,35 @@ ArchOpt = Annotated[
 ]
 BackendOpt = Annotated[
     str | None,
-    typer.Option("--backend", help="Selective-scan backend: auto, ref, cpu or cuda (default: $SSMTRIM_SCAN_BACKEND "
-                 "or auto)."),
+    typer.Option("--backend", help="Selective-scan backend: auto, ref, cpu, cuda or portable (default: "
+                 "$SSMTRIM_SCAN_BACKEND or auto)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device to run on, e.g. cpu or cuda.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output folder if it exists and ssmtrim wrote "
+                                         "it (a folder holding anything else is never replaced).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-ImgSizeOpt = Annotated[
-    int | None,
-    typer.Option("--img-size", help="Load the model for this input size (pixels, square): the position embedding is "
-                 "interpolated to the new token grid. Default: the model's own size."),
+SkipUnknownClassesOpt = Annotated[
+    bool,
+    typer.Option("--skip-unknown-classes", help="Leave out class folders whose names are not among the model's "
+                 "recorded classes (default: refuse them, naming the folder)."),
 ]
+ImgSizeOpt = Annotated[
+    str | None,
+    typer.Option("--img-size", help="Load the model for this input size: N (square) or H,W (pixels, height first); "
+                 "the position embedding is interpolated to the new token grid. Also the size a checkpoint file "
+                 "whose position embedding is not square was trained at. Default: the model's own size."),
+]
+
+
+def parse_img_size(text: str | None) -> int | tuple[int, int] | None:
+    """``--img-size``: ``N`` -> N, ``H,W`` (or ``HxW``) -> (H, W), a square ``N,N`` -> N; None stays None."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.lower().replace("x", ",").split(",")]
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        sizes = [int(p) for p in parts]
+        return sizes[0] if len(sizes) == 1 or sizes[0] == sizes[1] else (sizes[0], sizes[1])
+    raise ConfigError(f"--img-size takes N or H,W in pixels (height first), e.g. 224 or 224,320; got {text!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,8 +72,8 @@ def backend_scope(backend: str | None) -> contextlib.AbstractContextManager:
 # the training recipe (ssmtrim train, ssmtrim finetune): each option named as the TrainConfig field it sets
 
 TrainDataOpt = Annotated[Path, typer.Option("--data", help="Training images in class sub-folders.")]
-RunOutputOpt = Annotated[
-    Path, typer.Option("-o", "--output", help="Run folder: model, config, log, training state.")
+RunOutputOpt = Annotated[  # text, not Path: Path("") would turn an empty -o into the current folder
+    str, typer.Option("-o", "--output", metavar="DIR", help="Run folder: model, config, log, training state.")
 ]
 EvalDataOpt = Annotated[Path | None, typer.Option("--eval-data", help="Held-out images, evaluated each epoch.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Epochs.")]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import ArchOpt, ForceOpt, ImgSizeOpt, JsonOpt, RevisionOpt
+from ssmtrim.cli._options import ArchOpt, ForceOpt, ImgSizeOpt, JsonOpt, RevisionOpt, parse_img_size
 from ssmtrim.cli._render import console, print_json
 
 
 @handle_errors
 def convert(
     source: Annotated[str, typer.Argument(help="Registered name, Hub id[:file] or checkpoint file.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write (config.json + model.safetensors).")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="DIR", help="Folder to write (config.json + "
+                                        "model.safetensors).")],
     arch: ArchOpt = None,
     revision: RevisionOpt = None,
     img_size: ImgSizeOpt = None,
@@ -26,8 +26,9 @@ def convert(
     for another input size: --img-size)."""
     from ssmtrim.checkpoint import check_output, load_model, save_model
 
-    check_output(output, force)  # fail before the (possibly long) load
-    model = load_model(source, arch=arch, revision=revision, img_size=img_size)
+    size = parse_img_size(img_size)
+    check_output(output, force, {"the source model": source})  # fail before the (possibly long) load
+    model = load_model(source, arch=arch, revision=revision, img_size=size)
     out = save_model(model, output, force=force)
     if json_out:
         print_json({"output": str(out), "family": model.config.family, "arch": model.config.to_dict()})

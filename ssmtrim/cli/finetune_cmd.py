@@ -16,6 +16,7 @@ from ssmtrim.cli._options import (
     EpochsOpt,
     EvalDataOpt,
     ForceOpt,
+    ImgSizeOpt,
     JsonOpt,
     LabelSmoothingOpt,
     LrOpt,
@@ -23,9 +24,11 @@ from ssmtrim.cli._options import (
     ResumeOpt,
     RunOutputOpt,
     SeedOpt,
+    SkipUnknownClassesOpt,
     TrainDataOpt,
     WarmupEpochsOpt,
     WeightDecayOpt,
+    parse_img_size,
     train_config,
 )
 from ssmtrim.cli._render import ProgressRenderer, console, epoch_printer, print_json
@@ -53,8 +56,10 @@ def finetune(
     seed: SeedOpt = 0,
     checkpoint_every: CheckpointEveryOpt = 200,
     resume: ResumeOpt = False,
+    img_size: ImgSizeOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    skip_unknown_classes: SkipUnknownClassesOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -64,10 +69,12 @@ def finetune(
     from ssmtrim.training import finetune as run
 
     cfg = train_config(locals(), min_lr=lr / 100, clip_grad=clip_grad or None)
+    size = parse_img_size(img_size)
     silent = quiet or json_out or int(os.environ.get("RANK", "0")) > 0  # one progress display: rank 0's
     with ProgressRenderer(quiet=silent) as progress:
         result = run(pruned, data, output, cfg, eval_data=eval_data, teacher=teacher, resume=resume, force=force,
-                     device=device, progress=progress, log=epoch_printer(not (quiet or json_out)))
+                     device=device, progress=progress, log=epoch_printer(not (quiet or json_out)),
+                     skip_unknown_classes=skip_unknown_classes, img_size=size)
     if dist_info()[0] > 0:
         return
     if json_out:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import JsonOpt, RevisionOpt
+from ssmtrim.cli._options import ImgSizeOpt, JsonOpt, RevisionOpt, parse_img_size
 from ssmtrim.cli._render import console, key_value_table, print_json
 
 
@@ -46,6 +46,7 @@ def flops(
         bool, typer.Option("--by-module", help="Also list the count of the stem, every block and the head.")
     ] = False,
     revision: RevisionOpt = None,
+    img_size: ImgSizeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Count FLOPs (multiply-accumulates, as fvcore and the papers do) per image. Registered names are counted from
@@ -53,7 +54,7 @@ def flops(
     from ssmtrim.flops import CONVENTIONS, count_flops_all
 
     names = CONVENTIONS if convention is Convention.both else (convention.value,)
-    reports = count_flops_all(model, names, revision=revision)
+    reports = count_flops_all(model, names, revision=revision, img_size=parse_img_size(img_size))
     if json_out:
         print_json({"model": model, "conventions": {name: r.to_dict() for name, r in reports.items()}})
         return

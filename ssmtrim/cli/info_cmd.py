@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import BackendOpt, DeviceOpt, JsonOpt, RevisionOpt, backend_scope
+from ssmtrim.cli._options import (
+    BackendOpt,
+    DeviceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    RevisionOpt,
+    backend_scope,
+    parse_img_size,
+)
 from ssmtrim.cli._render import console, key_value_table, print_json
 
 
@@ -15,20 +23,24 @@ from ssmtrim.cli._render import console, key_value_table, print_json
 def info(
     model: Annotated[str, typer.Argument(help="Registered name, Hub id[:file], checkpoint file or ssmtrim folder.")],
     revision: RevisionOpt = None,
+    img_size: ImgSizeOpt = None,
     backend: BackendOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Describe a model. Registered names are described from the architecture alone (no download)."""
+    from ssmtrim.devices import check_device
     from ssmtrim.info import describe_model
 
+    check_device(device)
+    size = parse_img_size(img_size)
     with backend_scope(backend):
         if revision is not None:  # a revision only means something for a Hub download
             from ssmtrim.checkpoint import load_model
 
-            result = describe_model(load_model(model, revision=revision, device=device))
+            result = describe_model(load_model(model, revision=revision, device=device, img_size=size))
         else:
-            result = describe_model(model, device=device)
+            result = describe_model(model, device=device, img_size=size)
     if json_out:
         print_json(result.to_dict())
         return

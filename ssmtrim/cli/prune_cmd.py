@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import ArchOpt, ForceOpt, JsonOpt, QuietOpt, RevisionOpt
+from ssmtrim.cli._options import (
+    ArchOpt,
+    ForceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    QuietOpt,
+    RevisionOpt,
+    SkipUnknownClassesOpt,
+    parse_img_size,
+)
 from ssmtrim.cli._prune_options import (
     ArrangementOpt,
     CompensateAlphaOpt,
@@ -36,8 +45,8 @@ def prune(
     = None,
     data: Annotated[Path | None, typer.Option("--data", help="Calibration images: a folder (class sub-folders or "
                                               "flat).")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Folder to write the pruned checkpoint to "
-                                                "(default: write nothing, print the summary).")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", metavar="DIR", help="Folder to write the pruned "
+                                               "checkpoint to (default: write nothing, print the summary).")] = None,
     eval_data: Annotated[Path | None, typer.Option("--eval-data", help="Labelled held-out images: top-1 of dense "
                                                    "and pruned.")] = None,
     layers: LayersOpt = None,
@@ -60,7 +69,9 @@ def prune(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration subset.")] = 0,
     arch: ArchOpt = None,
     revision: RevisionOpt = None,
+    img_size: ImgSizeOpt = None,
     force: ForceOpt = False,
+    skip_unknown_classes: SkipUnknownClassesOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -69,6 +80,7 @@ def prune(
     from ssmtrim import bundled
     from ssmtrim.api import prune_and_save
     from ssmtrim.checkpoint import check_output
+    from ssmtrim.distributed import sharded
     from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget
     from ssmtrim.pruning.strategies import get_strategy
 
@@ -81,8 +93,10 @@ def prune(
                 bundled.DEFAULT_CONVENTION
     if data is None:
         raise ConfigError("give the calibration images with --data DIR (a folder of images).")
-    if output is not None:
-        check_output(output, force)  # before any long work
+    size = parse_img_size(img_size)
+    if output is not None:  # before any long work
+        check_output(output, force, {"the source model": source, "the --data folder": data,
+                                     "the --eval-data folder": eval_data})
     if flops is not None and keep is not None:
         raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
@@ -93,11 +107,15 @@ def prune(
               "mode": mode, "metric": metric, "drop_fraction": drop_fraction, "compensate": compensate,
               "compensate_alpha": compensate_alpha,
               **strategy_fields(score, arrangement, gap, conv)}
-    with ProgressRenderer(quiet or json_out) as progress:
+    # under torchrun the ranks split the images (gloo: pruning runs on the CPU) and rank 0 alone prints and writes
+    with sharded("cpu") as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:
         summary = prune_and_save(
             source, config, data, output, calibration=CalibrationSettings(num_images, batch_size, seed),
             target=FlopsTarget(flops, flops_convention, keep_layers=bool(layers)) if flops is not None else None,
-            eval_data=eval_data, arch=arch, revision=revision, force=force, progress=progress)
+            eval_data=eval_data, arch=arch, revision=revision, img_size=size, force=force, progress=progress,
+            skip_unknown_classes=skip_unknown_classes)
+    if rank != 0:
+        return
     if json_out:
         print_json(summary)
         return

@@ -9,7 +9,15 @@ import typer
 from rich.table import Table
 
 from ssmtrim.cli._errors import handle_errors
-from ssmtrim.cli._options import DeviceOpt, ForceOpt, JsonOpt, QuietOpt
+from ssmtrim.cli._options import (
+    DeviceOpt,
+    ForceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    QuietOpt,
+    SkipUnknownClassesOpt,
+    parse_img_size,
+)
 from ssmtrim.cli._prune_options import ConvOpt, GapOpt, LayersOpt, ScoreOpt, parse_layers, strategy_fields
 from ssmtrim.cli._render import ProgressRenderer, console, print_json
 from ssmtrim.errors import ConfigError
@@ -19,8 +27,8 @@ from ssmtrim.errors import ConfigError
 def report(
     models: Annotated[list[str], typer.Argument(help="The dense model, then pruned folders to compare with it.")],
     data: Annotated[Path, typer.Option("--data", help="Labelled images to evaluate on (see `ssmtrim eval`).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for report.json, report.md and the plots.")]
-    = Path("ssmtrim-report"),
+    output: Annotated[str, typer.Option("-o", "--output", metavar="DIR", help="Folder for report.json, report.md and "
+                                        "the plots.")] = "ssmtrim-report",
     sweep: Annotated[str | None, typer.Option("--sweep", help="Prune the dense model at each value, for each "
                                               "arrangement: keep=0.9,0.8,0.7 or flops=0.8,0.7,0.6 (paper).")]
     = None,
@@ -37,8 +45,10 @@ def report(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch of the throughput measurement.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (the median is reported).")] = 3,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
+    img_size: ImgSizeOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
+    skip_unknown_classes: SkipUnknownClassesOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -46,24 +56,34 @@ def report(
     throughput, batch-1 latency and peak memory, the speed-up and how much of the FLOPs saving it realises."""
     import ssmtrim
     from ssmtrim.checkpoint import check_output
+    from ssmtrim.devices import check_device
+    from ssmtrim.distributed import sharded
     from ssmtrim.report import build_report, table_rows, write_report
 
-    check_output(output, force)
+    check_device(device)
+    inputs = {**{f"the model {m!r}": m for m in models}, "the --data folder": data, "the --calib folder": calib,
+              "the --labels file": labels}
+    check_output(output, force, inputs)
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be at least 1.")
     if sweep is None and len(models) < 2:
         raise ConfigError("give the dense model and at least one pruned folder, or --sweep keep=... / flops=....")
     layer_list = parse_layers(layers)
-    dense = ssmtrim.load_model(models[0])
-    pruned = [(m, ssmtrim.load_model(m)) for m in models[1:]]
-    with ProgressRenderer(quiet or json_out) as progress:
+    size = parse_img_size(img_size)  # every model at that size (a pruned folder only at its own)
+    dense = ssmtrim.load_model(models[0], img_size=size)
+    pruned = [(m, ssmtrim.load_model(m, img_size=size)) for m in models[1:]]
+    # under torchrun the ranks split the images, rank 0 alone measures speed, prints and writes
+    with sharded(device) as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:
         result = build_report(dense, data, pruned, sweep=sweep, layers=layer_list,
                               arrangements=tuple(a for a in arrangements.split(",") if a) if arrangements else None,
                               strategy={k: v for k, v in strategy_fields(score, None, gap, conv).items()
                                         if v is not None}, calib=calib,
                               num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
-                              device=device, labels_file=labels, progress=progress, dense_name=models[0])
-    folder = write_report(result, output, force=force)
+                              device=device, labels_file=labels, progress=progress, dense_name=models[0],
+                              skip_unknown_classes=skip_unknown_classes)
+    if rank != 0:
+        return
+    folder = write_report(result, output, force=force, inputs=inputs)
     if json_out:
         print_json({**result, "output": str(folder)})
         return

@@ -4,6 +4,9 @@ Layer by layer, the model runs in threshold mode with the thresholds found so fa
 and stops at the next pruning layer, whose candidate scores are pooled over the images; that layer's threshold is the
 pooled (1 - keep) quantile. So in threshold mode each layer keeps, on average over the calibration images, the
 fraction its keep ratio asks for. A last pass checks it and records the mean kept fraction per layer.
+
+Inside :func:`ssmtrim.distributed.sharded` each rank runs its block of the images and the per-image scores are
+gathered in the images' global order, so every rank finds the thresholds one process would.
 """
 
 from __future__ import annotations
@@ -89,7 +92,9 @@ def calibrate(
     progress: Progress | None = None,
     unreadable: int = 0,
 ) -> CalibrationResult:
-    """Thresholds for ``config`` on ``images`` (N 3 H W, already transformed) with the dense ``model``."""
+    """Thresholds for ``config`` on ``images`` (N 3 H W, already transformed) with the dense ``model``; inside
+    :func:`ssmtrim.distributed.sharded`, this rank's block of the images (``unreadable`` then counts all ranks')."""
+    from ssmtrim.distributed import gather_list, sum_counts, sum_floats
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning.engine import is_pruned, reduced_forward
 
@@ -121,6 +126,7 @@ def calibrate(
                 pass
             if progress:
                 progress(f"calibrating layer {layer}", i + 1, n)
+        pooled[:] = gather_list(pooled)  # every rank's images, in their global order
         scores = torch.cat(pooled)
         threshold = _mean_fraction_threshold(pooled, keep) if keep < 1.0 else float("-inf")
         thresholds.append(threshold)
@@ -136,7 +142,9 @@ def calibrate(
         fractions.append((stats.kept_fraction, min(batch_size, n - lo)))
         if progress:
             progress("checking thresholds", min(lo + batch_size, n), n)
-    for j, entry in enumerate(layers):
-        entry.kept_fraction = sum(f[j] * w for f, w in fractions) / n
+    total = sum_counts(n)[0]
+    kept = sum_floats(*(sum(f[j] * w for f, w in fractions) for j in range(len(layers))))
+    for entry, k in zip(layers, kept, strict=True):
+        entry.kept_fraction = k / total
     model.train(was_training)
-    return CalibrationResult(tuple(thresholds), layers, n, unreadable, time.perf_counter() - start)
+    return CalibrationResult(tuple(thresholds), layers, total, unreadable, time.perf_counter() - start)

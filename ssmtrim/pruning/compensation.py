@@ -12,6 +12,9 @@ so that logits = (f_r M + c) Wᵀ + b. Measured on the project's CIFAR-10 models
 the best α on half of the test set in every case tried. It changes the classifier's weights: their dense values are
 kept (:func:`ssmtrim.pruning.engine.record_dense`), saved with the checkpoint and restored by ``dense_of``.
 
+The fit needs only sums over the images (counts, feature sums, XᵀX and XᵀY about zero, squared norms), so inside
+:func:`ssmtrim.distributed.sharded` each rank sums its block of the images and the sums are added across ranks.
+
 Shapes: N images, D feature width.
 """
 
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ssmtrim.distributed import sum_counts, sum_floats, sum_tensor
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning.config import PruneConfig
@@ -67,7 +71,7 @@ def compensate_head(model: nn.Module, images: Tensor, alpha: float = 0.1, batch_
     if not isinstance(head, nn.Linear) or head.bias is None:
         raise ConfigError("--compensate head needs a linear classifier with a bias; this model has none (num_classes "
                           "0?), so leave --compensate out.")
-    n = images.shape[0]
+    n = sum_counts(images.shape[0])[0]
     if n < 2:
         raise ConfigError(f"--compensate head needs at least 2 calibration images, got {n}; give more with --data "
                           "or leave --compensate out.")
@@ -81,16 +85,18 @@ def compensate_head(model: nn.Module, images: Tensor, alpha: float = 0.1, batch_
         alpha = alpha * d / n
         note = f"only {n} images for a {d}-channel feature: α raised to {alpha:.3g}"
         log.warning("compensation: %s", note)
-    mx, my = f_r.mean(0), f_d.mean(0)
-    x, y = f_r - mx, f_d - my
-    gram = x.T @ x
+    # sums over the images (over every rank's, inside sharded): means, then the centred Gram matrices from them
+    sx, sy, sxx, sxy = (sum_tensor(t) for t in (f_r.sum(0), f_d.sum(0), f_r.T @ f_r, f_r.T @ f_d))
+    syy, sdiff = sum_floats(float(f_d.square().sum()), float((f_r - f_d).square().sum()))
+    mx, my = sx / n, sy / n
+    gram = sxx - n * torch.outer(mx, mx)
     lam = alpha * float(torch.trace(gram)) / d
     eye = torch.eye(d, dtype=torch.float64)
-    m = torch.linalg.solve(gram + lam * eye, x.T @ y + lam * eye)
+    m = torch.linalg.solve(gram + lam * eye, sxy - n * torch.outer(mx, my) + lam * eye)
     c = my - mx @ m
-    scale = float(y.square().sum(1).mean()) or 1.0
-    before = float((f_r - f_d).square().sum(1).mean()) / scale
-    after = float((f_r @ m + c - f_d).square().sum(1).mean()) / scale
+    scale = (syy / n - float(my.square().sum())) or 1.0  # mean ||f_d - mean f_d||²
+    before = sdiff / n / scale
+    after = sum_floats(float((f_r @ m + c - f_d).square().sum()))[0] / n / scale
     names = [name for name, p in model.named_parameters() if any(p is q for q in head.parameters())]
     record_dense(model, names)
     w = head.weight.double()

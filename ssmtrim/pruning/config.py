@@ -99,8 +99,18 @@ class PruneConfig:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if len(self.thresholds) != len(layers):
                 raise ConfigError("the plan has a different number of thresholds than pruning layers; recalibrate.")
-        if self.mode == "threshold" and self.thresholds is None:
-            raise ConfigError("--mode threshold needs calibrated thresholds; run calibration (give --data).")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Threshold mode before calibration: the plan is complete, but cannot run until thresholds are set
+        (:func:`ssmtrim.pruning.calibrate.calibrate` finds them; ``ssmtrim prune`` does it)."""
+        return self.mode == "threshold" and self.thresholds is None
+
+    def check_runnable(self) -> None:
+        """Refuse a threshold-mode plan that has no thresholds yet, in one sentence."""
+        if self.needs_calibration:
+            raise ConfigError("--mode threshold needs calibrated thresholds; calibrate the plan first (ssmtrim prune "
+                              "--mode threshold --data DIR does).")
 
     def validate_for(self, depth: int) -> None:
         bad = [v for v in self.layers if v >= depth]

@@ -49,10 +49,21 @@ def kept_count(current: int, keep: float, centred: bool = True) -> int:
     return max(min(k, current), min(2, current))
 
 
+def threshold_count(scores: Tensor, protected: Tensor, threshold: float) -> int:
+    """Threshold mode: the unprotected tokens of ONE image whose score passes ``threshold`` (at least 1). Scores and
+    the protected mask are (1 L); a batch would need a count per image, so it is refused rather than summed."""
+    passing = ((scores >= threshold) & ~protected).sum(dim=1)  # B: a count per image
+    if passing.numel() != 1:
+        raise ValueError(f"threshold mode counts tokens image by image, got a batch of {passing.numel()}; run the "
+                         "images one at a time (reduced_forward does).")
+    return max(int(passing[0]), 1)
+
+
 def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = None,
                     observer: ScoreObserver | None = None) -> ReducedOutput:
     """Images (B 3 H W) -> logits with tokens reduced as ``config`` (default: the model's plan) says."""
     config = config if config is not None else model.prune_config
+    config.check_runnable()  # threshold mode without thresholds never falls back to counts in silence
     if config.mode == "threshold" and x.shape[0] > 1:
         # each image keeps its own number of tokens, so a batch runs one image at a time
         outs = [reduced_forward(model, x[i : i + 1], config, observer) for i in range(x.shape[0])]
@@ -83,7 +94,7 @@ def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = No
         candidates = state.num_tokens - (0 if state.cls_index is None else 1)
         threshold = thresholds.get(i)
         if config.mode == "threshold" and threshold is not None:
-            k = max(int(((scores >= threshold) & ~protected).sum()), 1)  # a batch of one
+            k = threshold_count(scores, protected, threshold)
             k = strategy.threshold_count(k, candidates, state)
         else:
             k = kept_count(candidates, keep[i], centred=state.cls_index is not None)
@@ -139,6 +150,7 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
     family = family_of(model)
     config.validate_for(family.depth(model.config))
+    config.check_runnable()
     get_strategy(config.arrangement).check_plan(config)  # options it cannot use: one sentence now, not mid-forward
     get_score(config.score)
     family.check_plan(config)

@@ -4,7 +4,8 @@ The FLOPs of a schedule are estimated from one fvcore count of the dense model: 
 tokens it sees (the scan, projections and norms are per token; the convs nearly so), everything else is fixed. For
 each candidate set of pruning layers (one to three, spread over the depth) the largest common keep ratio that meets
 the target is found by bisection on that estimate; the candidates are then run on the calibration images and the
-one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs are then counted for real.
+one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs are then counted for real. Inside
+:func:`ssmtrim.distributed.sharded` each rank passes its block of the images and the KL sums are added across ranks.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def search_schedule(
 ) -> ScheduleSearch:
     """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives how tokens are reduced, and its layers (e.g.
     the family's hand-set schedule) are always a candidate, so the search never picks a schedule farther from dense
-    on these images than that one."""
+    on these images than that one. Inside :func:`ssmtrim.distributed.sharded`, ``images`` and ``dense_logits`` are
+    this rank's share (possibly none)."""
+    from ssmtrim.distributed import sum_counts, sum_floats
     from ssmtrim.evaluate import predict
 
     if not 0.0 < target < 1.0:
@@ -131,19 +134,21 @@ def search_schedule(
         raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
                           f"{least:.2f} of the dense FLOPs ({convention} convention); ask for more.")
     dense_logp = F.log_softmax(dense_logits.float(), 1)
+    total = sum_counts(images.shape[0])[0]
 
     def run(cand: Candidate, measure: bool = False) -> None:
         config = base.replace(layers=cand.layers, keep=(cand.keep,), mode="count", thresholds=None)
         pruned = apply_pruning(model, config)
         try:
-            logits = predict(pruned, images, batch_size)
+            logits = predict(pruned, images, batch_size) if images.shape[0] else dense_logp[:0]
             if measure:
                 from ssmtrim.flops import count_flops
 
                 cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
         finally:
             remove_pruning(pruned)
-        cand.kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="batchmean"))
+        kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="sum"))
+        cand.kl = sum_floats(kl)[0] / total
 
     for i, cand in enumerate(candidates):
         run(cand)

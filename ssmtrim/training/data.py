@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssmtrim.data import ImageSet, load_rgb, scan_folder
+from ssmtrim.data import ImageSet, load_rgb, map_to_classes, resize_crop, scan_folder
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import DataConfig
+from ssmtrim.notices import notice
 from ssmtrim.training.config import Progress
 
 
@@ -34,35 +35,45 @@ class ArraySet:
         return len(self.labels)
 
 
-def _fit_square(img, size: int):
-    """Resize the short side to ``size`` and center-crop a square (a no-op for images already size x size)."""
+def _fit_square(img, size: int | tuple[int, int]):
+    """Resize the image to cover ``size`` (N, or (H, W) for a non-square model) keeping its aspect ratio, and
+    center-crop it (a no-op for images already that size)."""
     from PIL import Image
 
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+    if (w, h) != (out_w, out_h):
+        scale = max(out_w / w, out_h / h)
+        img = img.resize((max(out_w, round(w * scale)), max(out_h, round(h * scale))), Image.Resampling.BICUBIC)
         w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        left, top = (w - out_w) // 2, (h - out_h) // 2
+        img = img.crop((left, top, left + out_w, top + out_h))
     return img
 
 
 def load_array_set(images: ImageSet, size: int, cache_dir: str | os.PathLike | None = None,
-                   progress: Progress | None = None) -> ArraySet:
-    """Decode a labelled image set into memory at ``size`` x ``size``; cached by file list and mtimes."""
+                   progress: Progress | None = None, eval_data: DataConfig | None = None) -> ArraySet:
+    """Decode a labelled image set into memory at ``size`` x ``size``; cached by file list, mtimes and labels.
+    ``eval_data``: decode with the eval transform's geometry (:func:`ssmtrim.data.resize_crop`: short side to
+    size / crop_pct, center crop, the config's interpolation), so that evaluation during training sees what
+    ``ssmtrim eval`` sees; without, the short side is resized to ``size`` (the training images)."""
     if not images.labelled:
         raise ConfigError(f"training needs labelled images (class sub-folders); {images.root!r} has none.")
-    key = hashlib.sha256(json.dumps([size, images.paths, [os.path.getmtime(p) for p in images.paths]]).encode())
+    fit = _fit_square if eval_data is None else (lambda img, _: resize_crop(img, eval_data))
+    geometry = None if eval_data is None else [eval_data.crop_pct, eval_data.interpolation, list(eval_data.input_size)]
+    key = hashlib.sha256(json.dumps([size, images.paths, [os.path.getmtime(p) for p in images.paths], images.labels,
+                                     geometry]).encode())
     cache = Path(cache_dir or Path.home() / ".cache" / "ssmtrim" / "arrays") / f"{key.hexdigest()[:20]}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return ArraySet(z["images"], z["labels"], list(images.classes), int(z["unreadable"]))
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    hw = (size, size) if isinstance(size, int) else size  # N, or (H, W) for a non-square model
+    height, width = hw if eval_data is None else eval_data.input_size[-2:]
+    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
     keep = np.zeros(len(images), dtype=bool)
     for i, path in enumerate(images.paths):
         try:
-            out[i] = np.asarray(_fit_square(load_rgb(path), size))
+            out[i] = np.asarray(fit(load_rgb(path), size))
             keep[i] = True
         except (OSError, ValueError, SyntaxError):
             pass
@@ -70,10 +81,15 @@ def load_array_set(images: ImageSet, size: int, cache_dir: str | os.PathLike | N
             progress("decoding images", i + 1, len(images))
     labels = np.asarray(images.labels, dtype=np.int64)[keep]
     result = ArraySet(out[keep], labels, list(images.classes), int((~keep).sum()))
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=result.images, labels=result.labels, unreadable=result.unreadable)
-    os.replace(tmp, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, images=result.images, labels=result.labels, unreadable=result.unreadable)
+        os.replace(tmp, cache)
+    except OSError as exc:  # the cache only saves time: a full or read-only disk is said, not fatal
+        tmp.unlink(missing_ok=True)
+        notice("array-cache", f"could not cache the decoded images in {str(cache.parent)!r} "
+               f"({exc.strerror or exc}); they will be decoded again next time.")
     return result
 
 
@@ -115,15 +131,18 @@ def augment(x: Tensor, kind: str, generator: torch.Generator, rrc_scale: tuple[f
 
 
 def load_folder(data: str | os.PathLike, num_classes: int, size: int, progress: Progress | None = None,
-                classes: list[str] | None = None) -> ArraySet:
-    """The labelled images of ``data`` (class sub-folders) in memory, checked against the model's class count and,
-    when given, the training data's ``classes``."""
+                classes: list[str] | None = None, skip_unknown: bool = False,
+                eval_data: DataConfig | None = None) -> ArraySet:
+    """The labelled images of ``data`` (class sub-folders) in memory. With ``classes`` (the model's recorded class
+    names, or the training data's for an evaluation set) the folders are matched to them by name: one that is not
+    among them is an error, or left out with ``skip_unknown``; without, their count must be the model's.
+    ``eval_data``: decoded as ``ssmtrim eval`` reads images (see :func:`load_array_set`)."""
     images = scan_folder(data)
     if images.layout != "class-folders":
         raise ConfigError(f"{str(data)!r} has no class sub-folders; training needs labelled images (DIR/<class>/...).")
-    if len(images.classes) != num_classes:
+    if classes is not None:
+        images = map_to_classes(images, classes, skip_unknown)
+    elif len(images.classes) != num_classes:
         raise ConfigError(f"{str(data)!r} has {len(images.classes)} classes but the model predicts {num_classes}; "
                           "give a data folder with the model's classes.")
-    if classes is not None and images.classes != classes:
-        raise ConfigError(f"the class folders of {str(data)!r} differ from those of the training data.")
-    return load_array_set(images, size, progress=progress)
+    return load_array_set(images, size, progress=progress, eval_data=eval_data)

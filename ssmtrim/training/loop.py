@@ -23,15 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmtrim.errors import CheckpointError, ConfigError
+from ssmtrim.errors import CheckpointError, ConfigError, SsmtrimError
 from ssmtrim.evaluate import evaluate_batches
 from ssmtrim.models.registry import DataConfig
+from ssmtrim.notices import notice
+from ssmtrim.outputs import LOG_NAME, STATE_NAME, output_error
 from ssmtrim.training.config import Log, Progress, TrainConfig
 from ssmtrim.training.data import ArraySet, augment, normalise
 from ssmtrim.training.distributed import dist_info, weights_checksum
 
-STATE_NAME = "train_state.pt"
-LOG_NAME = "train_log.jsonl"
+
+def _version() -> str:
+    from ssmtrim import __version__
+
+    return __version__
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -88,10 +93,35 @@ def run_id(cfg: TrainConfig, model: nn.Module, data: ArraySet) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def batch_for(num_images: int, batch_size: int, world: int = 1) -> int:
+    """Images per step: ``batch_size``, or all ``num_images`` (a multiple of the ``world`` processes) when there are
+    fewer, said once on stderr."""
+    if num_images >= batch_size:
+        return batch_size
+    batch = num_images - num_images % world
+    if batch < 1:
+        raise ConfigError(f"{num_images} training images cannot be split over {world} processes; give more images "
+                          "or start fewer processes.")
+    notice("small-batch", f"{num_images} training images are fewer than a batch of {batch_size}; every step trains "
+           f"on {batch} of them.")
+    return batch
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the training state atomically (a temporary file renamed into place); the temporary file is removed on
+    every failure path, and a full disk or a permission problem is one sentence naming ``path``."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, SsmtrimError):
+            raise output_error(str(path), exc, "the training state") from exc
+        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch's zip writer on a full disk
+            raise output_error(str(path), OSError("the write failed; the disk may be full"), "the training state") \
+                from exc
+        raise
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -100,6 +130,22 @@ def load_state(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable resume file
         raise CheckpointError(f"cannot read the training state {str(path)!r} ({exc}); delete it or drop --resume.") \
             from exc
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    """The global random streams a step may draw from beyond its own seeded generator (stochastic depth draws from
+    torch's global generator), saved with the state so that a resumed run continues them exactly."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
 
 
 def fit(
@@ -116,15 +162,23 @@ def fit(
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; returns the final metrics. See the module docstring for what is written to
-    ``out_dir``."""
+    ``out_dir`` (created only once the run is known to start). With fewer images than ``cfg.batch_size`` every step
+    takes all of them (said once on stderr). ``resume`` needs a state in ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out / STATE_NAME, out / LOG_NAME
     if cfg.distill_weight > 0 and teacher is None:
         raise ConfigError("distillation needs a teacher model; give one or set the distillation weight to 0.")
+    if resume and not state_path.is_file():
+        raise ConfigError(f"--resume: {str(out)!r} holds no training state ({STATE_NAME}) to continue; drop --resume "
+                          "to start a new run.")
+    if state_path.exists() and not resume:
+        raise ConfigError(f"{str(state_path)!r} exists; pass --resume to continue it, or --force to start over.")
     device = torch.device(device)
     rank, world = dist_info()
     main = rank == 0
+    if cfg.batch_size % world:
+        raise ConfigError(f"the batch size {cfg.batch_size} does not split evenly over {world} processes.")
+    batch = batch_for(len(train), cfg.batch_size, world)
     model.to(device).train()
     net = model
     if world > 1:
@@ -133,15 +187,13 @@ def fit(
         teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"{len(train)} training images are fewer than one batch of {cfg.batch_size}.")
+    steps_per_epoch = len(train) // batch
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     ident = run_id(cfg, model, train)
     step, history = 0, []
-    if resume and state_path.exists():
+    if resume:
         state = load_state(state_path)
         if state.get("run_id") != ident:
             raise CheckpointError(f"{str(state_path)!r} belongs to another run (different recipe, model or data); "
@@ -149,10 +201,7 @@ def fit(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), json.loads(state["history"])
-    elif state_path.exists() and not resume:
-        raise ConfigError(f"{str(state_path)!r} exists; pass --resume to continue it, or --force to start over.")
-    if cfg.batch_size % world:
-        raise ConfigError(f"the batch size {cfg.batch_size} does not split evenly over {world} processes.")
+        _restore_rng(state, device)
     amp = cfg.amp and device.type == "cuda"
 
     def checkpoint() -> None:
@@ -160,7 +209,7 @@ def fit(
             return
         save_state(state_path, {"run_id": ident, "step": step, "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "history": json.dumps(history),
-                                 "config": json.dumps(cfg.to_dict())})
+                                 "config": json.dumps(cfg.to_dict()), **_rng_state(device)})
 
     def emit(record: dict[str, Any]) -> None:
         if not main:
@@ -170,6 +219,11 @@ def fit(
         if log is not None:
             log(record)
 
+    if main:  # the run folder's first record says who wrote it (ssmtrim replaces only folders it wrote)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"ssmtrim_version": _version(), "event": "resume" if resume else "start",
+                                "step": step, "batch_size": batch}) + "\n")
     t_start, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -178,7 +232,7 @@ def fit(
             # the augmentation draws depend on (seed, step) only, so a resumed run sees the same batches
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
             # every rank draws the same global batch and augmentation, then keeps its share of the images
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].numpy()
+            idx = order[i * batch:(i + 1) * batch].numpy()
             x = normalise(torch.from_numpy(train.images[np.sort(idx)]), data_cfg)
             y = torch.from_numpy(train.labels[np.sort(idx)])
             if cfg.augment != "none":

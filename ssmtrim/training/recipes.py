@@ -5,15 +5,19 @@ a pruned model with pruning active and distillation from its dense teacher. Each
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ssmtrim.devices import check_device
 from ssmtrim.errors import ConfigError
+from ssmtrim.outputs import LOG_NAME, STATE_NAME, Inputs, clear_own_output, inspect_output, not_own_output
 from ssmtrim.training.config import Log, Progress, TrainConfig
 from ssmtrim.training.data import load_folder
 from ssmtrim.training.distributed import barrier, dist_info, init_distributed
@@ -41,21 +45,25 @@ def train_from_scratch(
     from ssmtrim.checkpoint import save_model_into
     from ssmtrim.models.registry import create_model, get_spec
 
+    check_device(device)
     spec = get_spec(model_name)
     out = Path(output)
     rank, _ = init_distributed(device)
-    _prepare_output(out, resume, force, "training")
+    inputs = {"the --data folder": data, "the --eval-data folder": eval_data, "the --init checkpoint": init}
+    clear = _prepare_output(output, resume, force, "training", inputs)
     size = spec.data.input_size[-1]
     shown = progress if rank == 0 else None
     train_set = load_folder(data, spec.arch.num_classes, size, shown)
-    eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes) \
+    eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes, eval_data=spec.data) \
         if eval_data is not None else None
     torch.manual_seed(cfg.seed)
     model = create_model(model_name)
     model.data_config = spec.data
+    model.class_names = list(train_set.classes)  # recorded in config.json: later commands match folders by name
     previous = _init_from(model, init) if init is not None else None
-    result = fit(model, train_set, cfg, out, spec.data, eval_set=eval_set, resume=resume, device=device,
-                 progress=progress, log=log)
+    with _run_folder(out, clear):
+        result = fit(model, train_set, cfg, out, spec.data, eval_set=eval_set, resume=resume, device=device,
+                     progress=progress, log=log)
     model.to("cpu")
     final = result["history"][-1] if result["history"] else {}
     extra = {"training": {"from": "scratch" if init is None else str(init), "architecture": model_name,
@@ -104,25 +112,54 @@ def _init_from(model: nn.Module, init: str | os.PathLike) -> dict[str, Any] | No
     return source.source.folder_config.get("training")
 
 
-def _prepare_output(out: Path, resume: bool, force: bool, what: str) -> None:
-    rank = dist_info()[0]
-    if out.exists() and not (resume or force):
-        raise ConfigError(f"output folder {str(out)!r} already exists; pass --resume to continue its {what}, --force "
-                          "to start over, or choose another -o.")
-    if rank == 0 and out.exists() and force and not resume:
-        shutil.rmtree(out)
+def _prepare_output(output: str | os.PathLike, resume: bool, force: bool, what: str, inputs: Inputs) -> bool:
+    """Check the run folder before any work (nothing is written here): clear of the ``inputs``, writable, and
+    either new or empty, or ssmtrim's own run to continue (``resume``) or to start over (``force``). Returns whether
+    it must be cleared first, which :func:`_run_folder` does once the run starts."""
+    out, text, occupied = inspect_output(output, inputs, replacing=not resume)  # a resume deletes nothing
+    if resume and not (out / STATE_NAME).is_file():
+        raise ConfigError(f"--resume: {text!r} holds no training state ({STATE_NAME}) to continue; drop --resume to "
+                          "start a new run.")
+    if occupied and not (resume or force):
+        again = f"pass --resume to continue its {what}, " if (out / STATE_NAME).is_file() else ""
+        raise ConfigError(f"output folder {text!r} already exists; {again}pass --force to start over, or choose "
+                          "another -o.")
+    return occupied and not resume
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, clear: bool) -> Iterator[None]:
+    """The run: the folder cleared first when ``clear`` (--force on ssmtrim's own run); if the run fails before it
+    saved any state, what it wrote is removed again, so no folder is left behind that only asks for --resume."""
+    main = dist_info()[0] == 0
+    if main and clear:
+        clear_own_output(out)
     barrier()
+    before = set(os.listdir(out)) if out.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if main and out.is_dir() and not (out / STATE_NAME).exists():
+            if before is None and not_own_output(out) is None:
+                shutil.rmtree(out, ignore_errors=True)
+            elif before is not None:
+                for name in set(os.listdir(out)) - before:
+                    if name == LOG_NAME:
+                        (out / name).unlink(missing_ok=True)
+        raise
 
 
 def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> nn.Module:
     """The distillation teacher of a pruned model: ``teacher`` if given; else the dense weights the pruned folder
     holds (pruning never changes weights, so they are its dense source's), unless it was already fine-tuned, in
-    which case its recorded dense source is loaded."""
+    which case its recorded dense source is loaded. Either is loaded at the pruned model's input size (a square
+    dense source of a model pruned at (H, W) has its position embedding interpolated)."""
     from ssmtrim.checkpoint import load_model
     from ssmtrim.evaluate import check_compatible, dense_of
 
+    size = model.config.img_size
     if teacher is not None:
-        found = load_model(teacher)
+        found = load_model(teacher, img_size=size)
         check_compatible(model, found)
         return found
     source = getattr(model, "source", None)
@@ -132,7 +169,7 @@ def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> n
     origin = (config.get("finetune") or {}).get("dense_source")
     if origin:
         try:
-            found = load_model(origin)
+            found = load_model(origin, img_size=size)
             check_compatible(model, found)
             return found
         except Exception as exc:  # noqa: BLE001 - reported as one clear sentence below
@@ -154,34 +191,42 @@ def finetune(
     device: str = "cpu",
     progress: Progress | None = None,
     log: Log | None = None,
+    skip_unknown_classes: bool = False,
+    img_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a pruned checkpoint folder with pruning active, distilling from its dense teacher; write a pruned
-    folder in the format ``ssmtrim prune`` writes (plus the recipe and metrics), the log and the resumable state."""
+    folder in the format ``ssmtrim prune`` writes (plus the recipe and metrics), the log and the resumable state.
+    ``img_size`` (N or (H, W)) checks the size the folder was pruned at (a pruned model keeps its size)."""
     from ssmtrim.checkpoint import load_model, save_model_into
-    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.pruning import is_pruned
 
-    model = load_model(pruned)
+    check_device(device)
+    out = Path(output)
+    inputs = {"the pruned model": pruned, "the --data folder": data, "the --eval-data folder": eval_data,
+              "the --teacher model": teacher}
+    clear = _prepare_output(output, resume, force, "fine-tune", inputs)
+    model = load_model(pruned, img_size=img_size)
     if not is_pruned(model):
         raise ConfigError(f"{str(pruned)!r} is not pruned; prune it first (ssmtrim prune) or train it with "
                           "ssmtrim train.")
-    out = Path(output)
     rank, world = init_distributed(device)
     if world > 1 and str(device).startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    _prepare_output(out, resume, force, "fine-tune")
     teach = teacher_for(model, teacher) if cfg.distill_weight > 0 else None
     data_cfg = data_config_of(model)
-    size = data_cfg.input_size[-1]
+    size = tuple(data_cfg.input_size[-2:])  # (H, W): non-square models train on non-square images
     shown = progress if rank == 0 else None
-    train_set = load_folder(data, model.config.num_classes, size, shown)
-    eval_set = load_folder(eval_data, model.config.num_classes, size, shown, train_set.classes) \
-        if eval_data is not None else None
+    classes = class_names_of(model)  # folders matched to the model's recorded classes by name
+    train_set = load_folder(data, model.config.num_classes, size, shown, classes, skip_unknown_classes)
+    eval_set = load_folder(eval_data, model.config.num_classes, size, shown, classes or train_set.classes,
+                           skip_unknown_classes, eval_data=data_cfg) if eval_data is not None else None
     model.to(device)  # where fit trains it; the accuracy before fine-tuning is measured there too
     before = evaluate_set(model, eval_set, data_cfg, device=device) if eval_set is not None and rank == 0 else None
     torch.manual_seed(cfg.seed)
-    result = fit(model, train_set, cfg, out, data_cfg, eval_set=eval_set, teacher=teach, resume=resume,
-                 device=device, progress=progress, log=log)
+    with _run_folder(out, clear):
+        result = fit(model, train_set, cfg, out, data_cfg, eval_set=eval_set, teacher=teach, resume=resume,
+                     device=device, progress=progress, log=log)
     model.to("cpu")
     final = result["history"][-1] if result["history"] else {}
     source_cfg = getattr(getattr(model, "source", None), "folder_config", None) or {}

@@ -17,6 +17,7 @@ from ssmtrim.models.tokens import TokenState
 from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, kept_count, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import calibrate
 from tests.models.test_plainmamba import randomise, walks
+from tests.pruning.test_vim_pruning import check_threshold_batch_against_counts
 
 HW = (5, 6)  # 80 x 96 images: a non-square 30-token grid (pos_embed is resized from the stored 4 x 4)
 
@@ -228,11 +229,16 @@ def thresholds(model, images):
     return calibrate(model, PruneConfig(layers=(2, 4), keep=(0.6,)), images).thresholds
 
 
-@pytest.mark.parametrize("mode", ["count", "threshold"])
 @pytest.mark.parametrize("arrangement", ["align", "keep-order", "reorder"])
-def test_batch_equals_single_images(model, images, thresholds, mode, arrangement):
-    cfg = PruneConfig(layers=(2, 4), keep=(0.6,), mode=mode, arrangement=arrangement,
-                      thresholds=thresholds if mode == "threshold" else None)  # fmt: skip
+def test_threshold_batch_equals_count_mode_with_each_images_counts(model, images, thresholds, arrangement):
+    plan = PruneConfig(layers=(2, 4), keep=(0.6,), mode="threshold", arrangement=arrangement, thresholds=thresholds)
+    check_threshold_batch_against_counts(model, images, plan)
+
+
+@pytest.mark.parametrize("arrangement", ["align", "keep-order", "reorder"])
+def test_batch_equals_single_images(model, images, arrangement):
+    """Count mode: the batched forward against images one at a time (two different paths)."""
+    cfg = PruneConfig(layers=(2, 4), keep=(0.6,), arrangement=arrangement)
     apply_pruning(model, cfg)
     try:
         with torch.no_grad():

@@ -96,11 +96,10 @@ def test_kept_count_follows_released_schedule():
     assert [c + 1 for c in counts] == [197, 157, 125, 101]
 
 
-@pytest.mark.parametrize("mode", ["count", "threshold"])
 @pytest.mark.parametrize("arrangement", ["align", "keep-order"])
-def test_batch_equals_single_images(vim, images, mode, arrangement):
-    thresholds = (0.004, 0.004) if mode == "threshold" else None
-    cfg = PruneConfig(layers=(2, 4), keep=(0.6,), mode=mode, thresholds=thresholds, arrangement=arrangement)
+def test_batch_equals_single_images(vim, images, arrangement):
+    """Count mode: the batched forward against images one at a time (two different paths)."""
+    cfg = PruneConfig(layers=(2, 4), keep=(0.6,), arrangement=arrangement)
     apply_pruning(vim, cfg)
     try:
         with torch.no_grad():
@@ -109,6 +108,51 @@ def test_batch_equals_single_images(vim, images, mode, arrangement):
     finally:
         remove_pruning(vim)
     torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+
+
+def threshold_counts(model, image, plan, strategy) -> tuple[list[int], list[int]]:
+    """(kept, candidates) at each reduction point of one image in threshold mode, counted here from the scores the
+    engine shows the observer: the tokens whose score passes the layer's threshold, at least one, as the strategy
+    adjusts the count."""
+    from ssmtrim.pruning.strategies import get_strategy
+
+    thresholds = dict(zip((v - 1 for v in plan.layers), plan.thresholds, strict=True))
+    kept, candidates = [], []
+    adjust = get_strategy(strategy)
+
+    def observe(block, scores, mask):
+        k = max(int(((scores >= thresholds[block]) & mask).sum()), 1)
+        c = int(mask.sum())
+        state = type("S", (), {"cls_index": None if c == scores.shape[1] else 0})()
+        kept.append(adjust.threshold_count(k, c, state))
+        candidates.append(c)
+
+    reduced_forward(model, image, plan, observe)
+    return kept, candidates
+
+
+def check_threshold_batch_against_counts(model, images, plan):
+    """Threshold mode on a batch == count mode on each image with that image's own counts: each image keeps its own
+    number of tokens (a count summed or shared over the batch fails), and the tokens kept are the top-scoring ones."""
+    with torch.no_grad():
+        batch = reduced_forward(model, images, plan)
+        counts = [threshold_counts(model, images[i : i + 1], plan, plan.arrangement) for i in range(len(images))]
+        assert len({tuple(k) for k, _ in counts}) > 1, "the images should keep different numbers of tokens"
+        reference = []
+        for kept, candidates in counts:
+            per_image = plan.replace(mode="count", thresholds=None, keep=tuple(k / c for k, c in zip(kept, candidates,
+                                                                                                    strict=True)))
+            reference.append(reduced_forward(model, images[len(reference) : len(reference) + 1], per_image).logits)
+    torch.testing.assert_close(batch.logits, torch.cat(reference), atol=1e-5, rtol=1e-5)
+    means = [sum(k[j] / c[j] for k, c in counts) / len(counts) for j in range(len(plan.layers))]
+    assert batch.stats.kept_fraction == pytest.approx(means)
+
+
+def test_threshold_batch_equals_count_mode_with_each_images_counts(vim):
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    base = PruneConfig(layers=(2, 4), keep=(0.6,), arrangement="keep-order")
+    plan = base.replace(mode="threshold", thresholds=calibrate(vim, base, images).thresholds)
+    check_threshold_batch_against_counts(vim, images, plan)
 
 
 @pytest.mark.parametrize("estimate", ["mean", "bias", "zero"])
@@ -179,8 +223,12 @@ def test_bad_plans_are_clear_errors(vim):
         PruneConfig(layers=(1, 2, 3), keep=(0.5, 0.5))
     with pytest.raises(ConfigError, match="out of range"):
         apply_pruning(vim, PruneConfig(layers=(6,), keep=(0.5,)))
+    uncalibrated = PruneConfig(layers=(2,), keep=(0.5,), mode="threshold")  # a plan awaiting calibration
     with pytest.raises(ConfigError, match="calibrat"):
-        PruneConfig(layers=(2,), keep=(0.5,), mode="threshold")
+        apply_pruning(vim, uncalibrated)
+    with pytest.raises(ConfigError, match="calibrat"):
+        reduced_forward(vim, torch.zeros(1, 3, 32, 32), uncalibrated)  # never count mode in silence
+    assert not is_pruned(vim)
     apply_pruning(vim, PruneConfig(layers=(2,), keep=(0.5,)))
     try:
         with pytest.raises(ConfigError, match="already pruned"):

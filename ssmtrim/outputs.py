@@ -1,0 +1,219 @@
+"""Output folders: what ssmtrim may write over, checked before any long work, written atomically.
+
+ssmtrim never deletes what it did not write. An existing output folder is used only when it is empty, or replaced
+(with ``force``) when it holds nothing but ssmtrim's own files and carries its mark: a ``config.json`` with
+``"format": "ssmtrim"`` (model folders: prune, convert, train, finetune), a ``report.json`` with ``ssmtrim_version``
+(reports), or a ``train_log.jsonl`` whose first record is ssmtrim's (a run folder before its model is written). An
+output that is, contains or lies inside one of the command's inputs (the source model, the data folders; symlinks
+resolved) is refused whatever the flags.
+
+Whether the output can be written is probed before the work, so a read-only or missing parent fails at once, naming
+the path the user gave; an ``OSError`` while writing becomes one sentence (:class:`~ssmtrim.errors.OutputError`)
+naming it too, and temporary files are removed on every failure path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from ssmtrim.errors import ConfigError, OutputError, SsmtrimError
+
+FORMAT = "ssmtrim"  # config.json's "format" in every model folder ssmtrim writes
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+README_NAME = "README.md"
+STATE_NAME = "train_state.pt"  # a run folder's resumable training state
+LOG_NAME = "train_log.jsonl"  # a run folder's metrics, one JSON record a line; the first is ssmtrim's start record
+REPORT_NAME = "report.json"
+OWN_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, README_NAME, STATE_NAME, LOG_NAME, REPORT_NAME, "report.md"})
+# report plots, and the temporaries of an interrupted write (a run folder's state file, its model files' folder)
+_OWN_PATTERNS = re.compile(r"^([a-z_]+_vs_gflops\.png|train_state\.pt\.tmp\d+|\.model\.tmp-\w+)$")
+
+Inputs = Mapping[str, "str | os.PathLike | None"]  # what an output must stay clear of: label -> path
+
+
+def check_output(out_dir: str | os.PathLike, force: bool = False, inputs: Inputs | None = None) -> Path:
+    """Check, before any long work, that ``out_dir`` can be written as a whole folder: not empty text, not a file,
+    clear of ``inputs``, writable, and, if it exists with something in it, ssmtrim's own output and ``force`` given.
+    Returns the path."""
+    out, text, occupied = inspect_output(out_dir, inputs)
+    if occupied and not force:
+        raise ConfigError(f"output folder {text!r} already exists; pass --force to replace it or choose another -o.")
+    return out
+
+
+def inspect_output(out_dir: str | os.PathLike, inputs: Inputs | None = None,
+                   replacing: bool = True) -> tuple[Path, str, bool]:
+    """Every check of :func:`check_output` but the one for ``force``: (path, the text the user gave, whether it
+    exists with something in it, which is then known to be ssmtrim's own output unless ``replacing`` is False, for
+    a folder that is written into without deleting anything, such as a resumed run)."""
+    text = os.fspath(out_dir)
+    if not text.strip():
+        raise ConfigError("the output path is empty; give a folder with -o.")
+    out = Path(text).expanduser()
+    _check_clear_of(out, text, inputs or {})
+    occupied = False
+    if out.is_symlink() and os.path.isdir(os.path.realpath(out)):  # realpath: a symlink loop does not raise
+        raise ConfigError(f"output {text!r} is a symbolic link; give -o the folder it points to, or another path.")
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"output {text!r} is a file, not a folder; give -o the path of a folder to write.")
+        try:
+            occupied = any(True for _ in os.scandir(out))
+        except OSError as exc:
+            raise output_error(text, exc) from None
+        problem = not_own_output(out) if occupied and replacing else None
+        if problem is not None:
+            raise ConfigError(f"output folder {text!r} {problem}, and ssmtrim replaces only folders it wrote itself; "
+                              "choose another -o (a new or empty folder).")
+    _probe_writable(out, text)
+    return out, text, occupied
+
+
+def not_own_output(folder: Path) -> str | None:
+    """Why ``folder`` is not ssmtrim's own output (``None`` when it is): a file ssmtrim does not write, or no mark."""
+    foreign = sorted(p.name for p in folder.iterdir() if not _own_entry(p))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return f"holds files ssmtrim did not write ({', '.join(foreign[:3])}{more})"
+    if not _marked(folder):
+        return f"holds no {CONFIG_NAME}, {REPORT_NAME} or {LOG_NAME} written by ssmtrim"
+    return None
+
+
+def _own_entry(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.name in OWN_FILES:
+        return path.is_file()
+    return bool(_OWN_PATTERNS.match(path.name))
+
+
+def _read_json(path: Path, first_line: bool = False) -> object:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.loads(f.readline() if first_line else f.read())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _marked(folder: Path) -> bool:
+    config = _read_json(folder / CONFIG_NAME)
+    if isinstance(config, dict) and config.get("format") == FORMAT:
+        return True
+    report = _read_json(folder / REPORT_NAME)
+    if isinstance(report, dict) and "ssmtrim_version" in report:
+        return True
+    first = _read_json(folder / LOG_NAME, first_line=True)
+    return isinstance(first, dict) and ("ssmtrim_version" in first or "step" in first)  # "step": logs before 0.x marks
+
+
+def _check_clear_of(out: Path, text: str, inputs: Inputs) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (symlinks resolved)."""
+    target = Path(os.path.realpath(out))
+    for label, given in inputs.items():
+        if given is None or not os.path.lexists(given):
+            continue  # a Hub id or registered name: nothing local to protect
+        path = Path(os.path.realpath(given))
+        if target == path:
+            relation = "is"
+        elif path.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(path):
+            relation = "lies inside"
+        else:
+            continue
+        raise ConfigError(f"output folder {text!r} {relation} {label} {os.fspath(given)!r}; ssmtrim never writes over "
+                          "its inputs, so choose an -o outside them.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(out: Path, text: str) -> None:
+    """Create and remove a temporary folder where the output will be written (beside it, and inside it if it
+    exists): a read-only, full or missing place fails now, not after the work."""
+    places = [_nearest_existing(Path(os.path.abspath(out)).parent)]
+    if out.is_dir():
+        places.append(out)
+    for place in places:
+        if not place.is_dir():
+            raise ConfigError(f"cannot create the output folder {text!r}: {str(place)!r} is not a folder; choose "
+                              "another -o.")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".ssmtrim-probe-", dir=place))
+        except OSError as exc:
+            raise OutputError(f"cannot write the output folder {text!r}: nothing can be created in {str(place)!r} "
+                              f"({_reason(exc)}); choose another -o.") from None
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def output_error(text: str, exc: OSError, what: str = "the output folder") -> OutputError:
+    """One sentence for an ``OSError`` met while writing ``text`` (the path as the user gave it)."""
+    full, denied = "free some space or choose another -o", "check its permissions or choose another -o"
+    advice = {errno.ENOSPC: full, errno.EDQUOT: full, errno.EACCES: denied, errno.EPERM: denied,
+              errno.EROFS: "choose an -o on a writable disk"}.get(exc.errno, "check the disk or choose another -o")
+    return OutputError(f"could not write {what} {text!r} ({_reason(exc)}); {advice}.")
+
+
+def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable[[Path], None],
+                        inputs: Inputs | None = None) -> Path:
+    """Run ``write(tmp_dir)`` then move the result to ``out_dir`` in one rename, after :func:`check_output`; the
+    temporary folder is removed on every failure path, and a replaced folder comes back if the last rename fails."""
+    out = check_output(out_dir, force, inputs)
+    text = os.fspath(out_dir)
+    target = Path(os.path.abspath(out))
+    tmp: Path | None = None
+    old: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        # mkdtemp makes the folder 0700; the result must get the permissions of any folder made with mkdir
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / target.name, target)  # put the previous folder back
+                raise
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        if isinstance(exc, SsmtrimError):
+            raise
+        raise output_error(text, exc) from exc
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def clear_own_output(folder: str | os.PathLike) -> None:
+    """Delete a folder that :func:`inspect_output` found to be ssmtrim's own output (``--force`` on a run folder);
+    refuses anything else."""
+    folder = Path(folder)
+    problem = not_own_output(folder)
+    if problem is not None:
+        raise ConfigError(f"output folder {os.fspath(folder)!r} {problem}; ssmtrim replaces only folders it wrote.")
+    shutil.rmtree(folder)
