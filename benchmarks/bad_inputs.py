@@ -1,6 +1,6 @@
 """Bad inputs a new user might give, run through the ``ssmtrim`` command line, with a tally of how each was met.
 
-    python benchmarks/bad_inputs.py            # every case (about a minute on 2 CPU cores)
+    python benchmarks/bad_inputs.py            # every case (about a minute and a half on 2 CPU cores)
     python benchmarks/bad_inputs.py -k force   # the cases whose name holds "force"
 
 The cases are the list ``CASES`` below, one :class:`Case` each: a name, the command line (``{placeholders}`` are
@@ -91,16 +91,20 @@ def refused(*words: str, absent: tuple[str, ...] = (), within: float | None = No
     return check
 
 
-def succeeded(*stderr_words: str, makes: tuple[str, ...] = ()) -> Check:
-    """Exit 0, ``stderr_words`` said, the files ``makes`` (relative to the case folder) written, nothing else
-    changed."""
+def succeeded(*stderr_words: str, makes: tuple[str, ...] = (), shows: tuple[str, ...] = (),
+              clean: bool = False) -> Check:
+    """Exit 0, ``stderr_words`` said, ``shows`` printed on stdout, the files ``makes`` (relative to the case folder)
+    written, nothing else changed; ``clean``: nothing but ``ssmtrim: note:`` lines on stderr (a ``--quiet`` run: no
+    raw warning from a library)."""
 
     def check(o: Outcome) -> str | None:
         if o.exit_code != 0:
             return f"exit {o.exit_code}: {(o.lines or [''])[-1]}"
-        missing = [w for w in stderr_words if w not in o.stderr]
+        missing = [w for w in stderr_words if w not in o.stderr] + [w for w in shows if w not in o.stdout]
         if missing:
             return f"does not say {missing}"
+        if clean and o.lines:
+            return f"stderr holds {o.lines[0][:80]!r}"
         absent = [m for m in makes if not (o.case_dir / m).exists()]
         if absent:
             return f"did not write {absent}"
@@ -378,6 +382,649 @@ CASES: list[Case] = [
     Case("hub-unreachable", ["info", "someone/some-model:weights.pth"],
          refused("cannot reach the Hugging Face Hub", within=45),
          env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{case}/hf", "HF_HUB_OFFLINE": ""}),
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# held-out cases: the same families, other inputs (setups and faults first, then the cases)
+
+
+def images_in(folder: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 2, mode: str = "RGB",
+              size: tuple[int, int] = (32, 32), ext: str = "png") -> Path:
+    """``folder``/<class>/<i>.<ext>: ``n`` random images per class of a PIL ``mode`` and ``size`` (width, height)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode, 1)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size[1], size[0], channels) if channels > 1 else (size[1], size[0])
+            img = Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8))
+            (img.convert("P") if mode == "P" else img).save(folder / c / f"{i}.{ext}")
+    return folder
+
+
+def data_of(**kwargs: object) -> Callable[[Path], dict[str, str]]:
+    """{d}: a folder of class sub-folders made by :func:`images_in` with ``kwargs``."""
+    return lambda case: {"d": str(images_in(case / "d", **kwargs))}  # type: ignore[arg-type]
+
+
+def data_with(extra: Callable[[Path], None]) -> Callable[[Path], dict[str, str]]:
+    """{d}: 2 classes x 2 images, then ``extra(d)`` adds something odd."""
+
+    def setup(case: Path) -> dict[str, str]:
+        extra(images_in(case / "d"))
+        return {"d": str(case / "d")}
+
+    return setup
+
+
+def corrupt_jpeg(d: Path) -> None:
+    images_in(d, classes=("a",), n=1, ext="jpg")
+    data = (d / "a" / "0.jpg").read_bytes()
+    (d / "a" / "0.jpg").write_bytes(data[: len(data) // 3])
+
+
+def zero_byte_image(d: Path) -> None:
+    (d / "a" / "zero.png").write_bytes(b"")
+
+
+def hidden_files(d: Path) -> None:
+    (d / "a" / ".DS_Store").write_bytes(b"\0\1junk")
+    (d / ".git").mkdir()
+    (d / ".git" / "x.png").write_bytes(b"junk")
+
+
+def text_beside(d: Path) -> None:
+    (d / "a" / "README.txt").write_text("notes")
+
+
+def nested_folder(d: Path) -> None:
+    (d / "a" / "sub").mkdir()
+    (d / "a" / "sub" / "n.png").write_bytes((d / "a" / "0.png").read_bytes())
+
+
+def flat_folder(case: Path) -> dict[str, str]:
+    images_in(case / "tmp", classes=("a",), n=3)
+    (case / "tmp" / "a").rename(case / "flat")
+    return {"d": str(case / "flat")}
+
+
+def only_text(case: Path) -> dict[str, str]:
+    for c in ("a", "b"):
+        (case / "d" / c).mkdir(parents=True)
+        (case / "d" / c / "x.txt").write_text("hi")
+    return {"d": str(case / "d")}
+
+
+def empty_class_folder(case: Path) -> dict[str, str]:
+    (images_in(case / "d", classes=("a",)) / "b").mkdir()
+    return {"d": str(case / "d")}
+
+
+def empty_folder(case: Path) -> dict[str, str]:
+    (case / "e").mkdir()
+    return {"d": str(case / "e")}
+
+
+def huge_images(case: Path) -> dict[str, str]:
+    """Two 9600 x 9600 images: past Pillow's decompression-bomb warning, below its refusal."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (case / "d" / c).mkdir(parents=True)
+        Image.new("L", (9600, 9600)).save(case / "d" / c / "big.png")
+    return {"d": str(case / "d")}
+
+
+def named_one_class(case: Path) -> dict[str, str]:
+    """named/: the dense folder recording classes a, b; d/: only class folder b."""
+    import json
+    import shutil
+
+    shutil.copytree(WORKSPACE["dense"], case / "named")
+    config = json.loads((case / "named" / "config.json").read_text())
+    (case / "named" / "config.json").write_text(json.dumps({**config, "classes": ["a", "b"]}))
+    return {"named": str(case / "named"), "d": str(images_in(case / "d", classes=("b",)))}
+
+
+def unicode_folder(case: Path) -> dict[str, str]:
+    import shutil
+
+    shutil.copytree(WORKSPACE["images"], case / "dätä mit leer zeichen")
+    return {"d": str(case / "dätä mit leer zeichen")}
+
+
+def spaced_names(case: Path) -> dict[str, str]:
+    images_in(case / "d", classes=("a",))
+    (case / "d" / "a" / "0.png").rename(case / "d" / "a" / "my photo.png")
+    (case / "labels.txt").write_text("a/my photo.png 1\na/1.png 0\n")
+    return {"d": str(case / "d"), "labels": str(case / "labels.txt")}
+
+
+def symlink_to_data(case: Path) -> dict[str, str]:
+    os.symlink(WORKSPACE["images"], case / "link")
+    return {"link": str(case / "link")}
+
+
+def symlink_to_users_folder(case: Path) -> dict[str, str]:
+    users_folder(case)
+    os.symlink(case / "mine", case / "link")
+    return {"link": str(case / "link")}
+
+
+def model_below(case: Path) -> dict[str, str]:
+    """proj/sub/m: an ssmtrim folder two levels below proj/."""
+    import shutil
+
+    shutil.copytree(WORKSPACE["dense"], case / "proj" / "sub" / "m")
+    return {"proj": str(case / "proj"), "m": str(case / "proj" / "sub" / "m")}
+
+
+def copy_of(name: str, as_: str = "m") -> Callable[[Path], dict[str, str]]:
+    def setup(case: Path) -> dict[str, str]:
+        import shutil
+
+        shutil.copytree(WORKSPACE[name], case / as_)
+        return {as_: str(case / as_)}
+
+    return setup
+
+
+def ten_classes_and_dense(case: Path) -> dict[str, str]:
+    return {**copy_of("dense")(case), **data_of(classes=tuple("abcdefghij"), n=1)(case)}
+
+
+def finished_run(case: Path) -> dict[str, str]:
+    """run/: a finished fine-tuning run, ssmtrim's own."""
+    from typer.testing import CliRunner
+
+    from ssmtrim.cli.app import app
+
+    argv = [a.format(pruned=WORKSPACE["pruned"], images=WORKSPACE["images"]) for a in FINETUNE]
+    result = CliRunner().invoke(app, [*argv, "-o", str(case / "run")])
+    assert result.exit_code == 0, result.output
+    return {"run": str(case / "run")}
+
+
+def run_edited(edit: Callable[[Path], object]) -> Callable[[Path], dict[str, str]]:
+    """run/: a finished fine-tuning run, then ``edit(run)``."""
+
+    def setup(case: Path) -> dict[str, str]:
+        values = finished_run(case)
+        edit(Path(values["run"]))
+        return values
+
+    return setup
+
+
+def folder_file(name: str, content: bytes | str) -> Callable[[Path], dict[str, str]]:
+    """m/: the dense folder with ``name`` replaced by ``content``."""
+
+    def setup(case: Path) -> dict[str, str]:
+        values = copy_of("dense")(case)
+        path = case / "m" / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return values
+
+    return setup
+
+
+def truncated_weights(case: Path) -> dict[str, str]:
+    values = copy_of("dense")(case)
+    path = case / "m" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return values
+
+
+def no_weights(case: Path) -> dict[str, str]:
+    values = copy_of("dense")(case)
+    (case / "m" / "model.safetensors").unlink()
+    return values
+
+
+def pruned_config(section: str | None, field: str, value: object) -> Callable[[Path], dict[str, str]]:
+    """m/: the pruned folder with one config.json field replaced."""
+
+    def setup(case: Path) -> dict[str, str]:
+        import json
+
+        values = copy_of("pruned")(case)
+        config = json.loads((case / "m" / "config.json").read_text())
+        (config[section] if section else config)[field] = value
+        (case / "m" / "config.json").write_text(json.dumps(config))
+        return values
+
+    return setup
+
+
+def a_file_of(name: str, content: bytes) -> Callable[[Path], dict[str, str]]:
+    def setup(case: Path) -> dict[str, str]:
+        (case / name).write_bytes(content)
+        return {"f": str(case / name)}
+
+    return setup
+
+
+def saved(name: str, make: Callable[[], object]) -> Callable[[Path], dict[str, str]]:
+    """{f}: ``make()`` written with torch.save."""
+
+    def setup(case: Path) -> dict[str, str]:
+        import torch
+
+        torch.save(make(), case / name)
+        return {"f": str(case / name)}
+
+    return setup
+
+
+def edited_state(edit: Callable[[dict], None]) -> Callable[[Path], dict[str, str]]:
+    """{f}: the official-layout dense checkpoint with its state dict edited."""
+
+    def setup(case: Path) -> dict[str, str]:
+        import torch
+
+        state = torch.load(WORKSPACE["dense_file"])["model"]
+        edit(state)
+        torch.save({"model": state}, case / "m.pth")
+        return {"f": str(case / "m.pth")}
+
+    return setup
+
+
+def _head(state: dict, suffix: str = "weight") -> str:
+    return next(k for k in state if k.startswith("head") and k.endswith(suffix))
+
+
+def _drop_head_weight(state: dict) -> None:
+    del state[_head(state)]
+
+
+def _extra_key(state: dict) -> None:
+    import torch
+
+    state["bogus.weight"] = torch.zeros(2)
+
+
+def _five_classes(state: dict) -> None:
+    import torch
+
+    weight = _head(state)
+    state[weight] = torch.zeros(5, state[weight].shape[1])
+    state[_head(state, "bias")] = torch.zeros(5)
+
+
+def _nan_head(state: dict) -> None:
+    weight = _head(state)
+    state[weight] = state[weight].clone().fill_(float("nan"))
+
+
+def _whole_model() -> object:
+    import ssmtrim
+
+    return ssmtrim.create_model("vim_test", depth=2, num_classes=2)
+
+
+def pruned_three_classes(case: Path) -> dict[str, str]:
+    import ssmtrim
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    model = ssmtrim.create_model("vim_test", depth=2, num_classes=3)
+    ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,))), case / "p3")
+    return {"p3": str(case / "p3")}
+
+
+@contextlib.contextmanager
+def no_fvcore() -> Iterator[None]:
+    """fvcore is not installed."""
+    saved_modules = {k: v for k, v in sys.modules.items() if k == "fvcore" or k.startswith("fvcore.")}
+    sys.modules.update({k: None for k in (*saved_modules, "fvcore", "fvcore.nn")})  # type: ignore[dict-item]
+    try:
+        yield
+    finally:
+        for k in (*saved_modules, "fvcore", "fvcore.nn"):
+            sys.modules.pop(k, None)
+        sys.modules.update(saved_modules)
+
+
+@contextlib.contextmanager
+def ctrl_c_in(module: str, attr: str) -> Iterator[None]:
+    """Ctrl-C when ``module.attr`` is called."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    real = getattr(mod, attr)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    setattr(mod, attr, interrupted)
+    try:
+        yield
+    finally:
+        setattr(mod, attr, real)
+
+
+@contextlib.contextmanager
+def ctrl_c_while_saving() -> Iterator[None]:
+    """Ctrl-C halfway through writing the weights."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    safetensors.torch.save_file = save_file
+    try:
+        yield
+    finally:
+        safetensors.torch.save_file = real
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(n: int = 2) -> Iterator[None]:
+    """Ctrl-C at the ``n``-th optimiser step."""
+    import torch
+
+    real = torch.optim.AdamW.step
+    calls = [0]
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= n:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.step = real
+
+
+@contextlib.contextmanager
+def undeletable(name: str) -> Iterator[None]:
+    """Files called ``name`` cannot be deleted (an immutable file; permissions do not stop root)."""
+    real = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    os.unlink = unlink
+    try:
+        yield
+    finally:
+        os.unlink = real
+
+
+EVAL = ["eval", "{dense}", "--workers", "0", "--quiet"]
+TRAIN = ["train", "vim_test", "--data", "{images}", "--epochs", "1", "--batch-size", "4", "--quiet"]
+OUT = ["-o", "{case}/o"]
+P1 = [*PRUNE, *OUT]  # PRUNE at layer 1, written to {case}/o
+PN = [*PRUNE[:PRUNE.index("--layers")], *PRUNE[PRUNE.index("--layers") + 2:], *OUT]  # without --layers
+HUB_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_HOME": "{case}/hf"}
+
+CASES += [
+    # paths
+    Case("prune-source-missing", ["prune", "{case}/nope.pth", *PRUNE[2:], *OUT], refused("nope.pth")),
+    Case("eval-data-is-a-file", [*EVAL, "--data", "{dense_file}"], refused("--data")),
+    Case("prune-data-missing", ["prune", "{dense_file}", "--data", "{case}/nothing", "--layers", "1", *OUT],
+         refused("--data")),
+    Case("eval-unicode-spaces-data", [*EVAL, "--data", "{d}"], succeeded(clean=True), unicode_folder),
+    Case("prune-output-dotdot", [*PRUNE, "-o", "{case}/x/../out"], succeeded(makes=("out/model.safetensors",),
+                                                                              clean=True)),
+    Case("output-inside-data-via-symlink", [*PRUNE, "--data", "{link}", "-o", "{link}/pruned"],
+         refused("inside the --data"), symlink_to_data, fault=no_calibration),
+    Case("output-inside-data-symlink-other-way", [*PRUNE, "-o", "{link}/pruned"], refused("inside the --data"),
+         symlink_to_data, fault=no_calibration),
+    Case("force-through-symlink-to-users-folder", [*PRUNE, "-o", "{link}", "--force"], refused("symbolic link"),
+         symlink_to_users_folder, fault=no_calibration),
+    Case("force-over-data-via-dotdot", [*PRUNE, "-o", "{images}/a/..", "--force"], refused("is the --data folder"),
+         fault=no_calibration),
+    Case("output-under-a-file", [*PRUNE, "-o", "{dense_file}/out"], refused("dense.pth"), fault=no_calibration),
+    Case("output-exists-no-force", [*PRUNE, "-o", "{m}"], refused("--force"), copy_of("pruned"),
+         fault=no_calibration),
+    Case("prune-over-own-output", [*PRUNE, "-o", "{m}", "--force"], succeeded(makes=("m/model.safetensors",),
+                                                                               clean=True), copy_of("pruned")),
+    Case("convert-over-parent-of-model", ["convert", "{m}", "-o", "{proj}", "--force"], refused("source model"),
+         model_below),
+    Case("prune-over-parent-of-model", ["prune", "{m}", *PRUNE[2:], "-o", "{proj}", "--force"],
+         refused("source model"), model_below, fault=no_calibration),
+    Case("convert-output-inside-source-folder", ["convert", "{m}", "-o", "{m}/converted"], refused("source model"),
+         copy_of("dense")),
+    Case("report-output-is-a-file", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{dense_file}",
+                                     "--no-speed"], refused("is a file")),
+    Case("report-output-is-source", ["report", "{m}", "{pruned}", "--data", "{images}", "-o", "{m}", "--force",
+                                     "--no-speed"], refused("source"), copy_of("dense")),
+    Case("report-output-inside-data", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{images}/r",
+                                       "--no-speed"], refused("--data")),
+    Case("finetune-output-is-source", ["finetune", "{m}", *FINETUNE[2:], "-o", "{m}", "--force"], refused("source"),
+         copy_of("pruned")),
+    Case("train-output-is-data", [*TRAIN, "-o", "{images}", "--force"], refused("--data")),
+    Case("train-output-is-init-folder", [*TRAIN, "--data", "{d}", "--init", "{m}", "-o", "{m}", "--force"],
+         refused("--init"), ten_classes_and_dense),
+    Case("eval-model-is-empty-folder", ["eval", "{d}", "--data", "{images}"], refused("config.json"), empty_folder),
+    Case("prune-source-is-image-folder", ["prune", "{images}", "--data", "{images}", "--layers", "1", *OUT],
+         refused("config.json"), fault=no_calibration),
+    Case("info-empty-model", ["info", ""], refused("the model is empty")),
+    Case("info-blank-model", ["info", "  "], refused("the model is empty")),
+    Case("flops-missing-file", ["flops", "{case}/none.pth"], refused("none.pth")),
+    # data folders
+    Case("eval-data-empty", [*EVAL, "--data", "{d}"], refused("holds no images"), empty_folder),
+    Case("prune-data-empty", [*P1, "--data", "{d}"], refused("holds no images"), empty_folder, fault=no_calibration),
+    Case("data-is-model-folder", [*P1, "--data", "{dense}"], refused("holds no images"), fault=no_calibration),
+    Case("eval-one-class", [*EVAL, "--data", "{d}"], refused("--labels"), data_of(classes=("a",), n=4)),
+    Case("eval-one-class-named", ["eval", "{named}", "--data", "{d}", "--workers", "0", "--quiet"],
+         succeeded(clean=True), named_one_class),
+    Case("prune-one-class", [*P1, "--data", "{d}"], succeeded(makes=("o/model.safetensors",), clean=True),
+         data_of(classes=("a",), n=4)),
+    Case("finetune-one-class", [*FINETUNE, "--data", "{d}", "-o", "{case}/run"], refused("classes"),
+         data_of(classes=("a",), n=4)),
+    Case("eval-empty-class-folder", [*EVAL, "--data", "{d}"], refused("class folders"), empty_class_folder),
+    Case("eval-nested-folders", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_with(nested_folder)),
+    Case("eval-only-text-files", [*EVAL, "--data", "{d}"], refused("holds no images"), only_text),
+    Case("eval-text-beside-images", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_with(text_beside)),
+    Case("eval-hidden-files", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_with(hidden_files)),
+    Case("eval-corrupt-jpeg", [*EVAL, "--data", "{d}"], succeeded(shows=("1 unreadable",), clean=True),
+         data_with(corrupt_jpeg)),
+    Case("eval-zero-byte-image", [*EVAL, "--data", "{d}"], succeeded(shows=("1 unreadable",), clean=True),
+         data_with(zero_byte_image)),
+    Case("prune-zero-byte-image", [*P1, "--data", "{d}"], succeeded(shows=("1 unreadable",),
+                                                                  makes=("o/model.safetensors",), clean=True),
+         data_with(zero_byte_image)),
+    Case("eval-huge-images", [*EVAL, "--data", "{d}"], succeeded("very large image", clean=True), huge_images),
+    Case("eval-wide-images", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_of(size=(3000, 200), n=1)),
+    Case("eval-1px-images", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_of(size=(1, 1))),
+    Case("eval-grayscale", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_of(mode="L")),
+    Case("eval-rgba", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_of(mode="RGBA")),
+    Case("eval-palette", [*EVAL, "--data", "{d}"], succeeded(clean=True), data_of(mode="P")),
+    Case("eval-uppercase-ext-unicode-class", [*EVAL, "--data", "{d}"], succeeded(clean=True),
+         data_of(classes=("ä", "b c"), ext="PNG")),
+    Case("eval-more-classes-than-model", [*EVAL, "--data", "{d}"], refused("3 class folders"),
+         data_of(classes=("a", "b", "c"))),
+    Case("eval-flat-folder", [*EVAL, "--data", "{d}"], succeeded("not measured", clean=True), flat_folder),
+    Case("finetune-eval-data-missing", [*FINETUNE, "--eval-data", "{case}/none", "-o", "{case}/run"],
+         refused("--eval-data")),
+    Case("labels-out-of-range", [*EVAL, "--data", "{images}", "--labels", "{labels}"], refused("label 5"),
+         labels_file(b"a/0.png 5\n")),
+    Case("labels-unknown-file", [*EVAL, "--data", "{images}", "--labels", "{labels}"],
+         refused("not in the labels file"), labels_file(b"nope.png 0\n")),
+    Case("labels-empty-file", [*EVAL, "--data", "{images}", "--labels", "{labels}"], refused("labels"),
+         labels_file(b"")),
+    Case("labels-not-integer", [*EVAL, "--data", "{images}", "--labels", "{labels}"], refused("line 1"),
+         labels_file(b"a/0.png cat\n")),
+    Case("labels-missing", [*EVAL, "--data", "{images}", "--labels", "{case}/none.txt"], refused("none.txt")),
+    Case("labels-is-a-folder", [*EVAL, "--data", "{images}", "--labels", "{images}"], refused("labels file")),
+    Case("labels-crlf-bom", [*EVAL, "--data", "{images}", "--labels", "{labels}"], succeeded(clean=True),
+         labels_file(("\ufeff" + "".join(f"{c}/{i}.png {int(c == 'b')}\r\n" for c in "ab" for i in range(4)))
+                     .encode())),
+    Case("labels-comments-blank-lines", [*EVAL, "--data", "{images}", "--labels", "{labels}"], succeeded(clean=True),
+         labels_file(("# file label\n\n" + "".join(f"{c}/{i}.png {int(c == 'b')}\n\n" for c in "ab"
+                                                    for i in range(4))).encode())),
+    Case("labels-name-with-space", [*EVAL, "--data", "{d}", "--labels", "{labels}"], succeeded(clean=True),
+         spaced_names),
+    # option values
+    *[Case(f"flops-{name}", [*PN, "--flops", value], refused("--flops"), fault=no_calibration)
+      for name, value in (("zero", "0"), ("negative", "-0.5"), ("nan", "nan"), ("inf", "inf"), ("above-one", "1.5"))],
+    *[Case(f"keep-{name}", [*P1, "--keep", value], refused("--keep"), fault=no_calibration)
+      for name, value in (("zero", "0"), ("nan", "nan"), ("negative", "-1"), ("text", "half"),
+                          ("too-many", "0.5,0.6"))],
+    *[Case(f"layers-{name}", [*PN, "--layers", value], refused("--layers"), fault=no_calibration)
+      for name, value in (("zero", "0"), ("out-of-range", "9"), ("last-block", "2"), ("unsorted", "2,1"),
+                          ("duplicated", "1,1"), ("empty", ""), ("text", "one"))],
+    Case("flops-with-keep", [*PN, "--flops", "0.8", "--keep", "0.5"], refused("--flops", "--keep"),
+         fault=no_calibration),
+    Case("flops-with-layers", [*P1, "--flops", "0.9"], succeeded(makes=("o/model.safetensors",), clean=True)),
+    Case("flops-convention-unknown", [*PN, "--flops", "0.8", "--flops-convention", "bogus"],
+         refused("--flops-convention"), fault=no_calibration),
+    *[Case(f"{flag}-unknown", [*P1, f"--{flag}", "bogus"], refused(f"--{flag}"), fault=no_calibration)
+      for flag in ("score", "arrangement", "metric", "gap", "mode", "compensate")],
+    Case("compensate-alpha-nan", [*P1, "--compensate", "head", "--compensate-alpha", "nan"],
+         refused("--compensate-alpha"), fault=no_calibration),
+    Case("compensate-one-image", [*P1, "--compensate", "head", "--num-images", "1"], refused("--compensate head"),
+         fault=no_calibration),
+    Case("compensate-few-images", [*P1, "--compensate", "head"],
+         succeeded("note: --compensate head", makes=("o/model.safetensors",), clean=True)),
+    Case("drop-fraction-nan", [*P1, "--drop-fraction", "nan"], refused("--drop-fraction"), fault=no_calibration),
+    Case("prune-batch-zero", [*P1, "--batch-size", "0"], refused("--batch-size"), fault=no_calibration),
+    Case("prune-num-images-negative", [*P1, "--num-images", "-5"], refused("--num-images"), fault=no_calibration),
+    Case("prune-arch-unknown", [*P1, "--arch", "nope"], refused("'nope'"), fault=no_calibration),
+    Case("eval-batch-negative", [*EVAL, "--data", "{images}", "--batch-size", "-1"], refused("--batch-size")),
+    Case("eval-batch-huge", [*EVAL, "--data", "{images}", "--batch-size", "100000"], succeeded(clean=True)),
+    Case("eval-num-images-zero", [*EVAL, "--data", "{images}", "--num-images", "0"], refused("--num-images")),
+    Case("eval-num-images-more-than-there-are", [*EVAL, "--data", "{images}", "--num-images", "100"],
+         succeeded(clean=True)),
+    Case("eval-workers-negative", [*EVAL, "--data", "{images}", "--workers", "-1"], refused("--workers")),
+    Case("eval-seed-negative", [*EVAL, "--data", "{images}", "--num-images", "2", "--seed", "-1"],
+         succeeded(clean=True)),
+    Case("eval-backend-unknown", [*EVAL, "--data", "{images}", "--backend", "bogus"], refused("--backend 'bogus'")),
+    Case("info-backend-unknown", ["info", "{dense}", "--backend", "bogus"], refused("--backend 'bogus'")),
+    Case("scan-backend-env-unknown", ["info", "{dense}"], refused("SSMTRIM_SCAN_BACKEND"),
+         env={"SSMTRIM_SCAN_BACKEND": "bogus"}),
+    Case("img-size-zero", ["info", "{dense}", "--img-size", "0"], refused("--img-size 0")),
+    Case("img-size-not-patch-multiple", ["info", "{dense}", "--img-size", "33"], refused("--img-size 33")),
+    Case("img-size-garbage", ["info", "{dense}", "--img-size", "32,abc"], refused("--img-size")),
+    Case("flops-img-size-zero", ["flops", "vim_test", "--img-size", "0"], refused("--img-size")),
+    Case("report-repeats-zero", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{case}/r",
+                                 "--repeats", "0"], refused("--repeats")),
+    Case("report-sweep-garbage", ["report", "{dense}", "--data", "{images}", "-o", "{case}/r", "--sweep", "abc",
+                                  "--no-speed"], refused("--sweep")),
+    Case("report-sweep-nan", ["report", "{dense}", "--data", "{images}", "-o", "{case}/r", "--sweep", "keep=nan",
+                              "--no-speed"], refused("--sweep")),
+    *[Case(f"finetune-{flag}-{name}", [*FINETUNE, f"--{flag}", value, "-o", "{case}/run"], refused(f"--{flag}"))
+      for flag, name, value in (("epochs", "zero", "0"), ("epochs", "negative", "-1"), ("lr", "nan", "nan"),
+                                ("lr", "negative", "-0.1"), ("lr", "inf", "inf"), ("weight-decay", "nan", "nan"),
+                                ("label-smoothing", "above-one", "1.5"), ("warmup-epochs", "nan", "nan"),
+                                ("distill-temperature", "zero", "0"), ("distill-weight", "negative", "-1"),
+                                ("checkpoint-every", "negative", "-2"), ("clip-grad", "negative", "-1"))],
+    Case("train-batch-zero", [*TRAIN, "--batch-size", "0", "-o", "{case}/run"], refused("--batch-size")),
+    Case("train-augment-unknown", [*TRAIN, "--augment", "mixup", "-o", "{case}/run"], refused("--augment")),
+    Case("train-unknown-arch", ["train", "resnet50", "--data", "{images}", "-o", "{case}/run"], refused("resnet50")),
+    Case("train-init-missing", [*TRAIN, "--data", "{d}", "--init", "{case}/none.pth", "-o", "{case}/run"],
+         refused("none.pth"), data_of(classes=tuple("abcdefghij"), n=1)),
+    Case("finetune-teacher-missing", [*FINETUNE, "--teacher", "{case}/none.pth", "-o", "{case}/run"],
+         refused("none.pth")),
+    Case("finetune-teacher-pruned", [*FINETUNE, "--teacher", "{pruned}", "-o", "{case}/run"], refused("--teacher")),
+    Case("finetune-teacher-other-classes", [*FINETUNE, "--teacher", "{f}", "-o", "{case}/run"], refused("classes"),
+         edited_state(_five_classes)),
+    Case("finetune-dense-model", ["finetune", "{dense}", *FINETUNE[2:], "-o", "{case}/run"], refused("not pruned")),
+    Case("eval-dense-is-pruned", ["eval", "{pruned}", "--dense", "{pruned}", "--data", "{images}", "--workers",
+                                  "0"], refused("(--dense) is pruned")),
+    Case("eval-dense-other-classes", ["eval", "{pruned}", "--dense", "{f}", "--data", "{images}", "--workers", "0"],
+         refused("classes"), edited_state(_five_classes)),
+    Case("report-pruned-other-classes", ["report", "{dense}", "{p3}", "--data", "{images}", "-o", "{case}/r",
+                                         "--no-speed"], refused("classes"), pruned_three_classes),
+    # checkpoints
+    Case("truncated-safetensors", ["info", "{m}"], refused("model.safetensors"), truncated_weights),
+    Case("folder-without-weights", ["info", "{m}"], refused("model.safetensors"), no_weights),
+    Case("pickled-list", ["info", "{f}"], refused("obj.pt"), saved("obj.pt", lambda: [1, 2, 3])),
+    Case("pickled-whole-module", ["info", "{f}"], refused("whole.pt"), saved("whole.pt", _whole_model)),
+    Case("random-bin", ["info", "{f}"], refused("pytorch_model.bin"), a_file_of("pytorch_model.bin",
+                                                                               bytes(range(256)) * 8)),
+    Case("zero-byte-checkpoint", ["info", "{f}"], refused("empty.pth"), a_file_of("empty.pth", b"")),
+    Case("text-as-safetensors", ["info", "{f}"], refused("w.safetensors"), a_file_of("w.safetensors", b"hello")),
+    Case("official-missing-key", ["info", "{f}"], refused("does not match"), edited_state(_drop_head_weight)),
+    Case("official-extra-key", ["info", "{f}"], refused("bogus.weight"), edited_state(_extra_key)),
+    Case("official-other-head", ["eval", "{f}", "--data", "{images}", "--workers", "0"],
+         refused("predicts 5 classes"), edited_state(_five_classes)),
+    Case("official-nan-weights", ["eval", "{f}", "--data", "{images}", "--workers", "0"], refused("non-finite"),
+         edited_state(_nan_head)),
+    Case("config-is-a-list", ["info", "{m}"], refused("config.json"), folder_file("config.json", "[1, 2]")),
+    Case("config-is-empty", ["info", "{m}"], refused("config.json"), folder_file("config.json", "")),
+    Case("config-is-broken-json", ["info", "{m}"], refused("config.json"), folder_file("config.json", '{"arch": ')),
+    Case("config-is-empty-object", ["info", "{m}"], refused("config.json"), folder_file("config.json", "{}")),
+    Case("pruned-config-layers-edited", ["info", "{m}"], refused("layers"), pruned_config("pruning", "layers", [7])),
+    Case("pruned-config-layers-float", ["info", "{m}"], refused("layers"), pruned_config("pruning", "layers", [1.5])),
+    Case("pruned-config-keep-edited", ["info", "{m}"], refused("keep"), pruned_config("pruning", "keep", [2.0])),
+    Case("pruned-config-keep-text", ["eval", "{m}", "--data", "{images}", "--workers", "0"], refused("keep"),
+         pruned_config("pruning", "keep", ["NaN"])),
+    Case("pruned-config-score-edited", ["info", "{m}"], refused("score"), pruned_config("pruning", "score", "bogus")),
+    Case("pruned-config-pruning-list", ["info", "{m}"], refused("pruning"), pruned_config(None, "pruning", [1])),
+    Case("config-num-classes-zero", ["info", "{m}"], refused("not in the architecture: head"),
+         pruned_config("arch", "num_classes", 0)),
+    Case("config-depth-negative", ["info", "{m}"], refused("depth"), pruned_config("arch", "depth", -2)),
+    Case("config-img-size-bool", ["info", "{m}"], refused("img_size"), pruned_config("arch", "img_size", True)),
+    Case("config-unknown-arch", ["info", "{m}"], refused("arch"), pruned_config("arch", "name", "resnet50")),
+    Case("convert-pruned-folder", ["convert", "{pruned}", "-o", "{case}/c"],
+         succeeded(makes=("c/model.safetensors",), clean=True)),
+    # environment
+    Case("hub-offline-uncached", ["info", "someone/some-model:weights.pth"], refused("offline", within=20),
+         env=HUB_OFFLINE),
+    Case("hub-offline-registered-name", ["eval", "vim_tiny", "--data", "{images}", "--workers", "0"],
+         refused("HF_HUB_OFFLINE", within=20), env=HUB_OFFLINE),
+    Case("hub-weird-id-offline", ["info", "a/b/c/d:"], refused("'a/b/c/d:'"), env=HUB_OFFLINE),
+    Case("hf-home-is-a-file", ["info", "someone/some-model:weights.pth"], refused(within=20),
+         env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "{dense_file}"}),
+    Case("home-and-cache-unwritable", ["info", "{dense}"], succeeded(),
+         env={"HOME": "/proc/nohome", "XDG_CACHE_HOME": "/proc/nocache"}),
+    Case("tmpdir-unwritable", ["convert", "{dense}", "-o", "{case}/c"], succeeded(makes=("c/model.safetensors",)),
+         env={"TMPDIR": "/proc/notmp"}),
+    Case("no-fvcore-prune-flops", [*PN, "--flops", "0.8"], refused("pip install fvcore", absent=("--no-flops",)),
+         fault=lambda: _both(no_fvcore(), no_calibration())),
+    Case("no-fvcore-prune", P1, refused("pip install fvcore", "--no-flops"),
+         fault=lambda: _both(no_fvcore(), no_calibration())),
+    Case("no-fvcore-prune-no-flops", [*P1, "--no-flops"], succeeded(makes=("o/model.safetensors",), clean=True),
+         fault=no_fvcore),
+    Case("no-fvcore-info", ["info", "{dense}"], succeeded("fvcore is not installed"), fault=no_fvcore),
+    Case("no-fvcore-flops", ["flops", "{dense}"], refused("pip install fvcore"), fault=no_fvcore),
+    Case("no-fvcore-report", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{case}/r", "--no-speed",
+                              "--quiet"], refused("pip install fvcore"), fault=no_fvcore),
+    Case("force-over-run-with-undeletable-file", [*FINETUNE, "-o", "{run}", "--force"],
+         succeeded("train_log.jsonl", "delete them by hand", makes=("run/model.safetensors",), clean=True),
+         finished_run, fault=lambda: undeletable("train_log.jsonl")),
+    Case("prune-over-own-output-with-undeletable-file", [*PRUNE, "-o", "{m}", "--force"],
+         succeeded("model.safetensors", "delete them by hand", makes=("m/model.safetensors",), clean=True),
+         copy_of("pruned"), fault=lambda: undeletable("model.safetensors")),
+    # runs: resumed, replaced, edited by hand
+    Case("resume-finished-run", [*FINETUNE, "-o", "{run}", "--resume"], succeeded(clean=True), finished_run),
+    Case("resume-other-batch-size", [*FINETUNE, "--batch-size", "2", "-o", "{run}", "--resume"],
+         refused("belongs to another run"), finished_run),
+    Case("resume-more-epochs", [*FINETUNE, "--epochs", "2", "-o", "{run}", "--resume"],
+         refused("belongs to another run"), finished_run),
+    Case("resume-truncated-state", [*FINETUNE, "-o", "{run}", "--resume"], refused("train_state.pt"),
+         run_edited(lambda run: (run / "train_state.pt").write_bytes((run / "train_state.pt").read_bytes()[:100]))),
+    Case("resume-garbage-log", [*FINETUNE, "-o", "{run}", "--resume"], succeeded(clean=True),
+         run_edited(lambda run: (run / "train_log.jsonl").write_text("not json\n{"))),
+    Case("resume-run-without-config", [*FINETUNE, "-o", "{run}", "--resume"], succeeded(clean=True),
+         run_edited(lambda run: (run / "config.json").unlink())),
+    Case("force-over-run-without-config", [*FINETUNE, "-o", "{run}", "--force"], succeeded(clean=True),
+         run_edited(lambda run: (run / "config.json").unlink())),
+    Case("train-resume-a-finetune-run", [*TRAIN, "--data", "{d}", "-o", "{run}", "--resume"], refused("another run"),
+         lambda case: {**finished_run(case), **data_of(classes=tuple("abcdefghij"), n=1)(case)}),
+    # interruption
+    Case("ctrl-c-in-calibration", P1, refused("interrupted"),
+         fault=lambda: ctrl_c_in("ssmtrim.pruning.calibrate", "calibrate")),
+    Case("ctrl-c-while-saving", ["convert", "{dense}", "-o", "{case}/c"], refused("interrupted"),
+         fault=ctrl_c_while_saving),
+    Case("ctrl-c-while-replacing", ["convert", "{dense}", "-o", "{m}", "--force"], refused("interrupted"),
+         copy_of("pruned"), fault=ctrl_c_while_saving),
+    Case("ctrl-c-in-finetune", [*FINETUNE, "--epochs", "3", "-o", "{case}/run"], refused("interrupted", "--resume"),
+         fault=ctrl_c_at_step),
 ]
 
 

@@ -50,7 +50,7 @@ def prune_and_save(
     rank reads and runs its block of the images, every rank gets the one-process summary, and rank 0 alone writes.
     ``img_size`` (N or (H, W)) prunes the model loaded for that input size (see :func:`ssmtrim.load_model`)."""
     from ssmtrim.checkpoint import check_output, load_model, save_pruned
-    from ssmtrim.data import map_to_classes, scan_folder
+    from ssmtrim.data import check_eval_data, map_to_classes, scan_folder
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
     from ssmtrim.evaluate import compare_logits, label_images, predict
     from ssmtrim.models.loading import class_names_of, data_config_of
@@ -62,6 +62,10 @@ def prune_and_save(
     inputs = {"the source model": source, "the --data folder": data, "the --eval-data folder": eval_data}
     if output is not None:
         check_output(output, force, inputs)
+    if count_flops or target is not None:  # the counts trace with fvcore: missing, it is said before the work
+        from ssmtrim.flops import require_fvcore
+
+        require_fvcore("" if target is not None else " or pass --no-flops (count_flops=False) to leave the counts out")
     num_images, batch_size = calibration.num_images, calibration.batch_size
     images_set = scan_folder(data).subset(num_images, calibration.seed)
     world = work_split()[1]
@@ -76,15 +80,19 @@ def prune_and_save(
         images_set = map_to_classes(scan_folder(data), classes, skip_unknown_classes).subset(num_images,
                                                                                           calibration.seed)
     if eval_data is not None:  # a bad --eval-data is one sentence now, not after the calibration
-        _check_eval_data(eval_data, lambda images: label_images(images, model.config.num_classes, None, classes,
+        check_eval_data(eval_data, lambda images: label_images(images, model.config.num_classes, None, classes,
                                                                 skip_unknown_classes))
     if isinstance(config, dict):
         config = PruneConfig.recommended(model, **config)
-    if target is None:
+    if target is None or target.keep_layers:
         config.validate_for(family_of(model).depth(model.config))
     images, labels, unreadable = load_images(shard_images(images_set), data_config_of(model), batch_size, progress,
                                              calibration.workers)
     unreadable = sum_counts(unreadable)[0]
+    if config.compensate != "none" and len(images_set) - unreadable < 2:  # compensate() would say so after calibrating
+        raise ConfigError(f"--compensate {config.compensate} needs at least 2 calibration images, got "
+                          f"{len(images_set) - unreadable}; give more with --data or --num-images, or pass "
+                          "--compensate none.")
     if images_set.labelled and len(images_set.classes) != getattr(model.config, "num_classes", -1):
         labels = None  # folder classes do not match the head: agreement with dense only
     dense_logits = predict(model, images, batch_size, progress, "dense forward")
@@ -153,29 +161,3 @@ def _tokens_per_block(model: torch.nn.Module, images: torch.Tensor, first: int) 
     return (sum_tensor(tokens) / sum_counts(k)[0]).tolist()
 
 
-def _check_eval_data(eval_data: str | os.PathLike, label: Any) -> None:
-    """Refuse, naming --eval-data, held-out images that cannot be evaluated: a missing folder, no images, labels
-    that do not fit the model (``label``: the evaluation's own labelling, called on the scanned images) or no image
-    that can be read."""
-    from pathlib import Path
-
-    from ssmtrim.data import load_rgb, scan_folder
-    from ssmtrim.errors import SsmtrimError
-
-    text = os.fspath(eval_data)
-    if not Path(text).is_dir():
-        what = "is a file" if Path(text).exists() else "does not exist"
-        raise ConfigError(f"--eval-data {text!r} {what}; give a folder of labelled held-out images (class "
-                          "sub-folders).")
-    try:
-        images = label(scan_folder(text))
-    except SsmtrimError as exc:
-        raise ConfigError(f"--eval-data {text!r} cannot be evaluated: {str(exc).rstrip('.')}.") from None
-    for path in images.paths:
-        try:
-            load_rgb(path)
-            return
-        except Exception:  # noqa: BLE001 - any decoding failure is an unreadable image
-            continue
-    raise ConfigError(f"none of the {len(images)} images in --eval-data {text!r} could be read; give a folder of "
-                      "readable images.")

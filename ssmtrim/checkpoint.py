@@ -94,6 +94,9 @@ def save_model(
     An existing ``out_dir`` is replaced only with ``force`` and only when ssmtrim wrote it (see
     :mod:`ssmtrim.outputs`); never when it is, contains or lies inside the model's own source or ``inputs``
     (label -> path)."""
+    if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "to_dict"):
+        raise ConfigError(f"save_model takes a model made by ssmtrim (create_model, load_model), got "
+                          f"{type(model).__name__}.")
     return write_folder_atomic(out_dir, force, lambda tmp: _write_model_files(model, tmp, extra_config, readme),
                                inputs={**source_inputs(model), **(inputs or {})})
 

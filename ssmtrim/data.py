@@ -17,7 +17,8 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from ssmtrim.errors import ConfigError, SourceNotFoundError
+from ssmtrim.errors import ConfigError, SourceNotFoundError, SsmtrimError
 from ssmtrim.models.registry import DataConfig
 from ssmtrim.notices import notice
 
@@ -124,7 +125,17 @@ def _preview(names: Sequence[str], n: int = 5) -> str:
 
 def load_rgb(path: str) -> Image.Image:
     """Open any image as 8-bit RGB: grayscale, palette, CMYK, alpha (composited on white) and 16-bit included."""
-    with Image.open(path) as img:
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's warning about a huge image, said as a note
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        img_file = Image.open(path)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            width, height = img_file.size
+            notice("huge-image", f"{path!r} is a very large image ({width}x{height} pixels); it is read, but slowly "
+                   "and with much memory.")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with img_file as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
@@ -212,3 +223,26 @@ def make_loader(images: ImageSet, data: DataConfig, batch_size: int = 32, worker
         EvalDataset(images, data), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_skip_unreadable, persistent_workers=False,
     )  # fmt: skip
+
+
+def check_eval_data(eval_data: str | os.PathLike, label: Callable[[ImageSet], ImageSet]) -> None:
+    """Refuse, naming --eval-data, held-out images that cannot be evaluated: a missing folder, no images, labels
+    that do not fit the model (``label``: the evaluation's own labelling, called on the scanned images) or no image
+    that can be read."""
+    text = os.fspath(eval_data)
+    if not Path(text).is_dir():
+        what = "is a file" if Path(text).exists() else "does not exist"
+        raise ConfigError(f"--eval-data {text!r} {what}; give a folder of labelled held-out images (class "
+                          "sub-folders).")
+    try:
+        images = label(scan_folder(text))
+    except SsmtrimError as exc:
+        raise ConfigError(f"--eval-data {text!r} cannot be evaluated: {str(exc).rstrip('.')}.") from None
+    for path in images.paths:
+        try:
+            load_rgb(path)
+            return
+        except Exception:  # noqa: BLE001 - any decoding failure is an unreadable image
+            continue
+    raise ConfigError(f"none of the {len(images)} images in --eval-data {text!r} could be read; give a folder of "
+                      "readable images.")

@@ -47,5 +47,9 @@ class DeviceError(SsmtrimError, RuntimeError):
     """A ``--device`` that is not a device name, or that this machine does not have (e.g. CUDA without a GPU)."""
 
 
+class MissingDependencyError(SsmtrimError, ImportError):
+    """An optional package a feature needs (fvcore for FLOPs counts) that is not installed."""
+
+
 class HubUnreachableError(SourceNotFoundError):
     """A Hub file that is not in the local cache while the Hub cannot be reached (offline, no network)."""

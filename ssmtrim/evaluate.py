@@ -246,6 +246,15 @@ def _place(device: torch.device | str | None, *models: nn.Module | Tensor | None
                 m.to(device)
 
 
+def check_counts(batch_size: int, num_images: int | None = None, workers: int | None = None) -> None:
+    """A :class:`ConfigError` naming the option unless ``batch_size`` and ``num_images`` are whole numbers of at least
+    1 (``num_images`` None: all) and ``workers`` of at least 0 (None: chosen)."""
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--num-images", num_images, 1),
+                             ("--workers", workers, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{flag} must be a whole number of at least {low}, got {value!r}.")
+
+
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], total: int | None = None,
                      dense: nn.Module | None = None, device: torch.device | str | None = None,
@@ -266,10 +275,17 @@ def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn
                      batch_size: int = 64, progress=None, device: torch.device | str | None = None) -> EvalResult:
     """Evaluate on images already transformed (N 3 H W); ``dense`` is a model or its logits on the same images.
     ``device``: move the model(s) there and run there (None: where the model is)."""
+    check_counts(batch_size)
+    n = images.shape[0]
+    if labels.shape[:1] != (n,):
+        raise ConfigError(f"{n} images but labels of shape {tuple(labels.shape)}; give one label per image.")
+    classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if classes and n and not bool(((labels >= -1) & (labels < classes)).all()):
+        raise ConfigError(f"labels must be class indices 0 to {classes - 1} (-1: unlabelled), got "
+                          f"{int(labels.min())} to {int(labels.max())}.")
     start = time.perf_counter()
     _place(device, model, dense)
     model.eval()
-    n = images.shape[0]
     batches = ((images[lo:lo + batch_size], labels[lo:lo + batch_size],
                 dense[lo:lo + batch_size] if isinstance(dense, Tensor) else None, 0) for lo in range(0, n, batch_size))
     module = dense if isinstance(dense, nn.Module) else None
@@ -333,9 +349,14 @@ def dense_reference(model: nn.Module) -> tuple[nn.Module | None, str | None]:
     return dense, "unpruned (fine-tuned weights)"
 
 
-def check_compatible(model: nn.Module, dense: nn.Module) -> None:
+def check_compatible(model: nn.Module, dense: nn.Module, flag: str = "--dense") -> None:
+    """Refuse a dense model to compare with (given as ``flag``) that is pruned, or takes other images or classes."""
     from ssmtrim.models.loading import class_names_of, data_config_of
+    from ssmtrim.pruning import is_pruned
 
+    if is_pruned(dense):
+        raise ConfigError(f"the dense model to compare with ({flag}) is pruned; give the dense model the pruned one "
+                          "came from.")
     a, b = data_config_of(model), data_config_of(dense)
     if a.input_size != b.input_size:
         raise ConfigError(f"the model takes {a.input_size[1]}x{a.input_size[2]} images but the dense model "
@@ -371,14 +392,22 @@ def evaluate(
     result. A model that records its class names has class folders matched by name (``skip_unknown_classes``: leave
     out the folders that are not among them instead of refusing)."""
     from ssmtrim.data import make_loader, scan_folder
+    from ssmtrim.devices import check_device
     from ssmtrim.distributed import shard_images
     from ssmtrim.models.loading import class_names_of, data_config_of
 
+    device = None if device is None else check_device(device)  # before the images are read
+    check_counts(batch_size, num_images, workers)
     start = time.perf_counter()
     images = data if isinstance(data, ImageSet) else scan_folder(data)
     images = label_images(images, model.config.num_classes, labels_file, class_names_of(model),
                           skip_unknown_classes).subset(num_images, seed)
     labelled = images.labelled
+    if not labelled:
+        from ssmtrim.notices import notice
+
+        notice(f"unlabelled:{images.root}", f"{images.root!r} has no class sub-folders and no --labels, so top-1 "
+               "and top-5 are not measured; put the images in class folders or give --labels.")
     images = shard_images(images)  # this rank's block inside ssmtrim.distributed.sharded, else all of them
     if dense is not None:
         check_compatible(model, dense)

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssmtrim.errors import ConfigError
+from ssmtrim.errors import ConfigError, MissingDependencyError
 from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import families
 from ssmtrim.models.resize import resize_model
@@ -176,6 +176,18 @@ _FREE = (
 )  # fmt: skip
 
 
+def require_fvcore(alternative: str = "") -> None:
+    """A :class:`~ssmtrim.errors.MissingDependencyError` in one sentence unless fvcore (which every FLOPs count
+    traces with) can be imported; ``alternative`` is appended as another way out, e.g. " or pass --no-flops"."""
+    try:
+        with warnings.catch_warnings():  # fvcore's import runs torch.jit.script, which warns that it is deprecated
+            warnings.simplefilter("ignore")
+            import fvcore.nn  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("counting FLOPs needs the fvcore package, which is not installed here; install "
+                                     f"it (pip install fvcore){alternative}.") from None
+
+
 def _handles() -> dict[str, Callable | None]:
     from fvcore.nn.jit_handles import conv_flop_jit, linear_flop_jit
 
@@ -246,6 +258,7 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
 def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
     from ssmtrim.ops.selective_scan import scan_as_single_op
 
+    require_fvcore()
     with warnings.catch_warnings():  # fvcore's import runs torch.jit.script, which warns that it is deprecated
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
@@ -259,8 +272,12 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         images = torch.zeros(batch_size, *input_size, dtype=dtype)
     else:
-        if images.ndim != 4:
-            raise ConfigError(f"images must be a batch (B 3 H W), got shape {tuple(images.shape)}.")
+        channels = getattr(getattr(model, "config", None), "in_chans", images.shape[1] if images.ndim == 4 else 3)
+        if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != channels:
+            raise ConfigError(f"images must be a non-empty batch (B {channels} H W), got shape "
+                              f"{tuple(images.shape)}.")
+        if not images.is_floating_point():
+            raise ConfigError(f"images are {images.dtype}; give them transformed (float), as the model takes them.")
         images = images.detach().cpu()
         input_size, batch_size = tuple(images.shape[1:]), images.shape[0]
 

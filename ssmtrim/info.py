@@ -40,9 +40,16 @@ class ModelInfo:
 
 
 def _gflops(model: nn.Module) -> dict[str, float]:
+    """GFLOPs per image in both conventions; left out, said aloud, when fvcore is not installed."""
+    from ssmtrim.errors import MissingDependencyError
     from ssmtrim.flops import count_flops_all
+    from ssmtrim.notices import notice
 
-    return {c: r.gflops for c, r in count_flops_all(model).items()}
+    try:
+        return {c: r.gflops for c, r in count_flops_all(model).items()}
+    except MissingDependencyError:
+        notice("no-fvcore", "fvcore is not installed, so the GFLOPs are left out; pip install fvcore to count them.")
+        return {}
 
 
 def _geometry(data: DataConfig) -> dict[str, Any]:
@@ -58,6 +65,9 @@ def describe_model(source: str | os.PathLike | nn.Module, device: str = "cpu", f
     """Describe a model. A registered name is described from its architecture alone (nothing is downloaded).
     ``flops`` adds the GFLOPs per image (one fvcore trace, about a second on CPU). ``img_size`` (N or (H, W))
     describes it loaded for another input size (:func:`ssmtrim.models.resize.resize_model`)."""
+    from ssmtrim.devices import check_device
+
+    device = str(check_device(device))
     spec = None
     if isinstance(source, nn.Module):
         model = source if img_size is None else resize_model(source, img_size)

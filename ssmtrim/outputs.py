@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ssmtrim.errors import ConfigError, OutputError, SsmtrimError
+from ssmtrim.notices import notice
 
 FORMAT = "ssmtrim"  # config.json's "format" in every model folder ssmtrim writes
 CONFIG_NAME = "config.json"
@@ -205,7 +206,7 @@ def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_aside(old, target.name)
     return out
 
 
@@ -216,4 +217,22 @@ def clear_own_output(folder: str | os.PathLike) -> None:
     problem = not_own_output(folder)
     if problem is not None:
         raise ConfigError(f"output folder {os.fspath(folder)!r} {problem}; ssmtrim replaces only folders it wrote.")
-    shutil.rmtree(folder)
+    # moved aside in one rename first: a file that cannot be deleted never leaves the folder half-cleared in place
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    try:
+        os.replace(folder, aside / folder.name)
+    except BaseException:
+        aside.rmdir()
+        raise
+    _delete_aside(aside, folder.name)
+
+
+def _delete_aside(aside: Path, name: str) -> None:
+    """Delete a replaced folder moved aside; what cannot be deleted is left there and said in a note."""
+    failed: list[tuple[str, BaseException]] = []
+    shutil.rmtree(aside, onerror=lambda _fn, path, info: failed.append((path, info[1])))
+    if failed:
+        path, exc = failed[0]
+        why = getattr(exc, "strerror", None) or str(exc)
+        notice("old-output-left", f"the previous {name!r} was replaced, but some of its files could not be "
+               f"deleted ({path!r}: {why}); they are left in {str(aside)!r}, delete them by hand.")

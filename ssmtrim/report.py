@@ -182,15 +182,17 @@ def build_report(
     calibrates on its block of the images (every rank gets the one-process accuracies) and rank 0 alone measures the
     speed."""
     from ssmtrim.data import scan_folder
+    from ssmtrim.devices import check_device
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
     from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images, predict
-    from ssmtrim.flops import count_flops_all
+    from ssmtrim.flops import count_flops_all, require_fvcore
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import calibrate, load_images
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
+    device = str(check_device(device))
     if is_pruned(dense):
         raise ConfigError("the first model of a report must be dense; give the dense model first.")
     if sweep is None and not pruned:
@@ -204,6 +206,8 @@ def build_report(
             raise ConfigError(f"{name!r} is not pruned, and a report compares one dense model with pruned ones; give "
                               "the dense model first, then pruned folders (or --sweep).")
         check_compatible(model, dense)
+    sweep_values = parse_sweep(sweep) if sweep is not None else None  # a bad --sweep is said before the images load
+    require_fvcore()
     data_cfg = data_config_of(dense)
     images = label_images(scan_folder(data), dense.config.num_classes, labels_file, class_names_of(dense),
                           skip_unknown_classes).subset(num_images, seed)
@@ -229,8 +233,8 @@ def build_report(
     variants: list[tuple[str, str, Callable[[], nn.Module], Callable[[], None]]] = []
     for name, model in pruned:
         variants.append((name, model.prune_config.arrangement, lambda m=model: m, lambda: None))
-    if sweep is not None:
-        kind, values = parse_sweep(sweep)
+    if sweep_values is not None:
+        kind, values = sweep_values
         depth = family_of(dense).depth(dense.config)
         layers = layers or tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)

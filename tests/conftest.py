@@ -243,7 +243,7 @@ def bad_source(request, tmp_path, tiny_state_dicts) -> BadSource:
     if case == "unexpected_key":
         vim["layers.1.mixer.extra"] = torch.ones(3)
         torch.save({"model": vim}, path)
-        return BadSource(str(path), StateDictMismatchError, r"unexpected: layers\.1\.mixer\.extra")
+        return BadSource(str(path), StateDictMismatchError, r"not in the architecture: layers\.1\.mixer\.extra")
     if case == "wrong_shape":
         vim["layers.2.mixer.D"] = torch.ones(7)
         torch.save({"model": vim}, path)

@@ -112,8 +112,8 @@ def test_bad_input(setup, tmp_path):
     cases = [
         (["finetune", str(dense), "--data", str(root / "train")], "is not pruned"),
         (["finetune", str(pruned), "--data", str(root / "val" / "a")], "no class sub-folders"),
-        (["finetune", str(pruned), "--data", str(root / "train"), "--augment", "mixup"], "unknown augmentation"),
-        (["finetune", str(pruned), "--data", str(root / "train"), "--distill-weight", "2"], "distillation weight"),
+        (["finetune", str(pruned), "--data", str(root / "train"), "--augment", "mixup"], "--augment 'mixup' is not"),
+        (["finetune", str(pruned), "--data", str(root / "train"), "--distill-weight", "2"], "--distill-weight 2.0"),
     ]
     for args, message in cases:
         res = runner.invoke(app, [*args, "-o", str(tmp_path / "o")])

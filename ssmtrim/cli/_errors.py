@@ -77,8 +77,14 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: said in one line, exit code 130 as a shell expects
+            if debug_enabled():
+                raise
+            print("ssmtrim: interrupted; run the command again to finish (a train or finetune run continues from its "
+                  "last saved state with --resume).", file=sys.stderr)
+            raise typer.Exit(130) from None
         except Exception as exc:
             if debug_enabled():
                 raise

@@ -64,7 +64,10 @@ def backend_scope(backend: str | None) -> contextlib.AbstractContextManager:
     if backend is None:
         return contextlib.nullcontext()
     from ssmtrim.ops import use_backend
+    from ssmtrim.ops.backend import backend_names
 
+    if backend.strip().lower() not in backend_names():  # named as the option the user typed
+        raise ConfigError(f"--backend {backend!r} is not a scan backend; choose one of {', '.join(backend_names())}.")
     return use_backend(backend)
 
 

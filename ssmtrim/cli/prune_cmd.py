@@ -64,6 +64,8 @@ def prune(
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
     flops_convention: Annotated[str, typer.Option("--flops-convention", help="FLOPs convention of --flops: full or "
                                 "paper.")] = "full",
+    no_flops: Annotated[bool, typer.Option("--no-flops", help="Leave the FLOPs counts out of the summary (they need "
+                                           "fvcore).")] = False,
     num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded subset).")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration subset.")] = 0,
@@ -113,7 +115,7 @@ def prune(
             source, config, data, output, calibration=CalibrationSettings(num_images, batch_size, seed),
             target=FlopsTarget(flops, flops_convention, keep_layers=bool(layers)) if flops is not None else None,
             eval_data=eval_data, arch=arch, revision=revision, img_size=size, force=force, progress=progress,
-            skip_unknown_classes=skip_unknown_classes)
+            skip_unknown_classes=skip_unknown_classes, count_flops=not no_flops)
     if rank != 0:
         return
     if json_out:

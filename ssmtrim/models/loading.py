@@ -136,6 +136,9 @@ def _hub_download(repo_id: str, filename: str, revision: str | None) -> Path:
 def resolve_source(source: str | os.PathLike, revision: str | None = None) -> ModelSource:
     """Turn a source string into a local file or folder (downloading through the Hub cache when needed)."""
     text = str(source)
+    if not text.strip():
+        raise SourceNotFoundError("the model is empty; give a registered name, a Hub id, a checkpoint file or a "
+                                  "folder written by ssmtrim.")
     path = Path(text).expanduser()
     if path.exists():
         if revision is not None:
@@ -430,7 +433,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: st
                                   "model weights must be floating point; re-export the checkpoint with float weights.")
         return
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    for label, items in (("missing", missing), ("not in the architecture", unexpected), ("wrong shape", wrong)):
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             parts.append(f"{label}: {', '.join(items[:3])}{more}")

@@ -35,11 +35,11 @@ def check_img_size(config: Any, img_size: ImgSize) -> None:
     """Refuse sizes that are not a whole number of patches (the stem would pad them, a different input);
     ``img_size`` is ``N`` or ``(H, W)``."""
     if isinstance(img_size, int) and not isinstance(img_size, bool):
-        _check_side(config.patch_size, img_size, "image size")
+        _check_side(config.patch_size, img_size, "--img-size")
         return
     h, w = size_hw(img_size)
-    _check_side(config.patch_size, h, "image height")
-    _check_side(config.patch_size, w, "image width")
+    _check_side(config.patch_size, h, "--img-size height")
+    _check_side(config.patch_size, w, "--img-size width")
 
 
 def interpolate_pos_embed(pos_embed: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:

@@ -269,5 +269,10 @@ def create_model(name_or_config: str | Any, **overrides: Any) -> nn.Module:
     else:
         arch = name_or_config
     if overrides:
+        fields = {f.name for f in dataclasses.fields(arch)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ConfigError(f"{type(arch).__name__} has no field {unknown[0]!r}; the fields are "
+                              f"{', '.join(sorted(fields))}.")
         arch = dataclasses.replace(arch, **overrides)
     return get_family(arch.family).build(arch)

@@ -38,11 +38,11 @@ def check_img_size(config: Any, img_size: ImgSize) -> None:
     """Refuse a size the patch grid does not tile exactly (the conv would silently drop border pixels); ``img_size``
     is ``N`` or ``(H, W)``."""
     if isinstance(img_size, int) and not isinstance(img_size, bool):
-        _check_side(config, img_size, "image size")
+        _check_side(config, img_size, "--img-size")
         return
     h, w = size_hw(img_size)
-    _check_side(config, h, "image height")
-    _check_side(config, w, "image width")
+    _check_side(config, h, "--img-size height")
+    _check_side(config, w, "--img-size width")
 
 
 def interpolate_pos_embed(pos_embed: Tensor, cls_index: int, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:

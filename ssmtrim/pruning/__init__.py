@@ -64,7 +64,12 @@ def prune(
     config.validate_for(family_of(model).depth(model.config))
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}.")
     calibration, x = None, None
+    if data is not None and not isinstance(data, (Tensor, str, os.PathLike)):
+        raise ConfigError(f"data must be a folder path or a tensor of transformed images (N, C, H, W), got "
+                          f"{type(data).__name__}.")
     if isinstance(data, Tensor):
         x = data
         calibration = calibrate(model, config, x, batch_size, progress)

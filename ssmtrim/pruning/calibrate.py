@@ -83,6 +83,24 @@ def _mean_fraction_threshold(per_image: list[Tensor], keep: float) -> float:
     return float(scores[order][min(i, len(scores) - 1)])
 
 
+def check_images(images: object, channels: int | None, batch_size: int) -> None:
+    """A :class:`ConfigError` in one sentence unless ``images`` is a non-empty float tensor (N C H W) of finite values
+    with ``channels`` channels and ``batch_size`` a whole number of at least 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}.")
+    if not isinstance(images, Tensor):
+        raise ConfigError(f"calibration images must be a tensor (N, C, H, W) or a folder path, got "
+                          f"{type(images).__name__}.")
+    if images.ndim != 4 or images.shape[0] == 0 or (channels is not None and images.shape[1] != channels):
+        raise ConfigError(f"calibration images must be a non-empty (N, {channels or 'C'}, H, W) tensor, got shape "
+                          f"{tuple(images.shape)}.")
+    if not images.is_floating_point():
+        raise ConfigError(f"calibration images are {images.dtype}; give them transformed (float, normalised as the "
+                          "model's eval transform does).")
+    if not bool(torch.isfinite(images).all()):
+        raise ConfigError("calibration images hold NaN or infinite values; check how they were made.")
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -100,6 +118,7 @@ def calibrate(
 
     if is_pruned(model):
         raise ConfigError("this model is already pruned; calibrate the dense model it came from instead.")
+    check_images(images, getattr(model.config, "in_chans", None), batch_size)
     family = family_of(model)
     config.validate_for(family.depth(model.config))
     family.check_plan(config)

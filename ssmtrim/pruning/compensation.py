@@ -20,7 +20,6 @@ Shapes: N images, D feature width.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,10 +29,10 @@ from torch import Tensor, nn
 from ssmtrim.distributed import sum_counts, sum_floats, sum_tensor
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
+from ssmtrim.notices import notice
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.engine import is_pruned, record_dense, reduced_forward
 
-log = logging.getLogger(__name__)
 COMPENSATIONS = ("none", "head")
 
 
@@ -84,7 +83,8 @@ def compensate_head(model: nn.Module, images: Tensor, alpha: float = 0.1, batch_
     if n < d:  # fewer images than the map has rows: lean harder on the identity
         alpha = alpha * d / n
         note = f"only {n} images for a {d}-channel feature: α raised to {alpha:.3g}"
-        log.warning("compensation: %s", note)
+        notice("compensation-few-images", f"--compensate head: {note}; give more calibration images (--num-images, "
+               "--data) for a closer fit.")
     # sums over the images (over every rank's, inside sharded): means, then the centred Gram matrices from them
     sx, sy, sxx, sxy = (sum_tensor(t) for t in (f_r.sum(0), f_d.sum(0), f_r.T @ f_r, f_r.T @ f_d))
     syy, sdiff = sum_floats(float(f_d.square().sum()), float((f_r - f_d).square().sum()))

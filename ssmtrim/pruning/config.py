@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,38 @@ MODES = ("count", "threshold")
 CONV_NEIGHBOURS = ("original", "kept")
 MERGE_METRICS = ("input", "y", "delta")
 
+
+
+def _sequence(values: Any, flag: str) -> tuple[Any, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{flag} takes a sequence of numbers, e.g. (5, 10), got {values!r}.")
+    return tuple(values)
+
+
+def _block_indices(values: Any) -> tuple[int, ...]:
+    """``layers`` as ints; a float, bool or text is refused, never rounded into another block."""
+    out = []
+    for v in _sequence(values, "--layers"):
+        try:
+            if isinstance(v, (bool, str, bytes)):
+                raise TypeError
+            out.append(operator.index(v))
+        except TypeError:
+            raise ConfigError(f"--layers are whole block numbers, got {v!r}; give e.g. 5,10,15.") from None
+    return tuple(out)
+
+
+def _ratios(values: Any) -> tuple[float, ...]:
+    """``keep`` as floats; a bool or text is refused."""
+    out = []
+    for v in _sequence(values, "--keep"):
+        try:
+            if isinstance(v, (bool, str, bytes)):
+                raise TypeError
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--keep ratios are numbers in (0, 1], got {v!r}; give e.g. 0.8.") from None
+    return tuple(out)
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -65,7 +98,7 @@ class PruneConfig:
     compensate_alpha: float = 0.1  # its ridge strength (relative to the feature variance)
 
     def __post_init__(self) -> None:
-        layers, keep = tuple(int(v) for v in self.layers), tuple(float(v) for v in self.keep)
+        layers, keep = _block_indices(self.layers), _ratios(self.keep)
         if len(keep) == 1 and len(layers) > 1:
             keep = keep * len(layers)
         object.__setattr__(self, "layers", layers)

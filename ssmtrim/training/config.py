@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +35,34 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch size must be at least 1.")
-        if not self.lr > 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ConfigError("lr must be > 0 and min_lr, weight_decay, warmup_epochs >= 0.")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.distill_weight <= 1:
-            raise ConfigError("label smoothing must be in [0, 1) and the distillation weight in [0, 1].")
-        if self.distill_temperature <= 0:
-            raise ConfigError("the distillation temperature must be > 0.")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                                 ("checkpoint_every", self.checkpoint_every, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"--{_flag(name)} must be a whole number of at least {low}, got {value!r}.")
+        _check_range("lr", self.lr, 0, None, low_open=True)
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "distill_weight"):
+            _check_range(name, getattr(self, name), 0, 1 if name == "distill_weight" else None)
+        _check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _check_range("distill_temperature", self.distill_temperature, 0, None, low_open=True)
+        if self.clip_grad is not None:
+            _check_range("clip_grad", self.clip_grad, 0, None)
         if self.augment not in ("crop", "rrc", "none"):
-            raise ConfigError(f"unknown augmentation {self.augment!r}; use crop, rrc or none.")
+            raise ConfigError(f"--augment {self.augment!r} is not one of crop, rrc, none.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flag(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _check_range(field: str, value: float, low: float, high: float | None, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """A :class:`ConfigError` naming the option unless ``value`` is a finite number in the range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if low_open else value >= low) and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        span = f"{left}{low:g}, {'inf' if high is None else f'{high:g}'}{right}"
+        raise ConfigError(f"--{_flag(field)} {value!r} is outside {span}; give a finite number in that range.")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssmtrim.data import ImageSet, load_rgb, map_to_classes, resize_crop, scan_folder
+from ssmtrim.data import ImageSet, check_eval_data, load_rgb, map_to_classes, resize_crop, scan_folder
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import DataConfig
 from ssmtrim.notices import notice
@@ -128,6 +128,21 @@ def augment(x: Tensor, kind: str, generator: torch.Generator, rrc_scale: tuple[f
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     flip = torch.rand(b, generator=generator) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+
+
+def check_labelled_eval_data(eval_data: str | os.PathLike | None, classes: list[str] | None = None,
+                             skip_unknown: bool = False) -> None:
+    """A bad ``--eval-data`` (missing, no class sub-folders, classes not the model's, nothing readable) refused in one
+    sentence naming it, before the training images are decoded."""
+    if eval_data is None:
+        return
+
+    def label(images: ImageSet) -> ImageSet:
+        if images.layout != "class-folders":
+            raise ConfigError("it has no class sub-folders (DIR/<class>/...)")
+        return map_to_classes(images, classes, skip_unknown) if classes else images
+
+    check_eval_data(eval_data, label)
 
 
 def load_folder(data: str | os.PathLike, num_classes: int, size: int, progress: Progress | None = None,

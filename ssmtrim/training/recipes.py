@@ -19,7 +19,7 @@ from ssmtrim.devices import check_device
 from ssmtrim.errors import ConfigError
 from ssmtrim.outputs import LOG_NAME, STATE_NAME, Inputs, clear_own_output, inspect_output, not_own_output
 from ssmtrim.training.config import Log, Progress, TrainConfig
-from ssmtrim.training.data import load_folder
+from ssmtrim.training.data import check_labelled_eval_data, load_folder
 from ssmtrim.training.distributed import barrier, dist_info, init_distributed
 from ssmtrim.training.loop import evaluate_set, fit
 
@@ -53,6 +53,7 @@ def train_from_scratch(
     clear = _prepare_output(output, resume, force, "training", inputs)
     size = spec.data.input_size[-1]
     shown = progress if rank == 0 else None
+    check_labelled_eval_data(eval_data)
     train_set = load_folder(data, spec.arch.num_classes, size, shown)
     eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes, eval_data=spec.data) \
         if eval_data is not None else None
@@ -160,7 +161,7 @@ def teacher_for(model: nn.Module, teacher: str | os.PathLike | None = None) -> n
     size = model.config.img_size
     if teacher is not None:
         found = load_model(teacher, img_size=size)
-        check_compatible(model, found)
+        check_compatible(model, found, "--teacher")
         return found
     source = getattr(model, "source", None)
     config = getattr(source, "folder_config", None) or {}
@@ -218,6 +219,7 @@ def finetune(
     size = tuple(data_cfg.input_size[-2:])  # (H, W): non-square models train on non-square images
     shown = progress if rank == 0 else None
     classes = class_names_of(model)  # folders matched to the model's recorded classes by name
+    check_labelled_eval_data(eval_data, classes, skip_unknown_classes)
     train_set = load_folder(data, model.config.num_classes, size, shown, classes, skip_unknown_classes)
     eval_set = load_folder(eval_data, model.config.num_classes, size, shown, classes or train_set.classes,
                            skip_unknown_classes, eval_data=data_cfg) if eval_data is not None else None

@@ -94,8 +94,8 @@ def test_square_pairs_and_lists_are_one_size_and_bad_sizes_are_one_sentence(writ
     same = load_model(path, img_size=(32, 32))
     assert same.config == ssmtrim.get_spec("vim_test").arch and same.source.spec == "vim_test"
     assert load_model(path, img_size=[32, 48]).config.img_size == (32, 48)
-    for size, match in [((32, 44), "image width 44 does not tile into 8-pixel patches"),
-                        ((4, 48), "image height 4 is smaller than one 8x8 patch"),
+    for size, match in [((32, 44), "--img-size width 44 does not tile into 8-pixel patches"),
+                        ((4, 48), "--img-size height 4 is smaller than one 8x8 patch"),
                         ((32, 48, 3), "neither a whole number of pixels N nor a pair"),
                         ("32,48", "neither a whole number of pixels N nor a pair")]:
         with pytest.raises(ConfigError, match=match) as info:
@@ -299,7 +299,7 @@ def test_cli_eval_at_hw_on_a_tiny_folder(tmp_path, image_folder, monkeypatch):
     assert got["num_images"] == 6 and got["top1"] == pytest.approx(top1)
 
     for args, match in [(["--img-size", "32x"], "--img-size takes N or H,W"),
-                        (["--img-size", "32,44"], "image width 44 does not tile")]:
+                        (["--img-size", "32,44"], "--img-size width 44 does not tile")]:
         result = runner.invoke(app, ["eval", str(path), "--data", str(image_folder), *args])
         lines = result.output.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and match in lines[0], result.output
