@@ -27,6 +27,7 @@ from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
 from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens
 from ssmtrim.ops import selective_scan
 from ssmtrim.ops.conv import causal_conv1d_silu
+from ssmtrim.ops.tokens import TokenKernels, token_kernels
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,10 @@ class BiMambaMixer(nn.Module):
                    deltas: list[Tensor] | None = None) -> Tensor:
         """hidden (B L D) -> averaged gated output of both directions, original order (B L E). With a ``deltas``
         list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it."""
+        if deltas is None and (geometry is None or geometry.gap_counts is None):
+            kernels = token_kernels(hidden, self, (self.conv1d, self.conv1d_b), self.d_inner, self.d_state)
+            if kernels is not None:
+                return self.ssm_output_tokens(hidden, kernels, geometry)
         xz = self.in_proj(hidden).transpose(1, 2)  # B 2E L
         x, z = xz.chunk(2, dim=1)
         per_direction: list[Tensor] | None = [] if deltas is not None else None
@@ -201,6 +206,25 @@ class BiMambaMixer(nn.Module):
         if deltas is not None:
             deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
         return ((y_f + y_b) / 2).transpose(1, 2)
+
+    def ssm_output_tokens(self, hidden: Tensor, kernels: TokenKernels, geometry: VimGeometry | None = None) -> Tensor:
+        """:meth:`ssm_output` on token-major kernels (:mod:`ssmtrim.ops.tokens`): the same values, with every
+        activation kept as (B L ·) rows and the backward direction read by index instead of flipped. A geometry
+        without gap decay only (its conv positions are read by the kernel)."""
+        x, z = self.in_proj(hidden).split(self.d_inner, dim=-1)  # B L E each, views
+        directions = []
+        for backward in (False, True):
+            s = "_b" if backward else ""
+            x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
+            A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
+            pos = None
+            if geometry is not None and geometry.conv_positions is not None:
+                pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
+            xc = kernels.conv(x, getattr(self, "conv1d" + s), backward, pos)  # B L E in scan order
+            dt, b, c = torch.split(x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            directions.append((xc, dt @ dt_proj.weight.t(), -torch.exp(A_log.float()), b, c, D.float(),
+                               dt_proj.bias.float()))
+        return kernels.scan(*directions, z, True)
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.out_proj(self.ssm_output(hidden))
@@ -396,6 +420,8 @@ class VimFamily:
         block = model.layers[index]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
         hidden, residual, y = block(*streams, geometry, deltas)
+        if y.is_contiguous():  # from the token-major kernels: give the scores the general path's layout, whose
+            y = y.transpose(1, 2).contiguous().transpose(1, 2)  # reductions over E sum in the same order (same bits)
         mixer_input = block.norm(residual.to(block.norm.weight.dtype)) if "mixer_input" in needs else None
         return BlockOutput((hidden, residual), y, deltas[0] if deltas else None, mixer_input)
 

@@ -22,8 +22,9 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAG_SETS = (
-    # 512-bit vectors where the CPU has them: one vector is one block of 16 channels (gcc defaults to 256 bits)
-    ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+    # 512-bit vectors where the CPU has them: one vector is one block of 16 channels (gcc defaults to 256 bits);
+    # -fno-plt: the vector expf, called once per state and step, is reached through the GOT without a PLT jump
+    ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fno-plt", "-fopenmp"],
     ["-O3", "-ffast-math", "-march=native", "-fopenmp"],
     ["-O3", "-ffast-math", "-fopenmp"],
     ["-O3", "-ffast-math"],
@@ -98,6 +99,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_conv_silu.restype = None
     lib.ssm_scan_bwd.restype = None
     lib.ssm_max_state.restype = ctypes.c_int
+    lib.ssm_conv_silu_tok.argtypes = [p, lng, lng, p, p, p, i, i, p] + [lng] * 4 + [i]
+    lib.ssm_conv_silu_tok.restype = None
+    lib.ssm_scan_bi_tok.argtypes = [p, p, p, lng, lng, i, p] + [lng] * 4 + [i]
+    lib.ssm_scan_bi_tok.restype = None
 
 
 def load() -> ctypes.CDLL | None:

@@ -28,6 +28,19 @@ class ConvKernel(NamedTuple):
     run: Callable[[Tensor, nn.Conv1d, Tensor | None, int | None], Tensor]
 
 
+class TokenKernels(NamedTuple):
+    """Inference kernels on token-major activations (B L E), the layout a bidirectional mixer's projections produce,
+    so that neither transposes nor flips are copied (see :mod:`ssmtrim.ops.tokens` for the meaning).
+
+    ``accepts(x, d_inner, d_state)`` says whether they take this input; ``conv(x, conv, reverse, positions)`` is the
+    causal conv + SiLU in scan order; ``scan(forward, backward, z, delta_softplus)`` both scan directions and their
+    mean."""
+
+    accepts: Callable[[Tensor, int, int], bool]
+    conv: Callable[..., Tensor]
+    scan: Callable[..., Tensor]
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way to run the selective scan.
@@ -39,7 +52,8 @@ class Backend:
     - ``priority``: ``auto`` takes the available backend of highest priority; None: only when asked for by name;
     - ``devices``: the device types it is meant for (None: any); ``auto`` considers it on those only, and when it
       passes it over there (``available`` said no), the log line says why with ``note()``;
-    - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where).
+    - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where);
+    - ``tokens``: token-major inference kernels, or None (the mixer runs the general path).
     """
 
     name: str
@@ -50,3 +64,4 @@ class Backend:
     devices: tuple[str, ...] | None = None
     note: Callable[[], str] | None = None
     describe: Callable[[], dict[str, str]] | None = None
+    tokens: TokenKernels | None = None

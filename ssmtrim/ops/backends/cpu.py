@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
-from ssmtrim.ops.backends.base import Backend, ConvKernel
+from ssmtrim.ops.backends.base import Backend, ConvKernel, TokenKernels
 from ssmtrim.ops.backends.ref import selective_scan_ref
+
+_VECTOR = 16  # channels per vector in csrc/selective_scan.c (W)
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
@@ -199,6 +201,69 @@ def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int |
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# token-major inference kernels (see ssmtrim.ops.tokens)
+
+
+ScanInputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
+    """fp32 CPU tensors, a state the kernel holds, channels in whole vectors (the conv's SiLU then takes the same
+    vector exp for every channel as the general path's conv, so both give the same bits)."""
+    lib = _cpu_kernel.load() if x.device.type == "cpu" else None
+    return (lib is not None and x.dtype == torch.float32 and d_state <= lib.ssm_max_state()
+            and d_inner % _VECTOR == 0)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t (B L C) fp32 with unit channel stride (a view of a wider row is fine), else a contiguous copy."""
+    return t if t.dtype == torch.float32 and t.stride(2) == 1 else t.float().contiguous()
+
+
+def tokens_conv(x: Tensor, conv: nn.Conv1d, reverse: bool, positions: Tensor | None = None) -> Tensor:
+    """``ssm_conv_silu_tok``: SiLU(causal conv) of x (B L E) read in scan order (reversed with ``reverse``), out (B L
+    E) contiguous in scan order; ``positions`` (B L, scan order): the tokens' original positions, as for
+    :func:`conv_run`."""
+    lib = _cpu_kernel.load()
+    x = _rows(x)
+    bsz, length, e = x.shape
+    width = conv.kernel_size[0]
+    weight = conv.weight.detach().reshape(e, width).t().contiguous()  # (width, E): a tap's weights contiguous
+    bias = None if conv.bias is None else conv.bias.detach().contiguous()
+    pos = None if positions is None else positions.to(torch.int64).contiguous()
+    out = torch.empty(bsz, length, e, dtype=torch.float32)
+    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu"):
+        lib.ssm_conv_silu_tok(_ptr(x), x.stride(0), x.stride(1), _ptr(pos), _ptr(weight), _ptr(bias), 1, int(reverse),
+                              _ptr(out), bsz, e, length, width, torch.get_num_threads())
+    return out
+
+
+def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, delta_softplus: bool) -> Tensor:
+    """``ssm_scan_bi_tok``: both directions in one call, each (u, delta, A, B, C, D, delta_bias) with u, delta (B L E)
+    and B, C (B L N) in its scan order; z (B L E) and the result, the mean of the two gated outputs, in original
+    order (B L E, fp32, contiguous)."""
+    lib = _cpu_kernel.load()
+    keep: list[Tensor] = []  # what the pointers point into, alive until the call returns
+    pointers, strides = [], []
+    for u, delta, A, B, C, D, bias in (forward, backward):
+        rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias)]
+        keep += [t for t in rows if t is not None]
+        pointers += [None if t is None else t.data_ptr() for t in rows]
+        strides += [s for t in (rows[0], rows[1], rows[3], rows[4]) for s in t.stride()[:2]]
+    z = None if z is None else _rows(z)
+    bsz, length, e = keep[0].shape
+    n = forward[2].shape[1]
+    out = torch.empty(bsz, length, e, dtype=torch.float32)
+    ptr_array = (ctypes.c_void_p * len(pointers))(*pointers)
+    stride_array = (ctypes.c_long * len(strides))(*strides)
+    zs = z.stride()[:2] if z is not None else (0, 0)
+    with torch.profiler.record_function("ssmtrim::selective_scan"):
+        lib.ssm_scan_bi_tok(ptr_array, stride_array, _ptr(z), zs[0], zs[1], int(delta_softplus), _ptr(out), bsz, e,
+                            length, n, torch.get_num_threads())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the backend
 
 
@@ -226,4 +291,5 @@ BACKEND = Backend(
     devices=("cpu",),
     note=lambda: _cpu_kernel.status().detail,
     describe=describe,
+    tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
 )

@@ -286,6 +286,8 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
  * x is read through its strides (so the token-major slice of in_proj's output needs no copy); out is (B, E, L)
  * contiguous, the layout the scan reads. Parallel over (b, chunk of channels). */
 #define CONV_CHUNK 64
+#define MAXK 64 /* widest conv kernel the token-major conv takes */
+typedef float vecW __attribute__((vector_size(W * sizeof(float))));
 void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos, const float *w, const float *bias,
                    int silu, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
     const long nchunk = (En + CONV_CHUNK - 1) / CONV_CHUNK;
@@ -315,5 +317,150 @@ void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos
                 o[e * Ln] = silu ? v / (1.f + expf(-v)) : v;
             }
         }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Token-major inference kernels, for a bidirectional mixer that keeps its activations as (B, L, E) rows: no
+ * transposes, no flips, no contiguous copies around the kernels. Each reads its inputs through (batch, token)
+ * strides (channels contiguous) and walks the sequence in "scan order": t = 0..L-1 reads original token t, or
+ * L-1-t with rev. The arithmetic per value is the one of ssm_conv_silu and ssm_scan_fwd above, operation for
+ * operation, so both layouts give the same bits. */
+
+/* ssm_conv_silu over x rows (B, L, E) with strides (sxb, sxl), E a multiple of W, read in scan order; out (B, L, E)
+ * contiguous in scan order. pos (B, L), in scan order, as for ssm_conv_silu. The weights come transposed, wT (Kw, E), so that a tap's
+ * weights are contiguous like the channels they multiply. */
+void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, const float *wT, const float *bias,
+                       int silu, int rev, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
+    /* token by token, each row whole, so that the rows stream through the cache in order; the taps a token reads
+     * are listed first, so that each lane sums them in a register */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long bl = 0; bl < Bn * Ln; bl++) {
+        const long b = bl / Ln, l = bl % Ln;
+        const long *pb = pos ? pos + b * Ln : NULL;
+        const float *xs[MAXK], *wt[MAXK];
+        long taps = 0;
+        for (long m = 0; m < Kw && m <= l && m < MAXK; m++) {
+            const long d = pb ? pb[l] - pb[l - m] : m;
+            if (d >= Kw) break;
+            xs[taps] = x + b * sxb + (rev ? Ln - 1 - (l - m) : l - m) * sxl;
+            wt[taps++] = wT + (Kw - 1 - d) * En;
+        }
+        float *o = out + (b * Ln + l) * En;
+        for (long e0 = 0; e0 < En; e0 += W) { /* En is a multiple of W: every value takes the W-lane expf */
+            vecW acc = {0}, xv, wv;
+            if (bias) memcpy(&acc, bias + e0, sizeof acc);
+            for (long j = 0; j < taps; j++) { /* one vector register across the taps */
+                memcpy(&xv, xs[j] + e0, sizeof xv);
+                memcpy(&wv, wt[j] + e0, sizeof wv);
+                acc += wv * xv;
+            }
+            float v[W];
+            memcpy(v, &acc, sizeof v);
+#pragma omp simd
+            for (long k = 0; k < W; k++) o[e0 + k] = silu ? v[k] / (1.f + expf(-v[k])) : v[k];
+        }
+    }
+}
+
+/* The token-major scan takes blocks of WT = 2 W channels: two vectors per step, so that the two halves' chains of
+ * multiply-adds (the sum over states) overlap instead of waiting on each other. */
+#ifndef WT_LANES
+#define WT_LANES 4
+#endif
+#define WT (WT_LANES * W)
+
+/* Rows e0..e0+nl-1 of token-major data (batch b) in scan order into a (L, WT) buffer. */
+static void load_rows(const float *src, long sb, long sl, long b, long e0, long Ln, long nl, int rev, float *dst) {
+    for (long t = 0; t < Ln; t++) {
+        const float *row = src + b * sb + (rev ? Ln - 1 - t : t) * sl + e0;
+        if (nl == WT)
+            memcpy(dst + t * WT, row, sizeof(float) * WT);
+        else
+            for (long k = 0; k < WT; k++) dst[t * WT + k] = k < nl ? row[k] : 0.f;
+    }
+}
+
+/* One direction of ssm_scan_fwd (no gap, no last state) over a block of WT channels of batch b, on token-major
+ * inputs p = (u, delta, A, B, C, D, bias), u, delta (B, L, E) and B, C (B, L, N) in scan order through the strides
+ * st = (u: batch, token), (delta), (B), (C). The gate zb (L, WT) is in original order, read at scan step t's
+ * original token (L-1-t with rev). The ungated-then-gated outputs go to y (L, WT) in scan order. */
+static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int softplus, int rev, const float *zb,
+                         long b, long e0, long nl, long Ln, long Nn, float *y) {
+    const float *A = p[2], *Bm = p[3], *Cm = p[4], *D = p[5], *bias = p[6];
+    float At[MAXN * WT], h[MAXN * WT], ex[MAXN * WT], Dl[WT];
+    load_rows(p[0], st[0], st[1], b, e0, Ln, nl, 0, blk->u);
+    load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
+    for (long t = 0; t < Ln; t++)
+        for (long k = 0; k < WT; k++) {
+            const float x = blk->d[t * WT + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
+            const float d = softplus ? softplusf(x) : x;
+            blk->d[t * WT + k] = d;
+        }
+    for (long n = 0; n < Nn; n++)
+        for (long k = 0; k < WT; k++) At[n * WT + k] = k < nl ? A[(e0 + k) * Nn + n] : 0.f;
+    for (long k = 0; k < WT; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
+    for (long i = 0; i < Nn * WT; i++) h[i] = 0.f;
+    for (long t = 0; t < Ln; t++) {
+        const float *bt = Bm + b * st[4] + t * st[5], *ct = Cm + b * st[6] + t * st[7];
+        const float *dt = blk->d + t * WT, *ut = blk->u + t * WT;
+        float acc[WT], du[WT];
+        /* every decay of the step first: the recurrence below then runs on registers, with no call (the vector
+         * expf) between its multiply-adds forcing the state out to memory */
+        for (long n = 0; n < Nn; n++) {
+#pragma omp simd
+            for (long k = 0; k < WT; k++) ex[n * WT + k] = expf(dt[k] * At[n * WT + k]);
+        }
+#pragma omp simd
+        for (long k = 0; k < WT; k++) {
+            acc[k] = Dl[k] * ut[k];
+            du[k] = dt[k] * ut[k];
+        }
+        for (long n = 0; n < Nn; n++) {
+            const float bn = bt[n], cn = ct[n];
+            float *hn = h + n * WT;
+            const float *en = ex + n * WT;
+#pragma omp simd
+            for (long k = 0; k < WT; k++) {
+                hn[k] = en[k] * hn[k] + du[k] * bn;
+                acc[k] += hn[k] * cn;
+            }
+        }
+        float *yt = y + t * WT;
+        if (zb) {
+            const float *zt = zb + (rev ? Ln - 1 - t : t) * WT;
+#pragma omp simd
+            for (long k = 0; k < WT; k++) yt[k] = acc[k] * zt[k] / (1.f + expf(-zt[k]));
+        } else {
+#pragma omp simd
+            for (long k = 0; k < WT; k++) yt[k] = acc[k];
+        }
+    }
+}
+
+/* Both directions of a bidirectional mixer in one call: p[0..6] the forward direction's inputs, p[7..13] the
+ * backward one's (in its scan order, i.e. reversed), strides st[0..7] and st[8..15] (see scan_dir_tok); z (B, L, E)
+ * through (szb, szl); out (B, L, E) contiguous, original order: (y_forward + y_backward) / 2, written once. */
+void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long szb, long szl, int softplus,
+                     float *out, long Bn, long En, long Ln, long Nn, int nthreads) {
+    const long nblk = (En + WT - 1) / WT;
+#pragma omp parallel num_threads(nthreads)
+    {
+        Block blk = block_alloc(WT / W * Ln); /* (L, WT) buffers */
+        float *yf = (float *)malloc(sizeof(float) * Ln * WT * 2), *yb = yf + Ln * WT;
+#pragma omp for schedule(static)
+        for (long bb = 0; bb < Bn * nblk; bb++) {
+            const long b = bb / nblk, e0 = (bb % nblk) * WT, nl = En - e0 < WT ? En - e0 : WT;
+            if (z) load_rows(z, szb, szl, b, e0, Ln, nl, 0, blk.z);
+            scan_dir_tok(&blk, p, st, softplus, 0, z ? blk.z : NULL, b, e0, nl, Ln, Nn, yf);
+            scan_dir_tok(&blk, p + 7, st + 8, softplus, 1, z ? blk.z : NULL, b, e0, nl, Ln, Nn, yb);
+            for (long t = 0; t < Ln; t++) {
+                float *row = out + (b * Ln + t) * En + e0;
+                const float *yft = yf + t * WT, *ybt = yb + (Ln - 1 - t) * WT;
+                for (long k = 0; k < nl; k++) row[k] = (yft[k] + ybt[k]) / 2.f;
+            }
+        }
+        free(blk.u);
+        free(yf);
     }
 }

@@ -1,0 +1,48 @@
+"""Inference kernels on token-major activations, for bidirectional mixers (Vim's): no transposes, flips or copies.
+
+A Vim mixer's projections produce rows (B L E), one per token, while the general ops take channel-major (B E L)
+sequences, and the backward direction reads them reversed: the general path pays a transpose copy before and after
+each kernel and a flip copy per reversed tensor. Where the chosen backend has :class:`TokenKernels` (the ``cpu``
+backend's C kernels) and nothing needs a gradient, the mixer runs on them instead:
+
+- ``conv(x, conv, reverse, positions=None)``: SiLU(causal depth-wise conv1d) of x (B L E) in scan order (the tokens
+  reversed with ``reverse``), result (B L E) contiguous in scan order, ready for ``x_proj``; ``positions`` (B L, scan
+  order) as for :func:`ssmtrim.ops.conv.causal_conv1d_silu`;
+- ``scan(forward, backward, z, delta_softplus)``: the selective scan of :func:`ssmtrim.ops.selective_scan` in both
+  directions in one call, each direction's ``(u, delta, A, B, C, D, delta_bias)`` with u, delta (B L E) and B, C
+  (B L N) in its scan order; z and the result, the mean of the two gated outputs, (B L E) in the original order.
+  No gap: a reduced sequence whose scans decay over skipped positions takes the general path.
+
+Both compute every value with the same operations as the general path, so the outputs are the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ssmtrim.ops.backend import backend_for
+from ssmtrim.ops.backends.base import TokenKernels
+from ssmtrim.ops.selective_scan import single_op_requested
+
+__all__ = ["TokenKernels", "token_kernels"]
+
+
+def _plain_causal(conv: nn.Conv1d, channels: int) -> bool:
+    width = conv.kernel_size[0]
+    return (conv.groups == channels and conv.padding == (width - 1,) and conv.stride == (1,)
+            and conv.dilation == (1,))
+
+
+def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_inner: int,
+                  d_state: int) -> TokenKernels | None:
+    """The chosen backend's token-major kernels when they may run on x (B L D) through ``mixer``: no gradient wanted,
+    no tracer watching, Vim's causal depth-wise convs; else None (the general path)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())):
+        return None
+    if torch.jit.is_tracing() or single_op_requested():
+        return None
+    if not all(_plain_causal(conv, conv.in_channels) and conv.weight.dtype == x.dtype for conv in convs):
+        return None
+    kernels = backend_for(x.device).tokens
+    return kernels if kernels is not None and kernels.accepts(x, d_inner, d_state) else None

@@ -1,0 +1,115 @@
+"""The token-major inference kernels (:mod:`ssmtrim.ops.tokens`): the same bits as the general path, and taken only
+where they may run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmtrim
+import ssmtrim.models.vim as vim
+from ssmtrim.ops import scan_as_single_op, use_backend
+from ssmtrim.ops._cpu_kernel import status as kernel_status
+from ssmtrim.ops.conv import causal_conv1d_silu
+from ssmtrim.ops.tokens import token_kernels
+
+requires_kernel = pytest.mark.skipif(not kernel_status().available, reason="fast CPU kernel unavailable (no compiler)")
+
+
+def spread_model(seed: int = 0, **overrides) -> vim.VisionMamba:
+    """vim_test with every parameter moved off its initial value (A, D, biases, convs: trained-like spread)."""
+    torch.manual_seed(seed)
+    model = ssmtrim.create_model("vim_test", **overrides).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def kernels_of(mixer: vim.BiMambaMixer, hidden: torch.Tensor):
+    return token_kernels(hidden, mixer, (mixer.conv1d, mixer.conv1d_b), mixer.d_inner, mixer.d_state)
+
+
+def general_path(monkeypatch) -> None:
+    monkeypatch.setattr(vim, "token_kernels", lambda *args: None)
+
+
+@requires_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("length", [17, 65])
+def test_mixer_output_is_bit_identical(monkeypatch, threads, length):
+    mixer = spread_model().layers[1].mixer
+    hidden = torch.randn(3, length, mixer.in_proj.in_features)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            assert kernels_of(mixer, hidden) is not None  # the token-major path is the one being tested
+            fast = mixer.ssm_output(hidden)
+            general_path(monkeypatch)
+            general = mixer.ssm_output(hidden)
+    finally:
+        torch.set_num_threads(before)
+    assert fast.shape == general.shape == (3, length, mixer.d_inner)
+    assert torch.equal(fast, general), (fast - general).abs().max()
+
+
+@requires_kernel
+def test_model_logits_are_bit_identical(monkeypatch):
+    model, x = spread_model(1), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        general_path(monkeypatch)
+        general = model(x)
+    assert torch.equal(fast, general), (fast - general).abs().max()
+
+
+@requires_kernel
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_reads_either_direction_by_index(reverse):
+    mixer = spread_model(2).layers[0].mixer
+    e = mixer.d_inner
+    x = torch.randn(2, 23, 2 * e)[..., :e]  # the x half of in_proj's rows: strided, not copied
+    with torch.no_grad():
+        kernels = kernels_of(mixer, x)
+        got = kernels.conv(x, mixer.conv1d, reverse)
+        seq = x.transpose(1, 2).flip(-1) if reverse else x.transpose(1, 2)
+        want = causal_conv1d_silu(seq.contiguous(), mixer.conv1d).transpose(1, 2)
+    assert got.is_contiguous() and torch.equal(got, want)
+
+
+@requires_kernel
+def test_taken_only_where_it_may_run():
+    mixer = spread_model().layers[0].mixer
+    hidden = torch.randn(2, 9, mixer.in_proj.in_features)
+    with torch.no_grad():
+        assert kernels_of(mixer, hidden) is not None
+        with use_backend("ref"):
+            assert kernels_of(mixer, hidden) is None  # the backend asked for runs, not the C kernels
+        with scan_as_single_op():
+            assert kernels_of(mixer, hidden) is None  # a FLOP-counting tracer sees the registered op
+        assert kernels_of(mixer, hidden.double()) is None
+    assert kernels_of(mixer, hidden) is None  # parameters want gradients: the differentiable path
+
+
+@requires_kernel
+def test_channels_in_partial_vectors_take_the_general_path():
+    mixer = spread_model(embed_dim=36).layers[0].mixer  # d_inner 72: not whole 16-lane vectors
+    with torch.no_grad():
+        assert kernels_of(mixer, torch.randn(1, 5, 36)) is None
+
+
+@requires_kernel
+def test_kept_tokens_at_original_positions_are_bit_identical(monkeypatch):
+    """A reduced sequence whose conv reads neighbours by original position (no gap decay) takes the kernels too."""
+    mixer = spread_model(3).layers[2].mixer
+    g = torch.Generator().manual_seed(3)
+    positions = torch.stack([torch.randperm(17, generator=g)[:11].sort().values for _ in range(2)])
+    geometry = vim.VimGeometry(17, positions, None, "zero")
+    hidden = torch.randn(2, 11, mixer.in_proj.in_features)
+    with torch.no_grad():
+        assert kernels_of(mixer, hidden) is not None
+        fast = mixer.ssm_output(hidden, geometry)
+        general_path(monkeypatch)
+        general = mixer.ssm_output(hidden, geometry)
+    assert torch.equal(fast, general), (fast - general).abs().max()
