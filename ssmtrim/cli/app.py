@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -55,4 +56,28 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The ``ssmtrim`` entry point: a usage error (unknown option, a value of the wrong type, a missing argument) is
+    one line on stderr and exit code 2, like every other error; ``ssmtrim`` alone shows the help."""
+    try:
+        code = app(standalone_mode=False)
+    except _USAGE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+        else:
+            print(f"ssmtrim: {usage_error_line(exc)}", file=sys.stderr)
+        code = exc.exit_code
+    except typer.Abort:
+        print("ssmtrim: interrupted.", file=sys.stderr)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# click's UsageError (typer vendors click in some versions, so it is found from typer's own BadParameter)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def usage_error_line(exc: Exception) -> str:
+    """One sentence for a usage error, with the command's help to consult."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    command = exc.ctx.command_path if exc.ctx is not None else "ssmtrim"
+    return f"{message}; see '{command} --help'."
