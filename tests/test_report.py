@@ -61,18 +61,23 @@ def test_report_of_folders_writes_json_md_and_plots(setup):
 
 
 class _Holds(torch.nn.Module):
-    """A model whose forward holds ``mb`` MiB for a few milliseconds (written, so the pages are resident)."""
+    """A model whose forward holds ``mb`` MiB of fresh pages for a moment (an anonymous mapping, written so the pages
+    are resident, then unmapped: what the allocator kept from earlier tests cannot hide it)."""
 
     def __init__(self, mb: int) -> None:
         super().__init__()
         self.mb, self.weight = mb, torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import mmap
         import time
 
-        buffer = torch.ones(max(1, self.mb * 2**18))  # float32: mb MiB
-        time.sleep(0.05)  # long enough for the 1 ms RSS sampler, even on a loaded machine
-        return x.mean() + buffer[-1] + self.weight
+        if self.mb:
+            with mmap.mmap(-1, self.mb * 2**20) as pages:
+                for offset in range(0, self.mb * 2**20, mmap.PAGESIZE):
+                    pages[offset] = 1
+                time.sleep(0.05)  # long enough for the 1 ms RSS sampler, even on a loaded machine
+        return x.mean() + self.weight
 
 
 def test_peak_memory_sees_what_a_forward_allocates():
