@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 import ssmtrim
 from ssmtrim import bundled
 from ssmtrim.cli.app import app
+from ssmtrim.evaluate import evaluate
 
 runner = CliRunner()
 
@@ -56,3 +57,17 @@ def test_bundled_plainmamba_is_trained_and_prunes():
     ev = json.loads(res.output)["evaluation"]
     # measured: 72.3% dense on these 1,000 images (72.67% on the 10,000 test images)
     assert ev["dense_top1"] > 68.0 and 30.0 < ev["top1"] < ev["dense_top1"]
+
+
+def test_bundled_256_token_vim_is_trained():
+    """vim_cifar256 (16x16 patch grid + the middle class token) loads offline, matches its registered architecture,
+    was trained to the end of its recipe, and classifies the bundled held-out images well above chance."""
+    folder = bundled.examples_dir() / "vim_cifar256"
+    model = ssmtrim.load_model(folder)
+    assert model.config == ssmtrim.models.registry.get_spec("vim_cifar256").arch
+    assert model.pos_embed.shape[1] == 16 * 16 + 1
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training"]["recipe"]["epochs"] == len(config["training"]["curve"])
+    assert config["training"]["curve"][-1]["eval_top1"] >= 75.0  # the test-bed target, on the 10,000 test images
+    result = evaluate(model, bundled.validation_images(), num_images=200)
+    assert result.num_images == 200 and result.top1 > 65.0
