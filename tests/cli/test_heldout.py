@@ -13,7 +13,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +22,8 @@ import ssmtrim
 from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError, DeviceError, MissingDependencyError
 from ssmtrim.notices import reset_notices
-from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning import PruneConfig
+from tests.cli.workspace import build_workspace
 
 
 @pytest.fixture
@@ -37,19 +37,7 @@ def runner(monkeypatch) -> CliRunner:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> dict[str, Path]:
     """A tiny dense model (file and folder), its pruned folder, and 2 class folders of 4 images."""
-    root = tmp_path_factory.mktemp("heldout")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "images" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
-    torch.manual_seed(0)
-    model = ssmtrim.create_model("vim_test", depth=2, num_classes=2)
-    torch.save({"model": model.state_dict()}, root / "dense.pth")
-    ssmtrim.save_model(model, root / "dense")
-    ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,))), root / "pruned")
-    return {"root": root, "images": root / "images", "dense_file": root / "dense.pth", "dense": root / "dense",
-            "pruned": root / "pruned"}
+    return build_workspace(tmp_path_factory.mktemp("heldout"))
 
 
 def prune_args(ws: dict[str, Path], out: Path, *more: str) -> list[str]:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import ssmtrim
 from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning import PruneConfig, apply_pruning
+from tests.cli.workspace import build_workspace
 
 REPO = Path(ssmtrim.__file__).resolve().parent.parent
 runner = CliRunner()
@@ -33,19 +33,7 @@ def _plain_env(monkeypatch):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """A dense checkpoint file and an ssmtrim folder of it (vim_test, 2 classes), a pruned folder, and 2 x 4 images."""
-    root = tmp_path_factory.mktemp("safety")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "images" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
-    torch.manual_seed(0)
-    model = ssmtrim.create_model("vim_test", depth=2, num_classes=2)
-    torch.save({"model": model.state_dict()}, root / "dense.pth")
-    ssmtrim.save_model(model, root / "dense")
-    ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,))), root / "pruned")
-    return {"root": root, "images": root / "images", "dense_file": root / "dense.pth", "dense": root / "dense",
-            "pruned": root / "pruned"}
+    return build_workspace(tmp_path_factory.mktemp("safety"))
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:

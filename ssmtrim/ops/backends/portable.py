@@ -161,22 +161,7 @@ def portable_scan(
     return (y, last) if return_last_state else y
 
 
-def scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    gap: Tensor | None = None,
-    return_last_state: bool = False,
-    gap_scale: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The backend's scan: :func:`portable_scan` with the default chunk size."""
-    return portable_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, gap, return_last_state, gap_scale)
+scan = portable_scan  # the backend's scan: the default chunk size
 
 
 BACKEND = Backend(
