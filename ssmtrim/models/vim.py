@@ -194,7 +194,7 @@ class BiMambaMixer(nn.Module):
                    deltas: list[Tensor] | None = None) -> Tensor:
         """hidden (B L D) -> averaged gated output of both directions, original order (B L E). With a ``deltas``
         list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it."""
-        if deltas is None and (geometry is None or geometry.gap_counts is None):
+        if deltas is None:
             kernels = token_kernels(hidden, self, (self.conv1d, self.conv1d_b), self.d_inner, self.d_state)
             if kernels is not None:
                 return self.ssm_output_tokens(hidden, kernels, geometry)
@@ -209,8 +209,8 @@ class BiMambaMixer(nn.Module):
 
     def ssm_output_tokens(self, hidden: Tensor, kernels: TokenKernels, geometry: VimGeometry | None = None) -> Tensor:
         """:meth:`ssm_output` on token-major kernels (:mod:`ssmtrim.ops.tokens`): the same values, with every
-        activation kept as (B L ·) rows and the backward direction read by index instead of flipped. A geometry
-        without gap decay only (its conv positions are read by the kernel)."""
+        activation kept as (B L ·) rows and the backward direction read by index instead of flipped; a geometry's
+        conv positions and gap decay are read by the kernels."""
         x, z = self.in_proj(hidden).split(self.d_inner, dim=-1)  # B L E each, views
         directions = []
         for backward in (False, True):
@@ -222,8 +222,10 @@ class BiMambaMixer(nn.Module):
                 pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
             xc = kernels.conv(x, getattr(self, "conv1d" + s), backward, pos)  # B L E in scan order
             dt, b, c = torch.split(x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-            directions.append((xc, dt @ dt_proj.weight.t(), -torch.exp(A_log.float()), b, c, D.float(),
-                               dt_proj.bias.float()))
+            dt = dt @ dt_proj.weight.t()  # B L E
+            gap, gap_scale = self.decay_gap(dt.transpose(1, 2), backward, geometry) or (None, None)
+            directions.append((xc, dt, -torch.exp(A_log.float()), b, c, D.float(), dt_proj.bias.float(), gap,
+                               gap_scale))
         return kernels.scan(*directions, z, True)
 
     def forward(self, hidden: Tensor) -> Tensor:

@@ -9,9 +9,10 @@ backend's C kernels) and nothing needs a gradient, the mixer runs on them instea
   reversed with ``reverse``), result (B L E) contiguous in scan order, ready for ``x_proj``; ``positions`` (B L, scan
   order) as for :func:`ssmtrim.ops.conv.causal_conv1d_silu`;
 - ``scan(forward, backward, z, delta_softplus)``: the selective scan of :func:`ssmtrim.ops.selective_scan` in both
-  directions in one call, each direction's ``(u, delta, A, B, C, D, delta_bias)`` with u, delta (B L E) and B, C
-  (B L N) in its scan order; z and the result, the mean of the two gated outputs, (B L E) in the original order.
-  No gap: a reduced sequence whose scans decay over skipped positions takes the general path.
+  directions in one call, each direction's ``(u, delta, A, B, C, D, delta_bias, gap, gap_scale)`` with u, delta
+  (B L E) and B, C (B L N) in its scan order and the gap decay of a reduced sequence in factored form (counts (B L)
+  in scan order, Δ estimate (B E)) or None; z and the result, the mean of the two gated outputs, (B L E) in the
+  original order.
 
 Both compute every value with the same operations as the general path, so the outputs are the same bits.
 """

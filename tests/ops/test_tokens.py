@@ -113,3 +113,44 @@ def test_kept_tokens_at_original_positions_are_bit_identical(monkeypatch):
         general_path(monkeypatch)
         general = mixer.ssm_output(hidden, geometry)
     assert torch.equal(fast, general), (fast - general).abs().max()
+
+
+@requires_kernel
+@pytest.mark.parametrize("estimate", ["bias", "mean"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gap_decay_is_bit_identical(monkeypatch, estimate, threads):
+    """A reduced sequence whose scans decay over the skipped positions (align, merge) takes the kernels too."""
+    from ssmtrim.models.tokens import gaps_from_positions
+
+    mixer = spread_model(4).layers[1].mixer
+    g = torch.Generator().manual_seed(4)
+    positions = torch.stack([torch.randperm(40, generator=g)[:21].sort().values for _ in range(3)])
+    geometry = vim.VimGeometry(40, positions, gaps_from_positions(positions, 40), estimate)
+    hidden = torch.randn(3, 21, mixer.in_proj.in_features)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            assert kernels_of(mixer, hidden) is not None
+            fast = mixer.ssm_output(hidden, geometry)
+            general_path(monkeypatch)
+            general = mixer.ssm_output(hidden, geometry)
+            without_gap = mixer.ssm_output(hidden, vim.VimGeometry(40, positions, None, estimate))
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.allclose(general, without_gap)  # the gaps change the output: they were read
+    assert torch.equal(fast, general), (fast - general).abs().max()
+
+
+@requires_kernel
+@pytest.mark.parametrize("arrangement", ["align", "merge"])
+def test_pruned_logits_with_gap_decay_are_bit_identical(monkeypatch, arrangement):
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    model = apply_pruning(spread_model(5), PruneConfig(layers=(1, 2), keep=(0.6,), arrangement=arrangement))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        general_path(monkeypatch)
+        general = model(x)
+    assert torch.equal(fast, general), (fast - general).abs().max()

@@ -204,7 +204,8 @@ def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int |
 # token-major inference kernels (see ssmtrim.ops.tokens)
 
 
-ScanInputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+# (u, delta, A, B, C, D, delta_bias, gap, gap_scale): see tokens_scan
+ScanInputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
 
 
 def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
@@ -239,14 +240,17 @@ def tokens_conv(x: Tensor, conv: nn.Conv1d, reverse: bool, positions: Tensor | N
 
 
 def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, delta_softplus: bool) -> Tensor:
-    """``ssm_scan_bi_tok``: both directions in one call, each (u, delta, A, B, C, D, delta_bias) with u, delta (B L E)
-    and B, C (B L N) in its scan order; z (B L E) and the result, the mean of the two gated outputs, in original
-    order (B L E, fp32, contiguous)."""
+    """``ssm_scan_bi_tok``: both directions in one call, each (u, delta, A, B, C, D, delta_bias, gap, gap_scale) with
+    u, delta (B L E) and B, C (B L N) in its scan order, and the gap in factored form only (counts (B L) in its scan
+    order, scale (B E)) or None; z (B L E) and the result, the mean of the two gated outputs, in original order
+    (B L E, fp32, contiguous)."""
     lib = _cpu_kernel.load()
     keep: list[Tensor] = []  # what the pointers point into, alive until the call returns
     pointers, strides = [], []
-    for u, delta, A, B, C, D, bias in (forward, backward):
-        rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias)]
+    for u, delta, A, B, C, D, bias, gap, gap_scale in (forward, backward):
+        if (gap is None) != (gap_scale is None):
+            raise ValueError("the token-major scan takes the gap in factored form only: counts and scale together")
+        rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias), _f32(gap), _f32(gap_scale)]
         keep += [t for t in rows if t is not None]
         pointers += [None if t is None else t.data_ptr() for t in rows]
         strides += [s for t in (rows[0], rows[1], rows[3], rows[4]) for s in t.stride()[:2]]

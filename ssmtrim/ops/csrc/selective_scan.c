@@ -381,35 +381,47 @@ static void load_rows(const float *src, long sb, long sl, long b, long e0, long 
     }
 }
 
-/* One direction of ssm_scan_fwd (no gap, no last state) over a block of WT channels of batch b, on token-major
- * inputs p = (u, delta, A, B, C, D, bias), u, delta (B, L, E) and B, C (B, L, N) in scan order through the strides
- * st = (u: batch, token), (delta), (B), (C). The gate zb (L, WT) is in original order, read at scan step t's
- * original token (L-1-t with rev). The ungated-then-gated outputs go to y (L, WT) in scan order. */
+/* One direction of ssm_scan_fwd (no last state) over a block of WT channels of batch b, on token-major inputs
+ * p = (u, delta, A, B, C, D, bias, gap, gscale), u, delta (B, L, E) and B, C (B, L, N) in scan order through the
+ * strides st = (u: batch, token), (delta), (B), (C); the gap only in factored form, gap (B, L) contiguous in scan
+ * order and gscale (B, E), or both NULL. The gate zb (L, WT) is in original order, read at scan step t's original
+ * token (L-1-t with rev). The ungated-then-gated outputs go to y (L, WT) in scan order. */
 static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int softplus, int rev, const float *zb,
-                         long b, long e0, long nl, long Ln, long Nn, float *y) {
-    const float *A = p[2], *Bm = p[3], *Cm = p[4], *D = p[5], *bias = p[6];
+                         long b, long e0, long nl, long En, long Ln, long Nn, float *y) {
+    const float *A = p[2], *Bm = p[3], *Cm = p[4], *D = p[5], *bias = p[6], *gap = p[7], *gscale = p[8];
     float At[MAXN * WT], h[MAXN * WT], ex[MAXN * WT], Dl[WT];
     load_rows(p[0], st[0], st[1], b, e0, Ln, nl, 0, blk->u);
     load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
+    if (gap) { /* the extra decay, formed as block_prepare forms it: G = count x scale, then d + G */
+        float sc[WT];
+        for (long k = 0; k < WT; k++) sc[k] = k < nl ? gscale[b * En + e0 + k] : 0.f;
+        for (long t = 0; t < Ln; t++) {
+            const float g = gap[b * Ln + t];
+            for (long k = 0; k < WT; k++) blk->tmp[t * WT + k] = g * sc[k];
+        }
+    }
     for (long t = 0; t < Ln; t++)
         for (long k = 0; k < WT; k++) {
             const float x = blk->d[t * WT + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
             const float d = softplus ? softplusf(x) : x;
             blk->d[t * WT + k] = d;
         }
+    if (gap)
+        for (long t = 0; t < Ln; t++)
+            for (long k = 0; k < WT; k++) blk->dec[t * WT + k] = blk->d[t * WT + k] + blk->tmp[t * WT + k];
     for (long n = 0; n < Nn; n++)
         for (long k = 0; k < WT; k++) At[n * WT + k] = k < nl ? A[(e0 + k) * Nn + n] : 0.f;
     for (long k = 0; k < WT; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
     for (long i = 0; i < Nn * WT; i++) h[i] = 0.f;
     for (long t = 0; t < Ln; t++) {
         const float *bt = Bm + b * st[4] + t * st[5], *ct = Cm + b * st[6] + t * st[7];
-        const float *dt = blk->d + t * WT, *ut = blk->u + t * WT;
+        const float *dt = blk->d + t * WT, *ut = blk->u + t * WT, *dec = gap ? blk->dec + t * WT : dt;
         float acc[WT], du[WT];
         /* every decay of the step first: the recurrence below then runs on registers, with no call (the vector
          * expf) between its multiply-adds forcing the state out to memory */
         for (long n = 0; n < Nn; n++) {
 #pragma omp simd
-            for (long k = 0; k < WT; k++) ex[n * WT + k] = expf(dt[k] * At[n * WT + k]);
+            for (long k = 0; k < WT; k++) ex[n * WT + k] = expf(dec[k] * At[n * WT + k]);
         }
 #pragma omp simd
         for (long k = 0; k < WT; k++) {
@@ -438,7 +450,7 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
     }
 }
 
-/* Both directions of a bidirectional mixer in one call: p[0..6] the forward direction's inputs, p[7..13] the
+/* Both directions of a bidirectional mixer in one call: p[0..8] the forward direction's inputs, p[9..17] the
  * backward one's (in its scan order, i.e. reversed), strides st[0..7] and st[8..15] (see scan_dir_tok); z (B, L, E)
  * through (szb, szl); out (B, L, E) contiguous, original order: (y_forward + y_backward) / 2, written once. */
 void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long szb, long szl, int softplus,
@@ -452,8 +464,8 @@ void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long
         for (long bb = 0; bb < Bn * nblk; bb++) {
             const long b = bb / nblk, e0 = (bb % nblk) * WT, nl = En - e0 < WT ? En - e0 : WT;
             if (z) load_rows(z, szb, szl, b, e0, Ln, nl, 0, blk.z);
-            scan_dir_tok(&blk, p, st, softplus, 0, z ? blk.z : NULL, b, e0, nl, Ln, Nn, yf);
-            scan_dir_tok(&blk, p + 7, st + 8, softplus, 1, z ? blk.z : NULL, b, e0, nl, Ln, Nn, yb);
+            scan_dir_tok(&blk, p, st, softplus, 0, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, yf);
+            scan_dir_tok(&blk, p + 9, st + 8, softplus, 1, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, yb);
             for (long t = 0; t < Ln; t++) {
                 float *row = out + (b * Ln + t) * En + e0;
                 const float *yft = yf + t * WT, *ybt = yb + (Ln - 1 - t) * WT;
