@@ -14,7 +14,8 @@ size-weighted, tokens at their original positions with the scans' gap bookkeepin
 compensation fitted on the bundled 250 calibration images (``--calib``). Columns: FLOPs reduced by
 20/30/40/50% (paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count
 mode. No fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. ``--append`` keeps
-the rows of an earlier run that this run does not compute. Writes JSON, Markdown and a plot (top-1 against GFLOPs).
+the rows of an earlier run that this run does not compute; ``--combine A.json B.json`` makes one table of runs made
+side by side (e.g. two row subsets, one process each). Writes JSON, Markdown and a plot (top-1 against GFLOPs).
 """
 
 from __future__ import annotations
@@ -86,8 +87,14 @@ def main() -> None:
     ap.add_argument("--calib", default=str(ROOT / "examples" / "cifar10" / "calib"),
                     help="images that compensation is fitted on (the bundled 250 calibration images)")
     ap.add_argument("--append", action="store_true", help="keep the earlier run's rows that this run does not compute")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                    help="no evaluation: merge the rows of earlier runs' JSON files (same model, test images and "
+                         "layers; e.g. row subsets run side by side) into --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "method_table"))
     args = ap.parse_args()
+    if args.combine:
+        write(combine([json.loads(Path(f).read_text()) for f in args.combine]), Path(args.out))
+        return
 
     model = ssmtrim.load_model(args.model)
     data_cfg = data_config_of(model)
@@ -144,21 +151,33 @@ def main() -> None:
             print(f"FLOPs x{target:.1f} (keep {keep:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
                   f"top-1 {r.top1:6.2f}  agreement {r.agreement:6.2f}  KL {r.kl:.4f}  [{r.seconds:.0f} s]",
                   flush=True)
+    results["rows"] = fresh
+    results["seconds"] = time.perf_counter() - t0
     if args.append and Path(args.out).with_suffix(".json").is_file():
         old = json.loads(Path(args.out).with_suffix(".json").read_text())
-        if old["num_test"] != results["num_test"] or old["layers"] != list(layers):
-            raise SystemExit("--append: the earlier run used other test images or layers; run every row instead.")
-        merged = {RENAMED.get(k, k): {e["target"]: e for e in v} for k, v in old["rows"].items()}
-        for label, entries in fresh.items():  # this run's entries replace the earlier ones at the same target
-            merged.setdefault(label, {}).update({e["target"]: e for e in entries})
-        results["rows"] = {k: [v[t] for t in sorted(v, reverse=True)] for k, v in merged.items()}
-    else:
-        results["rows"] = fresh
-    # table order: the order of ROWS
+        old["layers"] = list(old["layers"])
+        results = combine([old, results])  # this run's entries replace the earlier ones at the same target
+    write(combine([results]), Path(args.out))
+
+
+def combine(runs: list[dict]) -> dict:
+    """One table from runs on the same model, test images and layers: later runs' entries replace earlier ones at
+    the same row and target; rows in the order of ROWS."""
+    first = runs[0]
+    for run in runs[1:]:
+        same = (run["num_test"], list(run["layers"]), Path(run["model"]).name, run["dense"]["top1"])
+        if same != (first["num_test"], list(first["layers"]), Path(first["model"]).name, first["dense"]["top1"]):
+            raise SystemExit("these runs used other models, test images or layers and cannot share a table; run "
+                             "every row in one run instead.")
+    merged: dict[str, dict] = {}
+    for run in runs:
+        for label, entries in run["rows"].items():
+            merged.setdefault(RENAMED.get(label, label), {}).update({e["target"]: e for e in entries})
     order = [label for label, _ in ROWS.values()]
-    results["rows"] = dict(sorted(results["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
-    results["seconds"] = time.perf_counter() - t0
-    write(results, Path(args.out))
+    rows = {k: [v[t] for t in sorted(v, reverse=True)] for k, v in merged.items()}
+    result = dict(first, rows=dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)))
+    result["seconds"] = sum(run.get("seconds", 0.0) for run in runs)
+    return result
 
 
 def markdown(results: dict) -> str:
