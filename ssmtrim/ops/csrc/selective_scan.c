@@ -49,8 +49,7 @@ int ssm_max_state(void) { return MAXN; }
 #define LOG2E 1.44269504088896341f
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline void exp2_row(const float *x, float *out) {
-    __m512 t = _mm512_loadu_ps(x);
+static inline __m512 exp2_16(__m512 t) {
     t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-150.f)), _mm512_set1_ps(128.f));
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
@@ -59,12 +58,34 @@ static inline void exp2_row(const float *x, float *out) {
     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05550733581185341f));
     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24022242426872253f));
     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931470036506653f));
-    _mm512_storeu_ps(out, _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n));
+    return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n);
+}
+static inline void exp2_row(const float *x, float *out) { _mm512_storeu_ps(out, exp2_16(_mm512_loadu_ps(x))); }
+
+/* softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]: log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3]
+ * (no cancellation for small e), 2 atanh(s) = 2 s (1 + s^2/3 + ... + s^12/13), truncated below 2e-8 relative */
+static inline void softplus_row(const float *x, float *out) {
+    const __m512 v = _mm512_loadu_ps(x);
+    const __m512 e = exp2_16(_mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(-LOG2E)));
+    const __m512 s = _mm512_div_ps(e, _mm512_add_ps(e, _mm512_set1_ps(2.f))), s2 = _mm512_mul_ps(s, s);
+    __m512 p = _mm512_set1_ps(1.f / 13.f);
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f / 11.f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f / 9.f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f / 7.f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f / 5.f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f / 3.f));
+    p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.f));
+    const __m512 log1p_e = _mm512_mul_ps(_mm512_add_ps(s, s), p);
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), log1p_e));
 }
 #else
 static inline void exp2_row(const float *x, float *out) {
 #pragma omp simd
     for (long k = 0; k < W; k++) out[k] = exp2f(x[k]);
+}
+static inline void softplus_row(const float *x, float *out) {
+#pragma omp simd
+    for (long k = 0; k < W; k++) out[k] = softplusf(x[k]);
 }
 #endif
 
@@ -121,10 +142,15 @@ static void block_prepare(Block *blk, const float *u, const float *delta, const 
         load_block(gap + be0 * Ln, Ln, nl, 0.f, blk->tmp);
     }
     for (long t = 0; t < Ln; t++)
+        for (long k = 0; k < W; k++) blk->dec[t * W + k] = blk->d[t * W + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
+    for (long t = 0; t < Ln; t++) /* d = softplus(pre-activation), held in dec for now */
+        if (softplus)
+            softplus_row(blk->dec + t * W, blk->d + t * W);
+        else
+            memcpy(blk->d + t * W, blk->dec + t * W, sizeof(float) * W);
+    for (long t = 0; t < Ln; t++)
         for (long k = 0; k < W; k++) {
-            const float x = blk->d[t * W + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
-            const float d = softplus ? softplusf(x) : x;
-            blk->d[t * W + k] = d;
+            const float x = blk->dec[t * W + k], d = blk->d[t * W + k];
             blk->dec[t * W + k] = gap ? d + blk->tmp[t * W + k] : d;
             blk->tmp[t * W + k] = x; /* pre-activation, kept for the backward */
         }
@@ -445,11 +471,9 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
         }
     }
     for (long t = 0; t < Ln; t++)
-        for (long k = 0; k < WT; k++) {
-            const float x = blk->d[t * WT + k] + (bias && k < nl ? bias[e0 + k] : 0.f);
-            const float d = softplus ? softplusf(x) : x;
-            blk->d[t * WT + k] = d;
-        }
+        for (long k = 0; k < WT; k++) blk->d[t * WT + k] += bias && k < nl ? bias[e0 + k] : 0.f;
+    if (softplus)
+        for (long i = 0; i < Ln * WT; i += W) softplus_row(blk->d + i, blk->d + i);
     if (gap)
         for (long t = 0; t < Ln; t++)
             for (long k = 0; k < WT; k++) blk->dec[t * WT + k] = blk->d[t * WT + k] + blk->tmp[t * WT + k];
