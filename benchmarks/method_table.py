@@ -3,19 +3,21 @@ reproduces them, and ours, at fixed FLOPs.
 
     python benchmarks/method_table.py --test ../shared/data/cifar10/test   # after unpacking cifar10.tar.gz there
 
-Rows (``--rows``): random scores; keep-order (the released ToP-ViM code's arrangement); reorder (EViT-style);
-align with the clipped score (the method as specified) and its ablations (unclipped, l1, l2 scores; the missing Δ
+Rows (``--rows``): random scores; keep-order (the released ToP-ViM code's arrangement); reorder (EViT-style); align
+with the clipped score (the method as specified) and its ablations (unclipped, l1, l2 scores; the missing Δ
 estimated as the kept tokens' mean or zero; Vim's conv over the kept neighbours); the peers' merging methods as
 reproduced here on a condensed sequence (no decay across gaps, Vim's conv over the kept neighbours): ToMe / R-MeeTo
 (bipartite matching on the block input, no re-training), UTR (clipped score; half of the removed tokens dropped,
 half merged into their most similar kept token), MTR (Δ importance, merged into the most similar kept token); and
 ours, ``merge`` (clipped score, removed tokens merged into their most similar kept token on the normed block input,
 size-weighted, tokens at their original positions with the scans' gap bookkeeping), without and with the head
-compensation fitted on the bundled 250 calibration images (``--calib``). Columns: FLOPs reduced by
-20/30/40/50% (paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count
-mode. No fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. ``--append`` keeps
-the rows of an earlier run that this run does not compute; ``--combine A.json B.json`` makes one table of runs made
-side by side (e.g. two row subsets, one process each). Writes JSON, Markdown and a plot (top-1 against GFLOPs).
+compensation fitted on the bundled 250 calibration images (``--calib``). Columns: FLOPs reduced by 20/30/40/50%
+(paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count mode. No
+fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. The blocks before the first
+reduction run once for all rows (``ssmtrim.pruning.dense_prefix``; the same logits bit for bit, which
+``tests/pruning/test_prefix.py`` checks), so an entry's ``seconds`` leaves them out. ``--append`` keeps the rows of
+an earlier run that this run does not compute; ``--combine A.json B.json`` makes one table of runs made side by side
+(e.g. two row subsets, one process each). Writes JSON, Markdown and a plot (top-1 against GFLOPs).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import ssmtrim
 from ssmtrim.data import scan_folder
-from ssmtrim.evaluate import evaluate_tensors, label_images, predict, topk_accuracy
+from ssmtrim.evaluate import evaluate_logits, label_images, topk_accuracy
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.models.registry import family_of
-from ssmtrim.pruning import PruneConfig, apply_pruning, reduced_forward, remove_pruning
+from ssmtrim.pruning import PruneConfig, apply_pruning, dense_prefix, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.compensation import compensate
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
@@ -111,7 +115,14 @@ def main() -> None:
     print(f"{len(y_test)} test images ({bad} unreadable) [{time.perf_counter() - t0:.0f} s]", flush=True)
 
     dense_flops = {c: r.gflops for c, r in count_flops_all(model).items()}
-    dense_logits = predict(model, x_test, args.batch_size)  # once: every row is compared with these
+    # the blocks before the first reduction are the same for every row: run once, kept per batch
+    with torch.inference_mode():
+        prefixes = [dense_prefix(model, x_test[lo : lo + args.batch_size], min(layers) - 1)
+                    for lo in range(0, len(y_test), args.batch_size)]
+    del x_test
+    unreduced = PruneConfig(layers=layers, keep=(1.0,))  # from a prefix: the dense model (tests/pruning/test_prefix.py)
+    dense_logits = logits_of(model, prefixes, unreduced)  # once: every row is compared with these
+    print(f"dense prefix of {min(layers) - 1} blocks and dense logits [{time.perf_counter() - t0:.0f} s]", flush=True)
     dense_top1, dense_top5 = (100 * topk_accuracy(dense_logits, y_test, k) for k in (1, 5))
     print(f"dense: top-1 {dense_top1:.2f}%  GFLOPs paper {dense_flops['paper']:.4f} full {dense_flops['full']:.4f}",
           flush=True)
@@ -141,8 +152,10 @@ def main() -> None:
                     x_calib = load_images(scan_folder(args.calib), data_cfg, 256)[0]
                 compensate(pruned, x_calib)
             flops = {c: r.gflops for c, r in count_flops_all(pruned).items()}
-            r = evaluate_tensors(pruned, x_test, y_test, dense_logits, args.batch_size)
-            tokens = reduced_forward(pruned, x_test[:1]).stats.tokens_per_block
+            start = time.perf_counter()
+            r = evaluate_logits(logits_of(pruned, prefixes), y_test, dense_logits, time.perf_counter() - start)
+            with torch.inference_mode():
+                tokens = reduced_forward(pruned, prefixes[0].select(slice(0, 1))).stats.tokens_per_block
             remove_pruning(model)
             entry = {"target": target, "keep": keep, "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
                      "kl": r.kl, "gflops": flops, "flops_reduction": 1 - flops["paper"] / dense_flops["paper"],
@@ -158,6 +171,12 @@ def main() -> None:
         old["layers"] = list(old["layers"])
         results = combine([old, results])  # this run's entries replace the earlier ones at the same target
     write(combine([results]), Path(args.out))
+
+
+def logits_of(model, prefixes: list, config: PruneConfig | None = None) -> torch.Tensor:
+    """The plan (``config``, or the model's own) run from each batch's dense prefix, logits concatenated."""
+    with torch.inference_mode():
+        return torch.cat([reduced_forward(model, prefix, config).logits for prefix in prefixes])
 
 
 def combine(runs: list[dict]) -> dict:

@@ -293,6 +293,17 @@ def evaluate_tensors(model: nn.Module, images: Tensor, labels: Tensor, dense: nn
     return _result(tally, 0, dense is not None, labelled, time.perf_counter() - start)
 
 
+def evaluate_logits(logits: Tensor, labels: Tensor, dense: Tensor | None = None, seconds: float = 0.0) -> EvalResult:
+    """The same figures from logits already computed (N classes), e.g. by several plans run from one
+    :class:`~ssmtrim.pruning.engine.DensePrefix`; ``dense``: the dense model's logits on the same images."""
+    if labels.shape[:1] != logits.shape[:1]:
+        raise ConfigError(f"{logits.shape[0]} rows of logits but labels of shape {tuple(labels.shape)}; give one "
+                          "label per image.")
+    tally = _Tally()
+    tally.add(logits, labels, dense)
+    return _result(tally, 0, dense is not None, bool((labels >= 0).all()), seconds)
+
+
 def _device_of(model: nn.Module) -> torch.device | None:
     param = next(model.parameters(), None)
     return None if param is None else param.device

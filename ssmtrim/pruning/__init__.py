@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from ssmtrim.errors import ConfigError
 from ssmtrim.pruning.config import GAP_ESTIMATES, MODES, PruneConfig
 from ssmtrim.pruning.engine import (
+    DensePrefix,
     ReducedOutput,
     apply_pruning,
+    dense_prefix,
     is_pruned,
     kept_count,
     reduced_forward,
@@ -25,8 +27,9 @@ from ssmtrim.pruning.state import PruneStats
 from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
-    "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput", "apply_pruning",
-    "is_pruned", "kept_count", "prune", "reduced_forward", "remove_pruning", "score_names", "strategy_names",
+    "DensePrefix", "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput",
+    "apply_pruning", "dense_prefix", "is_pruned", "kept_count", "prune", "reduced_forward", "remove_pruning",
+    "score_names", "strategy_names",
 ]  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
-from ssmtrim.models.tokens import TokenState
+from ssmtrim.models.tokens import Streams, TokenState
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
 from ssmtrim.pruning.state import PruneStats, ReductionStep
@@ -25,6 +25,39 @@ from ssmtrim.pruning.strategies import get_strategy
 
 # observer(block index 0-based, scores (B L), candidate mask (B L) of reducible tokens); used by calibration
 ScoreObserver = Callable[[int, Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
+class DensePrefix:
+    """The first ``blocks`` blocks run dense once, for several plans that reduce only after them (a method table, a
+    schedule search): the streams and token state after those blocks (:func:`dense_prefix`), which
+    :func:`reduced_forward` takes in place of the images. Holds a whole set of images; :meth:`select` takes some."""
+
+    streams: Streams
+    state: TokenState
+    blocks: int
+
+    def __len__(self) -> int:
+        return self.state.positions.shape[0]
+
+    def select(self, index: slice | Tensor) -> DensePrefix:
+        """The prefix of some of the images (a slice or an index tensor over the batch)."""
+        state = self.state
+        taken = state.replace(positions=state.positions[index],
+                              cls_index=None if state.cls_index is None else state.cls_index[index],
+                              sizes=None if state.sizes is None else state.sizes[index])
+        return DensePrefix(tuple(None if t is None else t[index] for t in self.streams), taken, self.blocks)
+
+
+def dense_prefix(model: nn.Module, x: Tensor, blocks: int) -> DensePrefix:
+    """Images (B 3 H W) through the embedding and the first ``blocks`` blocks of the dense model."""
+    family = family_of(model)
+    if not 0 <= blocks < family.depth(model.config):
+        raise ConfigError(f"a dense prefix runs 0 to {family.depth(model.config) - 1} blocks, not {blocks}.")
+    streams, state = family.embed(model, x, True)
+    for i in range(blocks):
+        streams = family.run_block(model, i, streams, state, None).streams
+    return DensePrefix(streams, state, blocks)
 
 
 @dataclass
@@ -59,25 +92,36 @@ def threshold_count(scores: Tensor, protected: Tensor, threshold: float) -> int:
     return max(int(passing[0]), 1)
 
 
-def reduced_forward(model: nn.Module, x: Tensor, config: PruneConfig | None = None,
+def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConfig | None = None,
                     observer: ScoreObserver | None = None) -> ReducedOutput:
-    """Images (B 3 H W) -> logits with tokens reduced as ``config`` (default: the model's plan) says."""
+    """Images (B 3 H W), or their :class:`DensePrefix`, -> logits with tokens reduced as ``config`` (default: the
+    model's plan) says. From a prefix the plan must reduce after its blocks only; the result is the same."""
     config = config if config is not None else model.prune_config
     config.check_runnable()  # threshold mode without thresholds never falls back to counts in silence
-    if config.mode == "threshold" and x.shape[0] > 1:
+    if config.mode == "threshold" and len(x) > 1:
         # each image keeps its own number of tokens, so a batch runs one image at a time
-        outs = [reduced_forward(model, x[i : i + 1], config, observer) for i in range(x.shape[0])]
+        one = (lambda i: x.select(slice(i, i + 1))) if isinstance(x, DensePrefix) else (lambda i: x[i : i + 1])
+        outs = [reduced_forward(model, one(i), config, observer) for i in range(len(x))]
         return ReducedOutput(torch.cat([o.logits for o in outs]), torch.cat([o.features for o in outs]), None,
                              PruneStats.mean([o.stats for o in outs]))
     family = family_of(model)
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
-    streams, state = family.embed(model, x, strategy.keeps_positions)
     keep = config.keep_by_layer()
+    if isinstance(x, DensePrefix):
+        inside = [i + 1 for i in keep if i < x.blocks]
+        if inside:
+            raise ConfigError(f"this plan reduces after block {inside[0]}, inside the dense prefix of {x.blocks} "
+                              f"blocks; make the prefix at most {min(keep)} block{'s' if min(keep) != 1 else ''} long.")
+        streams, state, start = x.streams, x.state.replace(keeps_positions=strategy.keeps_positions), x.blocks
+    else:
+        streams, state = family.embed(model, x, strategy.keeps_positions)
+        start = 0
     thresholds = dict(zip(keep, config.thresholds, strict=True)) if config.thresholds is not None else {}
     stats = PruneStats()
+    stats.tokens_per_block.extend([float(state.num_tokens)] * start)
     geometry = None
     needs_at_reduction = (frozenset({"delta"}) if score.needs_delta else frozenset()) | strategy.needs(config)
-    for i in range(family.depth(model.config)):
+    for i in range(start, family.depth(model.config)):
         stats.tokens_per_block.append(float(state.num_tokens))
         needs = needs_at_reduction if i in keep else frozenset()
         output = family.run_block(model, i, streams, state, geometry, needs) if needs else \
