@@ -9,6 +9,7 @@ import errno
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -70,6 +71,22 @@ def debug_enabled() -> bool:
     return os.environ.get("SSMTRIM_DEBUG", "") not in ("", "0")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or ``kill`` stopping the job), raised where the main thread is, so that it stops the
+    work exactly as Ctrl-C does: temporary files removed, nothing half-written, one line, exit code 143."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this process (the ``ssmtrim`` entry point calls it)."""
+    import signal
+
+    def raise_terminated(signum, frame):  # noqa: ARG001 - the signal module's handler signature
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def handle_errors(fn: F) -> F:
     """Decorator for command functions: known errors become one line and exit code 1."""
 
@@ -79,12 +96,13 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:  # Ctrl-C: said in one line, exit code 130 as a shell expects
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: one line, exit code 130 / 143 as a shell expects
             if debug_enabled():
                 raise
-            print("ssmtrim: interrupted; run the command again to finish (a train or finetune run continues from its "
+            how, code = ("stopped by SIGTERM", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            print(f"ssmtrim: {how}; run the command again to finish (a train or finetune run continues from its "
                   "last saved state with --resume).", file=sys.stderr)
-            raise typer.Exit(130) from None
+            raise typer.Exit(code) from None
         except Exception as exc:
             if debug_enabled():
                 raise

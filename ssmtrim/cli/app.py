@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ssmtrim import __version__
+from ssmtrim.cli._errors import Terminated, stop_on_sigterm
 from ssmtrim.cli.convert_cmd import convert
 from ssmtrim.cli.eval_cmd import eval_
 from ssmtrim.cli.finetune_cmd import finetune
@@ -58,6 +59,7 @@ def _root(
 def main() -> None:
     """The ``ssmtrim`` entry point: a usage error (unknown option, a value of the wrong type, a missing argument) is
     one line on stderr and exit code 2, like every other error; ``ssmtrim`` alone shows the help."""
+    stop_on_sigterm()
     try:
         code = app(standalone_mode=False)
     except _USAGE_ERROR as exc:
@@ -69,6 +71,9 @@ def main() -> None:
     except typer.Abort:
         print("ssmtrim: interrupted.", file=sys.stderr)
         code = 130
+    except Terminated:  # outside a command (while the options are parsed)
+        print("ssmtrim: stopped by SIGTERM.", file=sys.stderr)
+        code = 143
     sys.exit(code if isinstance(code, int) else 0)
 
 

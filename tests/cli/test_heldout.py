@@ -325,3 +325,32 @@ def test_a_replaced_output_that_cannot_be_fully_deleted_is_said(runner, ws, tmp_
     notes = only_notes(runner.invoke(app, ["convert", str(ws["dense"]), "-o", str(out), "--force"]))
     assert any("delete them by hand" in v for v in notes), notes
     assert (out / "model.safetensors").is_file() and "pruning" not in (out / "config.json").read_text()
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_leaves_nothing(ws, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM through the real entry point: one line, exit 143, no output and no temporary folder."""
+    import os
+    import signal
+    import sys
+
+    import safetensors.torch
+
+    from ssmtrim.cli.app import main
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 10)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode, inside the write
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = tmp_path / "c"
+    monkeypatch.setattr(sys, "argv", ["ssmtrim", "convert", str(ws["dense"]), "-o", str(out)])
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssmtrim: stopped by SIGTERM"), err
+    assert list(tmp_path.iterdir()) == []
