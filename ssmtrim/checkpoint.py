@@ -190,7 +190,12 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
                                src.get("spec"), folder_config=config)
     model.data_config = data_config
     if config.get("pruning") is not None:
-        apply_pruning(model, plan)
+        try:
+            apply_pruning(model, plan)
+        except ConfigError as exc:  # a plan that fits another model (a hand-edited file): name the file, not a flag
+            message = str(exc).replace("--layers", "the layers")
+            raise ConfigError(f"{folder / CONFIG_NAME}: the \"pruning\" entry does not fit this model: {message} "
+                              "Write the folder again with ssmtrim prune.") from None
         if dense_weights:
             params = dict(model.named_parameters())
             unknown = sorted(set(dense_weights) - set(params))

@@ -178,6 +178,16 @@ def test_bad_pruning_field_is_named(runner, tmp_path):
         one_line_error(runner.invoke(app, ["info", str(out)]), pattern, str(out / "config.json"))
 
 
+def test_hand_edited_pruning_layers_name_the_file_not_a_flag(runner, tmp_path):
+    out = ssmtrim.save_model(apply_pruning(_tiny(), PruneConfig(layers=(1,), keep=(0.5,))), tmp_path / "p")
+    config = json.loads((out / "config.json").read_text())
+    config["pruning"]["layers"] = [40]
+    (out / "config.json").write_text(json.dumps(config))
+    line = one_line_error(runner.invoke(app, ["info", str(out)]), r"\"pruning\" entry does not fit this model",
+                          str(out / "config.json"))
+    assert "--layers" not in line and "ssmtrim prune" in line
+
+
 def test_integer_weights_are_refused(runner, tmp_path):
     state = {k: (v * 1000).to(torch.int32) if v.is_floating_point() else v for k, v in _tiny().state_dict().items()}
     torch.save(state, tmp_path / "int.pth")
