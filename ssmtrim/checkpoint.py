@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -193,7 +194,7 @@ def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.dev
         try:
             apply_pruning(model, plan)
         except ConfigError as exc:  # a plan that fits another model (a hand-edited file): name the file, not a flag
-            message = str(exc).replace("--layers", "the layers")
+            message = re.sub(r"--layers (\S+) out of range", r"layers \1 are out of range", str(exc))
             raise ConfigError(f"{folder / CONFIG_NAME}: the \"pruning\" entry does not fit this model: {message} "
                               "Write the folder again with ssmtrim prune.") from None
         if dense_weights:
