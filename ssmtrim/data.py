@@ -83,6 +83,7 @@ def scan_folder(root: str | os.PathLike) -> ImageSet:
                 if _is_image(p):
                     paths.append(str(p))
                     labels.append(label)
+        _note_skipped_folders(root_p, subdirs, class_dirs)
         return ImageSet(str(root_p), paths, labels, [d.name for d in class_dirs], "class-folders")
     files = sorted(p for p in root_p.iterdir() if _is_image(p))
     if not files:
@@ -93,6 +94,20 @@ def scan_folder(root: str | os.PathLike) -> ImageSet:
         classes = sorted(set(wnids))
         return ImageSet(str(root_p), [str(p) for p in files], [classes.index(w) for w in wnids], classes, "wnid-files")
     return ImageSet(str(root_p), [str(p) for p in files], [-1] * len(files), [], "unlabelled")
+
+
+def _note_skipped_folders(root: Path, subdirs: list[Path], class_dirs: list[Path]) -> None:
+    """Say once what a class-folder layout does not read: folders inside class folders (only the images directly in
+    a class folder count), and folders beside the classes that hold no images (they are not classes)."""
+    nested = sorted(e.path for d in class_dirs for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
+    if nested:
+        shown = ", ".join(repr(os.path.relpath(n, root)) for n in nested[:3])
+        notice(f"nested:{root}", f"{len(nested)} folder(s) inside the class folders of {str(root)!r} are not read "
+               f"({shown}{', ...' if len(nested) > 3 else ''}); move their images into the class folder to use them.")
+    empty = [d.name for d in subdirs if d not in class_dirs]
+    if empty:
+        notice(f"empty:{root}", f"folder(s) {_preview(empty)} of {str(root)!r} hold no images directly and are not "
+               f"classes here ({len(class_dirs)} class folders found).")
 
 
 def map_to_classes(images: ImageSet, classes: Sequence[str], skip_unknown: bool = False) -> ImageSet:

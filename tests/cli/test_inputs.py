@@ -363,3 +363,26 @@ def test_training_evaluation_reads_images_as_eval_does(tmp_path):
     held = load_folder(tmp_path, 2, 32, classes=["a", "b"], eval_data=cfg)
     expected = torch.stack([eval_transform(load_rgb(p), cfg) for p in scan_folder(tmp_path).paths])
     torch.testing.assert_close(normalise(torch.from_numpy(held.images), cfg), expected, rtol=0, atol=1e-6)
+
+
+def test_folders_a_class_layout_does_not_read_are_said(tmp_path, capsys):
+    from PIL import Image
+
+    from ssmtrim.data import scan_folder
+
+    reset_notices()
+    for name in ("cat/a.png", "cat/more/b.png", "dog/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes").mkdir()
+    images = scan_folder(tmp_path)
+    assert images.classes == ["cat", "dog"] and len(images) == 2
+    err = capsys.readouterr().err
+    assert "'cat/more'" in err and "move their images into the class folder" in err
+    assert "notes" in err and "not classes here" in err
+    reset_notices()
+    (tmp_path / "cat/more/b.png").unlink()
+    (tmp_path / "cat/more").rmdir()
+    (tmp_path / "notes").rmdir()
+    scan_folder(tmp_path)
+    assert "note:" not in capsys.readouterr().err  # a clean layout says nothing
