@@ -16,7 +16,8 @@ compensation fitted on the bundled 250 calibration images (``--calib``). Columns
 fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. The blocks before the first
 reduction run once for all rows (``ssmtrim.pruning.dense_prefix``; the same logits bit for bit, which
 ``tests/pruning/test_prefix.py`` checks), so an entry's ``seconds`` leaves them out. ``--append`` keeps the rows of
-an earlier run that this run does not compute; ``--combine A.json B.json`` makes one table of runs made side by side
+an earlier run that this run does not compute; ``--resume`` continues a stopped run (the JSON is written after every
+entry); ``--combine A.json B.json`` makes one table of runs made side by side
 (e.g. two row subsets, one process each). Writes JSON, Markdown and a plot (top-1 against GFLOPs).
 """
 
@@ -91,6 +92,9 @@ def main() -> None:
     ap.add_argument("--calib", default=str(ROOT / "examples" / "cifar10" / "calib"),
                     help="images that compensation is fitted on (the bundled 250 calibration images)")
     ap.add_argument("--append", action="store_true", help="keep the earlier run's rows that this run does not compute")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a run that stopped: keep the entries already in --out's JSON (written after every "
+                         "entry) and compute only the missing ones")
     ap.add_argument("--combine", nargs="+", metavar="JSON", default=None,
                     help="no evaluation: merge the rows of earlier runs' JSON files (same model, test images and "
                          "layers; e.g. row subsets run side by side) into --out")
@@ -133,6 +137,17 @@ def main() -> None:
     results = {"model": args.model, "test": args.test, "num_test": len(y_test), "mode": "count",
                "layers": layers, "dense": {"top1": dense_top1, "top5": dense_top5,
                                                                       "gflops": dense_flops}, "rows": {}}
+    out_json = Path(args.out).with_suffix(".json")
+    earlier = json.loads(out_json.read_text()) if (args.append or args.resume) and out_json.is_file() else None
+    if earlier is not None:
+        earlier["layers"] = list(earlier["layers"])
+        combine([earlier, results])  # refuses a run on another model, other images or layers
+    done = {(RENAMED.get(k, k), e["target"]) for k, v in earlier["rows"].items() for e in v} \
+        if earlier is not None and args.resume else set()
+
+    def so_far() -> dict:
+        current = dict(results, rows=fresh, seconds=time.perf_counter() - t0)
+        return combine([earlier, current]) if earlier is not None else combine([current])
     for target in targets:
         keep = keep_for(estimate, layers, target)
         if keep is None:
@@ -140,7 +155,7 @@ def main() -> None:
             continue
         for row in rows:
             label = ROWS[row][0]
-            if row in GAP_ROWS and target not in GAP_TARGETS:
+            if row in GAP_ROWS and target not in GAP_TARGETS or (label, target) in done:
                 continue
             # count mode (the default) keeps a fixed number of tokens per layer: thresholds play no part
             config = row_config(row, family, model.config, layers, keep)
@@ -164,13 +179,8 @@ def main() -> None:
             print(f"FLOPs x{target:.1f} (keep {keep:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
                   f"top-1 {r.top1:6.2f}  agreement {r.agreement:6.2f}  KL {r.kl:.4f}  [{r.seconds:.0f} s]",
                   flush=True)
-    results["rows"] = fresh
-    results["seconds"] = time.perf_counter() - t0
-    if args.append and Path(args.out).with_suffix(".json").is_file():
-        old = json.loads(Path(args.out).with_suffix(".json").read_text())
-        old["layers"] = list(old["layers"])
-        results = combine([old, results])  # this run's entries replace the earlier ones at the same target
-    write(combine([results]), Path(args.out))
+            save_json(so_far(), out_json)  # after every entry, so that --resume can continue a stopped run
+    write(so_far(), Path(args.out))  # this run's entries replace the earlier ones at the same target
 
 
 def logits_of(model, prefixes: list, config: PruneConfig | None = None) -> torch.Tensor:
@@ -225,9 +235,16 @@ def _stderr(results: dict) -> float:
     return 100 * (p * (1 - p) / results["num_test"]) ** 0.5
 
 
+def save_json(results: dict, path: Path) -> None:
+    """Written whole or not at all (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    save_json(results, out.with_suffix(".json"))
     md = markdown(results)
     out.with_suffix(".md").write_text(md)
     print(md)
