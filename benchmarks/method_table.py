@@ -83,7 +83,7 @@ def row_config(row: str, family, arch_config, layers, keep) -> PruneConfig | Non
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "examples" / "vim_cifar"))
-    ap.add_argument("--test", required=True, help="labelled test images (class sub-folders)")
+    ap.add_argument("--test", help="labelled test images (class sub-folders); required unless --combine")
     ap.add_argument("--layers", default="3,6,9", help="prune after these blocks (1-based)")
     ap.add_argument("--targets", default="0.8,0.7,0.6,0.5", help="FLOPs as fractions of dense (paper convention)")
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of the rows, comma-separated")
@@ -103,6 +103,8 @@ def main() -> None:
     if args.combine:
         write(combine([json.loads(Path(f).read_text()) for f in args.combine]), Path(args.out))
         return
+    if args.test is None:
+        ap.error("--test is required (the labelled test images), unless --combine makes a table of earlier runs")
 
     model = ssmtrim.load_model(args.model)
     data_cfg = data_config_of(model)
