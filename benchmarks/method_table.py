@@ -213,7 +213,11 @@ def combine(runs: list[dict]) -> dict:
 
 def markdown(results: dict) -> str:
     rows = results["rows"]
-    cols = [e for e in next(iter(rows.values()))] if rows else []
+    first: dict[float, dict] = {}  # per target, the first row's entry (its FLOPs head the column)
+    for entries in rows.values():
+        for e in entries:
+            first.setdefault(e["target"], e)
+    cols = [first[t] for t in sorted(first, reverse=True)]  # every target any row reached, even in a partial run
     head = "| method | " + " | ".join(f"−{100 * e['flops_reduction']:.0f}% FLOPs ({e['gflops']['paper'] * 1e3:.1f} M)"
                                       for e in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|",
