@@ -23,8 +23,9 @@
  * atomics (they are accumulated per lane and reduced once per b).
  * OpenMP on purpose: the library's DT_NEEDED libgomp.so.1 resolves to the copy PyTorch has already loaded, so the
  * kernel and PyTorch's own ops share one thread pool (a private pthread pool measured 25% slower end to end, its
- * threads competing with PyTorch's spinning workers). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with -O3 -ffast-math so that
- * expf vectorises (libmvec); the decay's exp is inlined where the CPU has AVX-512 (exp_row).
+ * threads competing with PyTorch's spinning workers). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with
+ * -O3 -ffast-math so that libm's exp functions vectorise (libmvec); the decay's exp and softplus are inlined where the
+ * CPU has AVX-512 (decay_row, softplus_row).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -38,6 +39,13 @@ static inline float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 int ssm_max_state(void) { return MAXN; }
 
 #define W 16
+
+/* The token-major scan (below) takes blocks of WT = WT_LANES x W channels: several vectors per step, so that their
+ * chains of multiply-adds (the sum over states) overlap instead of waiting on each other. */
+#ifndef WT_LANES
+#define WT_LANES 4
+#endif
+#define WT (WT_LANES * W)
 
 /* exp2_row(t, out): out[k] = 2^t[k] for the W lanes of a block: the decay exp(d A) = 2^(d A log2 e) of the
  * recurrence, with A log2 e formed once per block (A2 below; one product per value, which -ffast-math cannot
@@ -97,6 +105,18 @@ static inline void decay_row(const float *dec, const float *a2, float *out) {
     exp2_row(x, out);
 }
 
+/* The factored gap of batch b as (L, lanes) rows: dst[t][k] = gap[b, t] * gscale[b, e0 + k] (0 for k >= nl), the one
+ * way every path forms G, so that they give the same bits. */
+static void factored_gap(const float *gap, const float *gscale, long b, long En, long e0, long nl, long Ln,
+                         long lanes, float *dst) {
+    float sc[WT]; /* lanes is W or WT */
+    for (long k = 0; k < lanes; k++) sc[k] = k < nl ? gscale[b * En + e0 + k] : 0.f;
+    for (long t = 0; t < Ln; t++) {
+        const float g = gap[b * Ln + t];
+        for (long k = 0; k < lanes; k++) dst[t * lanes + k] = g * sc[k];
+    }
+}
+
 /* Copy rows e0..e0+nl-1 of a (E, L) slab into a token-major (L, W) buffer; missing lanes get `fill`. */
 static void load_block(const float *src, long Ln, long nl, float fill, float *dst) {
     for (long t = 0; t < Ln; t++)
@@ -132,12 +152,7 @@ static void block_prepare(Block *blk, const float *u, const float *delta, const 
     load_block(delta + be0 * Ln, Ln, nl, 0.f, blk->d);
     if (z) load_block(z + be0 * Ln, Ln, nl, 0.f, blk->z);
     if (gap && gscale) {
-        float sc[W];
-        for (long k = 0; k < W; k++) sc[k] = k < nl ? gscale[be0 + k] : 0.f;
-        for (long t = 0; t < Ln; t++) {
-            const float g = gap[b * Ln + t];
-            for (long k = 0; k < W; k++) blk->tmp[t * W + k] = g * sc[k];
-        }
+        factored_gap(gap, gscale, b, En, e0, nl, Ln, W, blk->tmp);
     } else if (gap) {
         load_block(gap + be0 * Ln, Ln, nl, 0.f, blk->tmp);
     }
@@ -218,7 +233,6 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
                   int softplus, const float *dout, const float *dlast, float *du, float *ddelta, float *dA, float *dBt,
                   float *dCt, float *dD, float *dz, float *dbias, float *dgap, long Bn, long En, long Ln, long Nn,
                   int nthreads) {
-    const long nblk = (En + W - 1) / W;
 #pragma omp parallel num_threads(nthreads)
     {
         Block blk = block_alloc(Ln);
@@ -433,13 +447,6 @@ void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, cons
     }
 }
 
-/* The token-major scan takes blocks of WT = 2 W channels: two vectors per step, so that the two halves' chains of
- * multiply-adds (the sum over states) overlap instead of waiting on each other. */
-#ifndef WT_LANES
-#define WT_LANES 4
-#endif
-#define WT (WT_LANES * W)
-
 /* Rows e0..e0+nl-1 of token-major data (batch b) in scan order into a (L, WT) buffer. */
 static void load_rows(const float *src, long sb, long sl, long b, long e0, long Ln, long nl, int rev, float *dst) {
     for (long t = 0; t < Ln; t++) {
@@ -462,14 +469,7 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
     float At[MAXN * WT], h[MAXN * WT], ex[MAXN * WT], Dl[WT]; /* At: A log2 e (see decay_row) */
     load_rows(p[0], st[0], st[1], b, e0, Ln, nl, 0, blk->u);
     load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
-    if (gap) { /* the extra decay, formed as block_prepare forms it: G = count x scale, then d + G */
-        float sc[WT];
-        for (long k = 0; k < WT; k++) sc[k] = k < nl ? gscale[b * En + e0 + k] : 0.f;
-        for (long t = 0; t < Ln; t++) {
-            const float g = gap[b * Ln + t];
-            for (long k = 0; k < WT; k++) blk->tmp[t * WT + k] = g * sc[k];
-        }
-    }
+    if (gap) factored_gap(gap, gscale, b, En, e0, nl, Ln, WT, blk->tmp); /* then d + G, as block_prepare does */
     for (long t = 0; t < Ln; t++)
         for (long k = 0; k < WT; k++) blk->d[t * WT + k] += bias && k < nl ? bias[e0 + k] : 0.f;
     if (softplus)
