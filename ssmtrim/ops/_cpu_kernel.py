@@ -23,7 +23,8 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAG_SETS = (
     # 512-bit vectors where the CPU has them: one vector is one block of 16 channels (gcc defaults to 256 bits);
-    # -fno-plt: the vector expf, called once per state and step, is reached through the GOT without a PLT jump
+    # -fno-plt: libm's vector exp functions (where there is no AVX-512 to inline them) are reached through the GOT
+    # without a PLT jump
     ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fno-plt", "-fopenmp"],
     ["-O3", "-ffast-math", "-march=native", "-fopenmp"],
     ["-O3", "-ffast-math", "-fopenmp"],

@@ -50,17 +50,18 @@ int ssm_max_state(void) { return MAXN; }
 /* exp2_row(t, out): out[k] = 2^t[k] for the W lanes of a block: the decay exp(d A) = 2^(d A log2 e) of the
  * recurrence, with A log2 e formed once per block (A2 below; one product per value, which -ffast-math cannot
  * reassociate differently in different loops). It is most of the scan's work, so with AVX-512 it is inlined: t
- * clamped to [-150, 128] (where exp underflows to 0 and overflows), t = n + f, n = round(t), f in [-1/2, 1/2],
- * 2^f = 1 + f q(f) with q a degree-4 minimax fit (relative error under 1.5 ulp against libm's 0.5), 2^n applied by
- * scalef. Elsewhere it is libm's vector exp2f. Every path of this file takes the decay through decay_row, so they
- * stay bit-identical to each other. */
+ * clamped to |t| <= 150 with its sign (one vrangeps; 2^-150 underflows to 0 and 2^150 overflows to inf, as the exact
+ * values do; a NaN gives 0 or inf by its sign bit), t = n + f with n = round(t) and f in [-1/2, 1/2] (vreduceps, then
+ * n = t - f; both exact, and f = t for small decays, so no bits are lost where d A is near 0), 2^f = 1 + f q(f) with q
+ * a degree-4 minimax fit (relative error under 1.7e-7 in fp32 with FMA), 2^n applied by scalef. Elsewhere it is libm's
+ * vector exp2f. Every path of this file takes the decay through decay_row, so they stay bit-identical to each other. */
 #define LOG2E 1.44269504088896341f
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline __m512 exp2_16(__m512 t) {
-    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-150.f)), _mm512_set1_ps(128.f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
+    t = _mm512_range_ps(t, _mm512_set1_ps(150.f), 0x2); /* |t| <= 150, sign kept */
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* t - round(t), exact */
+    const __m512 n = _mm512_sub_ps(t, f);                                              /* round(t), exact */
     __m512 q = _mm512_set1_ps(0.001326472731307149f);
     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.009671512991189957f));
     q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05550733581185341f));
@@ -103,6 +104,19 @@ static inline void decay_row(const float *dec, const float *a2, float *out) {
 #pragma omp simd
     for (long k = 0; k < W; k++) x[k] = dec[k] * a2[k];
     exp2_row(x, out);
+}
+
+/* out[k] = x[k] sigmoid(g[k]) = x[k] / (1 + exp(-g[k])) for the W lanes: SiLU (x = g) and the gate y silu(z) (x = y z).
+ * exp(-g) = 2^(-g log2 e) through exp2_16 where there is AVX-512 (one call less per vector, and inlined), else libm's
+ * vector expf; every path takes SiLU and the gate through here, so they give the same bits. */
+static inline void gate_row(const float *x, const float *g, float *out) {
+#if defined(__AVX512F__)
+    const __m512 e = exp2_16(_mm512_mul_ps(_mm512_loadu_ps(g), _mm512_set1_ps(-LOG2E)));
+    _mm512_storeu_ps(out, _mm512_div_ps(_mm512_loadu_ps(x), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+#else
+#pragma omp simd
+    for (long k = 0; k < W; k++) out[k] = x[k] / (1.f + expf(-g[k]));
+#endif
 }
 
 /* The factored gap of batch b as (L, lanes) rows: dst[t][k] = gap[b, t] * gscale[b, e0 + k] (0 for k >= nl), the one
@@ -213,7 +227,8 @@ void ssm_scan_fwd(const float *u, const float *delta, const float *A, const floa
                 if (z) {
                     const float *zt = blk.z + t * W;
 #pragma omp simd
-                    for (long k = 0; k < W; k++) yt[k] = acc[k] * zt[k] / (1.f + expf(-zt[k]));
+                    for (long k = 0; k < W; k++) acc[k] *= zt[k];
+                    gate_row(acc, zt, yt);
                 } else {
 #pragma omp simd
                     for (long k = 0; k < W; k++) yt[k] = acc[k];
@@ -382,7 +397,7 @@ void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos
         const long *pb = pos ? pos + b * Ln : NULL;
         float acc[CONV_CHUNK];
         for (long l = 0; l < Ln; l++) {
-            for (long e = 0; e < ne; e++) acc[e] = bias ? bias[e0 + e] : 0.f;
+            for (long e = 0; e < CONV_CHUNK; e++) acc[e] = bias && e < ne ? bias[e0 + e] : 0.f;
             for (long m = 0; m < Kw && m <= l; m++) {
                 const long d = pb ? pb[l] - pb[l - m] : m; /* distance in original positions, >= m */
                 if (d >= Kw) break;
@@ -396,10 +411,9 @@ void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos
                 }
             }
             float *o = out + (b * En + e0) * Ln + l;
-            for (long e = 0; e < ne; e++) {
-                const float v = acc[e];
-                o[e * Ln] = silu ? v / (1.f + expf(-v)) : v;
-            }
+            if (silu) /* whole vectors (lanes past ne are zeros, unused) */
+                for (long e = 0; e < ne; e += W) gate_row(acc + e, acc + e, acc + e);
+            for (long e = 0; e < ne; e++) o[e * Ln] = acc[e];
         }
     }
 }
@@ -431,7 +445,7 @@ void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, cons
             wt[taps++] = wT + (Kw - 1 - d) * En;
         }
         float *o = out + (b * Ln + l) * En;
-        for (long e0 = 0; e0 < En; e0 += W) { /* En is a multiple of W: every value takes the W-lane expf */
+        for (long e0 = 0; e0 < En; e0 += W) { /* En is a multiple of W: whole vectors, as in ssm_conv_silu */
             vecW acc = {0}, xv, wv;
             if (bias) memcpy(&acc, bias + e0, sizeof acc);
             for (long j = 0; j < taps; j++) { /* one vector register across the taps */
@@ -441,8 +455,10 @@ void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, cons
             }
             float v[W];
             memcpy(v, &acc, sizeof v);
-#pragma omp simd
-            for (long k = 0; k < W; k++) o[e0 + k] = silu ? v[k] / (1.f + expf(-v[k])) : v[k];
+            if (silu)
+                gate_row(v, v, o + e0);
+            else
+                memcpy(o + e0, v, sizeof v);
         }
     }
 }
@@ -466,7 +482,7 @@ static void load_rows(const float *src, long sb, long sl, long b, long e0, long 
 static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int softplus, int rev, const float *zb,
                          long b, long e0, long nl, long En, long Ln, long Nn, float *y) {
     const float *A = p[2], *Bm = p[3], *Cm = p[4], *D = p[5], *bias = p[6], *gap = p[7], *gscale = p[8];
-    float At[MAXN * WT], h[MAXN * WT], ex[MAXN * WT], Dl[WT]; /* At: A log2 e (see decay_row) */
+    float At[MAXN * WT], h[MAXN * WT], Dl[WT]; /* At: A log2 e (see decay_row) */
     load_rows(p[0], st[0], st[1], b, e0, Ln, nl, 0, blk->u);
     load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
     if (gap) factored_gap(gap, gscale, b, En, e0, nl, Ln, WT, blk->tmp); /* then d + G, as block_prepare does */
@@ -485,10 +501,6 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
         const float *bt = Bm + b * st[4] + t * st[5], *ct = Cm + b * st[6] + t * st[7];
         const float *dt = blk->d + t * WT, *ut = blk->u + t * WT, *dec = gap ? blk->dec + t * WT : dt;
         float acc[WT], du[WT];
-        /* every decay of the step first: the recurrence below then runs on registers, with no call (the vector
-         * expf) between its multiply-adds forcing the state out to memory */
-        for (long n = 0; n < Nn; n++)
-            for (long k = 0; k < WT; k += W) decay_row(dec + k, At + n * WT + k, ex + n * WT + k);
 #pragma omp simd
         for (long k = 0; k < WT; k++) {
             acc[k] = Dl[k] * ut[k];
@@ -497,7 +509,8 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
         for (long n = 0; n < Nn; n++) {
             const float bn = bt[n], cn = ct[n];
             float *hn = h + n * WT;
-            const float *en = ex + n * WT;
+            float en[WT];
+            for (long k = 0; k < WT; k += W) decay_row(dec + k, At + n * WT + k, en + k);
 #pragma omp simd
             for (long k = 0; k < WT; k++) {
                 hn[k] = en[k] * hn[k] + du[k] * bn;
@@ -508,7 +521,8 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
         if (zb) {
             const float *zt = zb + (rev ? Ln - 1 - t : t) * WT;
 #pragma omp simd
-            for (long k = 0; k < WT; k++) yt[k] = acc[k] * zt[k] / (1.f + expf(-zt[k]));
+            for (long k = 0; k < WT; k++) acc[k] *= zt[k];
+            for (long k = 0; k < WT; k += W) gate_row(acc + k, zt + k, yt + k);
         } else {
 #pragma omp simd
             for (long k = 0; k < WT; k++) yt[k] = acc[k];
