@@ -35,7 +35,7 @@ _FLAG_SETS = (
 @dataclass(frozen=True)
 class KernelStatus:
     available: bool
-    detail: str  # path of the loaded library, or why it is unavailable
+    detail: str  # path of the loaded library and how it takes the exp, or why it is unavailable
 
 
 _lock = threading.Lock()
@@ -70,10 +70,11 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> tuple[Path | None, str]:
+def _build(cc: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS) -> tuple[Path | None, str]:
+    """(the cached or newly built library of the first flag set that compiles, None and the errors if none does)."""
     source = _SOURCE.read_bytes()
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"selective_scan_{key}.so"
         if target.exists():
@@ -100,6 +101,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_conv_silu.restype = None
     lib.ssm_scan_bwd.restype = None
     lib.ssm_max_state.restype = ctypes.c_int
+    lib.ssm_avx512.restype = ctypes.c_int
     lib.ssm_conv_silu_tok.argtypes = [p, lng, lng, p, p, p, i, i, p] + [lng] * 4 + [i]
     lib.ssm_conv_silu_tok.restype = None
     lib.ssm_scan_bi_tok.argtypes = [p, p, p, lng, lng, i, p] + [lng] * 4 + [i]
@@ -131,7 +133,8 @@ def load() -> ctypes.CDLL | None:
         except OSError as exc:
             _status = KernelStatus(False, f"loading the CPU scan failed: {exc}")
             return None
-        _lib, _status = lib, KernelStatus(True, str(path))
+        exp = "AVX-512, exp inlined" if lib.ssm_avx512() else "libm's vector exp"
+        _lib, _status = lib, KernelStatus(True, f"{path} ({exp})")
         return _lib
 
 

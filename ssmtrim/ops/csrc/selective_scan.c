@@ -98,6 +98,15 @@ static inline void softplus_row(const float *x, float *out) {
 }
 #endif
 
+/* 1 where this build inlines the exp (AVX-512), 0 where it calls libm's vector functions */
+int ssm_avx512(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* out[k] = exp(dec[k] A[k]) = 2^(dec[k] a2[k]) for the W lanes, a2 = A log2 e */
 static inline void decay_row(const float *dec, const float *a2, float *out) {
     float x[W];

@@ -1,0 +1,97 @@
+"""The C kernel as built on a CPU without AVX-512 (most AMD before Zen 4, many laptops): libm's vector exp instead of
+the inlined one. Built here with ``-mno-avx512f`` and swapped in for one test, it must pass what this machine's
+build passes: within fp32 tolerance of ``ref`` (outputs, last states, gradients) and the token-major kernels giving
+the general path's bits, dense and with gap decay."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+import torch
+
+from ssmtrim.ops import _cpu_kernel
+from ssmtrim.ops.selective_scan import selective_scan
+from tests.ops.test_tokens import general_path, kernels_of, spread_model
+
+x86 = platform.machine().lower() in ("x86_64", "amd64")
+pytestmark = pytest.mark.skipif(not x86 or _cpu_kernel._compiler() is None,
+                                reason="needs an x86 C compiler (the flag -mno-avx512f)")
+
+
+@pytest.fixture(scope="module")
+def library_without_avx512(tmp_path_factory) -> str:
+    """Path of the library built without AVX-512, in a cache of its own (built once for this file)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SSMTRIM_CACHE", str(tmp_path_factory.mktemp("kernel_cache")))
+        path, err = _cpu_kernel._build(_cpu_kernel._compiler(),
+                                       (["-O3", "-ffast-math", "-march=native", "-mno-avx512f", "-fopenmp"],))
+    assert path is not None, err
+    return str(path)
+
+
+@pytest.fixture
+def without_avx512(monkeypatch, library_without_avx512) -> ctypes.CDLL:
+    """That library loaded in place of this machine's build, for one test."""
+    lib = ctypes.CDLL(library_without_avx512)
+    _cpu_kernel._declare(lib)
+    assert lib.ssm_avx512() == 0
+    monkeypatch.setattr(_cpu_kernel, "_lib", lib)
+    monkeypatch.setattr(_cpu_kernel, "_status", _cpu_kernel.KernelStatus(True, library_without_avx512))
+    return lib
+
+
+def test_this_machines_build_says_how_it_takes_the_exp():
+    status = _cpu_kernel.status()
+    if not status.available:
+        pytest.skip(status.detail)
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    inlined = _cpu_kernel.load().ssm_avx512() == 1
+    assert ("exp inlined" in status.detail) == inlined
+    if " avx512f" in flags:
+        assert inlined  # the default flags build the AVX-512 path wherever the CPU has it
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_scan_matches_ref(without_avx512, gap):
+    torch.manual_seed(0)
+    b, e, length, n = 2, 40, 33, 16  # 40 channels: two whole vectors of 16 and a partial one
+    u, delta = torch.randn(b, e, length), torch.randn(b, e, length) * 0.5 - 1
+    A, D, bias = -torch.rand(e, n) * 4 - 0.1, torch.randn(e), torch.randn(e) * 0.3
+    B, C, z = torch.randn(b, n, length), torch.randn(b, n, length), torch.randn(b, e, length) * 3
+    G = torch.rand(b, e, length) * 2 if gap else None
+    leaves = [t.requires_grad_() for t in (u, delta, B, C, z)]
+    outs = {}
+    for backend in ("cpu", "ref"):
+        y, last = selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True, gap=G,
+                                 return_last_state=True, backend=backend)
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+        outs[backend] = (y, last, *grads)
+    for got, want in zip(outs["cpu"], outs["ref"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_token_major_path_gives_the_general_bits(without_avx512, monkeypatch):
+    model = spread_model(3)
+    mixer, x = model.layers[1].mixer, torch.randn(3, 3, 32, 32)
+    hidden = torch.randn(3, 17, mixer.in_proj.in_features)
+    with torch.no_grad():
+        assert kernels_of(mixer, hidden) is not None
+        fast_mixer, fast_logits = mixer.ssm_output(hidden), model(x)
+        general_path(monkeypatch)
+        general_mixer, general_logits = mixer.ssm_output(hidden), model(x)
+    assert torch.equal(fast_mixer, general_mixer), (fast_mixer - general_mixer).abs().max()
+    assert torch.equal(fast_logits, general_logits), (fast_logits - general_logits).abs().max()
+
+
+def test_pruned_logits_with_gap_decay_give_the_general_bits(without_avx512, monkeypatch):
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    model = apply_pruning(spread_model(5), PruneConfig(layers=(1, 2), keep=(0.6,), arrangement="merge"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        general_path(monkeypatch)
+        general = model(x)
+    assert torch.equal(fast, general), (fast - general).abs().max()
