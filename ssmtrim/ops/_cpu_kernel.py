@@ -23,9 +23,10 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
 _FLAG_SETS = (
     # 512-bit vectors where the CPU has them: one vector is one block of 16 channels (gcc defaults to 256 bits);
-    # -fno-plt: libm's vector exp functions (where there is no AVX-512 to inline them) are reached through the GOT
-    # without a PLT jump
-    ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fno-plt", "-fopenmp"],
+    # -fno-plt: libm's vector expf (the backward's sigmoid) is reached through the GOT without a PLT jump;
+    # -mno-recip: divisions rounded once (-ffast-math would take a reciprocal estimate, whose bits differ between
+    # AVX-512 and AVX2), so that builds for either give the same bits
+    ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-mno-recip", "-fno-plt", "-fopenmp"],
     ["-O3", "-ffast-math", "-march=native", "-fopenmp"],
     ["-O3", "-ffast-math", "-fopenmp"],
     ["-O3", "-ffast-math"],
@@ -133,7 +134,7 @@ def load() -> ctypes.CDLL | None:
         except OSError as exc:
             _status = KernelStatus(False, f"loading the CPU scan failed: {exc}")
             return None
-        exp = "AVX-512, exp inlined" if lib.ssm_avx512() else "libm's vector exp"
+        exp = "exp by AVX-512 intrinsics" if lib.ssm_avx512() else "exp by vectorised C"
         _lib, _status = lib, KernelStatus(True, f"{path} ({exp})")
         return _lib
 

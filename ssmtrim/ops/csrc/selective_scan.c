@@ -24,16 +24,16 @@
  * OpenMP on purpose: the library's DT_NEEDED libgomp.so.1 resolves to the copy PyTorch has already loaded, so the
  * kernel and PyTorch's own ops share one thread pool (a private pthread pool measured 25% slower end to end, its
  * threads competing with PyTorch's spinning workers). Compiled at first use by ssmtrim/ops/_cpu_kernel.py with
- * -O3 -ffast-math so that libm's exp functions vectorise (libmvec); the decay's exp and softplus are inlined where the
- * CPU has AVX-512 (decay_row, softplus_row).
+ * -O3 -ffast-math so that the loops vectorise (the backward's sigmoid through libm's vector expf); the forward's exp,
+ * softplus and SiLU are inlined (exp2_row, softplus_row, gate_row), as AVX-512 intrinsics or as plain C.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAXN 256
 
-static inline float softplusf(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 static inline float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
 
 int ssm_max_state(void) { return MAXN; }
@@ -49,30 +49,39 @@ int ssm_max_state(void) { return MAXN; }
 
 /* exp2_row(t, out): out[k] = 2^t[k] for the W lanes of a block: the decay exp(d A) = 2^(d A log2 e) of the
  * recurrence, with A log2 e formed once per block (A2 below; one product per value, which -ffast-math cannot
- * reassociate differently in different loops). It is most of the scan's work, so with AVX-512 it is inlined: t
- * clamped to |t| <= 150 with its sign (one vrangeps; 2^-150 underflows to 0 and 2^150 overflows to inf, as the exact
- * values do; a NaN gives 0 or inf by its sign bit), t = n + f with n = round(t) and f in [-1/2, 1/2] (vreduceps, then
- * n = t - f; both exact, and f = t for small decays, so no bits are lost where d A is near 0), 2^f = 1 + f q(f) with q
- * a degree-4 minimax fit (relative error under 1.7e-7 in fp32 with FMA), 2^n applied by scalef. Elsewhere it is libm's
- * vector exp2f. Every path of this file takes the decay through decay_row, so they stay bit-identical to each other. */
+ * reassociate differently in different loops). It is most of the scan's work, so it is inlined, in four steps: t
+ * clamped to |t| <= 150 (2^-150 underflows to 0 and 2^150 overflows to inf, as the exact values do), t = n + f with
+ * n = round(t) and f in [-1/2, 1/2] (both exact, and f = t for small decays, so no bits are lost where d A is near 0),
+ * 2^f = 1 + f q(f) with q a degree-4 minimax fit (relative error under 1.7e-7 in fp32 with FMA), and the product by
+ * 2^n, rounded once (also where the result is subnormal). With AVX-512 the steps are intrinsics (vrangeps,
+ * vreduceps, vscalefps); elsewhere (AVX2, NEON...) they are plain C that the compiler vectorises, 2^n applied as two
+ * exact powers of two, the first into p's exponent bits (p 2^n1 stays normal) and one multiply by the second. Both
+ * give the same bits for every finite t and for +-inf (tests/ops/test_kernel_without_avx512.py). Every path of this
+ * file takes the decay through decay_row, SiLU and the gate through gate_row, and softplus through softplus_row. */
 #define LOG2E 1.44269504088896341f
+#define EXP2_Q4 0.001326472731307149f
+#define EXP2_Q3 0.009671512991189957f
+#define EXP2_Q2 0.05550733581185341f
+#define EXP2_Q1 0.24022242426872253f
+#define EXP2_Q0 0.6931470036506653f
+
+/* softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]: log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3]
+ * (no cancellation for small e), 2 atanh(s) = 2 s (1 + s^2/3 + ... + s^12/13), truncated below 2e-8 relative */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 static inline __m512 exp2_16(__m512 t) {
     t = _mm512_range_ps(t, _mm512_set1_ps(150.f), 0x2); /* |t| <= 150, sign kept */
     const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* t - round(t), exact */
     const __m512 n = _mm512_sub_ps(t, f);                                              /* round(t), exact */
-    __m512 q = _mm512_set1_ps(0.001326472731307149f);
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.009671512991189957f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.05550733581185341f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.24022242426872253f));
-    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(0.6931470036506653f));
+    __m512 q = _mm512_set1_ps(EXP2_Q4);
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_Q3));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_Q2));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_Q1));
+    q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(EXP2_Q0));
     return _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.f)), n);
 }
 static inline void exp2_row(const float *x, float *out) { _mm512_storeu_ps(out, exp2_16(_mm512_loadu_ps(x))); }
 
-/* softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]: log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3]
- * (no cancellation for small e), 2 atanh(s) = 2 s (1 + s^2/3 + ... + s^12/13), truncated below 2e-8 relative */
 static inline void softplus_row(const float *x, float *out) {
     const __m512 v = _mm512_loadu_ps(x);
     const __m512 e = exp2_16(_mm512_mul_ps(_mm512_abs_ps(v), _mm512_set1_ps(-LOG2E)));
@@ -88,17 +97,46 @@ static inline void softplus_row(const float *x, float *out) {
     _mm512_storeu_ps(out, _mm512_add_ps(_mm512_max_ps(v, _mm512_setzero_ps()), log1p_e));
 }
 #else
+static inline float exp2_one(float t) {
+    t = t < -150.f ? -150.f : t;
+    t = t > 150.f ? 150.f : t;
+    const float n = rintf(t), f = t - n;
+    float q = EXP2_Q4;
+    q = q * f + EXP2_Q3;
+    q = q * f + EXP2_Q2;
+    q = q * f + EXP2_Q1;
+    q = q * f + EXP2_Q0;
+    const float p = q * f + 1.f;
+    const int32_t ni = (int32_t)n, n1 = ni >> 1, n2 = ni - n1; /* each in [-75, 75] */
+    int32_t bits, scale_bits = (n2 + 127) * (1 << 23);
+    float r, scale;
+    memcpy(&bits, &p, sizeof bits);
+    bits += n1 * (1 << 23); /* p 2^n1, exact: p in [0.7, 1.5] stays normal */
+    memcpy(&r, &bits, sizeof r);
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return r * scale; /* one rounding */
+}
 static inline void exp2_row(const float *x, float *out) {
 #pragma omp simd
-    for (long k = 0; k < W; k++) out[k] = exp2f(x[k]);
+    for (long k = 0; k < W; k++) out[k] = exp2_one(x[k]);
 }
 static inline void softplus_row(const float *x, float *out) {
 #pragma omp simd
-    for (long k = 0; k < W; k++) out[k] = softplusf(x[k]);
+    for (long k = 0; k < W; k++) {
+        const float v = x[k], e = exp2_one(fabsf(v) * -LOG2E), s = e / (e + 2.f), s2 = s * s;
+        float p = 1.f / 13.f;
+        p = p * s2 + 1.f / 11.f;
+        p = p * s2 + 1.f / 9.f;
+        p = p * s2 + 1.f / 7.f;
+        p = p * s2 + 1.f / 5.f;
+        p = p * s2 + 1.f / 3.f;
+        p = p * s2 + 1.f;
+        out[k] = (v > 0.f ? v : 0.f) + (s + s) * p;
+    }
 }
 #endif
 
-/* 1 where this build inlines the exp (AVX-512), 0 where it calls libm's vector functions */
+/* 1 where this build takes the exp through AVX-512 intrinsics, 0 where through the plain C steps */
 int ssm_avx512(void) {
 #if defined(__AVX512F__)
     return 1;
@@ -115,16 +153,15 @@ static inline void decay_row(const float *dec, const float *a2, float *out) {
     exp2_row(x, out);
 }
 
-/* out[k] = x[k] sigmoid(g[k]) = x[k] / (1 + exp(-g[k])) for the W lanes: SiLU (x = g) and the gate y silu(z) (x = y z).
- * exp(-g) = 2^(-g log2 e) through exp2_16 where there is AVX-512 (one call less per vector, and inlined), else libm's
- * vector expf; every path takes SiLU and the gate through here, so they give the same bits. */
+/* out[k] = x[k] sigmoid(g[k]) = x[k] / (1 + exp(-g[k])) for the W lanes: SiLU (x = g) and the gate y silu(z) (x = y z),
+ * exp(-g) = 2^(-g log2 e) by the inlined exp2 (see exp2_row) */
 static inline void gate_row(const float *x, const float *g, float *out) {
 #if defined(__AVX512F__)
     const __m512 e = exp2_16(_mm512_mul_ps(_mm512_loadu_ps(g), _mm512_set1_ps(-LOG2E)));
     _mm512_storeu_ps(out, _mm512_div_ps(_mm512_loadu_ps(x), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
 #else
 #pragma omp simd
-    for (long k = 0; k < W; k++) out[k] = x[k] / (1.f + expf(-g[k]));
+    for (long k = 0; k < W; k++) out[k] = x[k] / (exp2_one(g[k] * -LOG2E) + 1.f);
 #endif
 }
 
@@ -394,8 +431,16 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
  * x is read through its strides (so the token-major slice of in_proj's output needs no copy); out is (B, E, L)
  * contiguous, the layout the scan reads. Parallel over (b, chunk of channels). */
 #define CONV_CHUNK 64
+/* the hardware's vector width in floats (a wider GCC vector type would be split through the stack) */
+#if defined(__AVX512F__)
+#define VLEN 16
+#elif defined(__AVX__)
+#define VLEN 8
+#else
+#define VLEN 4
+#endif
+typedef float vecV __attribute__((vector_size(VLEN * sizeof(float))));
 #define MAXK 64 /* widest conv kernel the token-major conv takes */
-typedef float vecW __attribute__((vector_size(W * sizeof(float))));
 void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos, const float *w, const float *bias,
                    int silu, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
     const long nchunk = (En + CONV_CHUNK - 1) / CONV_CHUNK;
@@ -455,19 +500,21 @@ void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, cons
         }
         float *o = out + (b * Ln + l) * En;
         for (long e0 = 0; e0 < En; e0 += W) { /* En is a multiple of W: whole vectors, as in ssm_conv_silu */
-            vecW acc = {0}, xv, wv;
-            if (bias) memcpy(&acc, bias + e0, sizeof acc);
-            for (long j = 0; j < taps; j++) { /* one vector register across the taps */
-                memcpy(&xv, xs[j] + e0, sizeof xv);
-                memcpy(&wv, wt[j] + e0, sizeof wv);
-                acc += wv * xv;
+            float res[W];
+            for (long v0 = 0; v0 < W; v0 += VLEN) { /* one hardware vector register across the taps */
+                vecV acc = {0}, xv, wv;
+                if (bias) memcpy(&acc, bias + e0 + v0, sizeof acc);
+                for (long j = 0; j < taps; j++) {
+                    memcpy(&xv, xs[j] + e0 + v0, sizeof xv);
+                    memcpy(&wv, wt[j] + e0 + v0, sizeof wv);
+                    acc += wv * xv;
+                }
+                memcpy(res + v0, &acc, sizeof acc);
             }
-            float v[W];
-            memcpy(v, &acc, sizeof v);
             if (silu)
-                gate_row(v, v, o + e0);
+                gate_row(res, res, o + e0);
             else
-                memcpy(o + e0, v, sizeof v);
+                memcpy(o + e0, res, sizeof res);
         }
     }
 }
