@@ -75,7 +75,9 @@ def _build(cc: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS) -> tuple[Path
     """(the cached or newly built library of the first flag set that compiles, None and the errors if none does)."""
     source = _SOURCE.read_bytes()
     errors = []
+    extra = os.environ.get("SSMTRIM_KERNEL_FLAGS", "").split()  # e.g. -mno-avx512f: build as for a CPU without it
     for flags in flag_sets:
+        flags = [*flags, *extra]
         key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"selective_scan_{key}.so"
         if target.exists():
