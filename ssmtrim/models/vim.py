@@ -205,7 +205,9 @@ class BiMambaMixer(nn.Module):
         y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction).flip(-1)
         if deltas is not None:
             deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
-        return ((y_f + y_b) / 2).transpose(1, 2)
+        # rows (B L E), as the token-major kernels give them: out_proj would copy the transposed view anyway, and the
+        # scores' reductions over E then sum in the same order on both paths (the same bits)
+        return ((y_f + y_b) / 2).transpose(1, 2).contiguous()
 
     def ssm_output_tokens(self, hidden: Tensor, kernels: TokenKernels, geometry: VimGeometry | None = None) -> Tensor:
         """:meth:`ssm_output` on token-major kernels (:mod:`ssmtrim.ops.tokens`): the same values, with every
@@ -422,8 +424,6 @@ class VimFamily:
         block = model.layers[index]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
         hidden, residual, y = block(*streams, geometry, deltas)
-        if y.is_contiguous():  # from the token-major kernels: give the scores the general path's layout, whose
-            y = y.transpose(1, 2).contiguous().transpose(1, 2)  # reductions over E sum in the same order (same bits)
         mixer_input = block.norm(residual.to(block.norm.weight.dtype)) if "mixer_input" in needs else None
         return BlockOutput((hidden, residual), y, deltas[0] if deltas else None, mixer_input)
 
