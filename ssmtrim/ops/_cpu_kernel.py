@@ -102,6 +102,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_scan_bwd.argtypes = [p] * 10 + [i] + [p] * 11 + [lng] * 4 + [i]
     lib.ssm_conv_silu.argtypes = [p, lng, lng, lng, p, p, p, i, p] + [lng] * 4 + [i]
     lib.ssm_conv_silu.restype = None
+    lib.ssm_conv_silu_bwd.argtypes = [p, p, p, p, i, p, p, p, p] + [lng] * 4 + [i]
+    lib.ssm_conv_silu_bwd.restype = None
     lib.ssm_scan_bwd.restype = None
     lib.ssm_max_state.restype = ctypes.c_int
     lib.ssm_avx512.restype = ctypes.c_int

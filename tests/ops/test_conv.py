@@ -1,4 +1,5 @@
-"""Vim's causal conv + SiLU: the C kernel (inference) against PyTorch's conv, over all tokens and over kept ones."""
+"""Vim's causal conv + SiLU: the C kernel (forward and backward) against PyTorch's conv, over all tokens and over kept
+ones."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_kernel_matches_pytorch(e, width, layout):
     pos = kept_positions(3, 17, 30, seed=e)
     pos[0] = torch.arange(13, 30)  # a run with no gap, starting late
     with use_backend("cpu"):
-        assert _kernel_applies(x, conv) is False  # grad mode with a trainable weight: PyTorch
+        assert _kernel_applies(x, conv)  # in grad mode too: the kernel has a backward
         with torch.no_grad():
             assert _kernel_applies(x, conv)
             fast_dense, fast_kept = causal_conv1d_silu(x, conv), causal_conv1d_silu(x, conv, pos, 30)
@@ -71,7 +72,32 @@ def test_kernel_with_all_positions_is_the_dense_conv():
     torch.testing.assert_close(full, dense, atol=0, rtol=0)
 
 
-def test_gradients_and_tracers_use_pytorch():
+@requires_kernel
+@pytest.mark.parametrize("e,width,bias", [(40, 4, True), (70, 4, False), (130, 3, True)])
+@pytest.mark.parametrize("kept", [False, True])
+def test_kernel_gradients_match_pytorch(e, width, bias, kept):
+    """Training through the kernel: the output and the gradients of x, the weight and the bias are PyTorch's."""
+    torch.manual_seed(e)
+    conv = nn.Conv1d(e, e, width, groups=e, padding=width - 1, bias=bias)
+    pos = kept_positions(3, 17, 30, seed=e) if kept else None
+    grad = torch.randn(3, e, 17, generator=torch.Generator().manual_seed(1))
+    results = []
+    for backend in ("cpu", "ref"):  # ref has no conv kernel: PyTorch's conv and autograd
+        x = token_major(3, e, 17, seed=e).requires_grad_(True)
+        conv.zero_grad()
+        with use_backend(backend):
+            assert _kernel_applies(x, conv) == (backend == "cpu")
+            out = causal_conv1d_silu(x, conv, pos, 30 if kept else None)
+        (out * grad).sum().backward()
+        results.append((out.detach(), x.grad, conv.weight.grad.clone(), None if not bias else conv.bias.grad.clone()))
+    for fast, slow in zip(*results, strict=True):
+        if slow is None:
+            assert fast is None
+            continue
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_tracers_and_other_dtypes_use_pytorch():
     conv = nn.Conv1d(8, 8, 4, groups=8, padding=3)
     x = token_major(2, 8, 12).requires_grad_(True)
     pos = kept_positions(2, 12, 20)

@@ -18,14 +18,17 @@ ScanFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
 
 class ConvKernel(NamedTuple):
-    """A fast causal depth-wise conv1d + SiLU for inference (see :mod:`ssmtrim.ops.conv` for the meaning).
+    """A fast causal depth-wise conv1d + SiLU (see :mod:`ssmtrim.ops.conv` for the meaning).
 
     ``accepts(x, conv)`` says whether it takes this input (device, dtype); ``run(x, conv, positions, length)``
-    computes it (``length``: the original sequence length when ``positions`` are given, or None). Gradients, tracers
-    and conv layouts other than Vim's are sent to PyTorch before either is asked."""
+    computes it (``length``: the original sequence length when ``positions`` are given, or None);
+    ``backward(x, conv, positions, grad)``, where the kernel has one, gives the gradients (of x, of the conv's weight
+    and of its bias, or None without one) for training; without it gradients go to PyTorch's conv. Tracers and conv
+    layouts other than Vim's are sent to PyTorch before any is asked."""
 
     accepts: Callable[[Tensor, nn.Conv1d], bool]
     run: Callable[[Tensor, nn.Conv1d, Tensor | None, int | None], Tensor]
+    backward: Callable[[Tensor, nn.Conv1d, Tensor | None, Tensor], tuple[Tensor, Tensor, Tensor | None]] | None = None
 
 
 class TokenKernels(NamedTuple):

@@ -1,5 +1,5 @@
 """``cpu``: the fused C kernel (``csrc/selective_scan.c``, built at first use by :mod:`ssmtrim.ops._cpu_kernel`) for
-CPU tensors: forward and backward of the scan, and the causal conv + SiLU for inference.
+CPU tensors: forward and backward of the scan, and of the causal conv + SiLU.
 
 The scan is one registered PyTorch op, ``ssmtrim::selective_scan``, so fvcore and other tracers see a single node;
 its backward is the kernel's reverse sweep. Where the kernel cannot run (no compiler, fp64, a state size above the
@@ -19,6 +19,7 @@ from ssmtrim.ops.backends.base import Backend, ConvKernel, TokenKernels
 from ssmtrim.ops.backends.ref import selective_scan_ref
 
 _VECTOR = 16  # channels per vector in csrc/selective_scan.c (W)
+_MAX_CONV_WIDTH = 64  # MAXK there: the widest conv the token-major conv and the conv's backward take
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
@@ -176,11 +177,12 @@ def scan(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the causal conv + SiLU (inference)
+# the causal conv + SiLU
 
 
 def conv_accepts(x: Tensor, conv: nn.Conv1d) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and conv.kernel_size[0] <= _MAX_CONV_WIDTH)
 
 
 def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int | None = None) -> Tensor:
@@ -198,6 +200,26 @@ def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int |
         lib.ssm_conv_silu(_ptr(x), sb, se, sl, _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(out), bsz, e, length,
                           width, torch.get_num_threads())
     return out
+
+
+def conv_backward(x: Tensor, conv: nn.Conv1d, positions: Tensor | None,
+                  grad: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``ssm_conv_silu_bwd``: the gradients of :func:`conv_run` (of x (B E L), of the weight (E 1 K) and of the bias
+    (E), or None without one) given that of its output."""
+    lib = _cpu_kernel.load()
+    bsz, e, length = x.shape
+    width = conv.kernel_size[0]
+    x = x.detach().contiguous()
+    weight = conv.weight.detach().reshape(e, width).contiguous()
+    bias = None if conv.bias is None else conv.bias.detach().contiguous()
+    pos = None if positions is None else positions.to(torch.int64).contiguous()
+    grad = grad.float().contiguous()
+    dx, dw = torch.zeros(bsz, e, length), torch.empty(e, width)
+    db = None if bias is None else torch.empty(e)
+    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu_backward"):
+        lib.ssm_conv_silu_bwd(_ptr(x), _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(grad), _ptr(dx), _ptr(dw),
+                              _ptr(db), bsz, e, length, width, torch.get_num_threads())
+    return dx, dw.view_as(conv.weight), db
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +312,7 @@ BACKEND = Backend(
     name="cpu",
     available=available,
     scan=scan,
-    conv=ConvKernel(accepts=conv_accepts, run=conv_run),
+    conv=ConvKernel(accepts=conv_accepts, run=conv_run, backward=conv_backward),
     priority=10,
     devices=("cpu",),
     note=lambda: _cpu_kernel.status().detail,

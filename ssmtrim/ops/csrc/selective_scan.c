@@ -440,7 +440,7 @@ void ssm_scan_bwd(const float *u, const float *delta, const float *A, const floa
 #define VLEN 4
 #endif
 typedef float vecV __attribute__((vector_size(VLEN * sizeof(float))));
-#define MAXK 64 /* widest conv kernel the token-major conv takes */
+#define MAXK 64 /* widest conv kernel the token-major conv and the conv's backward take */
 void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos, const float *w, const float *bias,
                    int silu, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
     const long nchunk = (En + CONV_CHUNK - 1) / CONV_CHUNK;
@@ -469,6 +469,93 @@ void ssm_conv_silu(const float *x, long sxb, long sxe, long sxl, const long *pos
                 for (long e = 0; e < ne; e += W) gate_row(acc + e, acc + e, acc + e);
             for (long e = 0; e < ne; e++) o[e * Ln] = acc[e];
         }
+    }
+}
+
+/* The gradient of ssm_conv_silu, for training: from dout (B, E, L) contiguous, dx (B, E, L) contiguous (zeroed by the
+ * caller; each value receives the taps that read it), dw (E, Kw) and db (E) (NULL without a bias) written whole, for
+ * the same x (here contiguous), pos, w, bias and silu. Row by row ((b, e), along L): the pre-activation is recomputed
+ * (a few multiply-adds per value), then g = dout silu'(pre), then the taps' sums; without positions every step is a
+ * loop over L that vectorises, with them the taps are found per token as in the forward. Sums over L in fp32, over
+ * the batch in double. Parallel over chunks of channels, the batch inside (so that a thread walks adjacent rows): a
+ * thread owns its channels' dx, dw and db, so nothing is shared.
+ * Kw <= MAXK. */
+void ssm_conv_silu_bwd(const float *x, const long *pos, const float *w, const float *bias, int silu,
+                       const float *dout, float *dx, float *dw, float *db, long Bn, long En, long Ln, long Kw,
+                       int nthreads) {
+    const long Lp = (Ln + W - 1) / W * W; /* row buffers in whole vectors */
+    const long nchunk = (En + CONV_CHUNK - 1) / CONV_CHUNK;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *pre = (float *)calloc(3 * Lp, sizeof(float)), *sg = pre + Lp, *g = sg + Lp, one[W];
+        double *dwc = (double *)malloc(sizeof(double) * CONV_CHUNK * (Kw + 1)), *dbc = dwc + CONV_CHUNK * Kw;
+        for (long k = 0; k < W; k++) one[k] = 1.f;
+#pragma omp for schedule(static)
+        for (long c = 0; c < nchunk; c++) { /* a chunk of channels, the batch inside: rows (b, e0..e1) are adjacent */
+            const long e0 = c * CONV_CHUNK, e1 = e0 + CONV_CHUNK < En ? e0 + CONV_CHUNK : En;
+            memset(dwc, 0, sizeof(double) * CONV_CHUNK * (Kw + 1));
+            for (long b = 0; b < Bn; b++) {
+                const long *pb = pos ? pos + b * Ln : NULL;
+                for (long e = e0; e < e1; e++) {
+                    const float *we = w + e * Kw, *xr = x + (b * En + e) * Ln, *gr = dout + (b * En + e) * Ln;
+                    float *dxr = dx + (b * En + e) * Ln;
+                    double *dwe = dwc + (e - e0) * Kw;
+                    const float b0 = bias ? bias[e] : 0.f;
+                    for (long l = 0; l < Ln; l++) pre[l] = b0;
+                    if (!pb) {
+                        for (long m = 0; m < Kw && m < Ln; m++) {
+                            const float wm = we[Kw - 1 - m];
+#pragma omp simd
+                            for (long l = m; l < Ln; l++) pre[l] += wm * xr[l - m];
+                        }
+                    } else {
+                        for (long l = 0; l < Ln; l++)
+                            for (long m = 0; m < Kw && m <= l; m++) {
+                                const long d = pb[l] - pb[l - m];
+                                if (d >= Kw) break;
+                                pre[l] += we[Kw - 1 - d] * xr[l - m];
+                            }
+                    }
+                    if (silu) { /* d silu(p) / dp = s (1 + p (1 - s)), s = sigmoid(p) */
+                        for (long l = 0; l < Lp; l += W) gate_row(one, pre + l, sg + l);
+#pragma omp simd
+                        for (long l = 0; l < Ln; l++) g[l] = gr[l] * (sg[l] * (1.f + pre[l] * (1.f - sg[l])));
+                    } else {
+                        memcpy(g, gr, sizeof(float) * Ln);
+                    }
+                    float gsum = 0.f;
+#pragma omp simd reduction(+ : gsum)
+                    for (long l = 0; l < Ln; l++) gsum += g[l];
+                    dbc[e - e0] += gsum;
+                    if (!pb) {
+                        for (long m = 0; m < Kw && m < Ln; m++) {
+                            const float wm = we[Kw - 1 - m];
+                            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                            for (long l = m; l < Ln; l++) {
+                                acc += g[l] * xr[l - m];
+                                dxr[l - m] += wm * g[l];
+                            }
+                            dwe[Kw - 1 - m] += acc;
+                        }
+                    } else {
+                        for (long l = 0; l < Ln; l++)
+                            for (long m = 0; m < Kw && m <= l; m++) {
+                                const long d = pb[l] - pb[l - m];
+                                if (d >= Kw) break;
+                                dxr[l - m] += we[Kw - 1 - d] * g[l];
+                                dwe[Kw - 1 - d] += (double)g[l] * xr[l - m];
+                            }
+                    }
+                }
+            }
+            for (long e = e0; e < e1; e++) {
+                for (long k = 0; k < Kw; k++) dw[e * Kw + k] = (float)dwc[(e - e0) * Kw + k];
+                if (db) db[e] = (float)dbc[e - e0];
+            }
+        }
+        free(dwc);
+        free(pre);
     }
 }
 
