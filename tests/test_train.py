@@ -72,3 +72,30 @@ def test_init_refuses_other_architectures_and_pruned_checkpoints(data, tmp_path)
     result = runner.invoke(app, ["train", "vim_test", "--data", str(data / "train"), "-o", str(tmp_path / "c"),
                                  "--init", str(other), "--epochs", "1"])
     assert result.exit_code == 1 and "different architecture" in result.output
+
+
+@pytest.mark.parametrize("arch,size", [("vim_test", 48), ("plainmamba_test", (32, 48))])
+def test_train_at_another_input_size(data, tmp_path, arch, size):
+    """--img-size: the architecture trained at that size (its token grid follows), its images read at that size."""
+    out = tmp_path / "run"
+    text = str(size) if isinstance(size, int) else f"{size[0]},{size[1]}"
+    result = runner.invoke(app, ["train", arch, "--data", str(data / "train"), "--eval-data", str(data / "val"), "-o",
+                                 str(out), "--epochs", "1", "--batch-size", "10", "--img-size", text, "-q"])
+    assert result.exit_code == 0, result.output
+    model = ssmtrim.load_model(out)
+    hw = (size, size) if isinstance(size, int) else size
+    assert model.config.input_hw == hw and tuple(model.data_config.input_size[-2:]) == hw
+    assert model.config != ssmtrim.create_model(arch).config
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, *hw)).shape == (2, 10)
+    assert f"at {text.replace(',', 'x')}" in (out / "README.md").read_text()
+
+
+def test_train_img_size_resizes_the_init_checkpoint_and_refuses_a_bad_size(data, tmp_path):
+    start = ssmtrim.save_model(ssmtrim.create_model("vim_test"), tmp_path / "start")  # at vim_test's own 32x32
+    train_from_scratch("vim_test", data / "train", tmp_path / "big", CFG, init=start, img_size=48)
+    assert ssmtrim.load_model(tmp_path / "big").config.input_hw == (48, 48)
+    result = runner.invoke(app, ["train", "vim_test", "--data", str(data / "train"), "-o", str(tmp_path / "bad"),
+                                 "--img-size", "30", "-q"])  # not a whole number of 8-pixel patches
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert not (tmp_path / "bad").exists()

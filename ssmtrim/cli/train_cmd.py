@@ -25,6 +25,7 @@ from ssmtrim.cli._options import (
     TrainDataOpt,
     WarmupEpochsOpt,
     WeightDecayOpt,
+    parse_img_size,
     train_config,
 )
 from ssmtrim.cli._render import ProgressRenderer, console, epoch_printer, print_json
@@ -48,6 +49,10 @@ def train(
     resume: ResumeOpt = False,
     init: Annotated[str | None, typer.Option("--init", help="Start from this dense checkpoint of the same "
                                              "architecture (continue its training on a fresh schedule).")] = None,
+    img_size: Annotated[str | None, typer.Option(
+        "--img-size", help="Train at this input size: N (square) or H,W (pixels, height first); the token grid "
+        "follows (and an --init checkpoint's position embedding is interpolated to it). Default: the "
+        "architecture's own size.")] = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -58,10 +63,11 @@ def train(
     from ssmtrim.training import train_from_scratch
 
     cfg = train_config(locals())
+    size = parse_img_size(img_size)
     with ProgressRenderer(quiet=quiet or json_out) as progress:
         result = train_from_scratch(arch, data, output, cfg, eval_data=eval_data, resume=resume, force=force,
                                     device=device, progress=progress, log=epoch_printer(not (quiet or json_out)),
-                                    init=init)
+                                    init=init, img_size=size)
     if json_out:
         print_json(result)
     else:

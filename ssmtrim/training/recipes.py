@@ -36,14 +36,18 @@ def train_from_scratch(
     progress: Progress | None = None,
     log: Log | None = None,
     init: str | os.PathLike | None = None,
+    img_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Train a registered architecture (e.g. ``vim_cifar``) on a class-folder image set and write an ssmtrim folder
     to ``output`` (weights, config with the recipe and curve, model card, log, state).
 
     The weights start random, or from ``init``: a dense checkpoint of the same architecture whose training this run
-    continues with a fresh schedule (its own training record is kept in the new config under ``previous``)."""
+    continues with a fresh schedule (its own training record is kept in the new config under ``previous``).
+    ``img_size`` (N or (H, W)) trains the architecture at another input size (its token grid follows; an ``init``
+    checkpoint is resized to it as ``load_model(..., img_size=...)`` does)."""
     from ssmtrim.checkpoint import save_model_into
     from ssmtrim.models.registry import create_model, get_spec
+    from ssmtrim.models.resize import resize_model, size_text
 
     check_device(device)
     spec = get_spec(model_name)
@@ -51,19 +55,22 @@ def train_from_scratch(
     rank, _ = init_distributed(device)
     inputs = {"the --data folder": data, "the --eval-data folder": eval_data, "the --init checkpoint": init}
     clear = _prepare_output(output, resume, force, "training", inputs)
-    size = spec.data.input_size[-1]
-    shown = progress if rank == 0 else None
-    check_labelled_eval_data(eval_data)
-    train_set = load_folder(data, spec.arch.num_classes, size, shown)
-    eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes, eval_data=spec.data) \
-        if eval_data is not None else None
     torch.manual_seed(cfg.seed)
     model = create_model(model_name)
     model.data_config = spec.data
+    if img_size is not None:  # checked (whole patches, ...) before any image is read
+        model = resize_model(model, img_size).train()
+    data_cfg = model.data_config
+    size = tuple(data_cfg.input_size[-2:])  # (H, W)
+    shown = progress if rank == 0 else None
+    check_labelled_eval_data(eval_data)
+    train_set = load_folder(data, spec.arch.num_classes, size, shown)
+    eval_set = load_folder(eval_data, spec.arch.num_classes, size, shown, train_set.classes, eval_data=data_cfg) \
+        if eval_data is not None else None
     model.class_names = list(train_set.classes)  # recorded in config.json: later commands match folders by name
-    previous = _init_from(model, init) if init is not None else None
+    previous = _init_from(model, init, img_size) if init is not None else None
     with _run_folder(out, clear):
-        result = fit(model, train_set, cfg, out, spec.data, eval_set=eval_set, resume=resume, device=device,
+        result = fit(model, train_set, cfg, out, data_cfg, eval_set=eval_set, resume=resume, device=device,
                      progress=progress, log=log)
     model.to("cpu")
     final = result["history"][-1] if result["history"] else {}
@@ -74,8 +81,9 @@ def train_from_scratch(
     if previous is not None:
         extra["training"]["previous"] = previous
     if rank == 0:
-        card = _training_card(model_name, init, data, eval_data, cfg, len(train_set),
-                              None if eval_set is None else len(eval_set), final, result["history"])
+        card = _training_card(model_name if img_size is None else f"{model_name} at {size_text(img_size)}", init,
+                              data, eval_data, cfg, len(train_set), None if eval_set is None else len(eval_set),
+                              final, result["history"])
         save_model_into(model, out, extra_config=extra, readme=card)
     return {"output": str(out), **final, "history": result["history"]}
 
@@ -96,13 +104,14 @@ def _training_card(model_name: str, init: str | os.PathLike | None, data: str | 
     return "\n".join(lines) + "\n"
 
 
-def _init_from(model: nn.Module, init: str | os.PathLike) -> dict[str, Any] | None:
-    """Copy the weights of the dense checkpoint ``init`` into ``model`` (same architecture); return its training
-    record, if it has one."""
+def _init_from(model: nn.Module, init: str | os.PathLike,
+               img_size: int | tuple[int, int] | None = None) -> dict[str, Any] | None:
+    """Copy the weights of the dense checkpoint ``init`` (resized to ``img_size`` when given) into ``model`` (same
+    architecture); return its training record, if it has one."""
     from ssmtrim.checkpoint import load_model
     from ssmtrim.pruning import is_pruned
 
-    source = load_model(init)
+    source = load_model(init, img_size=img_size)
     if is_pruned(source):
         raise ConfigError(f"{str(init)!r} is pruned; --init takes a dense checkpoint (use ssmtrim finetune for "
                           "pruned ones).")
