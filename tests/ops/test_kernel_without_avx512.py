@@ -14,6 +14,7 @@ import torch
 
 from ssmtrim.ops import _cpu_kernel
 from ssmtrim.ops.selective_scan import selective_scan
+from tests.ops import test_tokens
 from tests.ops.test_tokens import general_path, kernels_of, spread_model
 
 x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -87,15 +88,7 @@ def test_token_major_path_gives_the_general_bits(without_avx512, monkeypatch):
 
 
 def test_pruned_logits_with_gap_decay_give_the_general_bits(without_avx512, monkeypatch):
-    from ssmtrim.pruning import PruneConfig, apply_pruning
-
-    model = apply_pruning(spread_model(5), PruneConfig(layers=(1, 2), keep=(0.6,), arrangement="merge"))
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        fast = model(x)
-        general_path(monkeypatch)
-        general = model(x)
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    test_tokens.test_pruned_logits_with_gap_decay_are_bit_identical(monkeypatch, "merge")  # on this build
 
 
 def test_same_bits_as_the_avx512_build(monkeypatch, library_without_avx512):
