@@ -73,6 +73,36 @@ def test_merge_step_is_the_size_weighted_average_by_hand():
         assert float(new.sizes[b].sum()) == float(sizes[b].sum())  # nothing lost
 
 
+def test_merging_only_the_staying_tokens_gives_the_bits_of_merging_all_then_keeping():
+    """``merge_and_keep`` computes the staying tokens only; written out over every token and gathered afterwards (the
+    plain formulation) the result is the same to the bit, sizes included."""
+    from ssmtrim.models.tokens import gather_tokens
+    from ssmtrim.pruning.strategies.merge import merge_and_keep
+
+    g = torch.Generator().manual_seed(3)
+    bsz, length, dim, n_removed = 3, 40, 6, 17
+    streams = (torch.randn(bsz, length, dim, generator=g), None, torch.randn(bsz, length, dim, generator=g).double())
+    sizes = torch.randint(1, 6, (bsz, length), generator=g).float()  # not powers of two: x s / s is not always x
+    removed = torch.stack([torch.randperm(length, generator=g)[:n_removed] for _ in range(bsz)])
+    src = removed[:, 4:]  # the first four are dropped
+    staying = [[i for i in range(length) if i not in set(removed[b].tolist())] for b in range(bsz)]
+    dst = torch.stack([torch.tensor(staying[b])[torch.randint(0, 5, (src.shape[1],), generator=g)]
+                       for b in range(bsz)])  # several into the same few tokens
+    state = TokenState(torch.arange(length).expand(bsz, -1), None, length, (1, length), True, sizes=sizes)
+    got, new = merge_and_keep(state, streams, sizes, src, dst, removed)
+    w_src = gather_tokens(sizes, src)
+    total = sizes.scatter_add(1, dst, w_src)
+    index = torch.tensor(staying)
+    for t, out in zip(streams, got, strict=True):
+        if t is None:
+            assert out is None
+            continue
+        acc = (t.float() * sizes[..., None]).scatter_add(
+            1, dst[..., None].expand(-1, -1, dim), gather_tokens(t.float(), src) * w_src[..., None])
+        assert torch.equal(out, gather_tokens((acc / total[..., None]).to(t.dtype), index))
+    assert torch.equal(new.sizes, gather_tokens(total, index)) and new.positions.tolist() == staying
+
+
 @pytest.mark.parametrize("arrangement", ["merge", "tome"])
 @pytest.mark.parametrize("name", ["vim", "plain"])
 def test_merging_keeps_order_and_every_original_token(request, name, arrangement):

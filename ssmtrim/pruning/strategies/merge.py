@@ -31,35 +31,41 @@ def similarity_features(output: BlockOutput, metric: str) -> Tensor:
     return features
 
 
-def merge_into(streams: Streams, sizes: Tensor, src: Tensor, dst: Tensor) -> tuple[Streams, Tensor]:
-    """Size-weighted average of the tokens ``src`` (B R) into ``dst`` (B R, current indices); every token keeps its
-    place (the caller gathers the survivors). Returns the merged streams and the new sizes (B L)."""
-    w_src = gather_tokens(sizes, src)
-    total = sizes.scatter_add(1, dst, w_src)
-    out = []
-    for t in streams:
-        if t is None:
-            out.append(None)
-            continue
-        acc = t.float() * sizes[..., None]
-        acc = acc.scatter_add(1, dst[..., None].expand(-1, -1, t.shape[-1]), gather_tokens(t.float(), src) *
-                              w_src[..., None])  # fmt: skip
-        out.append((acc / total[..., None]).to(t.dtype))
-    return tuple(out), total
-
-
-def survivors(state: TokenState, streams: Streams, sizes: Tensor, removed: Tensor) -> tuple[Streams, TokenState]:
-    """Drop the ``removed`` tokens (B R) from the streams and the state; the rest keep their order."""
+def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tensor, dst: Tensor,
+                   removed: Tensor) -> tuple[Streams, TokenState]:
+    """The tokens that stay (all but ``removed`` (B R'), in their order), with the tokens ``src`` (B R, among the
+    removed) averaged into ``dst`` (B R, current indices of staying tokens), size-weighted: a staying token becomes
+    (its value x its size + the sum of its merged tokens' values x their sizes) / the sum of the sizes, and that sum is
+    its new size. Removed tokens not in ``src`` are dropped. Only the staying tokens are computed."""
     bsz, length = sizes.shape
     keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(
         1, removed, torch.zeros_like(removed, dtype=torch.bool))
     index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, int(length) - removed.shape[1])
+    kept_sizes = gather_tokens(sizes, index)
+    if src.shape[1]:
+        slot = torch.zeros(bsz, length, dtype=torch.long, device=sizes.device).scatter(
+            1, index, torch.arange(index.shape[1], device=sizes.device).expand(bsz, -1))  # current -> kept index
+        to = slot.gather(1, dst)
+        w_src = gather_tokens(sizes, src)
+        total = kept_sizes.scatter_add(1, to, w_src)
+        merged = []
+        for t in streams:
+            if t is None:
+                merged.append(None)
+                continue
+            acc = gather_tokens(t, index).float() * kept_sizes[..., None]
+            acc = acc.scatter_add(1, to[..., None].expand(-1, -1, t.shape[-1]), gather_tokens(t, src).float() *
+                                  w_src[..., None])  # fmt: skip
+            merged.append((acc / total[..., None]).to(t.dtype))
+        streams, kept_sizes = tuple(merged), total
+    else:
+        streams = tuple(None if t is None else gather_tokens(t, index) for t in streams)
     new_cls = None
     if state.cls_index is not None:
         new_cls = (index == state.cls_index[:, None]).long().argmax(1)
     new_state = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
-                              sizes=gather_tokens(sizes, index))  # fmt: skip
-    return tuple(None if t is None else gather_tokens(t, index) for t in streams), new_state
+                              sizes=kept_sizes)
+    return streams, new_state
 
 
 def sizes_of(state: TokenState) -> Tensor:
@@ -84,17 +90,16 @@ class Merge(Strategy):
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
         n_drop = int(round(step.plan.drop_fraction * removed))
-        sizes = sizes_of(state)
         src = src_all[:, n_drop:]
-        streams = step.streams
+        dst = src  # nothing merged: no target needed
         if src.shape[1]:
             features = F.normalize(similarity_features(step.output, step.plan.metric).float(), dim=-1)
             sim = gather_tokens(features, src) @ features.transpose(1, 2)  # B R L
             targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(
                 1, src_all, torch.zeros_like(src_all, dtype=torch.bool))
             sim = sim.masked_fill(~(targets & ~protected)[:, None, :], float("-inf"))
-            streams, sizes = merge_into(streams, sizes, src, sim.argmax(-1))
-        return survivors(state, streams, sizes, src_all)
+            dst = sim.argmax(-1)
+        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src_all)
 
 
 register_strategy(Merge())

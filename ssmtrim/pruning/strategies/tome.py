@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ssmtrim.models.tokens import gather_tokens
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import Strategy, register_strategy
-from ssmtrim.pruning.strategies.merge import merge_into, similarity_features, sizes_of, survivors
+from ssmtrim.pruning.strategies.merge import merge_and_keep, similarity_features, sizes_of
 
 
 class ToMe(Strategy):
@@ -39,8 +39,7 @@ class ToMe(Strategy):
         best, match = sim.max(-1)
         chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
         src, dst = a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
-        streams, sizes = merge_into(step.streams, sizes_of(state), src, dst)
-        return survivors(state, streams, sizes, src)
+        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src)
 
 
 register_strategy(ToMe())
