@@ -37,9 +37,13 @@ def cases() -> list[tuple[str, dict]]:
             out.append((key, dict(layers=layers, keep=keep, score=score)))
         for gap in ("mean", "zero"):
             out.append((key, dict(layers=layers, keep=keep, gap=gap)))
+        for arrangement in ("merge", "tome"):  # merging: the streams averaged, sizes carried between steps
+            out.append((key, dict(layers=layers, keep=keep, arrangement=arrangement)))
+        out.append((key, dict(layers=layers, keep=keep, arrangement="merge", metric="y", drop_fraction=0.5)))
         if vim:
             out.append((key, dict(layers=layers, keep=keep, conv="kept")))
             out.append((key, dict(layers=layers, keep=keep, conv="kept", mode="threshold")))
+            out.append((key, dict(layers=layers, keep=keep, arrangement="merge", conv="kept")))
         out.append((key, dict(layers=layers, keep=(1.0,))))
     return out
 
