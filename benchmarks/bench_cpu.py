@@ -1,7 +1,7 @@
 """CPU speed against the machine's matmul-bound limit, measured in the same run (so the ratio holds on any machine).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_cpu.py [--threads 1] [--repeats 5] [--json out.json] [--isa avx2]
-        [--compare-kernel old.c]
+        [--compare-kernel old.c] [--train REPEATS]
 
 For each model (Vim-T at 224², batch 8, random weights at the official config; the bundled ``examples/vim_cifar``
 at 32², batch 128), eval, no grad:
@@ -20,7 +20,8 @@ on a shared machine do not count against either side.
 ``--isa avx2`` runs as on a CPU without AVX-512 (PyTorch's own kernels, MKL, oneDNN and ssmtrim's C kernel limited
 to AVX2 through their environment variables; the process restarts itself with them). ``--compare-kernel old.c``
 also times each forward with the C kernel built from another source, alternating with this one in the same
-process, which measures a kernel change more steadily than two runs' ratios can on a shared machine.
+process, which measures a kernel change more steadily than two runs' ratios can on a shared machine. ``--train N``
+also times N training steps of ``vim_cifar`` with the conv kernel's backward against PyTorch's conv, alternating.
 """
 
 from __future__ import annotations
@@ -150,6 +151,44 @@ def compare_kernels(forward, batch: int, other: ctypes.CDLL, repeats: int) -> di
             "time_ratio": statistics.median(t / o for t, o in zip(times["this"], times["other"], strict=True))}
 
 
+def bench_training(batch: int, repeats: int) -> dict:
+    """Training steps of the bundled ``vim_cifar`` (forward, cross-entropy, backward, an SGD step at lr 0) with the
+    ``cpu`` backend's conv kernel and, alternately, with PyTorch's conv for the gradients (the backend's conv without
+    its backward, as before the kernel had one): images/s of each (best) and the kernel's time over PyTorch's
+    (median of the alternating pairs)."""
+    import dataclasses
+
+    from ssmtrim.ops import backends
+
+    model = load("vim_cifar", EXAMPLE).train()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, *model.config.input_hw, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with_kernel = backends._table["cpu"]
+    pytorch_grads = dataclasses.replace(with_kernel, conv=with_kernel.conv._replace(backward=None))
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    times = {"kernel": [], "pytorch": []}
+    try:
+        for backend in (with_kernel, pytorch_grads):  # warm-up
+            backends._table["cpu"] = backend
+            step()
+        for _ in range(repeats):
+            for key, backend in (("kernel", with_kernel), ("pytorch", pytorch_grads)):
+                backends._table["cpu"] = backend
+                times[key].append(seconds(step, 1))
+    finally:
+        backends._table["cpu"] = with_kernel
+    return {"model": "vim_cifar", "batch": batch, "train_images_per_s_conv_kernel": batch / min(times["kernel"]),
+            "train_images_per_s_pytorch_conv": batch / min(times["pytorch"]),
+            "time_ratio": statistics.median(k / p for k, p in zip(times["kernel"], times["pytorch"], strict=True))}
+
+
 def bench_model(name: str, folder: Path | None, batch: int, repeats: int, other: ctypes.CDLL | None = None) -> dict:
     model = load(name, folder)
     macs = count_flops(model, "full").gflops * 1e9  # per image
@@ -188,6 +227,9 @@ def main() -> None:
     parser.add_argument("--compare-kernel", type=Path, default=None, metavar="FILE.c",
                         help="also time each model's forward with the C kernel built from this source (e.g. `git "
                              "show REV:ssmtrim/ops/csrc/selective_scan.c > old.c`), alternating with this one")
+    parser.add_argument("--train", type=int, default=0, metavar="REPEATS",
+                        help="also time REPEATS training steps of vim_cifar at batch 128 with the conv kernel's "
+                             "backward against PyTorch's conv, alternating")
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: run as on a CPU without AVX-512 (PyTorch's kernels, MKL, oneDNN and ssmtrim's C "
                              "kernel all limited to AVX2), to read the ratios such a CPU would give")
@@ -224,6 +266,12 @@ def main() -> None:
             print(f"{'':10s} against {args.compare_kernel}: {c['images_per_s_this']:.2f} against "
                   f"{c['images_per_s_other']:.2f} images/s, forward time x{c['time_ratio']:.3f} (median of "
                   f"{args.repeats} alternating pairs)")
+    if args.train:
+        t = bench_training(128, args.train)
+        results["training"] = t
+        print(f"training vim_cifar, batch 128: conv kernel {t['train_images_per_s_conv_kernel']:.1f} images/s, "
+              f"PyTorch's conv {t['train_images_per_s_pytorch_conv']:.1f} images/s; step time x{t['time_ratio']:.3f} "
+              f"(median of {args.train} alternating pairs)")
     results["load_after"] = os.getloadavg()[0]
     print(f"load after: {results['load_after']:.2f}")
     if args.json:
