@@ -56,7 +56,8 @@ int ssm_max_state(void) { return MAXN; }
  * 2^n, rounded once (also where the result is subnormal). With AVX-512 the steps are intrinsics (vrangeps,
  * vreduceps, vscalefps); elsewhere (AVX2, NEON...) they are plain C that the compiler vectorises, 2^n applied as two
  * exact powers of two, the first into p's exponent bits (p 2^n1 stays normal) and one multiply by the second. Both
- * give the same bits for every finite t and for +-inf (tests/ops/test_kernel_without_avx512.py). Every path of this
+ * give the same bits for every finite t and for +-inf where the compiler fuses the polynomial's multiply-adds as the
+ * intrinsics do, as GCC with -ffast-math does (tests/ops/test_kernel_without_avx512.py). Every path of this
  * file takes the decay through decay_row, SiLU and the gate through gate_row, and softplus through softplus_row. */
 #define LOG2E 1.44269504088896341f
 #define EXP2_Q4 0.001326472731307149f
