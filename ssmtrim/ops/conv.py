@@ -28,15 +28,18 @@ def _wants_grad(x: Tensor, conv: nn.Conv1d) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))
 
 
-def _kernel_for(x: Tensor, conv: nn.Conv1d) -> ConvKernel | None:
-    """The chosen backend's conv kernel when it may run on this input, else None (PyTorch)."""
+def _kernel_for(x: Tensor, conv: nn.Conv1d, wants_grad: bool | None = None) -> ConvKernel | None:
+    """The chosen backend's conv kernel when it may run on this input, else None (PyTorch); ``wants_grad`` as
+    :func:`_wants_grad` says, when the caller has it already."""
     if torch.jit.is_tracing() or single_op_requested():
         return None
     width = conv.kernel_size[0]
     if conv.groups != x.shape[1] or conv.padding != (width - 1,) or conv.stride != (1,) or conv.dilation != (1,):
         return None
     kernel = backend_for(x.device).conv
-    if kernel is None or (kernel.backward is None and _wants_grad(x, conv)):
+    if wants_grad is None:
+        wants_grad = _wants_grad(x, conv)
+    if kernel is None or (kernel.backward is None and wants_grad):
         return None
     return kernel if kernel.accepts(x, conv) else None
 
@@ -66,8 +69,9 @@ def _kernel_applies(x: Tensor, conv: nn.Conv1d) -> bool:
 def causal_conv1d_silu(x: Tensor, conv: nn.Conv1d, positions: Tensor | None = None,
                        length: int | None = None) -> Tensor:
     """SiLU(causal depth-wise conv1d) of x (B E L); see the module docstring for ``positions`` and ``length``."""
-    kernel = _kernel_for(x, conv)
-    if kernel is not None and _wants_grad(x, conv):
+    wants_grad = _wants_grad(x, conv)
+    kernel = _kernel_for(x, conv, wants_grad)
+    if kernel is not None and wants_grad:
         return _KernelConvSilu.apply(x, conv.weight, conv.bias, kernel, conv, positions, length)
     if kernel is not None:
         return kernel.run(x, conv, positions, length)
