@@ -14,7 +14,7 @@ size-weighted, tokens at their original positions with the scans' gap bookkeepin
 compensation fitted on the bundled 250 calibration images (``--calib``). Columns: FLOPs reduced by 20/30/40/50%
 (paper convention) by reducing after the same blocks with the keep ratio that meets the target, in count mode. No
 fine-tuning. Accuracy on the whole test folder. The Δ̃ rows run at −30% and −50% only. The blocks before the first
-reduction run once for all rows (``ssmtrim.pruning.dense_prefix``; the same logits bit for bit, which
+reduction run once for all rows (``ssmtrim.pruning.dense_prefix``; the same logits bit for bit in one process, which
 ``tests/pruning/test_prefix.py`` checks), so an entry's ``seconds`` leaves them out. ``--append`` keeps the rows of
 an earlier run that this run does not compute; ``--resume`` continues a stopped run (the JSON is written after every
 entry); ``--combine A.json B.json`` makes one table of runs made side by side

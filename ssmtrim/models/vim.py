@@ -206,7 +206,7 @@ class BiMambaMixer(nn.Module):
         if deltas is not None:
             deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
         # rows (B L E), as the token-major kernels give them: out_proj would copy the transposed view anyway, and the
-        # scores' reductions over E then sum in the same order on both paths (the same bits)
+        # scores' reductions over E then sum in the same order on both paths
         return ((y_f + y_b) / 2).transpose(1, 2).contiguous()
 
     def ssm_output_tokens(self, hidden: Tensor, kernels: TokenKernels, geometry: VimGeometry | None = None) -> Tensor:

@@ -2,9 +2,14 @@
 strategy x mode x score (and Vim's gap and conv options) on the tiny test models and the bundled models.
 
 Run once before a refactor of the reduction engine; ``tests/pruning/test_golden.py`` then checks that the refactored
-code gives ``torch.equal`` logits. Regenerate only when behaviour is meant to change, and say so in the commit.
+code gives the same logits, to the tolerance that holds across CPUs (``tests/tolerance.py``). Regenerate only when
+behaviour is meant to change, and say so in the commit.
 
-    python tests/golden/make_golden.py
+``--kept`` writes ``tests/golden/kept.safetensors`` alone: which tokens each case keeps (the positions after the last
+reduction in count mode; the mean tokens entering each block in threshold mode). Integers, the same on every CPU;
+written from the current code after checking that its logits match the saved ones.
+
+    python tests/golden/make_golden.py [--kept]
 """
 
 from __future__ import annotations
@@ -89,6 +94,41 @@ def run_case(model, x, fields: dict) -> tuple[torch.Tensor, tuple[float, ...] | 
     return logits, thresholds
 
 
+def kept_record(model, x, fields: dict) -> dict[str, torch.Tensor]:
+    """Which tokens a case keeps: positions after the last reduction (count mode), tokens per block (threshold)."""
+    from ssmtrim.pruning.engine import reduced_forward
+
+    cfg_fields = dict(fields)
+    if cfg_fields.get("mode") == "threshold":
+        cfg_fields["thresholds"] = calibrate(model, PruneConfig(**{**cfg_fields, "mode": "count"}), x).thresholds
+    with torch.no_grad():
+        out = reduced_forward(model, x, PruneConfig(**cfg_fields))
+    if out.state is None:
+        return {"tokens": torch.tensor(out.stats.tokens_per_block, dtype=torch.float64)}
+    return {"positions": out.state.positions.contiguous()}
+
+
+def main_kept() -> None:
+    import sys
+
+    sys.path.insert(0, str(HERE.parents[1]))
+    from tests.pruning import test_golden as golden  # the models and inputs exactly as the test loads them
+    from tests.tolerance import assert_close_across_cpus
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, fields in sorted(golden.CASES.items()):
+        key = name.split("|")[0]
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        model, x = golden._model(key), golden.TENSORS[f"input|{key}"]
+        logits, _ = run_case(model, x, fields)
+        # the code still gives the pinned logits, so what it keeps is what the pinned code kept
+        assert_close_across_cpus(logits, golden.TENSORS[f"logits|{name}"], what=name)
+        for kind, value in kept_record(model, x, fields).items():
+            tensors[f"{kind}|{name}"] = value
+    save_file(tensors, str(HERE / "kept.safetensors"))
+    print(f"wrote what {len(golden.CASES)} cases keep to {HERE / 'kept.safetensors'}")
+
+
 def main() -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
@@ -113,4 +153,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main_kept() if "--kept" in sys.argv[1:] else main()

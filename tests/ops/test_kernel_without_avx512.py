@@ -1,8 +1,9 @@
 """The C kernel as built on a CPU without AVX-512 (most AMD before Zen 4, many laptops, ARM): the exp, softplus and
 SiLU as plain C that the compiler vectorises instead of AVX-512 intrinsics. Built here with ``-mno-avx512f`` and
 swapped in for one test, it must pass what this machine's build passes (within fp32 tolerance of ``ref`` with
-gradients and gaps; the token-major kernels giving the general path's bits), and where this machine has AVX-512,
-agree with its build (to the bit with this project's GCC)."""
+gradients and gaps; the token-major kernels agreeing with the general path to the tolerance that holds across CPUs),
+and where this machine has AVX-512, agree with its build (to the bit with this project's GCC; checked to a few ulps,
+since that depends on the compiler)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ssmtrim.ops import _cpu_kernel
 from ssmtrim.ops.selective_scan import selective_scan
 from tests.ops import test_tokens
 from tests.ops.test_tokens import general_path, kernels_of, spread_model
+from tests.tolerance import assert_close_across_cpus
 
 x86 = platform.machine().lower() in ("x86_64", "amd64")
 pytestmark = pytest.mark.skipif(not x86 or _cpu_kernel._compiler() is None,
@@ -74,7 +76,7 @@ def test_scan_matches_ref(without_avx512, gap):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_token_major_path_gives_the_general_bits(without_avx512, monkeypatch):
+def test_token_major_path_matches_the_general_path(without_avx512, monkeypatch):
     model = spread_model(3)
     mixer, x = model.layers[1].mixer, torch.randn(3, 3, 32, 32)
     hidden = torch.randn(3, 17, mixer.in_proj.in_features)
@@ -83,12 +85,12 @@ def test_token_major_path_gives_the_general_bits(without_avx512, monkeypatch):
         fast_mixer, fast_logits = mixer.ssm_output(hidden), model(x)
         general_path(monkeypatch)
         general_mixer, general_logits = mixer.ssm_output(hidden), model(x)
-    assert torch.equal(fast_mixer, general_mixer), (fast_mixer - general_mixer).abs().max()
-    assert torch.equal(fast_logits, general_logits), (fast_logits - general_logits).abs().max()
+    assert_close_across_cpus(fast_mixer, general_mixer)
+    assert_close_across_cpus(fast_logits, general_logits)
 
 
-def test_pruned_logits_with_gap_decay_give_the_general_bits(without_avx512, monkeypatch):
-    test_tokens.test_pruned_logits_with_gap_decay_are_bit_identical(monkeypatch, "merge")  # on this build
+def test_pruned_logits_with_gap_decay_match_the_general_path(without_avx512, monkeypatch):
+    test_tokens.test_pruned_logits_with_gap_decay_match_the_general_path(monkeypatch, "merge")  # on this build
 
 
 def test_agrees_with_the_avx512_build(monkeypatch, library_without_avx512):

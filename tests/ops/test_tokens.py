@@ -1,5 +1,7 @@
-"""The token-major inference kernels (:mod:`ssmtrim.ops.tokens`): the same bits as the general path, and taken only
-where they may run."""
+"""The token-major inference kernels (:mod:`ssmtrim.ops.tokens`): the general path's results, and taken only where
+they may run. Both paths call the same C functions, so with this project's GCC they give the same bits; how a
+compiler inlines and fuses a multiply-add into each call site is its own choice (seen: 9.5e-7 apart on an AMD EPYC),
+so the agreement is checked to the tolerance that holds across CPUs (``tests/tolerance.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from ssmtrim.ops import scan_as_single_op, use_backend
 from ssmtrim.ops._cpu_kernel import status as kernel_status
 from ssmtrim.ops.conv import causal_conv1d_silu
 from ssmtrim.ops.tokens import token_kernels
+from tests.tolerance import assert_close_across_cpus
 
 requires_kernel = pytest.mark.skipif(not kernel_status().available, reason="fast CPU kernel unavailable (no compiler)")
 
@@ -37,7 +40,7 @@ def general_path(monkeypatch) -> None:
 @requires_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("length", [17, 65])
-def test_mixer_output_is_bit_identical(monkeypatch, threads, length):
+def test_mixer_output_matches_the_general_path(monkeypatch, threads, length):
     mixer = spread_model().layers[1].mixer
     hidden = torch.randn(3, length, mixer.in_proj.in_features)
     before = torch.get_num_threads()
@@ -51,17 +54,17 @@ def test_mixer_output_is_bit_identical(monkeypatch, threads, length):
     finally:
         torch.set_num_threads(before)
     assert fast.shape == general.shape == (3, length, mixer.d_inner)
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    assert_close_across_cpus(fast, general)
 
 
 @requires_kernel
-def test_model_logits_are_bit_identical(monkeypatch):
+def test_model_logits_match_the_general_path(monkeypatch):
     model, x = spread_model(1), torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         fast = model(x)
         general_path(monkeypatch)
         general = model(x)
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    assert_close_across_cpus(fast, general)
 
 
 @requires_kernel
@@ -75,7 +78,8 @@ def test_conv_reads_either_direction_by_index(reverse):
         got = kernels.conv(x, mixer.conv1d, reverse)
         seq = x.transpose(1, 2).flip(-1) if reverse else x.transpose(1, 2)
         want = causal_conv1d_silu(seq.contiguous(), mixer.conv1d).transpose(1, 2)
-    assert got.is_contiguous() and torch.equal(got, want)
+    assert got.is_contiguous()
+    assert_close_across_cpus(got, want)
 
 
 @requires_kernel
@@ -100,7 +104,7 @@ def test_channels_in_partial_vectors_take_the_general_path():
 
 
 @requires_kernel
-def test_kept_tokens_at_original_positions_are_bit_identical(monkeypatch):
+def test_kept_tokens_at_original_positions_match_the_general_path(monkeypatch):
     """A reduced sequence whose conv reads neighbours by original position (no gap decay) takes the kernels too."""
     mixer = spread_model(3).layers[2].mixer
     g = torch.Generator().manual_seed(3)
@@ -112,13 +116,13 @@ def test_kept_tokens_at_original_positions_are_bit_identical(monkeypatch):
         fast = mixer.ssm_output(hidden, geometry)
         general_path(monkeypatch)
         general = mixer.ssm_output(hidden, geometry)
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    assert_close_across_cpus(fast, general)
 
 
 @requires_kernel
 @pytest.mark.parametrize("estimate", ["bias", "mean"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gap_decay_is_bit_identical(monkeypatch, estimate, threads):
+def test_gap_decay_matches_the_general_path(monkeypatch, estimate, threads):
     """A reduced sequence whose scans decay over the skipped positions (align, merge) takes the kernels too."""
     from ssmtrim.models.tokens import gaps_from_positions
 
@@ -139,12 +143,12 @@ def test_gap_decay_is_bit_identical(monkeypatch, estimate, threads):
     finally:
         torch.set_num_threads(before)
     assert not torch.allclose(general, without_gap)  # the gaps change the output: they were read
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    assert_close_across_cpus(fast, general)
 
 
 @requires_kernel
 @pytest.mark.parametrize("arrangement", ["align", "merge"])
-def test_pruned_logits_with_gap_decay_are_bit_identical(monkeypatch, arrangement):
+def test_pruned_logits_with_gap_decay_match_the_general_path(monkeypatch, arrangement):
     from ssmtrim.pruning import PruneConfig, apply_pruning
 
     model = apply_pruning(spread_model(5), PruneConfig(layers=(1, 2), keep=(0.6,), arrangement=arrangement))
@@ -153,4 +157,4 @@ def test_pruned_logits_with_gap_decay_are_bit_identical(monkeypatch, arrangement
         fast = model(x)
         general_path(monkeypatch)
         general = model(x)
-    assert torch.equal(fast, general), (fast - general).abs().max()
+    assert_close_across_cpus(fast, general)

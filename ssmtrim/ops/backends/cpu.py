@@ -232,7 +232,7 @@ ScanInputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor
 
 def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
     """fp32 CPU tensors, a state the kernel holds, channels in whole vectors (the conv's SiLU then takes the same
-    vector exp for every channel as the general path's conv, so both give the same bits)."""
+    vector exp for every channel as the general path's conv, so both agree: to the bit with this project's GCC)."""
     lib = _cpu_kernel.load() if x.device.type == "cpu" else None
     return (lib is not None and x.dtype == torch.float32 and d_state <= lib.ssm_max_state()
             and d_inner % _VECTOR == 0)
