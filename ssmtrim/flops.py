@@ -150,6 +150,25 @@ def _with_bias(base: Callable[[list, list], Any], key: str, bias_index: int) -> 
     return handle
 
 
+def _conv_mode(inputs: list, outputs: list) -> Counter:
+    """A convolution with string padding ('same'): output elements x input channels per group x kernel taps."""
+    weight, out = _shape(inputs[1]), _numel(outputs[0])
+    count = Counter({"conv": out * math.prod(weight[1:]) if weight is not None else 0})
+    if _shape(inputs[2]) is not None:
+        count["bias"] += out
+    return count
+
+
+def _attention(inputs: list, outputs: list) -> Counter:
+    """Scaled dot-product attention: q (.. L d), k (.. S d), v (.. S dv): L S d + L S dv multiply-accumulates and a
+    softmax over L S scores (3 operations each, as ``aten::softmax`` counts)."""
+    q, k, v = (_shape(inputs[i]) for i in range(3))
+    if q is None or k is None or v is None:
+        return Counter()
+    scores = math.prod(q[:-1]) * k[-2]
+    return Counter({"attention": scores * (q[-1] + v[-1]), "softmax": 3 * scores})
+
+
 def _scan(inputs: list, outputs: list) -> Counter:
     bsz, e, length = _shape(inputs[0])
     n = _shape(inputs[2])[1]
@@ -194,6 +213,8 @@ def _handles() -> dict[str, Callable | None]:
     handles: dict[str, Callable | None] = {
         "aten::linear": _with_bias(linear_flop_jit, "linear", 2),
         "aten::_convolution": _with_bias(conv_flop_jit, "conv", 2),
+        "aten::_convolution_mode": _conv_mode,
+        "aten::scaled_dot_product_attention": _attention,
         "aten::sum": _reduce_sum,
         "aten::mean": _reduce_mean,
         "aten::norm": _reduce_mean,
@@ -235,13 +256,17 @@ class _Trace:
     batch_size: int
 
 
-def _units(model: nn.Module) -> list[str]:
+def _units(model: nn.Module, prefix: str = "") -> list[str]:
+    """Disjoint parts of a model, in order: its children, with every layer list opened into its entries, and any
+    module that holds a layer list (a hierarchical model's stage) opened too, so that each block is one part
+    (``layers.3``; ``layers.1.blocks.0``, ``layers.1.downsample``)."""
+    containers = (nn.ModuleList, nn.ModuleDict)
     units = []
     for name, child in model.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            units += [f"{name}.{sub}" for sub, _ in child.named_children()]
+        if isinstance(child, containers) or any(isinstance(c, containers) for c in child.children()):
+            units += _units(child, f"{prefix}{name}.")
         else:
-            units.append(name)
+            units.append(f"{prefix}{name}")
     return units
 
 
@@ -350,7 +375,7 @@ def _full_report(trace: _Trace) -> FlopReport:
 def _paper_report(trace: _Trace) -> FlopReport:
     if not trace.mixers:
         raise ConfigError(
-            "the paper convention is defined for Vim and PlainMamba mixers, and this model has none; use "
+            "the paper convention is defined for the registered families' mixers, and this model has none; use "
             "convention='full'."
         )
     fca, batch = trace.analysis, trace.batch_size

@@ -13,6 +13,15 @@ from ssmtrim.cli._render import console, print_json
 from ssmtrim.models.registry import list_models
 
 
+def _bundled(name: str) -> bool:
+    from ssmtrim.bundled import examples_dir
+
+    try:
+        return (examples_dir() / name / "config.json").is_file()
+    except Exception:  # no bundled files in this installation
+        return False
+
+
 @handle_errors
 def models(
     json_out: JsonOpt = False,
@@ -25,9 +34,15 @@ def models(
                      "pretrained": [vars(p) for p in s.pretrained], "description": s.description} for s in specs])
         return
     table = Table(title="Models", title_justify="left")
-    for col in ("name", "family", "dim", "depth", "official weights (hub id:file, top-1)"):
-        table.add_column(col)
+    # the family is the name's prefix (and in --json); the weights column folds rather than cut a Hub id
+    for col in ("name", "width", "depth"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("official weights (Hub id, file, top-1)", overflow="fold")
     for s in specs:
-        weights = "\n".join(f"{p.hub_id}:{p.filename} ({p.top1})" for p in s.pretrained) or "-"
-        table.add_row(s.name, s.family, str(s.arch.embed_dim), str(s.arch.depth), weights)
+        weights = "\n".join(f"{p.hub_id}\n  {p.filename} ({p.top1})" for p in s.pretrained)
+        if not weights:
+            release = s.description.split("weights: ")[1] if "weights: " in s.description else None
+            weights = f"GitHub release\n  {release.rsplit('/', 1)[-1]}" if release else \
+                "bundled" if _bundled(s.name) else "-"
+        table.add_row(s.name, s.arch.width_text(), str(s.arch.depth), weights)
     console.print(table)

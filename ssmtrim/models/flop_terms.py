@@ -17,15 +17,19 @@ class MixerDims:
     conv_extra: int  # k - 1 extra outputs of a causally padded 1-D conv; 0 for a 'same' 2-D conv
     scans: int  # scans counted (Vim: 1 direction; PlainMamba: 4)
     gated_scan: bool  # z enters the scan -> + L·E
+    gate: bool = True  # in_proj also makes the gate z (D -> 2E); False: D -> E (VMamba's released models)
+    projections_per_scan: bool = False  # each scan has its own x_proj and dt_proj (VMamba's four routes)
+    out_proj_inputs: int = 1  # out_proj reads E channels per factor (MambaVision's cat([y, z]): 2)
 
     def terms(self, length: int) -> dict[str, int]:
         """The paper convention's terms for one image whose mixer sees ``length`` tokens."""
         t, d, e, n, r = length, self.dim, self.d_inner, self.d_state, self.dt_rank
+        per = self.scans if self.projections_per_scan else 1
         return {
-            "in_proj": t * d * 2 * e,
+            "in_proj": t * d * (2 if self.gate else 1) * e,
             "conv": (t + self.conv_extra) * e * self.conv_taps,
-            "x_proj": t * e * (r + 2 * n),
-            "dt_proj": t * r * e,
+            "x_proj": per * t * e * (r + 2 * n),
+            "dt_proj": per * t * r * e,
             "scan": self.scans * (9 * t * e * n + t * e + self.gated_scan * t * e),
-            "out_proj": t * e * d,
+            "out_proj": t * self.out_proj_inputs * e * d,
         }

@@ -488,7 +488,7 @@ class PlainMambaFamily:
     def has_class_token(self, config: PlainMambaConfig) -> bool:
         return False  # every token is a candidate; the head averages those left
 
-    def block_name(self, index: int) -> str:
+    def block_name(self, config: PlainMambaConfig, index: int) -> str:
         return f"layers.{index}"
 
     def embed(self, model: PlainMamba, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:

@@ -56,6 +56,11 @@ class ArchConfig:
 
     family: ClassVar[str]
 
+    def width_text(self) -> str:
+        """The model's width as a table shows it (a flat model's embedding dim; a hierarchical one's first and last
+        stage's, ``96-768``)."""
+        return str(getattr(self, "embed_dim", "?"))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[call-overload]
         d["family"] = self.family
@@ -108,8 +113,9 @@ class Family(Protocol):
         """A protected token that is never reduced (counts are then made even to centre it)."""
         ...
 
-    def block_name(self, index: int) -> str:
-        """Qualified module name of block ``index`` (0-based), as FLOP counters see it."""
+    def block_name(self, config: Any, index: int) -> str:
+        """Qualified module name of block ``index`` (0-based), as FLOP counters see it (``layers.3``; in a
+        hierarchical model ``layers.1.blocks.0``)."""
         ...
 
     # running with a token state (see ssmtrim.pruning.engine)
@@ -143,6 +149,9 @@ class Family(Protocol):
         ...
 
     # optional: resize_state_dict(config, state_dict, img_size) -> (config, state_dict), to load at another input size
+    # optional: after_block(model, index, streams, state) -> (streams, state), what follows block ``index`` outside
+    #   the blocks: a hierarchical family's downsample at a stage change puts the tokens on the next stage's grid
+    #   (a new TokenState); default: nothing (see after_block_of)
 
     def check_plan(self, plan: Any) -> None:
         """Raise ConfigError naming an option this family cannot honour."""
@@ -153,6 +162,15 @@ class Family(Protocol):
         """The paper convention's mixer terms (``ssmtrim.flops.MixerDims``) when ``module`` is this family's mixer,
         else None."""
         ...
+
+
+def _no_stage_change(model: nn.Module, index: int, streams: tuple, state: Any) -> tuple[tuple, Any]:
+    return streams, state
+
+
+def after_block_of(family: Family):
+    """The family's ``after_block`` (a stage change after a block), or the default of a flat family: nothing."""
+    return getattr(family, "after_block", _no_stage_change)
 
 
 @dataclass(frozen=True)
@@ -191,7 +209,8 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 # the built-in family modules, imported by name on first use (the way entry points are): the registry needs no
 # import of them, they import the registry
-BUILTIN_FAMILY_MODULES = ("ssmtrim.models.vim", "ssmtrim.models.plainmamba")
+BUILTIN_FAMILY_MODULES = ("ssmtrim.models.vim", "ssmtrim.models.plainmamba", "ssmtrim.models.vmamba",
+                          "ssmtrim.models.mambavision")
 
 
 def _ensure_loaded() -> None:

@@ -405,7 +405,7 @@ class VimFamily:
     def has_class_token(self, config: VimConfig) -> bool:
         return True
 
-    def block_name(self, index: int) -> str:
+    def block_name(self, config, index: int) -> str:
         return f"layers.{index}"
 
     def embed(self, model: VisionMamba, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import family_of
+from ssmtrim.models.registry import after_block_of, family_of
 from ssmtrim.models.tokens import Streams, TokenState
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
@@ -55,8 +55,10 @@ def dense_prefix(model: nn.Module, x: Tensor, blocks: int) -> DensePrefix:
     if not 0 <= blocks < family.depth(model.config):
         raise ConfigError(f"a dense prefix runs 0 to {family.depth(model.config) - 1} blocks, not {blocks}.")
     streams, state = family.embed(model, x, True)
+    after = after_block_of(family)
     for i in range(blocks):
         streams = family.run_block(model, i, streams, state, None).streams
+        streams, state = after(model, i, streams, state)
     return DensePrefix(streams, state, blocks)
 
 
@@ -120,6 +122,7 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
     stats = PruneStats()
     stats.tokens_per_block.extend([float(state.num_tokens)] * start)
     geometry = None
+    after = after_block_of(family)
     needs_at_reduction = (frozenset({"delta"}) if score.needs_delta else frozenset()) | strategy.needs(config)
     for i in range(start, family.depth(model.config)):
         stats.tokens_per_block.append(float(state.num_tokens))
@@ -127,28 +130,40 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
         output = family.run_block(model, i, streams, state, geometry, needs) if needs else \
             family.run_block(model, i, streams, state, geometry)
         streams = output.streams
-        if i not in keep:
-            continue
-        # a seeded generator per plan and block keeps random scores reproducible
-        generator = torch.Generator().manual_seed(config.seed * 1000 + i) if score.needs_generator else None
-        scores = score(output, generator)
-        protected = state.protected()
-        if observer is not None:
-            observer(i, scores, ~protected)
-        candidates = state.num_tokens - (0 if state.cls_index is None else 1)
-        threshold = thresholds.get(i)
-        if config.mode == "threshold" and threshold is not None:
-            k = threshold_count(scores, protected, threshold)
-            k = strategy.threshold_count(k, candidates, state)
-        else:
-            k = kept_count(candidates, keep[i], centred=state.cls_index is not None)
-        stats.kept_fraction.append(k / candidates)
-        if k >= candidates:
-            continue  # nothing to reduce here
-        streams, state = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
-        geometry = family.geometry(model, state, config)
+        if i in keep:
+            streams, state, geometry = _reduce_after(model, i, output, streams, state, geometry, config, keep,
+                                                     thresholds, stats, observer)
+        streams, moved = after(model, i, streams, state)
+        if moved is not state:  # a stage change: the tokens now sit on the next stage's grid
+            state, geometry = moved, None
     features = family.features(model, streams, state)
     return ReducedOutput(family.classifier(model)(features), features, state, stats)
+
+
+def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: TokenState, geometry, config: PruneConfig,
+                  keep: dict[int, float], thresholds: dict[int, float], stats: PruneStats,
+                  observer: ScoreObserver | None):
+    """The reduction point after block ``i``: score -> count -> strategy; returns (streams, state, geometry)."""
+    family = family_of(model)
+    strategy, score = get_strategy(config.arrangement), get_score(config.score)
+    # a seeded generator per plan and block keeps random scores reproducible
+    generator = torch.Generator().manual_seed(config.seed * 1000 + i) if score.needs_generator else None
+    scores = score(output, generator)
+    protected = state.protected()
+    if observer is not None:
+        observer(i, scores, ~protected)
+    candidates = state.num_tokens - (0 if state.cls_index is None else 1)
+    threshold = thresholds.get(i)
+    if config.mode == "threshold" and threshold is not None:
+        k = threshold_count(scores, protected, threshold)
+        k = strategy.threshold_count(k, candidates, state)
+    else:
+        k = kept_count(candidates, keep[i], centred=state.cls_index is not None)
+    stats.kept_fraction.append(k / candidates)
+    if k >= candidates:
+        return streams, state, geometry  # nothing to reduce here
+    streams, state = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
+    return streams, state, family.geometry(model, state, config)
 
 
 class ReducedModel:
@@ -192,15 +207,40 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
     """Patch ``model`` in place so that its forward reduces tokens as ``config`` says; returns the same object."""
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
+    check_plan_for(model, config)
+    model.__class__ = _reduced_class(type(model))
+    model.prune_config = config
+    return model
+
+
+def check_plan_for(model: nn.Module, config: PruneConfig) -> None:
+    """Every check :func:`apply_pruning` makes of a plan, without patching: its layers fit the model, the strategy,
+    score and family can honour its options, and each step can keep what it asks for. One sentence if not."""
     family = family_of(model)
     config.validate_for(family.depth(model.config))
     config.check_runnable()
     get_strategy(config.arrangement).check_plan(config)  # options it cannot use: one sentence now, not mid-forward
     get_score(config.score)
     family.check_plan(config)
-    model.__class__ = _reduced_class(type(model))
-    model.prune_config = config
-    return model
+    _check_counts(family, model.config, config)
+
+
+def _check_counts(family, arch, config: PruneConfig) -> None:
+    """A keep ratio so small that a step would keep fewer tokens than it can (at least 1, or 2 around a class token)
+    is refused: the plan printed and saved must be the plan that runs."""
+    if config.mode != "count":
+        return
+    cls = 1 if family.has_class_token(arch) else 0
+    candidates = family.num_tokens(arch) - cls
+    for block, keep in sorted(config.keep_by_layer().items()):
+        wanted = math.floor(candidates * keep + 1e-9)
+        kept = kept_count(candidates, keep, centred=bool(cls))
+        if kept > wanted + 1:  # more than the one token that centres a class token: the floor was not honoured
+            advice = (f"use a keep ratio of at least {kept / candidates:.3f} there" if kept < candidates else
+                      "use a larger keep ratio or fewer --layers")
+            raise ConfigError(f"keep {keep:g} after block {block + 1} would keep {wanted} of {candidates} tokens, but "
+                              f"a step keeps at least {kept}; {advice}.")
+        candidates = kept
 
 
 def record_dense(model: nn.Module, names: list[str]) -> None:

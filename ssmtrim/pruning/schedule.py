@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning.config import PruneConfig
-from ssmtrim.pruning.engine import apply_pruning, kept_count, remove_pruning
+from ssmtrim.pruning.engine import apply_pruning, check_plan_for, kept_count, remove_pruning
 
 # candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
 _CANDIDATES = (
@@ -74,7 +74,8 @@ class FlopsModel:
         report = count_flops(model, convention=convention)
         self.total = report.total
         family = family_of(model)
-        self.blocks = [report.by_module.get(family.block_name(i), 0) for i in range(family.depth(model.config))]
+        depth = family.depth(model.config)
+        self.blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
         self.dense_tokens = tokens_per_block(model, (), 1.0)
         self.model = model
 
@@ -128,6 +129,10 @@ def search_schedule(
         keep = keep_for(flops, layers, target)
         if keep is not None:
             keep = math.floor(keep * 1e4) / 1e4  # round down: rounding up can cross a token-count step
+            try:  # a plan the strategy cannot run as asked (ToMe below keep 0.5, a step below its least count)
+                check_plan_for(model, base.replace(layers=layers, keep=(keep,), mode="count", thresholds=None))
+            except ConfigError:
+                continue
             candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
     if not candidates:
         least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
@@ -164,6 +169,10 @@ def search_schedule(
         if keep is None:
             break
         keep = math.floor(keep * 1e4) / 1e4
+        try:
+            check_plan_for(model, base.replace(layers=chosen.layers, keep=(keep,), mode="count", thresholds=None))
+        except ConfigError:
+            break
         chosen = Candidate(chosen.layers, keep, flops.ratio(chosen.layers, keep))
         run(chosen, measure=True)
         candidates.append(chosen)

@@ -145,7 +145,7 @@ class ToyFamily:
     def has_class_token(self, config):
         return False
 
-    def block_name(self, index):
+    def block_name(self, config, index):
         return f"layers.{index}"
 
     def embed(self, model, x, keeps_positions):
