@@ -32,6 +32,7 @@ import torch
 
 import ssmtrim
 from ssmtrim.data import scan_folder
+from ssmtrim.errors import ConfigError
 from ssmtrim.evaluate import evaluate_logits, label_images, topk_accuracy
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
@@ -163,7 +164,11 @@ def main() -> None:
             config = row_config(row, family, model.config, layers, keep)
             if config is None:
                 continue
-            pruned = apply_pruning(model, config)
+            try:
+                pruned = apply_pruning(model, config)
+            except ConfigError as exc:  # a plan the strategy cannot run (ToMe below keep 0.5): no row, said
+                print(f"FLOPs x{target:.1f} {label}: not run ({exc})", flush=True)
+                continue
             if config.compensate != "none":
                 if x_calib is None:
                     x_calib = load_images(scan_folder(args.calib), data_cfg, 256)[0]

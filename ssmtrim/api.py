@@ -122,6 +122,7 @@ def prune_and_save(
     comparison = compare_logits(dense_logits, pruned_logits, labels)
     summary: dict[str, Any] = {
         "source": str(source),
+        "data": str(data),
         "plan": config.to_dict(),
         # mean tokens entering each block, over the first batch of images
         "tokens_per_block": _tokens_per_block(model, images, batch_size),

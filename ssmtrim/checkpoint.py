@@ -162,6 +162,10 @@ def load_model(
     kept); at the model's own size it changes nothing. A checkpoint file whose position embedding is not a square
     grid does not say its size: ``img_size`` must then be the size it was trained at (an ssmtrim folder records it).
     """
+    if not isinstance(source, (str, os.PathLike)):
+        what = "a model object" if isinstance(source, nn.Module) else f"a {type(source).__name__}"
+        raise ConfigError(f"load_model takes a registered name, a Hub id, a checkpoint file or a folder, not {what}; "
+                          "use a model you already have as it is (ssmtrim.save_model writes it to a folder).")
     resolved = resolve_source(source, revision)
     if resolved.kind == "folder":
         model = load_folder(resolved, arch=arch, device="cpu" if img_size is not None else device)

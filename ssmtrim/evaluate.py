@@ -368,6 +368,7 @@ def check_compatible(model: nn.Module, dense: nn.Module, flag: str = "--dense") 
     if is_pruned(dense):
         raise ConfigError(f"the dense model to compare with ({flag}) is pruned; give the dense model the pruned one "
                           "came from.")
+    _check_same_base(model, dense, flag)
     a, b = data_config_of(model), data_config_of(dense)
     if a.input_size != b.input_size:
         raise ConfigError(f"the model takes {a.input_size[1]}x{a.input_size[2]} images but the dense model "
@@ -379,6 +380,35 @@ def check_compatible(model: nn.Module, dense: nn.Module, flag: str = "--dense") 
     if names and dense_names and names != dense_names:
         raise ConfigError("the model and the dense model record different class names (or orders); compare models "
                           "with the same classes.")
+
+
+def _check_same_base(model: nn.Module, dense: nn.Module, flag: str) -> None:
+    """A reduced model is compared with the dense model it came from: another family or architecture is refused;
+    the same architecture with other weights (when the reduced model still holds its dense weights) is said."""
+    import dataclasses
+
+    from ssmtrim.notices import notice
+    from ssmtrim.pruning import is_pruned
+
+    if not is_pruned(model):
+        return
+    a, b = model.config, dense.config
+    same = {**dataclasses.asdict(a), "img_size": None} == {**dataclasses.asdict(b), "img_size": None}
+    if a.family != b.family or not same:
+        raise ConfigError(f"the dense model to compare with ({flag}) is a {b.family} of another architecture than the "
+                          f"reduced {a.family}, so it is not the model that was reduced; give the dense model it came "
+                          "from.")
+    config = getattr(getattr(model, "source", None), "folder_config", None) or {}
+    if config.get("finetune"):
+        return  # its own weights are no longer the dense ones
+    kept = getattr(model, "dense_tensors", None) or {}
+    own = model.state_dict()
+    for name, value in dense.state_dict().items():
+        mine = kept.get(name, own.get(name))
+        if mine is None or mine.shape != value.shape or not torch.equal(mine.to(value.dtype), value):
+            notice(f"other-dense:{flag}", f"the dense model given ({flag}) has other weights than the ones the reduced "
+                   f"model was pruned from ({name} differs): agreement and KL compare two different models.")
+            return
 
 
 @torch.no_grad()

@@ -7,6 +7,11 @@ ssmtrim never deletes what it did not write. An existing output folder is used o
 output that is, contains or lies inside one of the command's inputs (the source model, the data folders; symlinks
 resolved) is refused whatever the flags.
 
+``--force`` replaces only a folder of the kind the command writes (a model a model, a report a report, a training run
+a training run), and an output folder is locked from its check until it is written (an ``flock`` on a file in ssmtrim's
+cache; the system releases it if the process ends first, however it ends): a second ssmtrim process that asks
+for the same folder meanwhile is refused in one sentence.
+
 Whether the output can be written is probed before the work, so a read-only or missing parent fails at once, naming
 the path the user gave; an ``OSError`` while writing becomes one sentence (:class:`~ssmtrim.errors.OutputError`)
 naming it too, and temporary files are removed on every failure path.
@@ -15,6 +20,8 @@ naming it too, and temporary files are removed on every failure path.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -40,18 +47,31 @@ _OWN_PATTERNS = re.compile(r"^([a-z_]+_vs_gflops\.png|train_state\.pt\.tmp\d+|\.
 Inputs = Mapping[str, "str | os.PathLike | None"]  # what an output must stay clear of: label -> path
 
 
-def check_output(out_dir: str | os.PathLike, force: bool = False, inputs: Inputs | None = None) -> Path:
+MODEL, REPORT, RUN = "model", "report", "training run"  # the kinds of folder ssmtrim writes
+
+
+def folder_kind(folder: Path) -> str:
+    """What an ssmtrim folder holds: a training run (its log or state), a report, or a model."""
+    if (folder / LOG_NAME).exists() or (folder / STATE_NAME).exists():
+        return RUN
+    if (folder / REPORT_NAME).exists():
+        return REPORT
+    return MODEL
+
+
+def check_output(out_dir: str | os.PathLike, force: bool = False, inputs: Inputs | None = None,
+                 kind: str = MODEL) -> Path:
     """Check, before any long work, that ``out_dir`` can be written as a whole folder: not empty text, not a file,
-    clear of ``inputs``, writable, and, if it exists with something in it, ssmtrim's own output and ``force`` given.
-    Returns the path."""
-    out, text, occupied = inspect_output(out_dir, inputs)
+    clear of ``inputs``, writable, not being written by another process, and, if it exists with something in it,
+    ssmtrim's own output of the same ``kind`` and ``force`` given. Returns the path."""
+    out, text, occupied = inspect_output(out_dir, inputs, kind=kind)
     if occupied and not force:
         raise ConfigError(f"output folder {text!r} already exists; pass --force to replace it or choose another -o.")
     return out
 
 
 def inspect_output(out_dir: str | os.PathLike, inputs: Inputs | None = None,
-                   replacing: bool = True) -> tuple[Path, str, bool]:
+                   replacing: bool = True, kind: str = MODEL) -> tuple[Path, str, bool]:
     """Every check of :func:`check_output` but the one for ``force``: (path, the text the user gave, whether it
     exists with something in it, which is then known to be ssmtrim's own output unless ``replacing`` is False, for
     a folder that is written into without deleting anything, such as a resumed run)."""
@@ -60,6 +80,7 @@ def inspect_output(out_dir: str | os.PathLike, inputs: Inputs | None = None,
         raise ConfigError("the output path is empty; give a folder with -o.")
     out = Path(text).expanduser()
     _check_clear_of(out, text, inputs or {})
+    lock_output(out, text)
     occupied = False
     if out.is_symlink() and os.path.isdir(os.path.realpath(out)):  # realpath: a symlink loop does not raise
         raise ConfigError(f"output {text!r} is a symbolic link; give -o the folder it points to, or another path.")
@@ -74,8 +95,53 @@ def inspect_output(out_dir: str | os.PathLike, inputs: Inputs | None = None,
         if problem is not None:
             raise ConfigError(f"output folder {text!r} {problem}, and ssmtrim replaces only folders it wrote itself; "
                               "choose another -o (a new or empty folder).")
+        found = folder_kind(out) if occupied else kind
+        if found != kind:
+            raise ConfigError(f"output folder {text!r} holds an ssmtrim {found} and this command writes a {kind}; "
+                              f"--force replaces only a folder of the same kind, so choose another -o.")
     _probe_writable(out, text)
     return out, text, occupied
+
+
+_LOCKS: dict[str, int] = {}  # real path of an output -> the open lock file this process holds
+
+
+def _lock_dir() -> Path:
+    root = os.environ.get("SSMTRIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ssmtrim")
+    return Path(root) / "locks"
+
+
+def lock_output(out: Path, text: str) -> None:
+    """Hold an exclusive lock on the output ``out`` until this process ends (re-entrant within the process); another
+    process holding it is refused in one sentence. Where no lock can be taken (a read-only cache), nothing is locked."""
+    key = os.path.realpath(out)
+    if key in _LOCKS or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 holds it for all ranks
+        return
+    try:
+        folder = _lock_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" (process {holder})" if holder.isdigit() else ""
+        raise ConfigError(f"output folder {text!r} is being written by another ssmtrim run{who}; wait for it to "
+                          "finish or choose another -o.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_output(out_dir: str | os.PathLike) -> None:
+    """Give up this process's lock on an output (a long-lived Python session that is done writing it)."""
+    fd = _LOCKS.pop(os.path.realpath(Path(os.fspath(out_dir)).expanduser()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def not_own_output(folder: Path) -> str | None:
@@ -163,19 +229,37 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def embedded_os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside a writer's own exception: safetensors' ``SafetensorError`` ("... (os error 28)") and
+    torch.save's ``RuntimeError`` ("unexpected pos", "failed writing file"), which a full disk or a file-size limit
+    (``ulimit -f``) raise instead of an OSError."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    found = re.search(r"\(os error (\d+)\)", text)
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "failed writing file" in text):
+        return OSError(errno.EFBIG, "the file could not be written whole (a full disk or a file-size limit)")
+    return None
+
+
 def output_error(text: str, exc: OSError, what: str = "the output folder") -> OutputError:
     """One sentence for an ``OSError`` met while writing ``text`` (the path as the user gave it)."""
     full, denied = "free some space or choose another -o", "check its permissions or choose another -o"
     advice = {errno.ENOSPC: full, errno.EDQUOT: full, errno.EACCES: denied, errno.EPERM: denied,
+              errno.EFBIG: "free some space, raise the file-size limit (ulimit -f) or choose another -o",
               errno.EROFS: "choose an -o on a writable disk"}.get(exc.errno, "check the disk or choose another -o")
     return OutputError(f"could not write {what} {text!r} ({_reason(exc)}); {advice}.")
 
 
 def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable[[Path], None],
-                        inputs: Inputs | None = None) -> Path:
+                        inputs: Inputs | None = None, kind: str = MODEL) -> Path:
     """Run ``write(tmp_dir)`` then move the result to ``out_dir`` in one rename, after :func:`check_output`; the
-    temporary folder is removed on every failure path, and a replaced folder comes back if the last rename fails."""
-    out = check_output(out_dir, force, inputs)
+    temporary folder is removed on every failure path, and a replaced folder comes back if the last rename fails.
+    Files get the permissions of any file made with open() (mkstemp-style writers make them 0600)."""
+    out = check_output(out_dir, force, inputs, kind)
     text = os.fspath(out_dir)
     target = Path(os.path.abspath(out))
     tmp: Path | None = None
@@ -188,6 +272,9 @@ def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
         write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o666 & ~umask)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -198,15 +285,17 @@ def write_folder_atomic(out_dir: str | os.PathLike, force: bool, write: Callable
                 raise
         else:
             os.replace(tmp, target)
-    except OSError as exc:
-        if isinstance(exc, SsmtrimError):
+    except Exception as exc:
+        inner = None if isinstance(exc, SsmtrimError) else embedded_os_error(exc)
+        if inner is None:
             raise
-        raise output_error(text, exc) from exc
+        raise output_error(text, inner) from exc
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             _delete_aside(old, target.name)
+        release_output(out)  # the folder is complete (or untouched): the run that checked it is done with it
     return out
 
 

@@ -387,10 +387,11 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, force: bool
     replaced only with ``force`` and only when ssmtrim wrote it, never when it overlaps ``inputs`` (label -> path;
     see :mod:`ssmtrim.outputs`)."""
     from ssmtrim.checkpoint import write_folder_atomic
+    from ssmtrim.outputs import REPORT
 
     def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(markdown(report), encoding="utf-8")
         plot(report, tmp)
 
-    return write_folder_atomic(out_dir, force, write, inputs)
+    return write_folder_atomic(out_dir, force, write, inputs, kind=REPORT)

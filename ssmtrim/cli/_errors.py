@@ -30,13 +30,25 @@ def _os_error(exc: OSError) -> str:
         errno.EROFS: "read-only file system" + where + "; write elsewhere",
         errno.ENOENT: f"{name!r} does not exist; check the path" if name else f"not found: {exc.strerror or exc}",
         errno.EMFILE: "too many open files; lower --workers or raise the limit (ulimit -n)",
+        errno.EFBIG: "file too large" + where + " for the file-size limit (ulimit -f) or the file system; raise the "
+                     "limit or write elsewhere",
     }.get(exc.errno)
     return sentence or f"I/O error{where}: {exc.strerror or exc}; check the disk and run again"
 
 
 def _out_of_memory(exc: BaseException) -> str:
+    import re
+
     where = "the GPU" if type(exc).__name__ == "OutOfMemoryError" else "the machine"
-    return f"{where} ran out of memory; try a smaller --batch-size"
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    need = f" (one tensor alone needed {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+    return f"{where} ran out of memory{need}; try a smaller --batch-size (or --img-size)"
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    """PyTorch's CPU allocator raises a RuntimeError, not a MemoryError, when an allocation fails."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("not enough memory" in text or "DefaultCPUAllocator" in text)
 
 
 def _no_cuda(exc: BaseException) -> str:
@@ -62,9 +74,18 @@ def _first_line(exc: BaseException) -> str:
 _TABLE: tuple[tuple[Callable[[BaseException], bool], Callable[[BaseException], str]], ...] = (
     (lambda e: isinstance(e, SsmtrimError), _one_line),
     (lambda e: isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError", _out_of_memory),
+    (_is_allocation_failure, _out_of_memory),
     (_is_no_cuda, _no_cuda),
     (lambda e: isinstance(e, OSError), _os_error),  # type: ignore[list-item]
+    # a writer's own exception around an OSError (safetensors' "(os error 28)", torch.save's "unexpected pos")
+    (lambda e: _embedded(e) is not None, lambda e: _os_error(_embedded(e))),  # type: ignore[arg-type]
 )
+
+
+def _embedded(exc: BaseException) -> OSError | None:
+    from ssmtrim.outputs import embedded_os_error
+
+    return embedded_os_error(exc)
 
 
 def debug_enabled() -> bool:

@@ -60,6 +60,11 @@ def main() -> None:
     """The ``ssmtrim`` entry point: a usage error (unknown option, a value of the wrong type, a missing argument) is
     one line on stderr and exit code 2, like every other error; ``ssmtrim`` alone shows the help."""
     stop_on_sigterm()
+    # torch makes its compiler cache folder (TMPDIR/torchinductor_<user>) as soon as torch._dynamo is imported, which
+    # tracing does; a command should leave nothing in TMPDIR, so that folder goes in ssmtrim's cache unless set
+    from ssmtrim.ops._cpu_kernel import cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir().parent / "torchinductor"))
     try:
         code = app(standalone_mode=False)
     except _USAGE_ERROR as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,8 +63,9 @@ def prune(
     mode: ModeOpt = "count",
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
-    flops_convention: Annotated[str, typer.Option("--flops-convention", help="FLOPs convention of --flops: full or "
-                                "paper.")] = "full",
+    flops_convention: Annotated[str | None, typer.Option("--flops-convention", help="FLOPs convention of --flops: "
+                                "paper (the published figures' convention, as report --sweep flops= uses) or full. "
+                                "[default: paper]")] = None,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Leave the FLOPs counts out of the summary (they need "
                                            "fvcore).")] = False,
     num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded subset).")] = 256,
@@ -99,6 +101,10 @@ def prune(
     if output is not None:  # before any long work
         check_output(output, force, {"the source model": source, "the --data folder": data,
                                      "the --eval-data folder": eval_data})
+    if flops_convention is not None and flops is None:
+        raise ConfigError("--flops-convention says how --flops counts, and there is no --flops; leave it out or add "
+                          "--flops.")
+    flops_convention = flops_convention or "paper"
     if flops is not None and keep is not None:
         raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
@@ -133,8 +139,8 @@ def prune(
                  f"{plan['mode']} mode"),
         ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
         ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
-        ("agreement with dense top-1", f"{100 * cmp['agreement']:.1f}%"),
-        ("KL(dense || pruned)", f"{cmp['kl']:.4f}"),
+        ("agreement with dense top-1, calibration images", f"{100 * cmp['agreement']:.1f}%"),
+        ("KL(dense || pruned), calibration images", f"{cmp['kl']:.4f}"),
     ]
     if summary.get("compensation"):
         comp = summary["compensation"]
@@ -147,11 +153,12 @@ def prune(
                      f"({found['convention']}); chosen: layers {found['chosen']['layers']} keep "
                      f"{found['chosen']['keep']:.3f}, KL {found['chosen']['kl']:.4f}"))
     if cmp.get("top1") is not None:
-        rows.append(("top-1 dense -> pruned", f"{100 * cmp['dense_top1']:.1f}% -> {100 * cmp['top1']:.1f}%"))
+        rows.append(("top-1 dense -> pruned, calibration images",
+                     f"{100 * cmp['dense_top1']:.1f}% -> {100 * cmp['top1']:.1f}%"))
     for conv, f in summary.get("flops", {}).items():
         saved = 100 * (1 - f["ratio"])
         rows.append((f"GFLOPs ({conv})", f"{f['dense']:.3f} -> {f['pruned']:.3f} ({saved:.1f}% fewer)"))
-    for entry in summary["calibration"]["layers"]:
+    for entry in summary["calibration"]["layers"] if plan["mode"] == "threshold" else ():  # count mode uses none
         kept = 100 * entry["kept_fraction"]
         rows.append((f"layer {entry['layer']} threshold",
                      f"{entry['threshold']:.4g} (kept {kept:.1f}% in threshold mode, "
@@ -165,7 +172,9 @@ def _eval_table(summary: dict):
     from rich.table import Table
 
     ev, flops = summary["evaluation"], summary.get("flops", {})
-    table = Table(title=f"dense vs pruned on {ev['num_images']} held-out images ({ev['data']})", title_justify="left")
+    same = os.path.realpath(str(ev["data"])) == os.path.realpath(str(summary.get("data", "")))
+    which = "calibration images (--eval-data is --data: not held out)" if same else "held-out images"
+    table = Table(title=f"dense vs pruned on {ev['num_images']} {which} ({ev['data']})", title_justify="left")
     for col in ("", "dense", "pruned", "change"):
         table.add_column(col, justify="right" if col else "left")
     for conv, f in flops.items():

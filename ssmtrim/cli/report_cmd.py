@@ -58,12 +58,13 @@ def report(
     from ssmtrim.checkpoint import check_output
     from ssmtrim.devices import check_device
     from ssmtrim.distributed import sharded
+    from ssmtrim.outputs import REPORT
     from ssmtrim.report import build_report, table_rows, write_report
 
     check_device(device)
     inputs = {**{f"the model {m!r}": m for m in models}, "the --data folder": data, "the --calib folder": calib,
               "the --labels file": labels}
-    check_output(output, force, inputs)
+    check_output(output, force, inputs, kind=REPORT)
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be at least 1.")
     if sweep is None and len(models) < 2:

@@ -156,9 +156,14 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
     spec = find_spec(text)
     if spec is not None:
         if not spec.pretrained:
+            bundled = _bundled_folder(spec.name)
+            if bundled is not None:  # a test bed that ships in the package (vim_cifar, ...)
+                return ModelSource(text, "folder", str(bundled), spec=spec.name,
+                                   folder_config=_read_folder_config(bundled))
+            where = f" ({spec.description.split('weights: ')[1]})" if "weights: " in spec.description else ""
             raise UnknownModelError(
-                f"model {spec.name!r} has no official weights on the Hub; build it with ssmtrim.create_model or pass a "
-                "checkpoint file."
+                f"model {spec.name!r} has no weights on the Hub and none ship with ssmtrim{where}; pass a checkpoint "
+                "file, or build it with random weights with ssmtrim.create_model."
             )
         cfg = spec.pretrained[0]
         local = _hub_download(cfg.hub_id, cfg.filename, revision)
@@ -190,6 +195,18 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
     names = ", ".join(s.name for s in list_models())
     raise UnknownModelError(f"unknown model {text!r}; give a registered name ({names}), a Hub id owner/repo[:file], "
                             "or a checkpoint path.")
+
+
+def _bundled_folder(name: str) -> Path | None:
+    """The folder of a registered model that ships with ssmtrim (``examples/<name>``), if there is one."""
+    from ssmtrim.bundled import examples_dir
+    from ssmtrim.errors import SourceNotFoundError as Missing
+
+    try:
+        folder = examples_dir() / name
+    except Missing:
+        return None
+    return folder if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file() else None
 
 
 def _read_folder_config(folder: Path) -> dict[str, Any]:

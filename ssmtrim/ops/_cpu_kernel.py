@@ -71,6 +71,35 @@ def _compiler() -> str | None:
     return None
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(target: Path) -> bool:
+    """A cached library is used only if its recorded digest (written after it was complete) matches: a truncated or
+    damaged file, which would crash the process when loaded (SIGBUS), is built again instead."""
+    stamp = target.with_suffix(".sha256")
+    try:
+        return target.is_file() and stamp.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _clean_stale(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Remove what an interrupted build left in ssmtrim's kernel cache (temporary libraries, the compiler's own
+    temporary files, which builds write there too), once it is old enough not to be a concurrent build's."""
+    import time
+
+    now = time.time()
+    for path in folder.iterdir():
+        if path.name.startswith(("tmp", "cc")) and not path.name.startswith("selective_scan_"):
+            try:
+                if now - path.stat().st_mtime > max_age_s:
+                    path.unlink()
+            except OSError:
+                pass
+
+
 def _build(cc: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS) -> tuple[Path | None, str]:
     """(the cached or newly built library of the first flag set that compiles, None and the errors if none does)."""
     source = _SOURCE.read_bytes()
@@ -80,15 +109,27 @@ def _build(cc: str, flag_sets: tuple[list[str], ...] = _FLAG_SETS) -> tuple[Path
         flags = [*flags, *extra]
         key = hashlib.sha256(source + " ".join([cc, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"selective_scan_{key}.so"
-        if target.exists():
+        if _cached(target):
             return target, ""
         target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(target.parent)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [cc, *flags, "-shared", "-fPIC", "-std=c99", str(_SOURCE), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # the compiler's temporary files go to the cache too, so that a killed build leaves nothing in TMPDIR
+        env = {**os.environ, "TMPDIR": str(target.parent)}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         if proc.returncode == 0:
+            digest = _digest(Path(tmp))
             os.replace(tmp, target)  # atomic: a concurrent builder never sees half a library
+            fd, stamp = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(digest)
+            os.replace(stamp, target.with_suffix(".sha256"))  # written last: the library is complete
             return target, ""
         os.unlink(tmp)
         errors.append(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
@@ -16,6 +17,7 @@ from ssmtrim.pruning.engine import (
     DensePrefix,
     ReducedOutput,
     apply_pruning,
+    dense_of,
     dense_prefix,
     is_pruned,
     kept_count,
@@ -28,8 +30,8 @@ from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
     "DensePrefix", "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput",
-    "apply_pruning", "dense_prefix", "is_pruned", "kept_count", "prune", "reduced_forward", "remove_pruning",
-    "score_names", "strategy_names",
+    "apply_pruning", "dense_of", "dense_prefix", "is_pruned", "kept_count", "prune", "reduced_forward",
+    "remove_pruning", "score_names", "strategy_names",
 ]  # fmt: skip
 
 
@@ -52,7 +54,8 @@ def prune(
     workers: int | None = None,
 ) -> PruneResult:
     """Calibrate thresholds on ``num_images`` images of ``data`` (a folder, seeded subset; or transformed images
-    (N 3 H W)) and patch ``model``.
+    (N 3 H W)) and patch ``model`` in place (``result.model`` is the same object; :func:`dense_of` gives a dense
+    copy, :func:`remove_pruning` undoes the patch).
 
     Without ``data`` the model is patched in count mode with no thresholds (threshold mode then needs calibration).
     """
@@ -64,6 +67,11 @@ def prune(
 
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ConfigError(f"the model's weights are {names}; ssmtrim reduces float32 models, so pass model.float() "
+                          "(the command line converts half-precision weights when it loads them).")
     config.validate_for(family_of(model).depth(model.config))
     if num_images < 1:
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")

@@ -211,7 +211,7 @@ class FlopsTarget:
     the first ``search_images`` calibration images."""
 
     ratio: float
-    convention: str = "full"
+    convention: str = "paper"  # the published figures' convention, as everywhere a FLOPs target is taken
     keep_layers: bool = False
     search_images: int = 256
 

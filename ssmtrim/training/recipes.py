@@ -17,7 +17,15 @@ from torch import nn
 
 from ssmtrim.devices import check_device
 from ssmtrim.errors import ConfigError
-from ssmtrim.outputs import LOG_NAME, STATE_NAME, Inputs, clear_own_output, inspect_output, not_own_output
+from ssmtrim.outputs import (
+    LOG_NAME,
+    RUN,
+    STATE_NAME,
+    Inputs,
+    clear_own_output,
+    inspect_output,
+    not_own_output,
+)  # fmt: skip
 from ssmtrim.training.config import Log, Progress, TrainConfig
 from ssmtrim.training.data import check_labelled_eval_data, load_folder
 from ssmtrim.training.distributed import barrier, dist_info, init_distributed
@@ -126,7 +134,7 @@ def _prepare_output(output: str | os.PathLike, resume: bool, force: bool, what: 
     """Check the run folder before any work (nothing is written here): clear of the ``inputs``, writable, and
     either new or empty, or ssmtrim's own run to continue (``resume``) or to start over (``force``). Returns whether
     it must be cleared first, which :func:`_run_folder` does once the run starts."""
-    out, text, occupied = inspect_output(output, inputs, replacing=not resume)  # a resume deletes nothing
+    out, text, occupied = inspect_output(output, inputs, replacing=not resume, kind=RUN)  # a resume deletes nothing
     if resume and not (out / STATE_NAME).is_file():
         raise ConfigError(f"--resume: {text!r} holds no training state ({STATE_NAME}) to continue; drop --resume to "
                           "start a new run.")

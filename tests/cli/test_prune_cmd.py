@@ -128,7 +128,10 @@ def test_flops_target_chooses_a_schedule(tmp_path, image_dir):
                               str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["flops"]["full"]["ratio"] <= 0.755
+    assert summary["flops"]["paper"]["ratio"] <= 0.755  # the paper convention unless told, as report --sweep
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--layers", "2", "--keep", "0.5",
+                              "--flops-convention", "full"])
+    assert res.exit_code == 1 and "there is no --flops" in res.output
     assert tuple(summary["plan"]["layers"]) == tuple(summary["schedule_search"]["chosen"]["layers"])
     # fixed layers + a target: only the keep ratio is solved for
     res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.8", "--layers", "1,3",

@@ -41,6 +41,10 @@ class Strategy:
                 users = ", ".join(s.name for s in _STRATEGIES.values() if name in s.options) or "no strategy"
                 raise ConfigError(f"--{flag} is an option of {users}; --arrangement {self.name} does not use it, so "
                                   f"leave --{flag} out or choose one of those.")
+        if not self.keeps_positions and plan.gap != GAP_DEFAULT:
+            users = ", ".join(s.name for s in _STRATEGIES.values() if s.keeps_positions)
+            raise ConfigError(f"--gap sets the decay over pruned positions, which --arrangement {self.name} does not "
+                              f"keep (its tokens form a new sequence); leave --gap out or use one of {users}.")
 
     def threshold_count(self, k: int, candidates: int, state: TokenState) -> int:
         """Threshold mode: adjust the number of tokens an image keeps (default: as counted)."""
@@ -53,6 +57,7 @@ class Strategy:
 # options of the merging strategies with their defaults (PruneConfig fields); a strategy that does not list one in its
 # ``options`` refuses a non-default value
 STRATEGY_OPTIONS = {"metric": "input", "drop_fraction": 0.0}
+GAP_DEFAULT = "bias"  # PruneConfig.gap's default: read by the strategies that keep positions
 
 _STRATEGIES: dict[str, Strategy] = {}
 

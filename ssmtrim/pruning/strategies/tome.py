@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import gather_tokens
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import Strategy, register_strategy
@@ -24,6 +25,14 @@ class ToMe(Strategy):
 
     def needs(self, plan) -> frozenset[str]:
         return frozenset({"mixer_input"} if plan.metric == "input" else {"delta"} if plan.metric == "delta" else ())
+
+    def check_plan(self, plan) -> None:
+        super().check_plan(plan)
+        low = [k for k in plan.keep_by_layer().values() if k < 0.5]
+        if low:
+            raise ConfigError(f"--arrangement tome merges at most half the tokens of a step (each token of one half "
+                              f"into one of the other), so it cannot keep {min(low):g} of them; use keep >= 0.5 with "
+                              "more reduction points (--layers), or --arrangement merge.")
 
     def reduce(self, step: ReductionStep):
         state = step.state
