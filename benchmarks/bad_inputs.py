@@ -283,6 +283,51 @@ def labels_file(content: bytes) -> Callable[[Path], dict[str, str]]:
     return setup
 
 
+@contextlib.contextmanager
+def writer_error(message: str) -> Iterator[None]:
+    """safetensors fails with its own error type (not an OSError) after writing part of the file."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError(message)
+
+    safetensors.torch.save_file = save_file
+    try:
+        yield
+    finally:
+        safetensors.torch.save_file = real
+
+
+def dangling_link(case: Path) -> dict[str, str]:
+    (case / "link").symlink_to(case / "gone")
+    return {"link": str(case / "link")}
+
+
+def a_report(case: Path) -> dict[str, str]:
+    """r/: a report folder ssmtrim wrote."""
+    import json
+
+    (case / "r").mkdir()
+    (case / "r" / "report.json").write_text(json.dumps({"ssmtrim_version": "0.1.0", "rows": []}))
+    (case / "r" / "report.md").write_text("# report\n")
+    return {"r": str(case / "r")}
+
+
+def plainmamba_file(case: Path) -> dict[str, str]:
+    """pm.pth: a dense PlainMamba of the same input size as the workspace's Vim."""
+    import torch
+
+    import ssmtrim
+
+    model = ssmtrim.create_model("plainmamba_test", img_size=32, num_classes=2)  # the workspace's images and classes
+    torch.save(model.state_dict(), case / "pm.pth")
+    return {"pm": str(case / "pm.pth")}
+
+
 PRUNE = ["prune", "{dense_file}", "--data", "{images}", "--layers", "1", "--num-images", "8", "--batch-size", "4",
          "--compensate", "none", "--quiet"]  # no compensation: 8 images would draw its warning about too few
 FINETUNE = ["finetune", "{pruned}", "--data", "{images}", "--epochs", "1", "--batch-size", "4", "--quiet"]
@@ -1025,6 +1070,33 @@ CASES += [
          copy_of("pruned"), fault=ctrl_c_while_saving),
     Case("ctrl-c-in-finetune", [*FINETUNE, "--epochs", "3", "-o", "{case}/run"], refused("interrupted", "--resume"),
          fault=ctrl_c_at_step),
+    # held-out findings: the writer's own errors around a full disk, folders of another kind, plans that would not
+    # run as printed, unrelated dense references, allocations beyond memory
+    Case("full-disk-safetensors-own-error", [*PRUNE, "-o", "{case}/out"],
+         refused("No space left on device", "free some space"),
+         fault=lambda: writer_error("Error while serializing: I/O error: No space left on device (os error 28)")),
+    Case("file-size-limit-safetensors", [*PRUNE, "-o", "{case}/out"], refused("file-size limit (ulimit -f)"),
+         fault=lambda: writer_error("Error while serializing: I/O error: File too large (os error 27)")),
+    Case("report-force-over-a-model", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{m}", "--force",
+                                       "--quiet"], refused("holds an ssmtrim model", "same kind"), copy_of("pruned")),
+    Case("convert-force-over-a-report", ["convert", "{dense}", "-o", "{r}", "--force"],
+         refused("holds an ssmtrim report", "same kind"), a_report),
+    Case("keep-below-a-step", [*PRUNE, "--keep", "1e-9", "-o", "{case}/out"],
+         refused("a step keeps at least")),
+    Case("tome-keep-below-half", [*PRUNE, "--arrangement", "tome", "--keep", "0.1", "-o", "{case}/out"],
+         refused("merges at most half")),
+    Case("gap-with-keep-order", [*PRUNE, "--arrangement", "keep-order", "--gap", "zero", "-o", "{case}/out"],
+         refused("--gap sets the decay")),
+    Case("flops-convention-without-flops", [*PRUNE, "--flops-convention", "paper", "-o", "{case}/out"],
+         refused("there is no --flops")),
+    Case("eval-dense-of-another-family", ["eval", "{pruned}", "--data", "{images}", "--dense", "{pm}"],
+         refused("is not the model that was reduced"), plainmamba_file),
+    Case("report-calib-missing", ["report", "{dense}", "--data", "{images}", "--sweep", "keep=0.8", "--calib",
+                                  "{case}/none", "-o", "{case}/r"], refused("--calib", "does not exist")),
+    Case("output-dangling-symlink", [*PRUNE, "-o", "{link}"], refused("symbolic link", "dangling"), dangling_link,
+         within=15),
+    Case("info-img-size-beyond-memory", ["info", "{dense}", "--img-size", "100000"],
+         refused("more than this machine's", "free memory")),
 ]
 
 

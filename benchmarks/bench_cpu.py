@@ -46,7 +46,8 @@ from ssmtrim.ops import _cpu_kernel
 from ssmtrim.ops._cpu_kernel import status as kernel_status
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vim_cifar"
-MODELS = (("vim_tiny", None, 8), ("vim_cifar", EXAMPLE, 128))  # (name, folder or None: random weights, batch)
+MODELS = (("vim_tiny", None, 8), ("vim_cifar", EXAMPLE, 128), ("vmamba_tiny", None, 8),
+          ("mambavision_t", None, 8))  # (name, folder or None: random weights, batch)
 MM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 # a CPU without AVX-512, as far as software can make one: PyTorch's own kernels, MKL's and oneDNN's, and ssmtrim's
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -1,4 +1,5 @@
-"""ssmtrim: post-training token pruning for vision state-space models (Vim, PlainMamba).
+"""ssmtrim: post-training token pruning for vision state-space models (Vim, PlainMamba; MambaVision and VMamba
+loaded and run exactly).
 
 Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA or mamba-ssm):
 ``load_model``, ``create_model``, ``list_models``, ``save_model``, ``describe_model``, ``count_flops``,

@@ -38,7 +38,7 @@ from ssmtrim.models.loading import (
 from ssmtrim.models.registry import DataConfig, get_family
 from ssmtrim.models.resize import resize_model
 from ssmtrim.models.sizes import ImgSize, size_hw
-from ssmtrim.outputs import FORMAT, Inputs, check_output, output_error, write_folder_atomic
+from ssmtrim.outputs import FORMAT, Inputs, check_output, embedded_os_error, output_error, write_folder_atomic
 from ssmtrim.pruning import PruneConfig, apply_pruning
 from ssmtrim.pruning.engine import changed_weights
 
@@ -131,12 +131,16 @@ def save_model_into(model: nn.Module, folder: str | os.PathLike, extra_config: d
         folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=folder))
         _write_model_files(model, tmp, extra_config, readme)
+        umask = os.umask(0)
+        os.umask(umask)
         for f in sorted(tmp.iterdir()):
+            f.chmod(0o666 & ~umask)  # the permissions of any file made with open(), not the writer's 0600
             os.replace(f, folder / f.name)
-    except OSError as exc:
-        if isinstance(exc, SsmtrimError):
+    except Exception as exc:
+        inner = None if isinstance(exc, SsmtrimError) else embedded_os_error(exc)
+        if inner is None:
             raise
-        raise output_error(os.fspath(folder), exc, "the model files into") from exc
+        raise output_error(os.fspath(folder), inner, "the model files into") from exc
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

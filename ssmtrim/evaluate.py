@@ -368,7 +368,6 @@ def check_compatible(model: nn.Module, dense: nn.Module, flag: str = "--dense") 
     if is_pruned(dense):
         raise ConfigError(f"the dense model to compare with ({flag}) is pruned; give the dense model the pruned one "
                           "came from.")
-    _check_same_base(model, dense, flag)
     a, b = data_config_of(model), data_config_of(dense)
     if a.input_size != b.input_size:
         raise ConfigError(f"the model takes {a.input_size[1]}x{a.input_size[2]} images but the dense model "
@@ -380,6 +379,7 @@ def check_compatible(model: nn.Module, dense: nn.Module, flag: str = "--dense") 
     if names and dense_names and names != dense_names:
         raise ConfigError("the model and the dense model record different class names (or orders); compare models "
                           "with the same classes.")
+    _check_same_base(model, dense, flag)
 
 
 def _check_same_base(model: nn.Module, dense: nn.Module, flag: str) -> None:

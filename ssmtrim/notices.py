@@ -26,7 +26,8 @@ def notice(key: str, message: str) -> bool:
             return False
         _said.add(key)
     log.debug(message)
-    if os.environ.get("SSMTRIM_QUIET_NOTICES", "") in ("", "0"):
+    # under torchrun every rank meets the same fallbacks: rank 0 alone says them
+    if os.environ.get("SSMTRIM_QUIET_NOTICES", "") in ("", "0") and os.environ.get("RANK", "0") == "0":
         print(f"ssmtrim: note: {message}", file=sys.stderr)
     return True
 

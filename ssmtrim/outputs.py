@@ -82,7 +82,10 @@ def inspect_output(out_dir: str | os.PathLike, inputs: Inputs | None = None,
     _check_clear_of(out, text, inputs or {})
     lock_output(out, text)
     occupied = False
-    if out.is_symlink() and os.path.isdir(os.path.realpath(out)):  # realpath: a symlink loop does not raise
+    if out.is_symlink():  # to a folder, a file, nowhere (dangling) or itself: refused now, not after the work
+        if not os.path.exists(out):
+            raise ConfigError(f"output {text!r} is a symbolic link to nothing (a dangling link); give -o a real "
+                              "folder path.")
         raise ConfigError(f"output {text!r} is a symbolic link; give -o the folder it points to, or another path.")
     if out.exists():
         if not out.is_dir():

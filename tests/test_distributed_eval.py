@@ -123,3 +123,12 @@ def test_prune_calibration_under_torchrun_equals_one_process(setup, tmp_path):
     a, b = ssmtrim.load_model(tmp_path / "single"), ssmtrim.load_model(tmp_path / "split")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_under_torchrun_rank_0_alone_says_the_error(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ssmtrim",
+           "eval", str(tmp_path / "missing.pth"), "--data", str(tmp_path)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "ssmtrim: " in line]
+    assert len(said) == 1 and said[0].startswith("ssmtrim: ") and "missing.pth" in said[0], said

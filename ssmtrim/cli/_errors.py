@@ -127,12 +127,16 @@ def handle_errors(fn: F) -> F:
         except Exception as exc:
             if debug_enabled():
                 raise
+            # under torchrun every rank meets the error: rank 0 alone says it (all exit 1), as the README promises
+            speak = os.environ.get("RANK", "0") == "0"
             for matches, sentence in _TABLE:
                 if matches(exc):
-                    print(f"ssmtrim: {sentence(exc)}", file=sys.stderr)
+                    if speak:
+                        print(f"ssmtrim: {sentence(exc)}", file=sys.stderr, flush=True)
                     raise typer.Exit(1) from None
-            print(f"ssmtrim: unexpected {type(exc).__name__}: {_first_line(exc)} (set SSMTRIM_DEBUG=1 for the "
-                  "traceback and report it)", file=sys.stderr)
+            if speak:
+                print(f"ssmtrim: unexpected {type(exc).__name__}: {_first_line(exc)} (set SSMTRIM_DEBUG=1 for the "
+                      "traceback and report it)", file=sys.stderr, flush=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

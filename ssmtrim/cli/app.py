@@ -23,7 +23,7 @@ from ssmtrim.cli.train_cmd import train
 
 app = typer.Typer(
     name="ssmtrim",
-    help="Post-training token pruning for vision state-space models (Vim, PlainMamba).",
+    help="Post-training token pruning for vision state-space models (Vim, PlainMamba, MambaVision, VMamba).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -65,6 +65,10 @@ def report(
     inputs = {**{f"the model {m!r}": m for m in models}, "the --data folder": data, "the --calib folder": calib,
               "the --labels file": labels}
     check_output(output, force, inputs, kind=REPORT)
+    if calib is not None and not Path(calib).is_dir():
+        what = "does not exist" if not Path(calib).exists() else "is not a folder"
+        raise ConfigError(f"--calib {str(calib)!r} {what}; give a folder of calibration images, or leave --calib out "
+                          "(the sweep then calibrates on the first images of --data).")
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be at least 1.")
     if sweep is None and len(models) < 2:

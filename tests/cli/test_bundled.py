@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 import ssmtrim
@@ -71,3 +72,19 @@ def test_bundled_256_token_vim_is_trained():
     assert config["training"]["curve"][-1]["eval_top1"] >= 75.0  # the test-bed target, on the 10,000 test images
     result = evaluate(model, bundled.validation_images(), num_images=200)
     assert result.num_images == 200 and result.top1 > 65.0
+
+
+@pytest.mark.parametrize(("name", "family"), [("vmamba_cifar", "vmamba"), ("mambavision_cifar", "mambavision")])
+def test_bundled_hierarchical_test_beds_are_trained(name, family):
+    """The CIFAR-10 test beds of the hierarchical families: load by name from the bundle, at most 5 MB, trained to
+    the end of their recipe with at least 75% on the 10,000 test images, and near that on the bundled 1,000."""
+    folder = bundled.examples_dir() / name
+    assert (folder / "model.safetensors").stat().st_size <= 5_000_000
+    config = json.loads((folder / "config.json").read_text())
+    curve = config["training"]["curve"]
+    assert config["training"]["recipe"]["epochs"] == len(curve) and config["training"]["train_images"] == 50_000
+    assert curve[-1]["eval_top1"] >= 75.0
+    model = ssmtrim.load_model(name)
+    assert model.config.family == family and model.config == ssmtrim.models.registry.get_spec(name).arch
+    result = evaluate(model, bundled.validation_images(), num_images=300, seed=0)
+    assert result.top1 >= 65.0  # 300 images: within a few standard errors of the 10,000-image figure

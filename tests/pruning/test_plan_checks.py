@@ -49,7 +49,7 @@ def test_a_dense_reference_of_another_model_is_refused_or_said(vim, capsys):
     from ssmtrim.notices import reset_notices
 
     pruned = apply_pruning(ssmtrim.create_model("vim_test"), PruneConfig(layers=(1,), keep=(0.5,)))
-    other_family = ssmtrim.create_model("plainmamba_test")
+    other_family = ssmtrim.create_model("plainmamba_test", img_size=32)  # the same input size: the family differs
     with pytest.raises(ConfigError, match="is not the model that was reduced"):
         check_compatible(pruned, other_family)
     reset_notices()
