@@ -42,6 +42,7 @@ import torch
 
 import ssmtrim
 from ssmtrim.flops import count_flops
+from ssmtrim.models.loading import data_config_of
 from ssmtrim.ops import _cpu_kernel
 from ssmtrim.ops._cpu_kernel import status as kernel_status
 
@@ -193,7 +194,7 @@ def bench_training(batch: int, repeats: int) -> dict:
 def bench_model(name: str, folder: Path | None, batch: int, repeats: int, other: ctypes.CDLL | None = None) -> dict:
     model = load(name, folder)
     macs = count_flops(model, "full").gflops * 1e9  # per image
-    c, h, w = model.config.in_chans, *model.config.input_hw
+    c, h, w = data_config_of(model).input_size  # every family's input size, as eval reads images
     x = torch.randn(batch, c, h, w)
     shapes = matmul_shapes(model, x)
     mm_macs = sum(cnt * m * k * n for (m, k, n), cnt in shapes.items())
