@@ -1097,6 +1097,8 @@ CASES += [
                                   "{case}/none", "-o", "{case}/r"], refused("--calib", "does not exist")),
     Case("output-dangling-symlink", [*PRUNE, "-o", "{link}"], refused("symbolic link", "dangling", within=15),
          dangling_link),
+    Case("report-output-inside-a-model", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{dense}/r"],
+         refused("lies inside the model", "choose an -o outside")),
     Case("info-img-size-beyond-memory", ["info", "{dense}", "--img-size", "100000"],
          refused("more than this machine's", "free memory")),
 ]

@@ -200,8 +200,9 @@ def _check_clear_of(out: Path, text: str, inputs: Inputs) -> None:
             relation = "lies inside"
         else:
             continue
-        raise ConfigError(f"output folder {text!r} {relation} {label} {os.fspath(given)!r}; ssmtrim never writes over "
-                          "its inputs, so choose an -o outside them.")
+        shown = "" if repr(os.fspath(given)) in label else f" {os.fspath(given)!r}"  # a label may name it already
+        raise ConfigError(f"output folder {text!r} {relation} {label}{shown}; ssmtrim never writes over its inputs, "
+                          "so choose an -o outside them.")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -84,3 +84,10 @@ def test_a_file_size_limit_while_the_weights_are_written_is_one_sentence(tmp_pat
     assert len(lines) == 1 and "unexpected" not in lines[0], lines
     assert "file-size limit (ulimit -f)" in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+def test_an_output_inside_an_input_names_the_input_once(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ConfigError) as err:
+        check_output(tmp_path / "m" / "r", inputs={f"the model {str(tmp_path / 'm')!r}": tmp_path / "m"})
+    assert str(err.value).count(str(tmp_path / "m") + "'") == 1, str(err.value)
