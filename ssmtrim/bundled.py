@@ -31,6 +31,15 @@ def examples_dir() -> Path:
                               "its source folder (pip install .) or name a model to prune.")
 
 
+def bundled_folder(name: str) -> Path | None:
+    """The folder of a registered model that ships with ssmtrim (``examples/<name>``), if there is one."""
+    try:
+        folder = examples_dir() / name
+    except SourceNotFoundError:
+        return None
+    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+
+
 def bundled_model() -> Path:
     return examples_dir() / "vim_cifar"
 

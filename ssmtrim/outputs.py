@@ -110,9 +110,9 @@ _LOCKS: dict[str, int] = {}  # real path of an output -> the open lock file this
 
 
 def _lock_dir() -> Path:
-    root = os.environ.get("SSMTRIM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ssmtrim")
-    return Path(root) / "locks"
+    from ssmtrim.ops._cpu_kernel import cache_dir  # ssmtrim's cache: <root>/kernels, <root>/locks
+
+    return cache_dir().parent / "locks"
 
 
 def lock_output(out: Path, text: str) -> None:

@@ -7,19 +7,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ssmtrim.bundled import bundled_folder
 from ssmtrim.cli._errors import handle_errors
 from ssmtrim.cli._options import JsonOpt
 from ssmtrim.cli._render import console, print_json
 from ssmtrim.models.registry import list_models
-
-
-def _bundled(name: str) -> bool:
-    from ssmtrim.bundled import examples_dir
-
-    try:
-        return (examples_dir() / name / "config.json").is_file()
-    except Exception:  # no bundled files in this installation
-        return False
 
 
 @handle_errors
@@ -43,6 +35,6 @@ def models(
         if not weights:
             release = s.description.split("weights: ")[1] if "weights: " in s.description else None
             weights = f"GitHub release\n  {release.rsplit('/', 1)[-1]}" if release else \
-                "bundled" if _bundled(s.name) else "-"
+                "bundled" if bundled_folder(s.name) else "-"
         table.add_row(s.name, s.arch.width_text(), str(s.arch.depth), weights)
     console.print(table)

@@ -156,7 +156,9 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
     spec = find_spec(text)
     if spec is not None:
         if not spec.pretrained:
-            bundled = _bundled_folder(spec.name)
+            from ssmtrim.bundled import bundled_folder
+
+            bundled = bundled_folder(spec.name)
             if bundled is not None:  # a test bed that ships in the package (vim_cifar, ...)
                 return ModelSource(text, "folder", str(bundled), spec=spec.name,
                                    folder_config=_read_folder_config(bundled))
@@ -195,18 +197,6 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None) -> Mo
     names = ", ".join(s.name for s in list_models())
     raise UnknownModelError(f"unknown model {text!r}; give a registered name ({names}), a Hub id owner/repo[:file], "
                             "or a checkpoint path.")
-
-
-def _bundled_folder(name: str) -> Path | None:
-    """The folder of a registered model that ships with ssmtrim (``examples/<name>``), if there is one."""
-    from ssmtrim.bundled import examples_dir
-    from ssmtrim.errors import SourceNotFoundError as Missing
-
-    try:
-        folder = examples_dir() / name
-    except Missing:
-        return None
-    return folder if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file() else None
 
 
 def _read_folder_config(folder: Path) -> dict[str, Any]:

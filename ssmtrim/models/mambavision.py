@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
+from ssmtrim.models.layers import DropPath, Mlp, initial_dt_bias
 from ssmtrim.models.registry import (
     ArchConfig,
     DataConfig,
@@ -45,6 +46,7 @@ from ssmtrim.models.registry import (
     PretrainedCfg,
     register_family,
     register_model,
+    registered_img_size,
 )  # fmt: skip
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
 from ssmtrim.models.tokens import BlockOutput, TokenState
@@ -141,9 +143,7 @@ class MambaVisionMixer(nn.Module):
     def reset_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp_min(dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.copy_(initial_dt_bias(self.d_inner, dt_min, dt_max, dt_floor))
 
     def _conv(self, u: Tensor, conv: nn.Conv1d) -> Tensor:
         return F.silu(F.conv1d(u, conv.weight, conv.bias, padding="same", groups=self.d_inner))
@@ -183,27 +183,6 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(bsz, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(bsz, length, dim)), None
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DropPath(nn.Module):
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 
 class ConvBlock(nn.Module):
@@ -404,7 +383,7 @@ class MambaVisionFamily:
             in_chans=in_chans, num_classes=0 if head is None else head.shape[0],
         )  # fmt: skip
         if img_size is None:
-            config = dataclasses.replace(config, img_size=self._registered_size(config))
+            config = dataclasses.replace(config, img_size=registered_img_size(config))  # not in the tensors
         return config
 
     # --- token layout: the streams are (map (B C H W),) in a conv level and (windows (B' T C),) in a Block level
@@ -469,14 +448,6 @@ class MambaVisionFamily:
         """No position embedding: any input size takes the same weights (a new config, the same tensors)."""
         return dataclasses.replace(config, img_size=normalize_img_size(img_size)), state_dict
 
-    def _registered_size(self, config: MambaVisionConfig) -> ImgSize:
-        """The tensors do not tell the input size: that of the registered model with this architecture, else 224."""
-        from ssmtrim.models.registry import list_models
-
-        for spec in list_models(include_test=True):
-            if spec.family == self.name and dataclasses.replace(spec.arch, img_size=config.img_size) == config:
-                return spec.arch.img_size
-        return 224
 
     def features(self, model: MambaVision, streams: tuple, state: TokenState) -> Tensor:
         return model.norm(streams[0]).mean(dim=(2, 3))

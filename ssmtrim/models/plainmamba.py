@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
+from ssmtrim.models.layers import DropPath, initial_dt_bias
 from ssmtrim.models.plainmamba_grid import (
     NUM_DIRECTIONS,
     ScanPlan,
@@ -168,9 +169,7 @@ class PlainMambaMixer(nn.Module):
         """Mamba's dt initialisation (softplus(bias) log-uniform in [dt_min, dt_max]) and direction_Bs ~ N(0, .02)."""
         std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp_min(dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_proj.bias.copy_(initial_dt_bias(self.d_inner, dt_min, dt_max, dt_floor))
         nn.init.trunc_normal_(self.direction_Bs, std=0.02)
 
     def conv_act(self, u: Tensor, hw: tuple[int, int], plan: ScanPlan | None = None) -> Tensor:
@@ -252,23 +251,6 @@ class PlainMambaMixer(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.ssm_output(x, hw))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at eval)."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class PlainMambaLayer(nn.Module):

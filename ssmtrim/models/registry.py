@@ -280,6 +280,16 @@ def spec_for_hub_file(hub_id: str, filename: str | None) -> tuple[ModelSpec, Pre
     return None
 
 
+def registered_img_size(config: Any, default: Any = 224) -> Any:
+    """The input size of the registered model whose architecture is ``config`` but for its size, else ``default``: what
+    a family without a position embedding (nothing in its tensors tells the size) loads a checkpoint at."""
+    _ensure_loaded()
+    for spec in _SPECS.values():
+        if spec.family == config.family and dataclasses.replace(spec.arch, img_size=config.img_size) == config:
+            return spec.arch.img_size
+    return default
+
+
 def create_model(name_or_config: str | Any, **overrides: Any) -> nn.Module:
     """A randomly initialised model from a registered name or an architecture config; ``overrides`` replace
     config fields (e.g. ``num_classes=10``)."""

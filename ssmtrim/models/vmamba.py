@@ -35,7 +35,15 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
-from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, register_family, register_model
+from ssmtrim.models.layers import DropPath, Mlp, initial_dt_bias
+from ssmtrim.models.registry import (
+    ArchConfig,
+    DataConfig,
+    ModelSpec,
+    register_family,
+    register_model,
+    registered_img_size,
+)
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
 from ssmtrim.models.tokens import BlockOutput, TokenState
 from ssmtrim.ops import selective_scan
@@ -143,9 +151,7 @@ class SS2D(nn.Module):
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
         std = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_projs_weight, -std, std)
-        dt = torch.exp(torch.rand(ROUTES, self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp_min(dt_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.dt_projs_bias.copy_(initial_dt_bias((ROUTES, self.d_inner), dt_min, dt_max, dt_floor))
 
     def routes(self, u: Tensor, hw: tuple[int, int]) -> list[Tensor]:
         """u (B E H W) -> the four routes' sequences (B E L): row-major, column-major, and their reverses."""
@@ -200,29 +206,6 @@ def _route_order(k: int, hw: tuple[int, int], device: torch.device) -> Tensor:
     raster = torch.arange(h * w, device=device)
     order = raster if k % 2 == 0 else raster.reshape(h, w).t().reshape(-1)
     return order.flip(0) if k >= 2 else order
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at eval)."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
 
 
 class VSSBlock(nn.Module):
@@ -434,7 +417,7 @@ class VMambaFamily:
             stem="v2" if v2 else "v1", downsample_kernel=3 if ds is None else ds.shape[-1],
         )  # fmt: skip
         if img_size is None:
-            config = dataclasses.replace(config, img_size=self._registered_size(config))
+            config = dataclasses.replace(config, img_size=registered_img_size(config))  # not in the tensors
         return config
 
     # --- token layout (see ssmtrim.models.registry.Family)
@@ -494,14 +477,6 @@ class VMambaFamily:
         """No position embedding: any input size takes the same weights (a new config, the same tensors)."""
         return dataclasses.replace(config, img_size=normalize_img_size(img_size)), state_dict
 
-    def _registered_size(self, config: VMambaConfig) -> ImgSize:
-        """The tensors do not tell the input size: that of the registered model with this architecture, else 224."""
-        from ssmtrim.models.registry import list_models
-
-        for spec in list_models(include_test=True):
-            if spec.family == self.name and dataclasses.replace(spec.arch, img_size=config.img_size) == config:
-                return spec.arch.img_size
-        return 224
 
     def features(self, model: VMamba, streams: tuple, state: TokenState) -> Tensor:
         return model.classifier.norm(streams[0]).mean(dim=1)

@@ -16,6 +16,7 @@ from ssmtrim.errors import CheckpointError
 from ssmtrim.models.registry import get_family, get_spec
 from ssmtrim.models.vmamba import VMambaConfig
 from tests.conftest import randomize
+from tests.tolerance import assert_close_across_cpus
 
 # ----------------------------------------------------------------------------------------------------------------
 # the official forward, re-implemented from its semantics on a state dict in the official layout (float64)
@@ -139,10 +140,8 @@ def test_official_layouts_load_and_match_the_official_forward(tmp_path, name, wr
     x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = model(x)
-    want = official_logits(sd, x)
-    rel = float((got.double() - want).abs().max() / want.abs().max())
-    assert rel <= 1e-4, rel
-    assert torch.equal(got.argmax(1), want.argmax(1))
+    # two code paths (float32 against the float64 reference): top-1 compared where the margin exceeds the tolerance
+    assert_close_across_cpus(got.double(), official_logits(sd, x), rtol=1e-4)
 
 
 def test_every_stage_and_backend_matches(tmp_path):
