@@ -302,6 +302,22 @@ def writer_error(message: str) -> Iterator[None]:
         safetensors.torch.save_file = real
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """``ulimit -f``: the file-size limit of this process and its children (DataLoader workers), SIGXFSZ ignored."""
+    import resource
+    import signal
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def dangling_link(case: Path) -> dict[str, str]:
     """A dangling link, outside the workspace (whose snapshot reads every entry)."""
     outside = Path(tempfile.mkdtemp(prefix="ssmtrim-bad-inputs-link-"))
@@ -1059,6 +1075,11 @@ CASES += [
          run_edited(lambda run: (run / "train_log.jsonl").write_text("not json\n{"))),
     Case("resume-run-without-config", [*FINETUNE, "-o", "{run}", "--resume"], succeeded(clean=True),
          run_edited(lambda run: (run / "config.json").unlink())),
+    Case("resume-killed-before-first-state", [*FINETUNE, "-o", "{run}", "--resume"],
+         refused("holds no training state", "--force instead of --resume"),
+         run_edited(lambda run: (run / "train_state.pt").unlink())),
+    Case("force-after-kill-before-first-state", [*FINETUNE, "-o", "{run}", "--force"], succeeded(clean=True),
+         run_edited(lambda run: (run / "train_state.pt").unlink())),
     Case("force-over-run-without-config", [*FINETUNE, "-o", "{run}", "--force"], succeeded(clean=True),
          run_edited(lambda run: (run / "config.json").unlink())),
     Case("train-resume-a-finetune-run", [*TRAIN, "--data", "{d}", "-o", "{run}", "--resume"], refused("another run"),
@@ -1093,6 +1114,11 @@ CASES += [
          refused("there is no --flops")),
     Case("eval-dense-of-another-family", ["eval", "{pruned}", "--data", "{images}", "--dense", "{pm}"],
          refused("is not the model that was reduced"), plainmamba_file),
+    Case("report-batch-beyond-memory", ["report", "{dense}", "--data", "{images}", "--sweep", "keep=0.8",
+                                        "--batch-size", "100000000", "-o", "{case}/r"],
+         refused("--batch-size 100000000", "free memory", within=30)),
+    Case("eval-worker-file-size-limit", ["eval", "{dense}", "--data", "{images}", "--workers", "1"],
+         succeeded(), fault=lambda: file_size_limit(8192)),
     Case("report-calib-missing", ["report", "{dense}", "--data", "{images}", "--sweep", "keep=0.8", "--calib",
                                   "{case}/none", "-o", "{case}/r"], refused("--calib", "does not exist")),
     Case("output-dangling-symlink", [*PRUNE, "-o", "{link}"], refused("symbolic link", "dangling", within=15),

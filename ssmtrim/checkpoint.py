@@ -76,10 +76,19 @@ def model_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[
                                        "note": "model.safetensors holds the reduced model's weights; the dense "
                                                "model's values of the changed tensors are stored under the prefix"}
     if source is not None:
-        config["source"] = {"source": source.source, "kind": source.kind, "hub_id": source.hub_id,
+        config["source"] = {"source": recorded_source(source), "kind": source.kind, "hub_id": source.hub_id,
                             "filename": source.filename, "revision": source.revision, "spec": source.spec}
     config.update(extra or {})
     return config
+
+
+def recorded_source(source) -> str:
+    """The source as a later run can find it from any folder: a local file or folder by its absolute path (a
+    relative path as typed would name another file, or none, elsewhere); a Hub id or a registered name as given."""
+    typed = Path(source.source).expanduser()
+    if source.kind in ("file", "folder") and source.hub_id is None and typed.exists():  # a path, not a name
+        return str(typed.resolve())
+    return source.source
 
 
 def save_model(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from ssmtrim.errors import ConfigError, SourceNotFoundError, SsmtrimError
+from ssmtrim.errors import ConfigError, LoaderFailed, SourceNotFoundError, SsmtrimError
 from ssmtrim.models.registry import DataConfig
 from ssmtrim.notices import notice
 
@@ -234,10 +234,62 @@ def make_loader(images: ImageSet, data: DataConfig, batch_size: int = 32, worker
     resample_filter(data.interpolation)  # a bad data config is one error now, not every image "unreadable"
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
-    return torch.utils.data.DataLoader(
+    if workers and not _workers_can_share(batch_size, data):
+        notice("workers-fsize", "the file-size limit (ulimit -f) is below one batch of images, which DataLoader "
+                                "workers pass through shared-memory files: reading the images in this process")
+        workers = 0
+    # a worker whose batch is lost (its queue's feeder thread failed) would leave the loop waiting for ever: a
+    # batch that takes longer than this ends the command with one sentence (LoaderStalled) instead
+    extra = {"timeout": LOADER_TIMEOUT_S} if workers else {}
+    return _Loader(torch.utils.data.DataLoader(
         EvalDataset(images, data), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_skip_unreadable, persistent_workers=False,
-    )  # fmt: skip
+        collate_fn=collate_skip_unreadable, persistent_workers=False, **extra,
+    ))  # fmt: skip
+
+
+LOADER_TIMEOUT_S = 600
+
+
+def _workers_can_share(batch_size: int, data: DataConfig) -> bool:
+    """Whether a batch of images fits under the file-size limit: workers hand their batches over in shared-memory
+    files, which that limit caps (a worker that meets it dies without a word to the main process)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == resource.RLIM_INFINITY:
+        return True
+    c, h, w = data.input_size
+    return soft >= 2 * batch_size * c * h * w * 4
+
+
+class _Loader:
+    """A DataLoader whose stalls and dead workers end in one sentence (:class:`LoaderFailed`)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                text = str(exc)
+                if "DataLoader timed out" in text:
+                    raise LoaderFailed(f"reading the images stalled (no batch in {LOADER_TIMEOUT_S} s: a "
+                                       "DataLoader worker failed or the disk hangs); run again with --workers 0 "
+                                       "to read them in this process") from None
+                if "DataLoader worker" in text and ("killed" in text or "exited unexpectedly" in text):
+                    raise LoaderFailed("a DataLoader worker died while reading the images (out of memory, a "
+                                       "limit such as ulimit, or a signal); run again with --workers 0 or fewer "
+                                       "--workers") from None
+                raise
+            yield batch
 
 
 def check_eval_data(eval_data: str | os.PathLike, label: Callable[[ImageSet], ImageSet]) -> None:

@@ -53,3 +53,7 @@ class MissingDependencyError(SsmtrimError, ImportError):
 
 class HubUnreachableError(SourceNotFoundError):
     """A Hub file that is not in the local cache while the Hub cannot be reached (offline, no network)."""
+
+
+class LoaderFailed(SsmtrimError, RuntimeError):
+    """Reading the images stopped: a DataLoader worker died or no batch came within the loader's timeout."""

@@ -455,6 +455,10 @@ def evaluate(
         dense.eval()
     model.eval()
     _place(device, model, dense)
+    if len(images):
+        from ssmtrim.memory import check_batch_fits
+
+        check_batch_fits(model, data_config_of(model).input_size, min(batch_size, len(images)))
     batches = ((x, y, None, len(bad)) for x, y, bad in make_loader(images, data_config_of(model), batch_size, workers))
     tally, unreadable, _ = _run(model, batches, len(images), dense, device or _device_of(model), progress)
     return _result(tally, unreadable, dense is not None, labelled, time.perf_counter() - start)

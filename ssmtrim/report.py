@@ -190,6 +190,7 @@ def build_report(
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import calibrate, load_images
+    from ssmtrim.memory import check_batch_fits
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
     device = str(check_device(device))
@@ -209,6 +210,8 @@ def build_report(
     sweep_values = parse_sweep(sweep) if sweep is not None else None  # a bad --sweep is said before the images load
     require_fvcore()
     data_cfg = data_config_of(dense)
+    if speed and is_main() and torch.device(device).type == "cpu":  # before the images and long work
+        check_batch_fits(dense, data_cfg.input_size, batch_size)
     images = label_images(scan_folder(data), dense.config.num_classes, labels_file, class_names_of(dense),
                           skip_unknown_classes).subset(num_images, seed)
     if len(images) < work_split()[1]:
@@ -307,10 +310,14 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
 
 
 def table_rows(report: dict[str, Any], compact: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the terminal table (``compact``) and of report.md."""
+    """Header and rows of report.md, or of the terminal table (``compact``: the main columns, short headers; the
+    terminal drops the last ones further where it is narrow, see :func:`fit_columns`)."""
     header = ["model", "GFLOPs paper", "GFLOPs full", "FLOPs saved", "top-1", "top-5", "agreement", "KL", "img/s",
               "latency ms", "peak +MB", "peak RSS MB", "speed-up", "realised"]
+    short = ["model", "GFLOPs", "", "saved", "top-1", "", "agree", "", "img/s", "ms@1", "+MB", "", "speed", "real"]
     keep = [0, 1, 3, 4, 6, 8, 9, 10, 12, 13] if compact else list(range(len(header)))
+    if compact:
+        header = short
     rows = []
     for e in report["entries"]:
         acc, spd, der = e["accuracy"], e["speed"] or {}, e["derived"]
@@ -324,6 +331,25 @@ def table_rows(report: dict[str, Any], compact: bool = False) -> tuple[list[str]
         ]  # fmt: skip
         rows.append([row[i] for i in keep])
     return [header[i] for i in keep], rows
+
+
+# the terminal table's columns (compact headers) given up first where the terminal is narrow
+_DROP_FIRST = ("+MB", "ms@1", "speed", "agree", "img/s")
+
+
+def fit_columns(header: list[str], rows: list[list[str]], width: int) -> tuple[list[str], list[list[str]]]:
+    """The compact table cut to ``width`` characters: columns of :data:`_DROP_FIRST` dropped, in that order, until
+    every cell fits whole (report.md keeps them all)."""
+
+    def needed(cols: list[int]) -> int:
+        return 1 + sum(3 + max(len(header[c]), *(len(r[c]) for r in rows)) for c in cols)
+
+    cols = list(range(len(header)))
+    for name in _DROP_FIRST:
+        if needed(cols) <= width:
+            break
+        cols = [c for c in cols if header[c] != name]
+    return [header[c] for c in cols], [[r[c] for c in cols] for r in rows]
 
 
 def markdown(report: dict[str, Any]) -> str:

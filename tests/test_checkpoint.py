@@ -198,3 +198,19 @@ def test_folder_with_weights_of_another_architecture(model, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"missing: layers\.\d+\."):
         load_model(out)
+
+
+def test_a_relative_source_is_recorded_where_it_really_is(tmp_path, monkeypatch):
+    """A folder's recorded source is found again from any working folder (a finetune's dense original is loaded from
+    it): a local path is recorded absolute, a registered name as given."""
+    monkeypatch.chdir(tmp_path)
+    ssmtrim.save_model(ssmtrim.create_model("vim_test", num_classes=3), "dense")
+    copy = ssmtrim.save_model(ssmtrim.load_model("dense"), "copy")
+    recorded = json.loads((copy / "config.json").read_text())["source"]["source"]
+    assert recorded == str((tmp_path / "dense").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert ssmtrim.load_model(recorded).config == ssmtrim.load_model(str(tmp_path / "copy")).config
+    bundled = ssmtrim.save_model(ssmtrim.load_model("vim_cifar"), tmp_path / "b")
+    assert json.loads((bundled / "config.json").read_text())["source"]["source"] == "vim_cifar"

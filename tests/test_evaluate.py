@@ -162,3 +162,44 @@ def test_batches_tensors_and_folder_share_one_loop(model_dir):
     assert seen[-1] == (23, 23) and batched.agreement is None
     logits = model(x)
     assert whole.top1 == 100.0 * int((logits.argmax(1) == y).sum()) / 23
+
+
+def test_a_file_size_limit_below_a_batch_reads_in_process_instead_of_hanging(folder, model_dir, tmp_path):
+    """DataLoader workers pass batches through shared-memory files, which ``ulimit -f`` caps; a worker that meets
+    the limit loses its batch without a word and the loop would wait for ever. The images are read in this process
+    instead, with a note."""
+    import subprocess
+    import sys
+
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192)); "
+            "from ssmtrim.cli.app import main; sys.argv = ['ssmtrim', 'eval', "
+            f"{str(model_dir)!r}, '--data', {str(folder)!r}, '--workers', '1', '-q', '--json']; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "file-size limit (ulimit -f)" in done.stderr, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["num_images"], result["unreadable"]) == (12, 1), result
+
+
+def test_a_stalled_or_dead_worker_is_one_sentence():
+    from ssmtrim.data import _Loader
+    from ssmtrim.errors import LoaderFailed
+
+    class Failing:
+        def __init__(self, text):
+            self.text = text
+
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            raise RuntimeError(self.text)
+            yield  # noqa: unreachable - makes this a generator
+
+    for text, words in (("DataLoader timed out after 600 seconds", "--workers 0"),
+                        ("DataLoader worker (pid 7) is killed by signal: Killed.", "died")):
+        with pytest.raises(LoaderFailed, match=words):
+            list(_Loader(Failing(text)))
+    with pytest.raises(RuntimeError, match="something else"):
+        list(_Loader(Failing("something else")))

@@ -136,3 +136,26 @@ def test_first_model_must_be_dense(setup):
     res = runner.invoke(app, ["report", str(pruned), str(pruned), "--data", str(root / "data"), "--no-speed",
                               "-o", str(root / "bad2")])
     assert res.exit_code == 1 and "must be dense" in res.output
+
+
+def test_a_batch_beyond_free_memory_is_refused_before_the_work(monkeypatch):
+    import ssmtrim.memory as memory
+
+    model = ssmtrim.create_model("vim_test", num_classes=3).eval()
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**20)
+    memory.check_batch_fits(model, (3, 32, 32), 8)  # a few MiB: fits
+    with pytest.raises(ConfigError, match=r"--batch-size 100000: one forward needs about .* use --batch-size \d+ or less"):
+        memory.check_batch_fits(model, (3, 32, 32), 100_000)
+
+
+def test_the_terminal_table_fits_80_columns_with_whole_cells():
+    from ssmtrim.report import fit_columns
+
+    header = ["model", "GFLOPs", "saved", "top-1", "agree", "img/s", "ms@1", "+MB", "speed", "real"]
+    rows = [["vim_cifar", "0.0725", "0.0%", "73.00", "100.00", "150.8", "21.2", "0", "1.00x", "1.00"],
+            ["merge keep=0.8", "0.0547", "24.5%", "65.00", "72.00", "139.4", "27.2", "0", "0.92x", "0.71"]]
+    for width, dropped in ((120, set()), (80, {"+MB", "ms@1"}), (60, {"+MB", "ms@1", "speed", "agree"})):
+        h, r = fit_columns(header, rows, width)
+        assert set(header) - set(h) == dropped, (width, h)
+        assert 1 + sum(3 + max(len(x) for x in col) for col in zip(h, *r, strict=True)) <= width
+        assert r[1][0] == "merge keep=0.8" and "top-1" in h and "real" in h

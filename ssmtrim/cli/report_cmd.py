@@ -59,7 +59,7 @@ def report(
     from ssmtrim.devices import check_device
     from ssmtrim.distributed import sharded
     from ssmtrim.outputs import REPORT
-    from ssmtrim.report import build_report, table_rows, write_report
+    from ssmtrim.report import build_report, fit_columns, table_rows, write_report
 
     check_device(device)
     inputs = {**{f"the model {m!r}": m for m in models}, "the --data folder": data, "the --calib folder": calib,
@@ -92,11 +92,11 @@ def report(
     if json_out:
         print_json({**result, "output": str(folder)})
         return
-    header, rows = table_rows(result, compact=True)
+    header, rows = fit_columns(*table_rows(result, compact=True), console.width)
     table = Table(title=f"ssmtrim report: {result['num_images']} images, batch {result['batch_size']} on "
                   f"{result['device']}", title_justify="left")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
         table.add_row(*r)
     console.print(table)

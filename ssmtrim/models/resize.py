@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
+from ssmtrim.memory import available_bytes
 from ssmtrim.models.registry import get_family, list_models
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
 
@@ -43,25 +44,13 @@ def resize_state_dict(config: Any, state_dict: dict[str, Tensor], img_size: ImgS
     return _resizer(config.family)(config, state_dict, normalize_img_size(img_size))
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (None where it cannot be read)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def check_fits_in_memory(img_size: ImgSize, in_chans: int = 3) -> None:
     """Refuse, before anything is allocated, an input size whose activations cannot fit in this machine's free memory
     (one image's float32 input alone is counted, and the first feature maps are several times larger): a huge size
     would otherwise be met by the allocator part-way, or by the system's out-of-memory killer."""
     h, w = size_hw(img_size)
     image = h * w * in_chans * 4
-    free = _available_bytes()
+    free = available_bytes()
     if free is not None and 8 * image > free:
         raise ConfigError(f"--img-size {size_text(img_size)}: one image alone is {image / 2**30:.1f} GiB as float32 "
                           f"and its activations several times that, more than this machine's {free / 2**30:.1f} GiB "

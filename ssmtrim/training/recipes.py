@@ -136,8 +136,10 @@ def _prepare_output(output: str | os.PathLike, resume: bool, force: bool, what: 
     it must be cleared first, which :func:`_run_folder` does once the run starts."""
     out, text, occupied = inspect_output(output, inputs, replacing=not resume, kind=RUN)  # a resume deletes nothing
     if resume and not (out / STATE_NAME).is_file():
-        raise ConfigError(f"--resume: {text!r} holds no training state ({STATE_NAME}) to continue; drop --resume to "
-                          "start a new run.")
+        # a run stopped before its first saved state left a folder: starting over must replace it (--force)
+        how = "run again with --force instead of --resume to start over" if occupied else "drop --resume to start a " \
+              "new run"
+        raise ConfigError(f"--resume: {text!r} holds no training state ({STATE_NAME}) to continue; {how}.")
     if occupied and not (resume or force):
         again = f"pass --resume to continue its {what}, " if (out / STATE_NAME).is_file() else ""
         raise ConfigError(f"output folder {text!r} already exists; {again}pass --force to start over, or choose "
