@@ -186,11 +186,11 @@ def build_report(
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
     from ssmtrim.evaluate import check_compatible, evaluate_tensors, label_images, predict
     from ssmtrim.flops import count_flops_all, require_fvcore
+    from ssmtrim.memory import check_batch_fits
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
     from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import calibrate, load_images
-    from ssmtrim.memory import check_batch_fits
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
     device = str(check_device(device))

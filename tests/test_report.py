@@ -144,7 +144,8 @@ def test_a_batch_beyond_free_memory_is_refused_before_the_work(monkeypatch):
     model = ssmtrim.create_model("vim_test", num_classes=3).eval()
     monkeypatch.setattr(memory, "available_bytes", lambda: 64 * 2**20)
     memory.check_batch_fits(model, (3, 32, 32), 8)  # a few MiB: fits
-    with pytest.raises(ConfigError, match=r"--batch-size 100000: one forward needs about .* use --batch-size \d+ or less"):
+    words = r"--batch-size 100000: one forward needs about .* use --batch-size \d+ or less"
+    with pytest.raises(ConfigError, match=words):
         memory.check_batch_fits(model, (3, 32, 32), 100_000)
 
 
