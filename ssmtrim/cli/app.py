@@ -21,6 +21,23 @@ from ssmtrim.cli.prune_cmd import prune
 from ssmtrim.cli.report_cmd import report
 from ssmtrim.cli.train_cmd import train
 
+def _flags_show_no_type() -> None:
+    """``--help`` lists a flag (``--json``, ``--quiet``) without a value type: typer 0.29 shows ``<bool>`` after it, as
+    if it took a value. Where typer's option class has no such hook, its help is left as it is."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_ssmtrim", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_bool_flag", False) else original(self, ctx)
+
+    display_type_rich._ssmtrim = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
 app = typer.Typer(
     name="ssmtrim",
     help="Post-training token pruning for vision state-space models (Vim, PlainMamba, MambaVision, VMamba).",

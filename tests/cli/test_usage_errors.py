@@ -35,3 +35,11 @@ def test_help_and_no_arguments_still_show_the_help():
     assert _run("--help").returncode == 0 and "Usage" in _run("--help").stdout
     res = _run()
     assert "Usage" in res.stdout + res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_lists_flags_without_a_value_type():
+    res = _run("eval", "--help")
+    assert res.returncode == 0
+    flags = [line for line in res.stdout.splitlines() if "--json" in line or "--quiet" in line]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags), flags
+    assert "<int>" in res.stdout  # options that take a value still say its type
