@@ -21,6 +21,7 @@ from ssmtrim.cli.prune_cmd import prune
 from ssmtrim.cli.report_cmd import report
 from ssmtrim.cli.train_cmd import train
 
+
 def _flags_show_no_type() -> None:
     """``--help`` lists a flag (``--json``, ``--quiet``) without a value type: typer 0.29 shows ``<bool>`` after it, as
     if it took a value. Where typer's option class has no such hook, its help is left as it is."""

@@ -168,6 +168,15 @@ def _no_stage_change(model: nn.Module, index: int, streams: tuple, state: Any) -
     return streams, state
 
 
+def num_protected_of(family: Family, config: Any) -> int:
+    """Tokens never reduced: the family's optional ``num_protected(config)`` (e.g. Mamba®'s registers), else one
+    for a class token (``has_class_token``), else none."""
+    count = getattr(family, "num_protected", None)
+    if count is not None:
+        return int(count(config))
+    return 1 if family.has_class_token(config) else 0
+
+
 def after_block_of(family: Family):
     """The family's ``after_block`` (a stage change after a block), or the default of a flat family: nothing."""
     return getattr(family, "after_block", _no_stage_change)

@@ -25,7 +25,9 @@ class TokenState:
     """Where the current tokens came from. Replaced, never mutated, when tokens are reduced."""
 
     positions: Tensor  # B L original index of each token (-1: a token that stands at no single position, e.g. fused)
-    cls_index: Tensor | None  # B, index of the protected class token in the current sequence; None: nothing protected
+    # indices of the protected tokens in the current sequence: B (one class token) or B P (P tokens, e.g. registers,
+    # in sequence order); None: nothing protected
+    cls_index: Tensor | None
     length: int  # L0, tokens before any reduction
     grid: tuple[int, int]  # (H, W) of the original patch grid
     keeps_positions: bool  # the strategy keeps tokens at their original positions (convs and scans see the gaps)
@@ -36,11 +38,36 @@ class TokenState:
     def num_tokens(self) -> int:
         return self.positions.shape[1]
 
-    def protected(self) -> Tensor:
-        """B L bool, True for tokens that are never reduced (the class token)."""
+    @property
+    def num_protected(self) -> int:
+        """Tokens that are never reduced (a class token, registers)."""
         if self.cls_index is None:
-            return torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
-        return torch.arange(self.num_tokens, device=self.positions.device)[None, :] == self.cls_index[:, None]
+            return 0
+        return 1 if self.cls_index.dim() == 1 else self.cls_index.shape[1]
+
+    def protected_index(self) -> Tensor | None:
+        """B P indices of the protected tokens (None: nothing protected)."""
+        if self.cls_index is None:
+            return None
+        return self.cls_index[:, None] if self.cls_index.dim() == 1 else self.cls_index
+
+    def protected(self) -> Tensor:
+        """B L bool, True for tokens that are never reduced (the class token, registers)."""
+        mask = torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        if self.cls_index is None:
+            return mask
+        index = self.protected_index()
+        return mask.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
+
+    def protected_after(self, index: Tensor) -> Tensor | None:
+        """Where the protected tokens sit in a new sequence made of ``index`` (B K, current indices, every protected
+        token among them, in their order), in the shape of ``cls_index``."""
+        if self.cls_index is None:
+            return None
+        taken = self.protected().gather(1, index)  # B K
+        # a stable sort puts the protected slots first, in their order (no data-dependent shape: FLOP tracers follow)
+        slots = torch.sort((~taken).long(), dim=1, stable=True).indices[:, : self.num_protected]
+        return slots[:, 0] if self.cls_index.dim() == 1 else slots
 
     def replace(self, **changes) -> TokenState:
         return dataclasses.replace(self, **changes)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import after_block_of, family_of
+from ssmtrim.models.registry import after_block_of, family_of, num_protected_of
 from ssmtrim.models.tokens import Streams, TokenState
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
@@ -152,13 +152,13 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     protected = state.protected()
     if observer is not None:
         observer(i, scores, ~protected)
-    candidates = state.num_tokens - (0 if state.cls_index is None else 1)
+    candidates = state.num_tokens - state.num_protected
     threshold = thresholds.get(i)
     if config.mode == "threshold" and threshold is not None:
         k = threshold_count(scores, protected, threshold)
         k = strategy.threshold_count(k, candidates, state)
     else:
-        k = kept_count(candidates, keep[i], centred=state.cls_index is not None)
+        k = kept_count(candidates, keep[i], centred=state.num_protected == 1)
     stats.kept_fraction.append(k / candidates)
     if k >= candidates:
         return streams, state, geometry  # nothing to reduce here
@@ -230,11 +230,11 @@ def _check_counts(family, arch, config: PruneConfig) -> None:
     is refused: the plan printed and saved must be the plan that runs."""
     if config.mode != "count":
         return
-    cls = 1 if family.has_class_token(arch) else 0
-    candidates = family.num_tokens(arch) - cls
+    protected = num_protected_of(family, arch)
+    candidates = family.num_tokens(arch) - protected
     for block, keep in sorted(config.keep_by_layer().items()):
         wanted = math.floor(candidates * keep + 1e-9)
-        kept = kept_count(candidates, keep, centred=bool(cls))
+        kept = kept_count(candidates, keep, centred=protected == 1)
         if kept > wanted + 1:  # more than the one token that centres a class token: the floor was not honoured
             advice = (f"use a keep ratio of at least {kept / candidates:.3f} there" if kept < candidates else
                       "use a larger keep ratio or fewer --layers")

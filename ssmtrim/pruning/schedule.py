@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import family_of
+from ssmtrim.models.registry import family_of, num_protected_of
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.engine import apply_pruning, check_plan_for, kept_count, remove_pruning
 
@@ -55,13 +55,13 @@ class ScheduleSearch:
 def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> list[int]:
     """Tokens entering each block under a count-mode schedule (a protected class token included)."""
     family = family_of(model)
-    protected = 1 if family.has_class_token(model.config) else 0
+    protected = num_protected_of(family, model.config)
     candidates = family.num_tokens(model.config) - protected
     out = []
     for block in range(family.depth(model.config)):
         out.append(candidates + protected)
         if block + 1 in layers:
-            candidates = kept_count(candidates, keep, centred=bool(protected))
+            candidates = kept_count(candidates, keep, centred=protected == 1)
     return out
 
 

@@ -123,7 +123,7 @@ def threshold_counts(model, image, plan, strategy) -> tuple[list[int], list[int]
     def observe(block, scores, mask):
         k = max(int(((scores >= thresholds[block]) & mask).sum()), 1)
         c = int(mask.sum())
-        state = type("S", (), {"cls_index": None if c == scores.shape[1] else 0})()
+        state = type("S", (), {"num_protected": scores.shape[1] - c})()
         kept.append(adjust.threshold_count(k, c, state))
         candidates.append(c)
 

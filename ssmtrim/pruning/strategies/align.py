@@ -6,11 +6,9 @@ token instead) and each scan decays across the skipped positions, h = exp((Δ + 
 
 from __future__ import annotations
 
-import torch
-
 from ssmtrim.models.tokens import gather_tokens, topk_sorted
 from ssmtrim.pruning.state import ReductionStep
-from ssmtrim.pruning.strategies.base import Strategy, gather_streams, register_strategy
+from ssmtrim.pruning.strategies.base import Strategy, gather_streams, in_order_with_protected, register_strategy
 
 
 class Align(Strategy):
@@ -21,13 +19,7 @@ class Align(Strategy):
     def reduce(self, step: ReductionStep):
         state = step.state
         kept = topk_sorted(step.scores, step.k, state.protected())
-        new_cls = None
-        if state.cls_index is not None:
-            cls = state.cls_index[:, None]
-            index = torch.cat([kept, cls], 1).sort(1).values
-            new_cls = (index == cls).long().argmax(1)
-        else:
-            index = kept
+        index, new_cls = in_order_with_protected(kept, state)
         positions = gather_tokens(state.positions, index)
         sizes = None if state.sizes is None else gather_tokens(state.sizes, index)
         new_state = state.replace(positions=positions, cls_index=new_cls, reduced=True, sizes=sizes)

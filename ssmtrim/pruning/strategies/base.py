@@ -91,17 +91,32 @@ def gather_streams(streams: Streams, index: Tensor) -> Streams:
 
 
 def centre_protected(kept: Tensor, state: TokenState) -> tuple[Tensor, Tensor | None]:
-    """Kept unprotected tokens (B K) with the class token put in the middle (the released Vim code); (index, new
-    class-token index). Without a protected token, the kept tokens as they are."""
-    if state.cls_index is None:
+    """Kept unprotected tokens (B K) with the protected tokens put back among them: one class token in the middle
+    (the released Vim code), P registers evenly, one after each of the first P groups of K // (P + 1) kept tokens
+    (as Mamba® places them); (index, new protected indices). Without a protected token, the kept tokens as they are."""
+    prot = state.protected_index()
+    if prot is None:
         return kept, None
-    half = kept.shape[1] // 2
-    index = torch.cat([kept[:, :half], state.cls_index[:, None], kept[:, half:]], 1)
-    return index, torch.full((kept.shape[0],), half, device=kept.device, dtype=torch.long)
+    group = kept.shape[1] // (prot.shape[1] + 1)
+    parts = []
+    for j in range(prot.shape[1]):
+        parts += [kept[:, j * group : (j + 1) * group], prot[:, j : j + 1]]
+    index = torch.cat([*parts, kept[:, prot.shape[1] * group :]], 1)
+    return index, state.protected_after(index)
+
+
+def in_order_with_protected(kept: Tensor, state: TokenState) -> tuple[Tensor, Tensor | None]:
+    """Kept unprotected tokens (B K, increasing) and the protected tokens, all in their current order; (index, new
+    protected indices)."""
+    prot = state.protected_index()
+    if prot is None:
+        return kept, None
+    index = torch.cat([kept, prot], 1).sort(1).values
+    return index, state.protected_after(index)
 
 
 def even_when_centred(k: int, candidates: int, state: TokenState) -> int:
-    """With a class token to centre, an even number of kept tokens puts it exactly in the middle."""
-    if state.cls_index is not None and k % 2 and k < candidates:
+    """With one class token to centre, an even number of kept tokens puts it exactly in the middle."""
+    if state.num_protected == 1 and k % 2 and k < candidates:
         return k + 1
     return k

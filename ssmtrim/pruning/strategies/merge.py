@@ -60,9 +60,7 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
         streams, kept_sizes = tuple(merged), total
     else:
         streams = tuple(None if t is None else gather_tokens(t, index) for t in streams)
-    new_cls = None
-    if state.cls_index is not None:
-        new_cls = (index == state.cls_index[:, None]).long().argmax(1)
+    new_cls = state.protected_after(index)
     new_state = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
                               sizes=kept_sizes)
     return streams, new_state
