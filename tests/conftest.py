@@ -235,7 +235,7 @@ def bad_source(request, tmp_path, tiny_state_dicts) -> BadSource:
         return BadSource(str(path), CheckpointError, "holds no tensors")
     if case == "unknown_model":
         torch.save({"state_dict": {"encoder.weight": torch.ones(3, 3)}}, path)
-        return BadSource(str(path), CheckpointError, "neither a Vim nor a PlainMamba")
+        return BadSource(str(path), CheckpointError, "not a checkpoint of a supported family")
     if case == "missing_key":
         del vim["layers.1.mixer.D_b"]
         torch.save({"model": vim}, path)

@@ -3,8 +3,8 @@
 - (a) no import cycles among ssmtrim's modules, counting imports inside functions (the lazy ones) too;
 - every package is listed in pyproject's ``packages`` (a wheel leaves out what is not listed);
 - (b) only the family modules (``ssmtrim/models/vim*.py``, ``plainmamba*.py``, ``vmamba*.py``, ``mambavision*.py``,
-  ``ssmtrim/models/<family>/``) compare against a family name (``family == "vim"``, ``in ("vim", ...)``): elsewhere
-  a family's behaviour is asked of the family, not switched on its name.
+  ``mambar*.py``, ``ssmtrim/models/<family>/``) compare against a family name (``family == "vim"``,
+  ``in ("vim", ...)``): elsewhere a family's behaviour is asked of the family, not switched on its name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "ssmtrim"
-FAMILIES = ("vim", "plainmamba", "vmamba", "mambavision")
+FAMILIES = ("vim", "plainmamba", "vmamba", "mambavision", "mambar")
 
 
 def module_name(path: Path) -> str:

@@ -42,6 +42,7 @@ from ssmtrim.errors import (
 from ssmtrim.models.registry import (
     DataConfig,
     ModelSpec,
+    default_data_of,
     families,
     find_spec,
     get_family,
@@ -49,7 +50,6 @@ from ssmtrim.models.registry import (
     list_models,
     spec_for_hub_file,
 )
-from ssmtrim.models.sizes import size_hw
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -421,8 +421,8 @@ def detect_family(state_dict: dict[str, Tensor], source: str) -> str:
         if fam.detect(state_dict):
             return name
     sample = ", ".join(list(state_dict)[:4])
-    raise CheckpointError(f"{source} is neither a Vim nor a PlainMamba checkpoint (keys start {sample}); pass a "
-                          "checkpoint of a supported model.")
+    raise CheckpointError(f"{source} is not a checkpoint of a supported family ({', '.join(families())}; keys start "
+                          f"{sample}); pass a checkpoint of one of them, or --arch when its keys are renamed.")
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
@@ -474,7 +474,7 @@ def _data_config(spec_name: str | None, arch: Any) -> DataConfig:
     spec: ModelSpec | None = find_spec(spec_name) if spec_name else None
     if spec is not None:
         return spec.data
-    return DataConfig(input_size=(arch.in_chans, *size_hw(arch.img_size)))
+    return default_data_of(get_family(arch.family), arch)
 
 
 def data_config_of(model: nn.Module) -> DataConfig:
@@ -529,9 +529,11 @@ def load_resolved(resolved: ModelSource, arch: str | Any | None = None, device: 
     if spec_name is None:
         from ssmtrim.notices import notice
 
+        data = model.data_config
         notice(f"imagenet-preprocessing:{label}", f"{label} is not a registered architecture, so its images are "
-               "preprocessed as ImageNet's (mean/std, crop 0.875, bicubic); if it was trained otherwise, convert it "
-               "(ssmtrim convert) and edit the \"data\" entry of its config.json.")
+               f"preprocessed as the {family} release's ImageNet models' (mean/std, crop {data.crop_pct:g}, "
+               f"{data.interpolation}); if it was trained otherwise, convert it (ssmtrim convert) and edit the "
+               "\"data\" entry of its config.json.")
     return model.to(device)
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError, UnknownModelError
+from ssmtrim.models.sizes import size_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,6 +178,16 @@ def num_protected_of(family: Family, config: Any) -> int:
     return 1 if family.has_class_token(config) else 0
 
 
+def default_data_of(family: Family, config: Any) -> DataConfig:
+    """Eval preprocessing of an architecture no registered model has: the family's optional
+    ``data_config(config)`` (its release's own, e.g. no centre crop), else ImageNet's (crop 0.875, bicubic), at the
+    config's input size."""
+    own = getattr(family, "data_config", None)
+    if own is not None:
+        return own(config)
+    return DataConfig(input_size=(config.in_chans, *size_hw(config.img_size)))
+
+
 def after_block_of(family: Family):
     """The family's ``after_block`` (a stage change after a block), or the default of a flat family: nothing."""
     return getattr(family, "after_block", _no_stage_change)
@@ -219,7 +230,7 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 # the built-in family modules, imported by name on first use (the way entry points are): the registry needs no
 # import of them, they import the registry
 BUILTIN_FAMILY_MODULES = ("ssmtrim.models.vim", "ssmtrim.models.plainmamba", "ssmtrim.models.vmamba",
-                          "ssmtrim.models.mambavision")
+                          "ssmtrim.models.mambavision", "ssmtrim.models.mambar")
 
 
 def _ensure_loaded() -> None:

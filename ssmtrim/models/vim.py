@@ -326,7 +326,7 @@ class VisionMamba(nn.Module):
 # family: build, convert official checkpoints, infer architectures
 
 
-def _stored_size(patches: int, patch: int, img_size: ImgSize | None) -> tuple[ImgSize, int]:
+def stored_size(patches: int, patch: int, img_size: ImgSize | None) -> tuple[ImgSize, int]:
     """(input size, stride) of a position embedding of ``patches`` patch slots. A square number is a square grid
     (the stride is not stored: prefer the one that makes a 224 input, the _stride8_ variants, else the patch size);
     any other number needs ``img_size``, whose grid must hold exactly that many patches."""
@@ -348,6 +348,11 @@ def _stored_size(patches: int, patch: int, img_size: ImgSize | None) -> tuple[Im
                           "--img-size H,W (img_size=(H, W) in Python), then resize the loaded model.")
 
 
+def has_bimamba_mixers(state_dict: dict[str, Tensor]) -> bool:
+    """Blocks with the bidirectional "v2" mixer (its backward direction's ``A_b_log``), as Vim and Mamba® have."""
+    return any(re.search(r"(^|\.)layers\.\d+\.mixer\.A_b_log$", k) for k in state_dict)
+
+
 class VimFamily:
     name = "vim"
     config_cls = VimConfig
@@ -366,7 +371,8 @@ class VimFamily:
         return out
 
     def detect(self, state_dict: dict[str, Tensor]) -> bool:
-        return any(re.search(r"(^|\.)layers\.\d+\.mixer\.A_b_log$", k) for k in state_dict)
+        """Vim's bidirectional mixers around one class token (registers, ``pos_embed_cls``, make it a Mamba®)."""
+        return has_bimamba_mixers(state_dict) and not any(k.endswith("pos_embed_cls") for k in state_dict)
 
     def infer_config(self, state_dict: dict[str, Tensor], img_size: ImgSize | None = None) -> VimConfig:
         """The architecture of a state dict. A square position embedding gives the input size; a non-square one
@@ -386,7 +392,7 @@ class VimFamily:
             ) from None
         depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
         embed_dim, patch = patch_w.shape[0], patch_w.shape[-1]
-        size, stride = _stored_size(pos.shape[1] - 1, patch, img_size)
+        size, stride = stored_size(pos.shape[1] - 1, patch, img_size)
         head = sd.get("head.weight")
         return VimConfig(
             embed_dim=embed_dim, depth=depth, img_size=size, patch_size=patch, stride=stride,

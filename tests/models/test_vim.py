@@ -22,11 +22,19 @@ def naive_vim_forward(sd: dict[str, torch.Tensor], cfg: VimConfig, images: torch
     pos = m // 2
     cls = sd["cls_token"].expand(x.shape[0], 1, -1)
     x = torch.cat([x[:, :pos], cls, x[:, pos:]], 1) + sd["pos_embed"]
+    final = naive_blocks(sd, cfg, x)
+    return final[:, pos] @ sd["head.weight"].t() + sd["head.bias"]
 
-    def rms(v, w):
-        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
 
-    def branch(p, xs, zs):  # xs, zs: (L, E) in scan order
+def naive_rms(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+
+def naive_blocks(sd: dict[str, torch.Tensor], cfg, x: torch.Tensor) -> torch.Tensor:
+    """The official blocks ("add -> RMSNorm -> bidirectional v2 mixer", directions averaged) and the final norm over
+    the token sequence x (B L D), float64 weights ``sd``, token by token: the final-normed tokens (B L D)."""
+
+    def branch(p, s, xs, zs):  # xs, zs: (L, E) in scan order; s: "" forward, "_b" backward
         length, e = xs.shape
         w = sd[p + "conv1d" + s + ".weight"][:, 0]  # E K
         k = w.shape[1]
@@ -56,19 +64,16 @@ def naive_vim_forward(sd: dict[str, torch.Tensor], cfg: VimConfig, images: torch
     for i in range(cfg.depth):
         p = f"layers.{i}.mixer."
         residual = hidden if residual is None else residual + hidden
-        normed = rms(residual, sd[f"layers.{i}.norm.weight"])
+        normed = naive_rms(residual, sd[f"layers.{i}.norm.weight"])
         outs = []
         for b in range(normed.shape[0]):
             xz = normed[b] @ sd[p + "in_proj.weight"].t()
             xs, zs = xz[:, : cfg.d_inner], xz[:, cfg.d_inner :]
-            s = ""
-            y_f = branch(p, xs, zs)
-            s = "_b"
-            y_b = branch(p, xs.flip(0), zs.flip(0)).flip(0)
+            y_f = branch(p, "", xs, zs)
+            y_b = branch(p, "_b", xs.flip(0), zs.flip(0)).flip(0)
             outs.append(((y_f + y_b) / 2) @ sd[p + "out_proj.weight"].t())
         hidden = torch.stack(outs)
-    final = rms(residual + hidden, sd["norm_f.weight"])
-    return final[:, pos] @ sd["head.weight"].t() + sd["head.bias"]
+    return naive_rms(residual + hidden, sd["norm_f.weight"])
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:
