@@ -32,6 +32,25 @@ CompensateAlphaOpt = Annotated[float | None, typer.Option("--compensate-alpha", 
 DropFractionOpt = Annotated[float | None, typer.Option("--drop-fraction", help="merge: share of the removed tokens "
                                                        "(least important) dropped instead of merged (default 0).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")]
+OptionOpt = Annotated[list[str] | None, typer.Option("--option", metavar="NAME=VALUE", help="Any other option a "
+                                                     "strategy or score declares (repeatable), e.g. --option "
+                                                     "name=value.")]
+
+
+def parse_options(texts: list[str] | None) -> dict[str, Any] | None:
+    """``--option NAME=VALUE`` (repeatable) -> the plan's ``options``, each checked by the plug-in declaring it."""
+    if not texts:
+        return None
+    from ssmtrim.pruning.config import OPTION_FIELDS, declared_options
+    from ssmtrim.pruning.options import parse_option
+
+    declared = {k: v for k, v in declared_options().items() if k not in OPTION_FIELDS}
+    for text in texts:
+        name, sep, _ = text.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if sep and name in OPTION_FIELDS:
+            raise ConfigError(f"--option {name}: it has its own flag; give --{name.replace('_', '-')} instead.")
+    return dict(parse_option(text, declared) for text in texts)
 
 
 def parse_floats(text: str, flag: str) -> tuple[float, ...]:

@@ -30,9 +30,11 @@ from ssmtrim.cli._prune_options import (
     LayersOpt,
     MetricOpt,
     ModeOpt,
+    OptionOpt,
     ScoreOpt,
     parse_floats,
     parse_layers,
+    parse_options,
     strategy_fields,
 )  # fmt: skip
 from ssmtrim.cli._render import ProgressRenderer, console, key_value_table, print_json
@@ -61,6 +63,7 @@ def prune(
     compensate: CompensateOpt = None,
     compensate_alpha: CompensateAlphaOpt = None,
     mode: ModeOpt = "count",
+    option: OptionOpt = None,
     flops: Annotated[float | None, typer.Option("--flops", help="Instead of --layers/--keep: target fraction of the "
                      "dense FLOPs (e.g. 0.7); ssmtrim searches the schedule closest to dense on the images.")] = None,
     flops_convention: Annotated[str | None, typer.Option("--flops-convention", help="FLOPs convention of --flops: "
@@ -113,7 +116,7 @@ def prune(
     # (and no --layers) the search replaces layers and keep.
     config = {"layers": parse_layers(layers), "keep": parse_floats(keep, "--keep") if keep else None, "seed": seed,
               "mode": mode, "metric": metric, "drop_fraction": drop_fraction, "compensate": compensate,
-              "compensate_alpha": compensate_alpha,
+              "compensate_alpha": compensate_alpha, "options": parse_options(option),
               **strategy_fields(score, arrangement, gap, conv)}
     # under torchrun the ranks split the images (gloo: pruning runs on the CPU) and rank 0 alone prints and writes
     with sharded("cpu") as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:

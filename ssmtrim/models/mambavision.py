@@ -458,6 +458,10 @@ class MambaVisionFamily:
     def recommended_plan(self, config: MambaVisionConfig) -> dict:
         return {"arrangement": "merge", "score": "clipped", "compensate": "head", "layers": (1,)}
 
+    def provides(self, config) -> frozenset[str]:
+        """What run_block hands over when asked (scores and strategies that need more are refused)."""
+        return frozenset({"delta"})
+
     def check_plan(self, plan) -> None:
         raise ConfigError("reducing MambaVision's tokens is not available yet: load, run, count FLOPs and evaluate it "
                           "dense (token reduction inside its Mamba-and-attention levels is planned).")

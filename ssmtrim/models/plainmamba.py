@@ -516,6 +516,10 @@ class PlainMambaFamily:
 
         return resize_state_dict(config, state_dict, img_size)
 
+    def provides(self, config) -> frozenset[str]:
+        """What run_block hands over when asked (scores and strategies that need more are refused)."""
+        return frozenset({"delta", "mixer_input"})
+
     def check_plan(self, plan) -> None:
         if plan.conv != "original":
             raise ConfigError(f"--conv {plan.conv} is defined for Vim's 1-D conv only; PlainMamba's 2-D conv always "

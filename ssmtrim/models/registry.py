@@ -144,12 +144,16 @@ class Family(Protocol):
         """The final linear layer, features -> logits (compensation folds its corrections into it)."""
         ...
 
-    def recommended_plan(self, config: Any) -> dict[str, Any]:
-        """PruneConfig fields used where the user names no strategy option (chosen by measurement, see the README's
-        method table) and ``layers``, the hand-set schedule a FLOPs-target search always considers."""
-        ...
-
-    # optional: resize_state_dict(config, state_dict, img_size) -> (config, state_dict), to load at another input size
+    # optional (each with a default in its *_of helper below):
+    # recommended_plan(config) -> PruneConfig fields used where the user names no strategy option (chosen by
+    #   measurement, see the README's method table) and ``layers``, the hand-set schedule a FLOPs-target search always
+    #   considers; default: the plan's defaults after 1/4, 1/2, 3/4 of the blocks (recommended_plan_of)
+    # provides(config) -> what run_block hands over when ``needs`` asks: "delta", "mixer_input"; default: nothing
+    #   beyond y (provides_of); a plan whose score or strategy needs more is refused when applied
+    # num_protected(config) -> tokens never reduced (registers); default: one if has_class_token (num_protected_of)
+    # data_config(config) -> the release's eval preprocessing for an unregistered size; default ImageNet's
+    #   (default_data_of)
+    # resize_state_dict(config, state_dict, img_size) -> (config, state_dict), to load at another input size
     # optional: after_block(model, index, streams, state) -> (streams, state), what follows block ``index`` outside
     #   the blocks: a hierarchical family's downsample at a stage change puts the tokens on the next stage's grid
     #   (a new TokenState); default: nothing (see after_block_of)
@@ -188,6 +192,32 @@ def default_data_of(family: Family, config: Any) -> DataConfig:
     return DataConfig(input_size=(config.in_chans, *size_hw(config.img_size)))
 
 
+def provides_of(family: Family, config: Any) -> frozenset[str]:
+    """What the family's ``run_block`` hands over when asked, besides y: its optional ``provides(config)``
+    ("delta" softplus(Δ), "mixer_input" the normed mixer input), else nothing; a plan whose score or strategy needs
+    more is refused when it is applied."""
+    provides = getattr(family, "provides", None)
+    return frozenset(provides(config)) if provides is not None else frozenset()
+
+
+def recommended_plan_of(family: Family, config: Any) -> dict[str, Any]:
+    """The family's optional ``recommended_plan(config)``, else the plan's defaults reducing after a quarter, half
+    and three quarters of the blocks."""
+    own = getattr(family, "recommended_plan", None)
+    if own is not None:
+        return own(config)
+    depth = family.depth(config)
+    return {"layers": tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))}
+
+
+# what every family defines (see Family); the optional ones have defaults in the *_of helpers above
+REQUIRED_FAMILY_ATTRIBUTES = (
+    "name", "config_cls", "build", "convert_state_dict", "detect", "infer_config", "depth", "num_tokens",
+    "has_class_token", "block_name", "embed", "run_block", "geometry", "features", "classifier", "check_plan",
+    "mixer_dims",
+)  # fmt: skip
+
+
 def after_block_of(family: Family):
     """The family's ``after_block`` (a stage change after a block), or the default of a flat family: nothing."""
     return getattr(family, "after_block", _no_stage_change)
@@ -214,6 +244,11 @@ _ALIASES: dict[str, str] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Register a family; one that lacks a required method is refused here, naming what it lacks."""
+    missing = [a for a in REQUIRED_FAMILY_ATTRIBUTES if not hasattr(family, a)]
+    if missing:
+        raise TypeError(f"family {getattr(family, 'name', type(family).__name__)!r} lacks {', '.join(missing)}; "
+                        "see ssmtrim.models.registry.Family for what each does.")
     _FAMILIES[family.name] = family
     return family
 

@@ -468,6 +468,10 @@ class VimFamily:
 
         return resize_state_dict(config, state_dict, img_size)
 
+    def provides(self, config) -> frozenset[str]:
+        """What run_block hands over when asked (scores and strategies that need more are refused)."""
+        return frozenset({"delta", "mixer_input"})
+
     def check_plan(self, plan) -> None:
         pass  # every option applies
 

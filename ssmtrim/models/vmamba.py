@@ -487,6 +487,10 @@ class VMambaFamily:
     def recommended_plan(self, config: VMambaConfig) -> dict:
         return {"arrangement": "merge", "score": "clipped", "compensate": "head", "layers": (1,)}
 
+    def provides(self, config) -> frozenset[str]:
+        """What run_block hands over when asked (scores and strategies that need more are refused)."""
+        return frozenset({"delta", "mixer_input"})
+
     def check_plan(self, plan) -> None:
         raise ConfigError("reducing VMamba's tokens is not available yet: load, run, count FLOPs and evaluate it dense "
                           "(token reduction inside its stages is planned).")

@@ -43,10 +43,20 @@ from ssmtrim.errors import ConfigError
 from ssmtrim.pruning.scores import score_names
 from ssmtrim.pruning.strategies import strategy_names
 
-GAP_ESTIMATES = ("mean", "bias", "zero")
+GAP_ESTIMATES = ("mean", "bias", "zero")  # the choices of the strategies' GAP option (strategies/base.py)
 MODES = ("count", "threshold")
 CONV_NEIGHBOURS = ("original", "kept")
-MERGE_METRICS = ("input", "y", "delta")
+# plan fields that are plug-in options (declared by their strategies); kept as fields for folders written before
+# plug-ins declared their options, every other plug-in option lives in ``options``
+OPTION_FIELDS = ("gap", "metric", "drop_fraction")
+
+
+def declared_options() -> dict:
+    """Every option a registered strategy or score declares, by name (:mod:`ssmtrim.pruning.options`)."""
+    from ssmtrim.pruning.scores.base import score_options
+    from ssmtrim.pruning.strategies.base import strategy_options
+
+    return {**score_options(), **strategy_options()}
 
 
 
@@ -96,6 +106,8 @@ class PruneConfig:
     drop_fraction: float = 0.0  # merging: share of the removed tokens (the least important) dropped, not merged
     compensate: str = "none"  # closed-form correction fitted on the calibration images: none or head
     compensate_alpha: float = 0.1  # its ridge strength (relative to the feature variance)
+    # further plug-in options, (name, value) pairs sorted by name (a dict is accepted); see ssmtrim.pruning.options
+    options: tuple[tuple[str, Any], ...] | dict[str, Any] = ()
 
     def __post_init__(self) -> None:
         layers, keep = _block_indices(self.layers), _ratios(self.keep)
@@ -115,15 +127,10 @@ class PruneConfig:
                 raise ConfigError(f"--keep ratio {k} is outside (0, 1]; give the fraction of tokens to keep, e.g. 0.8.")
         for name, value, allowed in (("score", self.score, score_names()),
                                      ("arrangement", self.arrangement, strategy_names()),
-                                     ("gap", self.gap, GAP_ESTIMATES), ("mode", self.mode, MODES),
-                                     ("conv", self.conv, CONV_NEIGHBOURS)):
+                                     ("mode", self.mode, MODES), ("conv", self.conv, CONV_NEIGHBOURS)):
             if value not in allowed:
                 raise ConfigError(f"--{name} {value!r} is not one of {', '.join(allowed)}.")
-        if self.metric not in MERGE_METRICS:
-            raise ConfigError(f"--metric {self.metric!r} is not one of {', '.join(MERGE_METRICS)}.")
-        if not 0.0 <= float(self.drop_fraction) <= 1.0 or math.isnan(float(self.drop_fraction)):
-            raise ConfigError(f"--drop-fraction {self.drop_fraction} is outside [0, 1]; it is the share of removed "
-                              "tokens dropped instead of merged.")
+        self._validate_options()
         if self.compensate not in ("none", "head"):
             raise ConfigError(f"--compensate {self.compensate!r} is not one of none, head.")
         if not float(self.compensate_alpha) > 0 or math.isinf(float(self.compensate_alpha)):
@@ -132,6 +139,34 @@ class PruneConfig:
             object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
             if len(self.thresholds) != len(layers):
                 raise ConfigError("the plan has a different number of thresholds than pruning layers; recalibrate.")
+
+    def _validate_options(self) -> None:
+        """Each plug-in option checked by its declaration: the fields kept for earlier folders and ``options``."""
+        declared = declared_options()
+        given = dict(self.options.items() if isinstance(self.options, dict) else self.options)
+        for name in given:
+            if name in OPTION_FIELDS or name in {f.name for f in dataclasses.fields(self)}:
+                raise ConfigError(f"option {name!r} is a field of the plan; set it as {name}=..., not in options.")
+            if name not in declared:
+                raise ConfigError(f"option {name!r} is not declared by any strategy or score (declared: "
+                                  f"{', '.join(sorted(declared)) or 'none'}).")
+        checked = {name: declared[name].validate(value) for name, value in given.items()}
+        object.__setattr__(self, "options", tuple(sorted(checked.items())))
+        for name in OPTION_FIELDS:
+            if name in declared:
+                object.__setattr__(self, name, declared[name].validate(getattr(self, name)))
+
+    def option(self, name: str) -> Any:
+        """A plug-in option's value: the plan's field or ``options`` entry, else the declared default."""
+        if name in OPTION_FIELDS:
+            return getattr(self, name)
+        given = dict(self.options)
+        if name in given:
+            return given[name]
+        declared = declared_options()
+        if name not in declared:
+            raise ConfigError(f"option {name!r} is not declared by any strategy or score.")
+        return declared[name].default
 
     @property
     def needs_calibration(self) -> bool:
@@ -161,7 +196,9 @@ class PruneConfig:
         return {layer - 1: k for layer, k in zip(self.layers, self.keep, strict=True)}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["options"] = dict(self.options)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PruneConfig:
@@ -170,7 +207,10 @@ class PruneConfig:
         if unknown:
             raise ConfigError(f"unknown pruning field(s) {unknown} in the checkpoint; it was written by a newer "
                               "ssmtrim.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("options"), dict):
+            d["options"] = tuple(sorted(d["options"].items()))
+        return cls(**d)
 
     def replace(self, **changes: Any) -> PruneConfig:
         return dataclasses.replace(self, **changes)
@@ -179,9 +219,9 @@ class PruneConfig:
     def recommended(cls, model, **fields: Any) -> PruneConfig:
         """The recommended plan of ``model``'s family (``Family.recommended_plan``: strategy and options chosen by
         measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8."""
-        from ssmtrim.models.registry import family_of
+        from ssmtrim.models.registry import family_of, recommended_plan_of
 
-        base = family_of(model).recommended_plan(model.config)
+        base = recommended_plan_of(family_of(model), model.config)
         given = {k: v for k, v in fields.items() if v is not None}
         merged = {**base, **given}
         merged.setdefault("keep", (0.8,))

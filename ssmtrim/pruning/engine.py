@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import after_block_of, family_of, num_protected_of
+from ssmtrim.models.registry import after_block_of, family_of, num_protected_of, provides_of
 from ssmtrim.models.tokens import Streams, TokenState
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
@@ -123,7 +123,7 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
     stats.tokens_per_block.extend([float(state.num_tokens)] * start)
     geometry = None
     after = after_block_of(family)
-    needs_at_reduction = (frozenset({"delta"}) if score.needs_delta else frozenset()) | strategy.needs(config)
+    needs_at_reduction = score.needs(config) | strategy.needs(config)
     for i in range(start, family.depth(model.config)):
         stats.tokens_per_block.append(float(state.num_tokens))
         needs = needs_at_reduction if i in keep else frozenset()
@@ -219,10 +219,30 @@ def check_plan_for(model: nn.Module, config: PruneConfig) -> None:
     family = family_of(model)
     config.validate_for(family.depth(model.config))
     config.check_runnable()
-    get_strategy(config.arrangement).check_plan(config)  # options it cannot use: one sentence now, not mid-forward
-    get_score(config.score)
+    strategy, score = get_strategy(config.arrangement), get_score(config.score)
+    strategy.check_plan(config)  # options it cannot use: one sentence now, not mid-forward
+    _check_score_options(score, config)
     family.check_plan(config)
+    provides = provides_of(family, model.config)
+    for what, plugin in ((f"--score {score.name}", score), (f"--arrangement {strategy.name}", strategy)):
+        missing = plugin.needs(config) - provides
+        if missing:
+            raise ConfigError(f"{what} (as set) reads {', '.join(sorted(missing))} from the blocks, which a "
+                              f"{family.name} model does not give (it gives {', '.join(sorted(provides)) or 'only y'});"
+                              " choose another score, strategy or --metric.")
     _check_counts(family, model.config, config)
+
+
+def _check_score_options(score, config: PruneConfig) -> None:
+    """A score option set away from its default while another score is chosen is refused, naming its scores."""
+    from ssmtrim.pruning.scores.base import _SCORES, score_options
+
+    mine = {o.name for o in score.options}
+    for name, option in score_options().items():
+        if name not in mine and config.option(name) != option.default:
+            users = ", ".join(s.name for s in _SCORES.values() if name in {o.name for o in s.options})
+            raise ConfigError(f"{option.flag} is an option of --score {users}; --score {score.name} does not use it, "
+                              f"so leave {option.flag} out or choose one of those.")
 
 
 def _check_counts(family, arch, config: PruneConfig) -> None:

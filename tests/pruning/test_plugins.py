@@ -32,6 +32,7 @@ from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, 
 from ssmtrim.ops import selective_scan
 from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import calibrate
+from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.scores import Score, register_score, unregister_score
 from ssmtrim.pruning.strategies import Strategy, gather_streams, register_strategy, unregister_strategy
 
@@ -185,16 +186,23 @@ class ToyFamily:
 # a toy strategy and a toy score
 
 
+# an option declared by the toy strategy in this file alone: the plan validates it by asking this declaration
+SKIP = Option("toy_skip", 0, "tokens passed over before the first kept one", low=0, high=4)
+
+
 class KeepFirst(Strategy):
-    """Keeps the first k unprotected tokens whatever the scores, at their original positions."""
+    """Keeps the first k unprotected tokens whatever the scores (after ``toy_skip`` of them), at their original
+    positions."""
 
     name = "toy-keep-first"
     keeps_positions = True
+    options = (SKIP,)
 
     def reduce(self, step):
         state = step.state
         bsz, length = step.scores.shape
         order = torch.arange(length, device=step.scores.device).expand(bsz, -1).float()
+        order = (order - step.plan.option("toy_skip")) % length  # the skipped ones rank last
         kept = topk_sorted(-order, step.k, state.protected())  # the lowest indices
         if state.cls_index is not None:
             index = torch.cat([kept, state.cls_index[:, None]], 1).sort(1).values
@@ -293,3 +301,50 @@ def test_unregistered_names_are_one_sentence():
         PruneConfig(layers=(1,), keep=(0.5,), arrangement="nope")
     with pytest.raises(ConfigError, match="--score 'nope' is not one of"):
         PruneConfig(layers=(1,), keep=(0.5,), score="nope")
+
+
+def test_a_strategy_declares_its_own_option_and_the_plan_asks_it(toy, images, tmp_path):
+    """The option lives in the strategy's file: a plan takes it in ``options``, validated by its declaration, saved
+    and reloaded with the folder; another strategy refuses a value it does not read."""
+    plan = PruneConfig(layers=(1,), keep=(0.5,), arrangement="toy-keep-first", options={"toy_skip": 2})
+    assert plan.option("toy_skip") == 2 and PruneConfig(layers=(1,), keep=(0.5,)).option("toy_skip") == 0
+    out = reduced_forward(toy, images, plan)
+    assert out.state.positions[0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9]
+    with pytest.raises(ConfigError, match=r"--toy-skip 9 is outside \[0, 4\]"):
+        PruneConfig(layers=(1,), keep=(0.5,), options={"toy_skip": 9})
+    with pytest.raises(ConfigError, match="option 'nope' is not declared"):
+        PruneConfig(layers=(1,), keep=(0.5,), options={"nope": 1})
+    with pytest.raises(ConfigError, match="--toy-skip is an option of toy-keep-first; --arrangement align"):
+        apply_pruning(ssmtrim.create_model("toymamba_test"), PruneConfig(layers=(1,), keep=(0.5,),
+                                                                          options={"toy_skip": 1}))
+    assert PruneConfig.from_dict(plan.to_dict()) == plan
+    older = {k: v for k, v in plan.to_dict().items() if k != "options"}  # a folder written before options existed
+    assert PruneConfig.from_dict(older).option("toy_skip") == 0
+    model = ssmtrim.create_model("toymamba_test").eval()
+    apply_pruning(model, plan)
+    again = ssmtrim.load_model(str(ssmtrim.save_model(model, tmp_path / "m")))
+    assert again.prune_config == plan
+
+
+def test_a_plan_that_needs_what_the_family_does_not_give_is_refused_when_applied(toy):
+    """The toy family declares no ``provides``: a score or strategy that reads softplus(Δ) or the mixer input is
+    refused in one sentence when the plan is applied, not mid-forward."""
+    model = ssmtrim.create_model("toymamba_test").eval()
+    for plan, words in ((PruneConfig(layers=(1,), keep=(0.5,), score="delta"), "--score delta"),
+                        (PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"), "--arrangement merge")):
+        with pytest.raises(ConfigError, match=f"{words} \\(as set\\) reads .* which a toymamba model does not give"):
+            apply_pruning(model, plan)
+    apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", metric="y"))  # y: always given
+
+
+def test_a_family_without_a_required_method_is_refused_at_registration():
+    class Incomplete:
+        name = "incomplete"
+        config_cls = ToyConfig
+
+        def build(self, config):
+            return nn.Identity()
+
+    with pytest.raises(TypeError, match="family 'incomplete' lacks convert_state_dict, detect"):
+        register_family(Incomplete())
+    assert "incomplete" not in ssmtrim.models.registry.families()

@@ -10,14 +10,20 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import BlockOutput
+from ssmtrim.pruning.options import Option
 
 
 class Score:
     """Subclass, set ``name``, implement :meth:`__call__`, and :func:`register_score` an instance."""
 
     name: ClassVar[str]
-    needs_delta: ClassVar[bool] = False  # reads softplus(Δ) (the family computes it only then)
     needs_generator: ClassVar[bool] = False  # draws random numbers (given a generator seeded per plan and block)
+    options: ClassVar[tuple[Option, ...]] = ()  # options it reads from the plan, declared in its own module
+
+    def needs(self, plan) -> frozenset[str]:
+        """What the family must hand over besides y ("delta": softplus(Δ), computed only when asked); checked
+        against the family's ``provides`` when a plan is applied, as a strategy's needs are."""
+        return frozenset()
 
     def __call__(self, output: BlockOutput, generator: torch.Generator | None = None) -> Tensor:
         """-> scores (B L)."""
@@ -34,6 +40,11 @@ def register_score(score: Score) -> Score:
 
 def unregister_score(name: str) -> None:
     _SCORES.pop(name, None)
+
+
+def score_options() -> dict[str, Option]:
+    """Every option a registered score declares, by name."""
+    return {o.name: o for s in _SCORES.values() for o in s.options}
 
 
 def get_score(name: str) -> Score:

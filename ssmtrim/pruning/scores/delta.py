@@ -8,7 +8,9 @@ from ssmtrim.pruning.scores.base import Score, register_score
 
 class Delta(Score):
     name = "delta"
-    needs_delta = True
+
+    def needs(self, plan):
+        return frozenset({"delta"})
 
     def __call__(self, output, generator=None):
         if output.delta is None:

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 from ssmtrim.models.tokens import gather_tokens, topk_sorted
 from ssmtrim.pruning.state import ReductionStep
-from ssmtrim.pruning.strategies.base import Strategy, gather_streams, in_order_with_protected, register_strategy
+from ssmtrim.pruning.strategies.base import (
+    GAP,
+    Strategy,
+    gather_streams,
+    in_order_with_protected,
+    register_strategy,
+)
 
 
 class Align(Strategy):
     name = "align"
     keeps_positions = True
     description = "kept tokens at their original positions; convs and scans see the gaps (the method)"
+    options = (GAP,)
 
     def reduce(self, step: ReductionStep):
         state = step.state

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import Streams, TokenState, gather_tokens
+from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 
 
@@ -26,25 +27,26 @@ class Strategy:
     keeps_positions: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
-    # PruneConfig fields this strategy reads beyond where / how many (a non-default value of another strategy's
-    # option is refused with one sentence naming it)
-    options: ClassVar[frozenset[str]] = frozenset()
+    # the options this strategy reads beyond where / how many, declared in its own module (a non-default value of
+    # an option it does not read is refused with one sentence naming the strategies that do)
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def needs(self, plan) -> frozenset[str]:
-        """What the family must hand over at a reduction point besides y ("delta", "mixer_input")."""
+        """What the family must hand over at a reduction point besides y ("delta", "mixer_input"); checked against
+        the family's ``provides`` when a plan is applied."""
         return frozenset()
 
     def check_plan(self, plan) -> None:
-        for name, default in STRATEGY_OPTIONS.items():
-            if name not in self.options and getattr(plan, name) != default:
-                flag = name.replace("_", "-")
-                users = ", ".join(s.name for s in _STRATEGIES.values() if name in s.options) or "no strategy"
-                raise ConfigError(f"--{flag} is an option of {users}; --arrangement {self.name} does not use it, so "
-                                  f"leave --{flag} out or choose one of those.")
-        if not self.keeps_positions and plan.gap != GAP_DEFAULT:
-            users = ", ".join(s.name for s in _STRATEGIES.values() if s.keeps_positions)
-            raise ConfigError(f"--gap sets the decay over pruned positions, which --arrangement {self.name} does not "
-                              f"keep (its tokens form a new sequence); leave --gap out or use one of {users}.")
+        mine = {o.name for o in self.options}
+        for name, option in strategy_options().items():
+            if name not in mine and plan.option(name) != option.default:
+                users = ", ".join(s.name for s in _STRATEGIES.values() if name in {o.name for o in s.options})
+                if name == GAP.name:
+                    raise ConfigError(f"--gap sets the decay over pruned positions, which --arrangement {self.name} "
+                                      f"does not keep (its tokens form a new sequence); leave --gap out or use one "
+                                      f"of {users}.")
+                raise ConfigError(f"{option.flag} is an option of {users}; --arrangement {self.name} does not use it, "
+                                  f"so leave {option.flag} out or choose one of those.")
 
     def threshold_count(self, k: int, candidates: int, state: TokenState) -> int:
         """Threshold mode: adjust the number of tokens an image keeps (default: as counted)."""
@@ -54,17 +56,27 @@ class Strategy:
         raise NotImplementedError
 
 
-# options of the merging strategies with their defaults (PruneConfig fields); a strategy that does not list one in its
-# ``options`` refuses a non-default value
-STRATEGY_OPTIONS = {"metric": "input", "drop_fraction": 0.0}
-GAP_DEFAULT = "bias"  # PruneConfig.gap's default: read by the strategies that keep positions
+# read by the strategies that keep tokens at their original positions (the families' scans decay over the gaps)
+GAP = Option("gap", "bias", "how the step size of a position that no longer exists is estimated: bias softplus(dt "
+             "bias), mean the kept tokens' mean, zero no decay", choices=("bias", "mean", "zero"))
 
 _STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(strategy: Strategy) -> Strategy:
+    declared = strategy_options()
+    for option in strategy.options:
+        other = declared.get(option.name)
+        if other is not None and other != option:
+            raise ValueError(f"strategy {strategy.name!r} declares option {option.name!r} differently from another "
+                             "strategy; share one Option object.")
     _STRATEGIES[strategy.name] = strategy
     return strategy
+
+
+def strategy_options() -> dict[str, Option]:
+    """Every option a registered strategy declares, by name."""
+    return {o.name: o for s in _STRATEGIES.values() for o in s.options}
 
 
 def unregister_strategy(name: str) -> None:

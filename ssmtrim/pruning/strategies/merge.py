@@ -19,8 +19,19 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens
+from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
-from ssmtrim.pruning.strategies.base import Strategy, register_strategy
+from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
+
+METRIC = Option("metric", "input", "what token similarity is measured on: input the normed input of the block's "
+                "mixer (measured best), y the gated SSM output, delta softplus(Δ)", choices=("input", "y", "delta"))
+DROP_FRACTION = Option("drop_fraction", 0.0, "the share of the removed tokens, the least important, dropped instead "
+                       "of merged (UTR's prune-then-merge)", low=0.0, high=1.0)
+
+
+def needs_of_metric(metric: str) -> frozenset[str]:
+    """What the family must hand over for ``metric``."""
+    return frozenset({"input": {"mixer_input"}, "delta": {"delta"}}.get(metric, ()))
 
 
 def similarity_features(output: BlockOutput, metric: str) -> Tensor:
@@ -74,11 +85,11 @@ def sizes_of(state: TokenState) -> Tensor:
 class Merge(Strategy):
     name = "merge"
     keeps_positions = True
-    options = frozenset({"metric", "drop_fraction"})
+    options = (METRIC, DROP_FRACTION, GAP)
     description = "removed tokens averaged into their most similar kept token, size-weighted, original order"
 
     def needs(self, plan) -> frozenset[str]:
-        return frozenset({"mixer_input"} if plan.metric == "input" else {"delta"} if plan.metric == "delta" else ())
+        return needs_of_metric(plan.option("metric"))
 
     def reduce(self, step: ReductionStep):
         state, scores = step.state, step.scores
@@ -87,11 +98,11 @@ class Merge(Strategy):
         removed = int(length) - int(protected[0].sum()) - step.k  # int(): shapes are tensors under tracing
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
-        n_drop = int(round(step.plan.drop_fraction * removed))
+        n_drop = int(round(step.plan.option("drop_fraction") * removed))
         src = src_all[:, n_drop:]
         dst = src  # nothing merged: no target needed
         if src.shape[1]:
-            features = F.normalize(similarity_features(step.output, step.plan.metric).float(), dim=-1)
+            features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
             sim = gather_tokens(features, src) @ features.transpose(1, 2)  # B R L
             targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(
                 1, src_all, torch.zeros_like(src_all, dtype=torch.bool))

@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import gather_tokens
 from ssmtrim.pruning.state import ReductionStep
-from ssmtrim.pruning.strategies.base import Strategy, register_strategy
-from ssmtrim.pruning.strategies.merge import merge_and_keep, similarity_features, sizes_of
+from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
+from ssmtrim.pruning.strategies.merge import METRIC, merge_and_keep, needs_of_metric, similarity_features, sizes_of
 
 
 class ToMe(Strategy):
     name = "tome"
     keeps_positions = True
-    options = frozenset({"metric"})
+    options = (METRIC, GAP)
     description = "bipartite soft matching (ToMe / R-MeeTo), order-preserving, size-weighted"
 
     def needs(self, plan) -> frozenset[str]:
-        return frozenset({"mixer_input"} if plan.metric == "input" else {"delta"} if plan.metric == "delta" else ())
+        return needs_of_metric(plan.option("metric"))
 
     def check_plan(self, plan) -> None:
         super().check_plan(plan)
@@ -43,7 +43,7 @@ class ToMe(Strategy):
         order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
         a_idx, b_idx = order[:, 0::2], order[:, 1::2]
         removed = min(removed, a_idx.shape[1])
-        features = F.normalize(similarity_features(step.output, step.plan.metric).float(), dim=-1)
+        features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
         sim = gather_tokens(features, a_idx) @ gather_tokens(features, b_idx).transpose(1, 2)  # B |A| |B|
         best, match = sim.max(-1)
         chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
