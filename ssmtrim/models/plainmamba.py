@@ -518,7 +518,7 @@ class PlainMambaFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input"})
+        return frozenset({"delta", "mixer_input", "condensed"})
 
     def check_plan(self, plan) -> None:
         if plan.conv != "original":

@@ -193,11 +193,12 @@ def default_data_of(family: Family, config: Any) -> DataConfig:
 
 
 def provides_of(family: Family, config: Any) -> frozenset[str]:
-    """What the family's ``run_block`` hands over when asked, besides y: its optional ``provides(config)``
-    ("delta" softplus(Δ), "mixer_input" the normed mixer input), else nothing; a plan whose score or strategy needs
+    """What the family gives a plan besides y: its optional ``provides(config)`` ("delta" softplus(Δ) and
+    "mixer_input" the normed mixer input, handed over by ``run_block`` when asked; "condensed": its blocks run kept
+    tokens as a new sequence without their positions), else "condensed" alone; a plan whose score or strategy needs
     more is refused when it is applied."""
     provides = getattr(family, "provides", None)
-    return frozenset(provides(config)) if provides is not None else frozenset()
+    return frozenset(provides(config)) if provides is not None else frozenset({"condensed"})
 
 
 def recommended_plan_of(family: Family, config: Any) -> dict[str, Any]:
@@ -208,6 +209,14 @@ def recommended_plan_of(family: Family, config: Any) -> dict[str, Any]:
         return own(config)
     depth = family.depth(config)
     return {"layers": tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))}
+
+
+def stages_of(family: Family, config: Any) -> list[tuple[int, int]]:
+    """(first block, tokens entering it) of each stage: the family's optional ``stages(config)`` (a hierarchical
+    family's token grid changes between stages, and reduced tokens start afresh on each new grid), else one stage of
+    ``num_tokens`` from block 0."""
+    own = getattr(family, "stages", None)
+    return list(own(config)) if own is not None else [(0, family.num_tokens(config))]
 
 
 # what every family defines (see Family); the optional ones have defaults in the *_of helpers above

@@ -33,6 +33,10 @@ class TokenState:
     keeps_positions: bool  # the strategy keeps tokens at their original positions (convs and scans see the gaps)
     reduced: bool = False  # tokens were removed at least once
     sizes: Tensor | None = None  # B L original tokens each token stands for (merging strategies); None: one each
+    # B L0: the current token that stands for each original position (-1: none, a pruned position; restore then
+    # takes the nearest token along the scan); None: the identity, nothing reduced yet
+    owner: Tensor | None = None
+    track_owner: bool = False  # keep ``owner`` up to date (a family that restores the grid sets it in embed)
 
     @property
     def num_tokens(self) -> int:
@@ -115,3 +119,47 @@ def gaps_from_positions(positions: Tensor, length: int) -> tuple[Tensor, Tensor]
     prev = torch.cat([pos.new_full((pos.shape[0], 1), -1), pos[:, :-1]], dim=1)
     nxt = torch.cat([pos[:, 1:], pos.new_full((pos.shape[0], 1), length)], dim=1)
     return (pos - prev - 1).clamp_min(0), (nxt - pos - 1).clamp_min(0)
+
+
+def owners(state: TokenState) -> Tensor:
+    """B L0 current index standing for each original position of ``state``'s grid: the recorded owner (a merged
+    position: the token it was merged into), and for a position nobody stands for (pruned) the token nearest to it
+    along the raster scan (the earlier one on a tie)."""
+    bsz = state.positions.shape[0]
+    device = state.positions.device
+    if state.owner is None:
+        return torch.arange(state.length, device=device).expand(bsz, -1)
+    owner = state.owner
+    if not bool((owner < 0).any()):
+        return owner
+    # nearest token by original position, among the tokens that stand at one (a fused token, -1, stands nowhere)
+    big = state.length * 4
+    pos, slot = state.positions.masked_fill(state.positions < 0, big).sort(1)  # B L increasing, their indices
+    grid = torch.arange(state.length, device=device).expand(bsz, -1).contiguous()  # B L0
+    right = torch.searchsorted(pos, grid).clamp_max(pos.shape[1] - 1)  # first token at or after each position
+    left = (right - 1).clamp_min(0)
+    take_left = (grid - pos.gather(1, left)).abs() <= (pos.gather(1, right) - grid).abs()
+    nearest = slot.gather(1, torch.where(take_left, left, right))
+    return torch.where(owner < 0, nearest, owner)
+
+
+def restore_tokens(x: Tensor, state: TokenState) -> Tensor:
+    """Tokens of a reduced sequence (B L ...) back on the full grid (B L0 ...): a kept position takes its token, a
+    merged one the token it was merged into (un-merging: every position a token stands for gets its value), a pruned
+    one its nearest token along the scan. The identity when nothing was reduced."""
+    if not state.reduced:
+        return x
+    return gather_tokens(x, owners(state))
+
+
+def owner_after(state: TokenState, new: TokenState, moved: Tensor | None = None) -> Tensor:
+    """B L0 owner map after a reduction step from ``state`` to ``new``. ``moved`` (B L, current tokens) gives the new
+    index of each current token (-1: dropped); without it, a current token is found again by its original position
+    (strategies that keep or drop tokens but merge none)."""
+    old = state.owner if state.owner is not None else \
+        torch.arange(state.length, device=state.positions.device).expand(state.positions.shape[0], -1)
+    if moved is None:
+        # current token i -> the new slot holding its original position (positions are unique among placed tokens)
+        same = (state.positions[:, :, None] == new.positions[:, None, :]) & (state.positions[:, :, None] >= 0)
+        moved = torch.where(same.any(-1), same.long().argmax(-1), torch.full_like(state.positions, -1))
+    return moved.gather(1, old.clamp_min(0)).masked_fill(old < 0, -1)

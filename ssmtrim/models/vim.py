@@ -470,7 +470,7 @@ class VimFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input"})
+        return frozenset({"delta", "mixer_input", "condensed"})
 
     def check_plan(self, plan) -> None:
         pass  # every option applies

@@ -45,7 +45,7 @@ from ssmtrim.models.registry import (
     registered_img_size,
 )
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
-from ssmtrim.models.tokens import BlockOutput, TokenState
+from ssmtrim.models.tokens import BlockOutput, TokenState, restore_tokens
 from ssmtrim.ops import selective_scan
 
 ROUTES = 4
@@ -166,9 +166,13 @@ class SS2D(nn.Module):
         bsz, e, length = rows.shape
         return rows + cols.reshape(bsz, e, w, h).transpose(2, 3).reshape(bsz, e, length)
 
-    def ssm_output(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None) -> Tensor:
+    def ssm_output(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
+                   geometry: VMambaGeometry | None = None) -> Tensor:
         """x (B L C) -> the summed routes, before out_norm (B L E). With a ``deltas`` list, softplus(Δ) averaged over
-        the four routes (B L E, raster order) is appended to it."""
+        the four routes (B L E, raster order) is appended to it. With a ``geometry``, x holds the tokens of a
+        reduced grid (see :meth:`ssm_output_reduced`)."""
+        if geometry is not None:
+            return self.ssm_output_reduced(x, hw, geometry, deltas)
         bsz, length, _ = x.shape
         h, w = hw
         if h * w != length:
@@ -196,6 +200,47 @@ class SS2D(nn.Module):
             deltas.append((self.merge(spent, hw) / ROUTES).transpose(1, 2))
         return y
 
+    def ssm_output_reduced(self, x: Tensor, hw: tuple[int, int], geometry: VMambaGeometry,
+                           deltas: list[Tensor] | None = None) -> Tensor:
+        """The reduced stage's SS2D on its K tokens (B K C) -> (B K E): in_proj on the tokens; the depth-wise conv on
+        the grid restored from them (a merged position holds the token it was merged into, a pruned one its nearest
+        token), read back at the tokens' positions; each route scans the tokens in its own order, its state decaying
+        across the positions it skips (exp(G A) with G = skipped x the Δ estimate, as Vim's reduced scans do); the
+        routes' outputs summed per token."""
+        from ssmtrim.models.tokens import gather_tokens
+
+        bsz, k, _ = x.shape
+        h, w = hw
+        e, n, r = self.d_inner, self.d_state, self.dt_rank
+        u = self.in_proj(x)  # B K E
+        grid = gather_tokens(u, geometry.owners).transpose(1, 2).reshape(bsz, e, h, w)
+        u = gather_tokens(F.silu(self.conv2d(grid)).flatten(2).transpose(1, 2), geometry.positions)  # B K E
+        tokens = u.transpose(1, 2)  # B E K
+        a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
+        d = self.Ds.float().reshape(ROUTES, e)
+        proj = torch.einsum("bek,rce->rbck", tokens, self.x_proj_weight)  # routes B (R+2N) K
+        y = torch.zeros(bsz, e, k, dtype=torch.float32, device=x.device)
+        spent = torch.zeros_like(y) if deltas is not None else None
+        for route, order in enumerate(geometry.orders):
+            dt, b, c = torch.split(_along(proj[route], order), [r, n, n], dim=1)
+            delta = torch.einsum("brk,er->bek", dt, self.dt_projs_weight[route])
+            bias = self.dt_projs_bias[route].float()
+            gap = gap_scale = None
+            if geometry.gaps is not None:
+                gap = geometry.gaps[route]
+                gap_scale = F.softplus(bias)[None, :].expand(bsz, -1) if geometry.gap_estimate == "bias" else \
+                    F.softplus(delta.float() + bias[:, None]).mean(-1)
+            out = selective_scan(_along(tokens, order).contiguous(), delta.contiguous(), a[route], b.contiguous(),
+                                 c.contiguous(), d[route], z=None, delta_bias=bias, delta_softplus=True, gap=gap,
+                                 gap_scale=gap_scale)
+            index = order[:, None, :].expand(-1, e, -1)
+            y = y.scatter_add(2, index, out.float())  # back to token order
+            if spent is not None:
+                spent = spent.scatter_add(2, index, F.softplus(delta.float() + bias[:, None]))
+        if deltas is not None:
+            deltas.append((spent / ROUTES).transpose(1, 2))
+        return y.to(x.dtype).transpose(1, 2)
+
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.out_norm(self.ssm_output(x, hw)))
 
@@ -206,6 +251,42 @@ def _route_order(k: int, hw: tuple[int, int], device: torch.device) -> Tensor:
     raster = torch.arange(h * w, device=device)
     order = raster if k % 2 == 0 else raster.reshape(h, w).t().reshape(-1)
     return order.flip(0) if k >= 2 else order
+
+
+@dataclass(frozen=True)
+class VMambaGeometry:
+    """Where the tokens of a reduced stage sit, for its blocks (computed once per token state): the conv reads the
+    grid restored from them, each route scans them in its own order and decays across the positions it skips."""
+
+    owners: Tensor  # B L0 the token standing for each grid position (kept, merged into, or nearest)
+    positions: Tensor  # B K grid position of each token
+    orders: tuple[Tensor, ...]  # per route, B K: the tokens in that route's scan order
+    gaps: tuple[Tensor, ...] | None  # per route, B K: grid positions skipped before each step (float); None: none
+    gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
+
+
+def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
+    """The geometry of a reduced token state on an h x w grid (tokens at their grid positions)."""
+    from ssmtrim.models.tokens import gaps_from_positions, owners
+
+    h, w = state.grid
+    pos = state.positions
+    col_key = (pos % w) * h + pos // w  # the column-major route's index of each position
+    orders, gaps = [], []
+    for key in (pos, col_key):
+        sorted_key, order = key.sort(dim=1, stable=True)
+        forward, backward = gaps_from_positions(sorted_key, state.length)
+        orders += [order]
+        gaps += [(forward.float(), backward.flip(1).float())]
+    # routes 0 and 1 scan forward through their keys, 2 and 3 backward (their reverses)
+    route_orders = (orders[0], orders[1], orders[0].flip(1), orders[1].flip(1))
+    route_gaps = (gaps[0][0], gaps[1][0], gaps[0][1], gaps[1][1])
+    return VMambaGeometry(owners(state), pos, route_orders, None if gap == "zero" else route_gaps, gap)
+
+
+def _along(x: Tensor, order: Tensor) -> Tensor:
+    """x (B F K) taken in ``order`` (B K) along its last dim."""
+    return x.gather(2, order[:, None, :].expand(-1, x.shape[1], -1))
 
 
 class VSSBlock(nn.Module):
@@ -220,8 +301,9 @@ class VSSBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        y = self.op.ssm_output(self.norm(x), hw, deltas)
+    def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
+                geometry: VMambaGeometry | None = None) -> tuple[Tensor, Tensor]:
+        y = self.op.ssm_output(self.norm(x), hw, deltas, geometry)
         x = x + self.drop_path(self.op.out_proj(self.op.out_norm(y)))
         return x + self.drop_path(self.mlp(self.norm2(x))), y
 
@@ -432,6 +514,11 @@ class VMambaFamily:
     def has_class_token(self, config: VMambaConfig) -> bool:
         return False
 
+    def stages(self, config: VMambaConfig) -> list[tuple[int, int]]:
+        """(first block, tokens of its grid) per stage."""
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        return [(start, h * w) for start, (h, w) in zip(starts, config.grids(), strict=True)]
+
     def block_name(self, config: VMambaConfig, index: int) -> str:
         stage, j = config.stage_of(index)
         return f"layers.{stage}.blocks.{j}"
@@ -440,19 +527,17 @@ class VMambaFamily:
         tokens, hw = model.patch_embed(x)
         bsz, length, _ = tokens.shape
         positions = torch.arange(length, device=tokens.device).expand(bsz, -1)
-        return (tokens,), TokenState(positions, None, length, hw, keeps_positions)
+        return (tokens,), TokenState(positions, None, length, hw, keeps_positions, track_owner=True)
 
     def run_block(self, model: VMamba, index: int, streams: tuple, state: TokenState, geometry,
                   needs: frozenset[str] = frozenset()) -> BlockOutput:
         """Block ``index`` on the current stage's grid; the downsample after a stage's last block runs with it (the
         tokens then leave on the next stage's grid: ``state.grid`` is updated by :meth:`after_block`)."""
-        if geometry is not None or state.reduced:
-            raise ConfigError("reducing VMamba's tokens is not available yet: it runs dense only in this version.")
         stage, j = model.config.stage_of(index)
         block = model.layers[stage].blocks[j]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
         mixer_input = block.norm(streams[0]) if "mixer_input" in needs else None
-        hidden, y = block(streams[0], state.grid, deltas)
+        hidden, y = block(streams[0], state.grid, deltas, geometry)
         return BlockOutput((hidden,), y, deltas[0] if deltas else None, mixer_input)
 
     def after_block(self, model: VMamba, index: int, streams: tuple, state: TokenState) -> tuple[tuple, TokenState]:
@@ -462,16 +547,18 @@ class VMambaFamily:
         layer = model.layers[stage]
         if j != len(layer.blocks) - 1 or isinstance(layer.downsample, nn.Identity):
             return streams, state
-        if state.reduced:
-            raise ConfigError("a VMamba stage change needs the full grid; restoring reduced tokens before a "
-                              "downsample is not available yet.")
-        tokens, hw = layer.downsample(streams[0], state.grid)
+        # the downsample's conv needs the full grid: reduced tokens are restored first (un-merged, pruned positions
+        # from their nearest token)
+        tokens, hw = layer.downsample(restore_tokens(streams[0], state), state.grid)
         bsz, length, _ = tokens.shape
         positions = torch.arange(length, device=tokens.device).expand(bsz, -1)
-        return (tokens,), TokenState(positions, None, length, hw, state.keeps_positions)
+        return (tokens,), TokenState(positions, None, length, hw, state.keeps_positions, track_owner=True)
 
-    def geometry(self, model: VMamba, state: TokenState, plan):
-        return None
+    def geometry(self, model: VMamba, state: TokenState, plan) -> VMambaGeometry | None:
+        """The reduced grid's geometry (owners, per-route orders and skipped positions); None for a full grid."""
+        if not state.reduced:
+            return None
+        return reduced_geometry(state, plan.gap)
 
     def resize_state_dict(self, config: VMambaConfig, state_dict: dict[str, Tensor], img_size: ImgSize):
         """No position embedding: any input size takes the same weights (a new config, the same tensors)."""
@@ -479,7 +566,9 @@ class VMambaFamily:
 
 
     def features(self, model: VMamba, streams: tuple, state: TokenState) -> Tensor:
-        return model.classifier.norm(streams[0]).mean(dim=1)
+        """The pooled tokens of the last stage, restored to its grid first (a merged token counts once per position
+        it stands for)."""
+        return model.classifier.norm(restore_tokens(streams[0], state)).mean(dim=1)
 
     def classifier(self, model: VMamba) -> nn.Module:
         return model.classifier.head
@@ -488,12 +577,14 @@ class VMambaFamily:
         return {"arrangement": "merge", "score": "clipped", "compensate": "head", "layers": (1,)}
 
     def provides(self, config) -> frozenset[str]:
-        """What run_block hands over when asked (scores and strategies that need more are refused)."""
+        """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so
+        a strategy that makes a new sequence without them (keep-order, reorder) is refused."""
         return frozenset({"delta", "mixer_input"})
 
     def check_plan(self, plan) -> None:
-        raise ConfigError("reducing VMamba's tokens is not available yet: load, run, count FLOPs and evaluate it dense "
-                          "(token reduction inside its stages is planned).")
+        if plan.conv != "original":
+            raise ConfigError("--conv sets where Vim's 1-D conv finds neighbours; VMamba's 2-D conv reads the grid "
+                              "restored from the kept tokens, so leave --conv out.")
 
     def mixer_dims(self, module: nn.Module) -> MixerDims | None:
         if not isinstance(module, SS2D):

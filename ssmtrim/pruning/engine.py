@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import after_block_of, family_of, num_protected_of, provides_of
-from ssmtrim.models.tokens import Streams, TokenState
+from ssmtrim.models.registry import after_block_of, family_of, num_protected_of, provides_of, stages_of
+from ssmtrim.models.tokens import Streams, TokenState, owner_after
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
 from ssmtrim.pruning.state import PruneStats, ReductionStep
@@ -45,7 +45,8 @@ class DensePrefix:
         state = self.state
         taken = state.replace(positions=state.positions[index],
                               cls_index=None if state.cls_index is None else state.cls_index[index],
-                              sizes=None if state.sizes is None else state.sizes[index])
+                              sizes=None if state.sizes is None else state.sizes[index],
+                              owner=None if state.owner is None else state.owner[index])
         return DensePrefix(tuple(None if t is None else t[index] for t in self.streams), taken, self.blocks)
 
 
@@ -123,7 +124,8 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
     stats.tokens_per_block.extend([float(state.num_tokens)] * start)
     geometry = None
     after = after_block_of(family)
-    needs_at_reduction = score.needs(config) | strategy.needs(config)
+    # what run_block hands over at a reduction point (a capability such as "condensed" is checked, not handed over)
+    needs_at_reduction = (score.needs(config) | strategy.needs(config)) - _CAPABILITIES
     for i in range(start, family.depth(model.config)):
         stats.tokens_per_block.append(float(state.num_tokens))
         needs = needs_at_reduction if i in keep else frozenset()
@@ -162,8 +164,10 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     stats.kept_fraction.append(k / candidates)
     if k >= candidates:
         return streams, state, geometry  # nothing to reduce here
-    streams, state = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
-    return streams, state, family.geometry(model, state, config)
+    streams, new = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
+    if state.track_owner and new.owner is state.owner:  # merged nothing: its tokens are found again by position
+        new = new.replace(owner=owner_after(state, new))
+    return streams, new, family.geometry(model, new, config)
 
 
 class ReducedModel:
@@ -227,10 +231,16 @@ def check_plan_for(model: nn.Module, config: PruneConfig) -> None:
     for what, plugin in ((f"--score {score.name}", score), (f"--arrangement {strategy.name}", strategy)):
         missing = plugin.needs(config) - provides
         if missing:
-            raise ConfigError(f"{what} (as set) reads {', '.join(sorted(missing))} from the blocks, which a "
-                              f"{family.name} model does not give (it gives {', '.join(sorted(provides)) or 'only y'});"
-                              " choose another score, strategy or --metric.")
+            said = " and ".join(_NEEDS.get(m, m) for m in sorted(missing))
+            raise ConfigError(f"{what} (as set) needs {said}, which a {family.name} model does not give; choose "
+                              "another score or strategy (a merge's --metric y needs nothing more).")
     _check_counts(family, model.config, config)
+
+
+_CAPABILITIES = frozenset({"condensed"})
+# what a score or strategy may need from a family, in words
+_NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' normed mixer input",
+          "condensed": "blocks that run the kept tokens as a new sequence without their grid positions"}
 
 
 def _check_score_options(score, config: PruneConfig) -> None:
@@ -251,8 +261,12 @@ def _check_counts(family, arch, config: PruneConfig) -> None:
     if config.mode != "count":
         return
     protected = num_protected_of(family, arch)
-    candidates = family.num_tokens(arch) - protected
+    stages = stages_of(family, arch)
+    stage, candidates = None, 0
     for block, keep in sorted(config.keep_by_layer().items()):
+        start, tokens = max((s for s in stages if s[0] <= block), key=lambda s: s[0])
+        if start != stage:  # the first step in this stage: its whole grid
+            stage, candidates = start, tokens - protected
         wanted = math.floor(candidates * keep + 1e-9)
         kept = kept_count(candidates, keep, centred=protected == 1)
         if kept > wanted + 1:  # more than the one token that centres a class token: the floor was not honoured

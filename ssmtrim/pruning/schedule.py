@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import family_of, num_protected_of
+from ssmtrim.models.registry import family_of, num_protected_of, stages_of
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.engine import apply_pruning, check_plan_for, kept_count, remove_pruning
 
@@ -56,9 +56,11 @@ def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> 
     """Tokens entering each block under a count-mode schedule (a protected class token included)."""
     family = family_of(model)
     protected = num_protected_of(family, model.config)
-    candidates = family.num_tokens(model.config) - protected
+    starts = dict(stages_of(family, model.config))
     out = []
     for block in range(family.depth(model.config)):
+        if block in starts:  # a new stage's grid: every token of it
+            candidates = starts[block] - protected
         out.append(candidates + protected)
         if block + 1 in layers:
             candidates = kept_count(candidates, keep, centred=protected == 1)

@@ -332,7 +332,7 @@ def test_a_plan_that_needs_what_the_family_does_not_give_is_refused_when_applied
     model = ssmtrim.create_model("toymamba_test").eval()
     for plan, words in ((PruneConfig(layers=(1,), keep=(0.5,), score="delta"), "--score delta"),
                         (PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"), "--arrangement merge")):
-        with pytest.raises(ConfigError, match=f"{words} \\(as set\\) reads .* which a toymamba model does not give"):
+        with pytest.raises(ConfigError, match=f"{words} \\(as set\\) needs .* which a toymamba model does not give"):
             apply_pruning(model, plan)
     apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", metric="y"))  # y: always given
 

@@ -32,9 +32,10 @@ class Strategy:
     options: ClassVar[tuple[Option, ...]] = ()
 
     def needs(self, plan) -> frozenset[str]:
-        """What the family must hand over at a reduction point besides y ("delta", "mixer_input"); checked against
-        the family's ``provides`` when a plan is applied."""
-        return frozenset()
+        """What the family must give: besides y at a reduction point ("delta", "mixer_input"), and "condensed" (its
+        blocks run the kept tokens as a new sequence) for a strategy that does not keep positions; checked against
+        the family's ``provides`` when a plan is applied. A subclass adds to this."""
+        return frozenset() if self.keeps_positions else frozenset({"condensed"})
 
     def check_plan(self, plan) -> None:
         mine = {o.name for o in self.options}

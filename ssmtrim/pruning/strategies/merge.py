@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens
+from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens, owner_after
 from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
@@ -74,7 +74,13 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
     new_cls = state.protected_after(index)
     new_state = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
                               sizes=kept_sizes)
-    return streams, new_state
+    if not state.track_owner:
+        return streams, new_state
+    # where each current token went: a staying token to its slot, a merged one to its target's, a dropped one nowhere
+    slot_of = torch.full((bsz, length), -1, dtype=torch.long, device=sizes.device).scatter(
+        1, index, torch.arange(index.shape[1], device=sizes.device).expand(bsz, -1))
+    moved = slot_of.scatter(1, src, slot_of.gather(1, dst)) if src.shape[1] else slot_of
+    return streams, new_state.replace(owner=owner_after(state, new_state, moved))
 
 
 def sizes_of(state: TokenState) -> Tensor:
@@ -89,7 +95,7 @@ class Merge(Strategy):
     description = "removed tokens averaged into their most similar kept token, size-weighted, original order"
 
     def needs(self, plan) -> frozenset[str]:
-        return needs_of_metric(plan.option("metric"))
+        return super().needs(plan) | needs_of_metric(plan.option("metric"))
 
     def reduce(self, step: ReductionStep):
         state, scores = step.state, step.scores

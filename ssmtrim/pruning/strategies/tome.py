@@ -24,7 +24,7 @@ class ToMe(Strategy):
     description = "bipartite soft matching (ToMe / R-MeeTo), order-preserving, size-weighted"
 
     def needs(self, plan) -> frozenset[str]:
-        return needs_of_metric(plan.option("metric"))
+        return super().needs(plan) | needs_of_metric(plan.option("metric"))
 
     def check_plan(self, plan) -> None:
         super().check_plan(plan)
