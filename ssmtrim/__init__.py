@@ -28,6 +28,7 @@ _EXPORTS = {
     "apply_pruning": "ssmtrim.pruning",
     "remove_pruning": "ssmtrim.pruning",
     "prune": "ssmtrim.pruning",
+    "feature_maps": "ssmtrim.pruning",
     "calibrate": "ssmtrim.pruning.calibrate",
     "prune_and_save": "ssmtrim.api",
     "selective_scan": "ssmtrim.ops",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
 
@@ -133,6 +133,9 @@ class Entry:
     accuracy: dict[str, Any]
     speed: dict[str, Any] | None = None
     derived: dict[str, float] = field(default_factory=dict)
+    # per stage, the restored feature map against dense: mean cosine similarity and relative error (None: the
+    # family gives no feature maps)
+    feature_fidelity: list[dict[str, float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,6 +225,9 @@ def build_report(
     dense.eval()
     dense_logits = predict(dense, x, eval_batch_size)
 
+    fidelity_images = leading(x, FIDELITY_IMAGES)
+    dense_maps = _maps(dense, fidelity_images)
+
     def entry(name: str, arrangement: str, model: nn.Module) -> Entry:
         acc = evaluate_tensors(model, x, y, dense_logits, eval_batch_size).to_dict()
         acc["unreadable"] = unreadable
@@ -231,7 +237,10 @@ def build_report(
         spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
                             device=device).to_dict() if speed and is_main() else None
         model.to("cpu")
-        return Entry(name, arrangement, plan, flops, acc, spd)
+        fidelity = None
+        if dense_maps is not None and fidelity_images.shape[0]:
+            fidelity = map_fidelity(_maps(model, fidelity_images), dense_maps)
+        return Entry(name, arrangement, plan, flops, acc, spd, feature_fidelity=fidelity)
 
     variants: list[tuple[str, str, Callable[[], nn.Module], Callable[[], None]]] = []
     for name, model in pruned:
@@ -294,6 +303,30 @@ def build_report(
         "layers": list(layers) if layers else None,
         "entries": [copy.deepcopy(r.to_dict()) for r in rows],
     }
+
+
+FIDELITY_IMAGES = 64  # the first images of the report's set (of this rank's share) give the feature fidelity
+
+
+def _maps(model: nn.Module, x: Tensor) -> list[Tensor] | None:
+    """Each stage's restored feature map of ``model`` on ``x``; None where the family gives none."""
+    from ssmtrim.models.registry import family_of
+    from ssmtrim.pruning import feature_maps
+
+    if getattr(family_of(model), "feature_map", None) is None:
+        return None
+    return feature_maps(model, x)
+
+
+def map_fidelity(maps: list[Tensor], dense: list[Tensor]) -> list[dict[str, float]]:
+    """Per stage: the mean over images of the cosine similarity of the flattened maps, and the relative error
+    ||map - dense|| / ||dense|| (over all images)."""
+    out = []
+    for stage, (got, want) in enumerate(zip(maps, dense, strict=True)):
+        a, b = got.flatten(1).double(), want.flatten(1).double()
+        out.append({"stage": stage, "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean()),
+                    "rel_error": float((a - b).norm() / b.norm().clamp_min(1e-30))})
+    return out
 
 
 def _version() -> str:
@@ -362,6 +395,16 @@ def markdown(report: dict[str, Any]) -> str:
              "(full convention): the share of the saved FLOPs that became saved time.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    reduced = [e for e in report["entries"][1:] if e.get("feature_fidelity")]
+    if reduced:
+        stages = len(reduced[0]["feature_fidelity"])
+        lines += ["", "## Feature fidelity", "",
+                  f"Each stage's output restored to its full grid (what a dense head reads: a merged token un-merged "
+                  f"to every position it stands for, a pruned position from its nearest token) against dense, on the "
+                  f"first {FIDELITY_IMAGES} images: mean cosine similarity / relative error.", "",
+                  "| model | " + " | ".join(f"stage {i}" for i in range(stages)) + " |", "|---|" + "---|" * stages]
+        lines += ["| " + e["name"] + " | " + " | ".join(f"{f['cosine']:.4f} / {f['rel_error']:.4f}"
+                                                          for f in e["feature_fidelity"]) + " |" for e in reduced]
     return "\n".join(lines) + "\n"
 
 

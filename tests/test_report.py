@@ -102,6 +102,13 @@ def test_sweep_covers_every_arrangement(setup):
     n = len(names)
     assert entries[1]["plan"]["layers"] == [1, 2] and entries[1 + n]["plan"]["keep"] == [0.5, 0.5]
     assert entries[1 + n]["gflops"]["full"] < entries[1]["gflops"]["full"] < entries[0]["gflops"]["full"]
+    # the restored feature maps against dense, per stage (a flat model: one), worse at the smaller keep
+    fidelity = [e["feature_fidelity"] for e in entries]
+    assert fidelity[0] is not None and fidelity[0][0]["cosine"] == pytest.approx(1.0)
+    assert fidelity[0][0]["rel_error"] == pytest.approx(0.0, abs=1e-12)
+    merge = names.index("merge")
+    assert fidelity[1 + n + merge][0]["rel_error"] > fidelity[1 + merge][0]["rel_error"] > 0
+    assert "## Feature fidelity" in (root / "r2" / "report.md").read_text()
 
 
 def test_speed_is_measured():

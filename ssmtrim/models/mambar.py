@@ -53,6 +53,10 @@ class MambaRConfig(VimConfig):
         raise AttributeError("a Mamba® has registers, not one class token; see register_positions")
 
     @property
+    def protected_positions(self) -> tuple[int, ...]:
+        return self.register_positions
+
+    @property
     def register_positions(self) -> tuple[int, ...]:
         return register_layout(self.num_patches, self.num_registers)[1]
 

@@ -43,7 +43,7 @@ from ssmtrim.models.plainmamba_grid import (
 )  # fmt: skip
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
-from ssmtrim.models.tokens import BlockOutput, TokenState
+from ssmtrim.models.tokens import BlockOutput, TokenState, restore_tokens
 from ssmtrim.ops import selective_scan
 
 
@@ -497,6 +497,12 @@ class PlainMambaFamily:
         # merged tokens stand for several: the mean over the original tokens they represent
         weights = state.sizes.to(tokens.dtype)[..., None]
         return (tokens * weights).sum(1) / weights.sum(1)
+
+    def feature_map(self, model: PlainMamba, streams: tuple, state: TokenState) -> Tensor:
+        """The tokens after the final norm, restored to the patch grid (B D h w)."""
+        tokens = restore_tokens(model.ln1(streams[0]), state)
+        h, w = state.grid
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
     def classifier(self, model: PlainMamba) -> nn.Module:
         return model.head

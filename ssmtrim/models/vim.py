@@ -24,7 +24,7 @@ from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
-from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens
+from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens, restore_tokens
 from ssmtrim.ops import selective_scan
 from ssmtrim.ops.conv import causal_conv1d_silu
 from ssmtrim.ops.tokens import TokenKernels, token_kernels
@@ -78,6 +78,11 @@ class VimConfig(ArchConfig):
     def num_patches(self) -> int:
         h, w = self.grid_size
         return h * w
+
+    @property
+    def protected_positions(self) -> tuple[int, ...]:
+        """Where the protected tokens sit in the full sequence: the class token."""
+        return (self.cls_position,)
 
     @property
     def cls_position(self) -> int:
@@ -449,6 +454,16 @@ class VimFamily:
         hidden, residual = streams
         tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
         return gather_tokens(tokens, state.cls_index[:, None])[:, 0]
+
+    def feature_map(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
+        """The patch tokens after the final norm, restored to the patch grid (B D h w); the protected tokens (class
+        token, registers) left out."""
+        hidden, residual = streams
+        tokens = restore_tokens(model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype)), state)
+        keep = torch.ones(state.length, dtype=torch.bool, device=tokens.device)
+        keep[list(model.config.protected_positions)] = False
+        h, w = model.config.grid_size
+        return tokens[:, keep].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
 
     def classifier(self, model: VisionMamba) -> nn.Module:
         return model.head

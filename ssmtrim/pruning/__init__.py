@@ -19,6 +19,7 @@ from ssmtrim.pruning.engine import (
     apply_pruning,
     dense_of,
     dense_prefix,
+    feature_maps,
     is_pruned,
     kept_count,
     reduced_forward,
@@ -30,7 +31,7 @@ from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
     "DensePrefix", "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput",
-    "apply_pruning", "dense_of", "dense_prefix", "is_pruned", "kept_count", "prune", "reduced_forward",
+    "apply_pruning", "dense_of", "dense_prefix", "feature_maps", "is_pruned", "kept_count", "prune", "reduced_forward",
     "remove_pruning", "score_names", "strategy_names",
 ]  # fmt: skip
 

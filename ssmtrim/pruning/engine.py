@@ -69,6 +69,7 @@ class ReducedOutput:
     features: Tensor  # B D, what the classifier read
     state: TokenState | None  # of the last image's tokens after the last block (None when run image by image)
     stats: PruneStats
+    maps: list[Tensor] | None = None  # with maps=True: each stage's output on its full grid (B C H W), restored
 
 
 def kept_count(current: int, keep: float, centred: bool = True) -> int:
@@ -96,17 +97,20 @@ def threshold_count(scores: Tensor, protected: Tensor, threshold: float) -> int:
 
 
 def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConfig | None = None,
-                    observer: ScoreObserver | None = None) -> ReducedOutput:
+                    observer: ScoreObserver | None = None, maps: bool = False) -> ReducedOutput:
     """Images (B 3 H W), or their :class:`DensePrefix`, -> logits with tokens reduced as ``config`` (default: the
-    model's plan) says. From a prefix the plan must reduce after its blocks only; the result is the same."""
+    model's plan) says. From a prefix the plan must reduce after its blocks only; the result is the same. With
+    ``maps``, also each stage's output restored to its full grid (the family's ``feature_map``; see
+    :func:`feature_maps`)."""
     config = config if config is not None else model.prune_config
     config.check_runnable()  # threshold mode without thresholds never falls back to counts in silence
     if config.mode == "threshold" and len(x) > 1:
         # each image keeps its own number of tokens, so a batch runs one image at a time
         one = (lambda i: x.select(slice(i, i + 1))) if isinstance(x, DensePrefix) else (lambda i: x[i : i + 1])
-        outs = [reduced_forward(model, one(i), config, observer) for i in range(len(x))]
+        outs = [reduced_forward(model, one(i), config, observer, maps) for i in range(len(x))]
+        joined = [torch.cat(level) for level in zip(*(o.maps for o in outs), strict=True)] if maps else None
         return ReducedOutput(torch.cat([o.logits for o in outs]), torch.cat([o.features for o in outs]), None,
-                             PruneStats.mean([o.stats for o in outs]))
+                             PruneStats.mean([o.stats for o in outs]), joined)
     family = family_of(model)
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
     keep = config.keep_by_layer()
@@ -119,6 +123,14 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
     else:
         streams, state = family.embed(model, x, strategy.keeps_positions)
         start = 0
+    collected: list[Tensor] | None = None
+    if maps:
+        feature_map = getattr(family, "feature_map", None)
+        if feature_map is None:
+            raise ConfigError(f"a {family.name} model gives no feature maps (its family defines no feature_map).")
+        state, collected = state.replace(track_owner=True), []
+        stage_ends = {first - 1 for first, _ in stages_of(family, model.config)[1:]} | \
+            {family.depth(model.config) - 1}
     thresholds = dict(zip(keep, config.thresholds, strict=True)) if config.thresholds is not None else {}
     stats = PruneStats()
     stats.tokens_per_block.extend([float(state.num_tokens)] * start)
@@ -135,11 +147,28 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
         if i in keep:
             streams, state, geometry = _reduce_after(model, i, output, streams, state, geometry, config, keep,
                                                      thresholds, stats, observer)
+        if collected is not None and i in stage_ends:
+            collected.append(family.feature_map(model, streams, state))
         streams, moved = after(model, i, streams, state)
         if moved is not state:  # a stage change: the tokens now sit on the next stage's grid
             state, geometry = moved, None
     features = family.features(model, streams, state)
-    return ReducedOutput(family.classifier(model)(features), features, state, stats)
+    return ReducedOutput(family.classifier(model)(features), features, state, stats, collected)
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """The backbone's outputs for dense tasks: each stage's output on its full grid (B C H W; a flat model has one
+    stage), from a dense model or a reduced one, whose tokens are restored to the grid (a merged token un-merged to
+    every position it stands for, a pruned position from its nearest token). timm's ``features_only`` in spirit:
+    what a detection or segmentation head reads."""
+    config = getattr(model, "prune_config", None)
+    if config is None:
+        family = family_of(model)
+        config = PruneConfig(layers=(1,), keep=(1.0,)) if family.depth(model.config) > 1 else None
+        if config is None:
+            raise ConfigError("a one-block model has no reduction plan to run its feature maps through.")
+    return reduced_forward(model, x, config, maps=True).maps
 
 
 def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: TokenState, geometry, config: PruneConfig,
