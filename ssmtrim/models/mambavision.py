@@ -49,7 +49,7 @@ from ssmtrim.models.registry import (
     registered_img_size,
 )  # fmt: skip
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
-from ssmtrim.models.tokens import BlockOutput, TokenState
+from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens, owners, restore_tokens
 from ssmtrim.ops import selective_scan
 
 D_STATE, D_CONV = 8, 3
@@ -120,6 +120,16 @@ class MambaVisionConfig(ArchConfig):
         return out
 
 
+@dataclass(frozen=True)
+class MambaVisionGeometry:
+    """Where the kept tokens of reduced windows sit (one row per window), for the Mamba mixers."""
+
+    owners: Tensor  # B' T: the token standing for each position of the window
+    positions: Tensor  # B' K: each token's position in the window (raster order)
+    gaps: Tensor | None  # B' K positions skipped before each token along the scan (float); None: no decay
+    gap_estimate: str  # "bias" or "mean"
+
+
 class MambaVisionMixer(nn.Module):
     """``forward(x: B L C) -> B L C``; :meth:`ssm_output` (B L E) is the scan's output y before the concatenation
     with z, which token scores read."""
@@ -156,18 +166,42 @@ class MambaVisionMixer(nn.Module):
         delta = self.dt_proj(dt).transpose(1, 2)
         return u, delta, b.transpose(1, 2), c.transpose(1, 2), z
 
-    def ssm_output(self, x: Tensor, deltas: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """x (B L C) -> (y (B L E), z (B L E)). With a ``deltas`` list, softplus(Δ) (B L E) is appended to it."""
-        u, delta, b, c, z = self.project(x)
+    def project_reduced(self, x: Tensor, geometry: MambaVisionGeometry) -> tuple[Tensor, ...]:
+        """:meth:`project` on the K tokens of a reduced window (B K C): in_proj on the tokens, each 'same' conv on
+        the window restored from them (a merged position holds the token it was merged into, a pruned one its
+        nearest token), read back at the tokens' positions."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # B K E each
+
+        def conv(t: Tensor, layer: nn.Conv1d) -> Tensor:
+            full = gather_tokens(t, geometry.owners).transpose(1, 2)  # B E T
+            return gather_tokens(self._conv(full, layer).transpose(1, 2), geometry.positions).transpose(1, 2)
+
+        u, z = conv(u, self.conv1d_x), conv(z, self.conv1d_z)
+        dt, b, c = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return u, self.dt_proj(dt).transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), z
+
+    def ssm_output(self, x: Tensor, deltas: list[Tensor] | None = None,
+                   geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor]:
+        """x (B L C) -> (y (B L E), z (B L E)). With a ``deltas`` list, softplus(Δ) (B L E) is appended to it. With a
+        ``geometry``, x holds the kept tokens of reduced windows: the convs read the restored window, and the scan
+        decays across the positions it skips (exp(G A), G = skipped x the Δ estimate)."""
+        u, delta, b, c, z = self.project(x) if geometry is None else self.project_reduced(x, geometry)
         bias = self.dt_proj.bias.float()
         if deltas is not None:  # the bias enters twice
             deltas.append(F.softplus(delta.float() + bias[:, None]).transpose(1, 2))
+        gap = gap_scale = None
+        if geometry is not None and geometry.gaps is not None:
+            gap = geometry.gaps
+            gap_scale = F.softplus(bias)[None, :].expand(x.shape[0], -1) if geometry.gap_estimate == "bias" else \
+                F.softplus(delta.float() + bias[:, None]).mean(-1)
         y = selective_scan(u.contiguous(), delta.contiguous(), -torch.exp(self.A_log.float()), b.contiguous(),
-                           c.contiguous(), self.D.float(), z=None, delta_bias=bias, delta_softplus=True)
+                           c.contiguous(), self.D.float(), z=None, delta_bias=bias, delta_softplus=True, gap=gap,
+                           gap_scale=gap_scale)
         return y.transpose(1, 2), z.transpose(1, 2)
 
-    def forward(self, x: Tensor, deltas: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        y, z = self.ssm_output(x, deltas)
+    def forward(self, x: Tensor, deltas: list[Tensor] | None = None,
+                geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor]:
+        y, z = self.ssm_output(x, deltas, geometry)
         return self.out_proj(torch.cat([y, z], dim=-1)), y
 
 
@@ -178,7 +212,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, deltas: list[Tensor] | None = None) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, deltas: list[Tensor] | None = None, geometry=None) -> tuple[Tensor, None]:
         bsz, length, dim = x.shape
         qkv = self.qkv(x).reshape(bsz, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
@@ -218,8 +252,9 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(1e-5 * torch.ones(dim)) if cfg.layer_scale else None
         self.gamma_2 = nn.Parameter(1e-5 * torch.ones(dim)) if cfg.layer_scale else None
 
-    def forward(self, x: Tensor, deltas: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
-        out, y = self.mixer(self.norm1(x), deltas)
+    def forward(self, x: Tensor, deltas: list[Tensor] | None = None,
+                geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor | None]:
+        out, y = self.mixer(self.norm1(x), deltas, geometry)
         x = x + self.drop_path(out if self.gamma_1 is None else self.gamma_1 * out)
         out = self.mlp(self.norm2(x))
         return x + self.drop_path(out if self.gamma_2 is None else self.gamma_2 * out), y
@@ -402,47 +437,89 @@ class MambaVisionFamily:
         level, j = config.stage_of(index)
         return f"levels.{level}.blocks.{j}"
 
-    def _state(self, x: Tensor, keeps_positions: bool) -> TokenState:
-        bsz, _, h, w = x.shape
-        positions = torch.arange(h * w, device=x.device).expand(bsz, -1)
-        return TokenState(positions, None, h * w, (h, w), keeps_positions)
+    def _state(self, model: MambaVision, level: int, x: Tensor, keeps_positions: bool) -> TokenState:
+        """The token state entering a level: a conv level's map (B C H W), one row per image; a window level's
+        windows (B nH nW, ws ws, C), one row per window (its tokens reduced within it, on the ws x ws grid)."""
+        lv = model.levels[level]
+        if lv.conv:
+            bsz, _, h, w = x.shape
+            rows, length, grid = bsz, h * w, (h, w)
+        else:
+            rows, length, grid = x.shape[0], x.shape[1], (lv.window_size, lv.window_size)
+        positions = torch.arange(length, device=x.device).expand(rows, -1)
+        return TokenState(positions, None, length, grid, keeps_positions, track_owner=True)
 
     def _enter(self, model: MambaVision, level: int, x: Tensor) -> Tensor:
         lv = model.levels[level]
         return x if lv.conv else lv.to_windows(x)
 
     def embed(self, model: MambaVision, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:
-        x = model.patch_embed.conv_down(x)
-        return (self._enter(model, 0, x),), self._state(x, keeps_positions)
+        x = self._enter(model, 0, model.patch_embed.conv_down(x))
+        return (x,), self._state(model, 0, x, keeps_positions)
 
     def run_block(self, model: MambaVision, index: int, streams: tuple, state: TokenState, geometry,
                   needs: frozenset[str] = frozenset()) -> BlockOutput:
-        if geometry is not None or state.reduced:
-            raise ConfigError("reducing MambaVision's tokens is not available yet: it runs dense only in this version.")
         level, j = model.config.stage_of(index)
         block = model.levels[level].blocks[j]
         if model.levels[level].conv:
             x = block(streams[0])
             return BlockOutput((x,), x.flatten(2).transpose(1, 2))
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        windows, y = block(streams[0], deltas)
-        return BlockOutput((windows,), windows if y is None else y, deltas[0] if deltas else None)
+        mixer_input = block.norm1(streams[0]) if "mixer_input" in needs else None
+        windows, y = block(streams[0], deltas, geometry)
+        return BlockOutput((windows,), windows if y is None else y, deltas[0] if deltas else None, mixer_input)
+
+    def _level_map(self, model: MambaVision, level: int, streams: tuple, state: TokenState, hw) -> Tensor:
+        """The level's output as a map (B C H W): windows restored (un-merged, pruned positions from their nearest
+        token), un-windowed and cropped."""
+        lv = model.levels[level]
+        return streams[0] if lv.conv else lv.from_windows(restore_tokens(streams[0], state), hw)
 
     def after_block(self, model: MambaVision, index: int, streams: tuple,
                     state: TokenState) -> tuple[tuple, TokenState]:
-        """After a level's last block: un-window and crop, downsample, and window for the next level."""
+        """After a level's last block: restore, un-window and crop, downsample, and window for the next level."""
         level, j = model.config.stage_of(index)
         lv = model.levels[level]
         if j != len(lv.blocks) - 1:
             return streams, state
-        x = streams[0] if lv.conv else lv.from_windows(streams[0], state.grid)
-        if lv.downsample is None:
-            return (x,), state  # the head reads the map
-        x = lv.downsample(x)
-        return (self._enter(model, level + 1, x),), self._state(x, state.keeps_positions)
+        x = self._level_map(model, level, streams, state, model.config.grids()[level])
+        if lv.downsample is None:  # the head reads the map, every position of it
+            bsz, _, h, w = x.shape
+            positions = torch.arange(h * w, device=x.device).expand(bsz, -1)
+            return (x,), TokenState(positions, None, h * w, (h, w), state.keeps_positions)
+        x = self._enter(model, level + 1, lv.downsample(x))
+        return (x,), self._state(model, level + 1, x, state.keeps_positions)
 
-    def geometry(self, model: MambaVision, state: TokenState, plan):
-        return None
+    def geometry(self, model: MambaVision, state: TokenState, plan) -> MambaVisionGeometry | None:
+        """Reduced windows: owners, positions and the positions the scan skips; None for full windows."""
+        if not state.reduced:
+            return None
+        forward, _ = gaps_from_positions(state.positions, state.length)
+        gaps = None if plan.gap == "zero" else forward.float()
+        return MambaVisionGeometry(owners(state), state.positions, gaps, plan.gap)
+
+    def stages(self, config: MambaVisionConfig) -> list[tuple[int, int]]:
+        """(first block, tokens per row) per level: a conv level's whole map, a window level's window."""
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        out = []
+        for level, (start, (h, w)) in enumerate(zip(starts, config.grids(), strict=True)):
+            out.append((start, h * w if level < config.conv_levels else config.window_size[level] ** 2))
+        return out
+
+    def reducible_blocks(self, config: MambaVisionConfig) -> frozenset[int]:
+        """The Mamba-mixer blocks of the window levels: conv blocks have no tokens and attention blocks no scan
+        output for a score to read."""
+        out = set()
+        for level in range(config.conv_levels, len(config.depths)):
+            first = sum(config.depths[:level])
+            attention = set(config.attention_blocks(level))
+            out |= {first + j for j in range(config.depths[level]) if j not in attention}
+        return frozenset(out)
+
+    def feature_map(self, model: MambaVision, index: int, streams: tuple, state: TokenState) -> Tensor:
+        """After level ``index``'s last block: its map (B C H W), restored."""
+        level, _ = model.config.stage_of(index)
+        return self._level_map(model, level, streams, state, model.config.grids()[level])
 
     def resize_state_dict(self, config: MambaVisionConfig, state_dict: dict[str, Tensor], img_size: ImgSize):
         """No position embedding: any input size takes the same weights (a new config, the same tensors)."""
@@ -450,21 +527,27 @@ class MambaVisionFamily:
 
 
     def features(self, model: MambaVision, streams: tuple, state: TokenState) -> Tensor:
-        return model.norm(streams[0]).mean(dim=(2, 3))
+        return model.norm(streams[0]).mean(dim=(2, 3))  # the last level's map, restored by after_block
 
     def classifier(self, model: MambaVision) -> nn.Module:
         return model.head
 
     def recommended_plan(self, config: MambaVisionConfig) -> dict:
-        return {"arrangement": "merge", "score": "clipped", "compensate": "head", "layers": (1,)}
+        # after the Mamba-mixer blocks of the window levels (at most three, spread over them)
+        blocks = sorted(self.reducible_blocks(config))
+        picks = sorted({blocks[min(len(blocks) - 1, round(f * (len(blocks) - 1)))] for f in (0.0, 0.5, 1.0)})
+        return {"arrangement": "merge", "score": "clipped", "compensate": "head", "layers": tuple(b + 1 for b in picks)}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta"})
+        return frozenset({"delta", "mixer_input"})
 
     def check_plan(self, plan) -> None:
-        raise ConfigError("reducing MambaVision's tokens is not available yet: load, run, count FLOPs and evaluate it "
-                          "dense (token reduction inside its Mamba-and-attention levels is planned).")
+        if plan.mode == "threshold":
+            raise ConfigError("MambaVision reduces tokens window by window, by counts: use --mode count.")
+        if plan.conv != "original":
+            raise ConfigError("--conv sets where Vim's 1-D conv finds neighbours; MambaVision's convs read the window "
+                              "restored from the kept tokens, so leave --conv out.")
 
     def mixer_dims(self, module: nn.Module) -> MixerDims | None:
         if not isinstance(module, MambaVisionMixer):

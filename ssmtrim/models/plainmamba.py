@@ -498,7 +498,7 @@ class PlainMambaFamily:
         weights = state.sizes.to(tokens.dtype)[..., None]
         return (tokens * weights).sum(1) / weights.sum(1)
 
-    def feature_map(self, model: PlainMamba, streams: tuple, state: TokenState) -> Tensor:
+    def feature_map(self, model: PlainMamba, index: int, streams: tuple, state: TokenState) -> Tensor:
         """The tokens after the final norm, restored to the patch grid (B D h w)."""
         tokens = restore_tokens(model.ln1(streams[0]), state)
         h, w = state.grid

@@ -219,6 +219,13 @@ def stages_of(family: Family, config: Any) -> list[tuple[int, int]]:
     return list(own(config)) if own is not None else [(0, family.num_tokens(config))]
 
 
+def reducible_blocks_of(family: Family, config: Any) -> frozenset[int] | None:
+    """The blocks (0-based) after which tokens may be reduced: the family's optional ``reducible_blocks(config)``
+    (MambaVision: its Mamba-mixer blocks), else every block (None)."""
+    own = getattr(family, "reducible_blocks", None)
+    return frozenset(own(config)) if own is not None else None
+
+
 # what every family defines (see Family); the optional ones have defaults in the *_of helpers above
 REQUIRED_FAMILY_ATTRIBUTES = (
     "name", "config_cls", "build", "convert_state_dict", "detect", "infer_config", "depth", "num_tokens",

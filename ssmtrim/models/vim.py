@@ -455,7 +455,7 @@ class VimFamily:
         tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
         return gather_tokens(tokens, state.cls_index[:, None])[:, 0]
 
-    def feature_map(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
+    def feature_map(self, model: VisionMamba, index: int, streams: tuple, state: TokenState) -> Tensor:
         """The patch tokens after the final norm, restored to the patch grid (B D h w); the protected tokens (class
         token, registers) left out."""
         hidden, residual = streams

@@ -570,7 +570,7 @@ class VMambaFamily:
         it stands for)."""
         return model.classifier.norm(restore_tokens(streams[0], state)).mean(dim=1)
 
-    def feature_map(self, model: VMamba, streams: tuple, state: TokenState) -> Tensor:
+    def feature_map(self, model: VMamba, index: int, streams: tuple, state: TokenState) -> Tensor:
         """The stage's tokens restored to its grid, as a map (B C H W): what forward_stages gives dense."""
         return to_map(restore_tokens(streams[0], state), state.grid)
 

@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.registry import after_block_of, family_of, num_protected_of, provides_of, stages_of
+from ssmtrim.models.registry import (
+    after_block_of,
+    family_of,
+    num_protected_of,
+    provides_of,
+    reducible_blocks_of,
+    stages_of,
+)
 from ssmtrim.models.tokens import Streams, TokenState, owner_after
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.scores import get_score
@@ -148,7 +155,7 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
             streams, state, geometry = _reduce_after(model, i, output, streams, state, geometry, config, keep,
                                                      thresholds, stats, observer)
         if collected is not None and i in stage_ends:
-            collected.append(family.feature_map(model, streams, state))
+            collected.append(family.feature_map(model, i, streams, state))
         streams, moved = after(model, i, streams, state)
         if moved is not state:  # a stage change: the tokens now sit on the next stage's grid
             state, geometry = moved, None
@@ -256,6 +263,13 @@ def check_plan_for(model: nn.Module, config: PruneConfig) -> None:
     strategy.check_plan(config)  # options it cannot use: one sentence now, not mid-forward
     _check_score_options(score, config)
     family.check_plan(config)
+    allowed = reducible_blocks_of(family, model.config)
+    if allowed is not None:
+        bad = [layer for layer in config.layers if layer - 1 not in allowed]
+        if bad:
+            raise ConfigError(f"--layers {','.join(map(str, bad))}: tokens of a {family.name} model can be reduced "
+                              f"only after blocks {','.join(str(b + 1) for b in sorted(allowed))} (the others have no "
+                              "tokens to reduce or no scan output to score); choose among those.")
     provides = provides_of(family, model.config)
     for what, plugin in ((f"--score {score.name}", score), (f"--arrangement {strategy.name}", strategy)):
         missing = plugin.needs(config) - provides
