@@ -52,8 +52,8 @@ def test_a_reduced_model_gives_maps_on_the_full_grid(name, arrangement):
     x = _images(model)
     dense = feature_maps(model, x)
     first = PruneConfig.recommended(model).layers[:1]  # a block its family can reduce after
-    plan = PruneConfig(layers=first, keep=(0.5,), arrangement=arrangement, metric="y" if arrangement in ("merge", "tome")
-                       else "input")
+    metric = "y" if arrangement in ("merge", "tome") else "input"
+    plan = PruneConfig(layers=first, keep=(0.5,), arrangement=arrangement, metric=metric)
     reduced = feature_maps(apply_pruning(model, plan), x)
     assert [m.shape for m in reduced] == [m.shape for m in dense]
     assert all(torch.isfinite(m).all() for m in reduced)
