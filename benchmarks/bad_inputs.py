@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+CIFAR_CALIB = str(REPO / "examples" / "cifar10" / "calib")  # the bundled calibration images (CIFAR-10 classes)
 
 
 @dataclass
@@ -1114,6 +1115,12 @@ CASES += [
          refused("there is no --flops")),
     Case("eval-dense-of-another-family", ["eval", "{pruned}", "--data", "{images}", "--dense", "{pm}"],
          refused("is not the model that was reduced"), plainmamba_file),
+    Case("vmamba-keep-order", ["prune", "vmamba_cifar", "--data", CIFAR_CALIB, "--layers", "1", "--arrangement",
+                               "keep-order", "-o", "{case}/out"], refused("new sequence", "vmamba")),
+    Case("mambavision-reduce-after-a-conv-block", ["prune", "mambavision_cifar", "--data", CIFAR_CALIB, "--layers", "1",
+                                                   "-o", "{case}/out"], refused("only after blocks 2,3,6")),
+    Case("mambavision-threshold-mode", ["prune", "mambavision_cifar", "--data", CIFAR_CALIB, "--layers", "2",
+                                        "--mode", "threshold", "-o", "{case}/out"], refused("--mode count")),
     Case("option-undeclared", [*PRUNE, "--option", "nope=1", "-o", "{case}/out"],
          refused("--option nope", "declares it")),
     Case("option-with-its-own-flag", [*PRUNE, "--option", "gap=mean", "-o", "{case}/out"],

@@ -36,7 +36,7 @@ from ssmtrim.errors import ConfigError
 from ssmtrim.evaluate import evaluate_logits, label_images, topk_accuracy
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
-from ssmtrim.models.registry import family_of
+from ssmtrim.models.registry import family_of, recommended_plan_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, dense_prefix, reduced_forward, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.compensation import compensate
@@ -74,7 +74,7 @@ GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the 
 def row_config(row: str, family, arch_config, layers, keep) -> PruneConfig | None:
     """The plan of a row on this family, or None where the row does not apply (Vim's conv options elsewhere)."""
     fields = dict(ROWS[row][1])
-    if fields.get("conv") == "kept" and family.recommended_plan(arch_config).get("conv") != "kept":
+    if fields.get("conv") == "kept" and recommended_plan_of(family, arch_config).get("conv") != "kept":
         if row == "align-conv-kept":
             return None
         fields["conv"] = "original"  # a 2-D conv has no 'previous kept token': the family's own conv

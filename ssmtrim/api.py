@@ -58,6 +58,7 @@ def prune_and_save(
     from ssmtrim.pruning import apply_pruning, is_pruned
     from ssmtrim.pruning.calibrate import calibrate, load_images
     from ssmtrim.pruning.compensation import compensate
+    from ssmtrim.pruning.engine import check_plan_for
 
     inputs = {"the source model": source, "the --data folder": data, "the --eval-data folder": eval_data}
     if output is not None:
@@ -86,6 +87,7 @@ def prune_and_save(
         config = PruneConfig.recommended(model, **config)
     if target is None or target.keep_layers:
         config.validate_for(family_of(model).depth(model.config))
+    check_plan_for(model, config, runnable=False)  # what the plan asks of the model: one sentence before the work
     images, labels, unreadable = load_images(shard_images(images_set), data_config_of(model), batch_size, progress,
                                              calibration.workers)
     unreadable = sum_counts(unreadable)[0]

@@ -248,7 +248,11 @@ def build_report(
     if sweep_values is not None:
         kind, values = sweep_values
         depth = family_of(dense).depth(dense.config)
-        layers = layers or tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+        # where the family's recommended plan reduces (its hand-set layers), as prune does
+        from ssmtrim.models.registry import recommended_plan_of
+
+        layers = layers or tuple(recommended_plan_of(family_of(dense), dense.config).get("layers") or
+                                 sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \

@@ -253,12 +253,15 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
     return model
 
 
-def check_plan_for(model: nn.Module, config: PruneConfig) -> None:
+def check_plan_for(model: nn.Module, config: PruneConfig, runnable: bool = True) -> None:
     """Every check :func:`apply_pruning` makes of a plan, without patching: its layers fit the model, the strategy,
-    score and family can honour its options, and each step can keep what it asks for. One sentence if not."""
+    score and family can honour its options, and each step can keep what it asks for. One sentence if not.
+    ``runnable=False`` leaves out the one check a plan passes only after calibration (threshold mode's thresholds),
+    so that a plan is checked before the calibration's work."""
     family = family_of(model)
     config.validate_for(family.depth(model.config))
-    config.check_runnable()
+    if runnable:
+        config.check_runnable()
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
     strategy.check_plan(config)  # options it cannot use: one sentence now, not mid-forward
     _check_score_options(score, config)
