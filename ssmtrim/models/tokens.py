@@ -159,7 +159,13 @@ def owner_after(state: TokenState, new: TokenState, moved: Tensor | None = None)
     old = state.owner if state.owner is not None else \
         torch.arange(state.length, device=state.positions.device).expand(state.positions.shape[0], -1)
     if moved is None:
-        # current token i -> the new slot holding its original position (positions are unique among placed tokens)
-        same = (state.positions[:, :, None] == new.positions[:, None, :]) & (state.positions[:, :, None] >= 0)
-        moved = torch.where(same.any(-1), same.long().argmax(-1), torch.full_like(state.positions, -1))
+        # current token i -> the new slot holding its original position (positions are unique among placed tokens;
+        # a fused token, -1, stands at none): a slot per position, then looked up by each current token's position
+        bsz, device = state.positions.shape[0], state.positions.device
+        by_position = torch.full((bsz, state.length + 1), -1, dtype=torch.long, device=device)
+        placed = new.positions.clamp_min(-1).masked_fill(new.positions < 0, state.length)  # -1 -> the spare column
+        slots = torch.arange(new.positions.shape[1], device=device).expand(bsz, -1)
+        by_position = by_position.scatter(1, placed, slots)
+        by_position[:, state.length] = -1
+        moved = by_position.gather(1, state.positions.masked_fill(state.positions < 0, state.length))
     return moved.gather(1, old.clamp_min(0)).masked_fill(old < 0, -1)
