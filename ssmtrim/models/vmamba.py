@@ -629,3 +629,10 @@ register_model(ModelSpec(
     data=DataConfig(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     description="small VMamba for CIFAR-10: dims 40/80/160, depths 2/3/2, v2 stem (8x8 tokens), d_state 1",
 ))  # fmt: skip
+# vmamba_cifar's architecture on CIFAR-10 upsampled to 64x64 (a 16x16 first stage: 256 tokens), fine-tuned from it
+register_model(ModelSpec(
+    name="vmamba_cifar64",
+    arch=VMambaConfig(dims=(40, 80, 160), depths=(2, 3, 2), img_size=64, num_classes=10),
+    data=DataConfig(input_size=(3, 64, 64), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    description="small VMamba for CIFAR-10 at 64x64 (upsampled): vmamba_cifar fine-tuned, 16x16 first-stage tokens",
+))  # fmt: skip
