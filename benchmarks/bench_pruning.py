@@ -35,6 +35,7 @@ SCHEDULES = {  # the released Vim-S schedule, the Vim-T budget of the literature
     "vmamba_tiny": ((6, 9), 0.7),
     "mambavision_t": ((5, 7, 13), 0.7),
     "vmamba_cifar": ((1, 3, 4), 0.5625),
+    "vmamba_cifar64": ((1, 3, 4, 6), 0.656),
     "mambavision_cifar": ((2, 3, 6), 0.687),
 }
 

@@ -215,14 +215,17 @@ class SS2D(nn.Module):
         u = self.in_proj(x)  # B K E
         grid = gather_tokens(u, geometry.owners).transpose(1, 2).reshape(bsz, e, h, w)
         u = gather_tokens(F.silu(self.conv2d(grid)).flatten(2).transpose(1, 2), geometry.positions)  # B K E
-        tokens = u.transpose(1, 2)  # B E K
+        tokens = u.transpose(1, 2)  # B E K, raster order (the kept positions increase)
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
-        proj = torch.einsum("bek,rce->rbck", tokens, self.x_proj_weight)  # routes B (R+2N) K
-        y = torch.zeros(bsz, e, k, dtype=torch.float32, device=x.device)
-        spent = torch.zeros_like(y) if deltas is not None else None
-        for route, order in enumerate(geometry.orders):
-            dt, b, c = torch.split(_along(proj[route], order), [r, n, n], dim=1)
+        # routes 0 and 2 read the tokens in raster order (forward, reversed), 1 and 3 in column order: one gather
+        column = _along(tokens, geometry.orders[1])
+        rows_of = (tokens, column, tokens, column)
+        outs, spent = [], []
+        for route in range(ROUTES):
+            seq = rows_of[route] if route < 2 else rows_of[route].flip(-1)
+            dbl = torch.einsum("bek,ce->bck", seq, self.x_proj_weight[route])  # B (R+2N) K in the route's order
+            dt, b, c = torch.split(dbl, [r, n, n], dim=1)
             delta = torch.einsum("brk,er->bek", dt, self.dt_projs_weight[route])
             bias = self.dt_projs_bias[route].float()
             gap = gap_scale = None
@@ -230,16 +233,20 @@ class SS2D(nn.Module):
                 gap = geometry.gaps[route]
                 gap_scale = F.softplus(bias)[None, :].expand(bsz, -1) if geometry.gap_estimate == "bias" else \
                     F.softplus(delta.float() + bias[:, None]).mean(-1)
-            out = selective_scan(_along(tokens, order).contiguous(), delta.contiguous(), a[route], b.contiguous(),
-                                 c.contiguous(), d[route], z=None, delta_bias=bias, delta_softplus=True, gap=gap,
-                                 gap_scale=gap_scale)
-            index = order[:, None, :].expand(-1, e, -1)
-            y = y.scatter_add(2, index, out.float())  # back to token order
-            if spent is not None:
-                spent = spent.scatter_add(2, index, F.softplus(delta.float() + bias[:, None]))
+            outs.append(selective_scan(seq.contiguous(), delta.contiguous(), a[route], b.contiguous(), c.contiguous(),
+                                       d[route], z=None, delta_bias=bias, delta_softplus=True, gap=gap,
+                                       gap_scale=gap_scale).float())
+            if deltas is not None:
+                spent.append(F.softplus(delta.float() + bias[:, None]))
+        index = geometry.orders[1][:, None, :].expand(-1, e, -1)
+
+        def merged(parts: list[Tensor]) -> Tensor:  # the four routes' values back in raster order, summed
+            return parts[0] + parts[2].flip(-1) + torch.zeros_like(parts[0]).scatter_add(
+                2, index, parts[1] + parts[3].flip(-1))
+
         if deltas is not None:
-            deltas.append((spent / ROUTES).transpose(1, 2))
-        return y.to(x.dtype).transpose(1, 2)
+            deltas.append((merged(spent) / ROUTES).transpose(1, 2))
+        return merged(outs).to(x.dtype).transpose(1, 2)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.out_norm(self.ssm_output(x, hw)))
@@ -279,6 +286,9 @@ def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
         orders += [order]
         gaps += [(forward.float(), backward.flip(1).float())]
     # routes 0 and 1 scan forward through their keys, 2 and 3 backward (their reverses)
+    if not bool((orders[0] == torch.arange(pos.shape[1], device=pos.device)).all()):
+        raise ConfigError("VMamba's reduced scans read the kept tokens in raster order; this strategy left them "
+                          "in another order (use merge, align or tome).")
     route_orders = (orders[0], orders[1], orders[0].flip(1), orders[1].flip(1))
     route_gaps = (gaps[0][0], gaps[1][0], gaps[0][1], gaps[1][1])
     return VMambaGeometry(owners(state), pos, route_orders, None if gap == "zero" else route_gaps, gap)
