@@ -128,6 +128,7 @@ class MambaVisionGeometry:
     positions: Tensor  # B' K: each token's position in the window (raster order)
     gaps: Tensor | None  # B' K positions skipped before each token along the scan (float); None: no decay
     gap_estimate: str  # "bias" or "mean"
+    log_sizes: Tensor | None = None  # B' K log of the positions each token stands for (merges); None: one each
 
 
 class MambaVisionMixer(nn.Module):
@@ -213,9 +214,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, deltas: list[Tensor] | None = None, geometry=None) -> tuple[Tensor, None]:
+        """With the geometry of merged tokens, proportional attention (ToMe): a key that stands for s positions
+        weighs s times, as the s tokens it replaced would have together."""
         bsz, length, dim = x.shape
         qkv = self.qkv(x).reshape(bsz, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        bias = None
+        if geometry is not None and geometry.log_sizes is not None:
+            bias = geometry.log_sizes[:, None, None, :].to(qkv.dtype)  # B' 1 1 K, added to the logits
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(bsz, length, dim)), None
 
 
@@ -496,7 +502,8 @@ class MambaVisionFamily:
             return None
         forward, _ = gaps_from_positions(state.positions, state.length)
         gaps = None if plan.gap == "zero" else forward.float()
-        return MambaVisionGeometry(owners(state), state.positions, gaps, plan.gap)
+        log_sizes = None if state.sizes is None else state.sizes.float().log()
+        return MambaVisionGeometry(owners(state), state.positions, gaps, plan.gap, log_sizes)
 
     def stages(self, config: MambaVisionConfig) -> list[tuple[int, int]]:
         """(first block, tokens per row) per level: a conv level's whole map, a window level's window."""

@@ -84,3 +84,21 @@ def test_a_pruned_mambavision_with_a_compensated_head_reloads(tmp_path):
     again = ssmtrim.load_model(str(ssmtrim.save_model(pruned, tmp_path / "p")))
     with torch.no_grad():
         assert torch.equal(again(images[:3]), pruned(images[:3]))
+
+
+def test_attention_over_merged_tokens_is_proportional():
+    """A key standing for s positions weighs as s copies of it would (ToMe's proportional attention)."""
+    from ssmtrim.models.mambavision import Attention, MambaVisionGeometry
+
+    torch.manual_seed(0)
+    attention = Attention(16, 2).eval()
+    x = torch.randn(3, 5, 16)
+    sizes = torch.tensor([[1, 3, 1, 2, 1]] * 3)
+    geometry = MambaVisionGeometry(torch.zeros(3, 8, dtype=torch.long), torch.arange(5).expand(3, -1), None, "bias",
+                                   sizes.float().log())
+    copies = x.repeat_interleave(sizes[0], dim=1)  # each token repeated as many times as it stands for
+    with torch.no_grad():
+        merged, _ = attention(x, None, geometry)
+        expanded, _ = attention(copies, None)
+    first = torch.cat([torch.zeros(1, dtype=torch.long), sizes[0].cumsum(0)[:-1]])  # each token's first copy
+    assert_close_across_cpus(merged, expanded[:, first], rtol=1e-5)
