@@ -16,7 +16,6 @@ keys equal the official ones.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,7 +28,16 @@ from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.registry import DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
 from ssmtrim.models.tokens import TokenState, gather_tokens
-from ssmtrim.models.vim import Block, PatchEmbed, RMSNorm, VimConfig, VimFamily, has_bimamba_mixers, stored_size
+from ssmtrim.models.vim import (
+    Block,
+    PatchEmbed,
+    RMSNorm,
+    VimConfig,
+    VimFamily,
+    has_bimamba_mixers,
+    init_weights,
+    stored_size,
+)
 
 
 @dataclass(frozen=True)
@@ -101,18 +109,8 @@ class MambaR(nn.Module):
         self.register_buffer("register_positions", torch.tensor(positions), persistent=False)
         self._init_weights()
 
-    @torch.no_grad()
     def _init_weights(self) -> None:
-        for t in (self.pos_embed, self.cls_token, self.pos_embed_cls):
-            nn.init.trunc_normal_(t, std=0.02)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not name.endswith(("dt_proj", "dt_proj_b")):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for block in self.layers:
-            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
-            block.mixer.out_proj.weight /= math.sqrt(self.config.depth)
+        init_weights(self, (self.pos_embed, self.cls_token, self.pos_embed_cls))
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B 3 H W) -> patches and registers with positions added, interleaved (B M+P D)."""

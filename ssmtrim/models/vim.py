@@ -276,6 +276,23 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+@torch.no_grad()
+def init_weights(model: nn.Module, embeddings: tuple[Tensor, ...]) -> None:
+    """The official initialisation of a Vim-style model (Vim, Mamba®): ``embeddings`` (position, class or register
+    tokens) and linear weights trunc_normal(.02), zero biases (dt_proj's kept), then the GPT-2 style rescaling of the
+    residual projections (models_mamba.py::_init_weights)."""
+    for t in embeddings:
+        nn.init.trunc_normal_(t, std=0.02)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith(("dt_proj", "dt_proj_b")):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for block in model.layers:
+        nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
+        block.mixer.out_proj.weight /= math.sqrt(model.config.depth)
+
+
 class VisionMamba(nn.Module):
     """Vim classifier: ``forward(x: B 3 H W) -> logits (B num_classes)``."""
 
@@ -291,19 +308,8 @@ class VisionMamba(nn.Module):
         self.head = nn.Linear(d, config.num_classes) if config.num_classes > 0 else nn.Identity()
         self._init_weights()
 
-    @torch.no_grad()
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear) and not name.endswith(("dt_proj", "dt_proj_b")):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        # GPT-2 style rescaling of the residual projections (models_mamba.py::_init_weights)
-        for block in self.layers:
-            nn.init.kaiming_uniform_(block.mixer.out_proj.weight, a=math.sqrt(5))
-            block.mixer.out_proj.weight /= math.sqrt(self.config.depth)
+        init_weights(self, (self.pos_embed, self.cls_token))
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B 3 H W) -> tokens with the class token in the middle and positions added (B L D)."""

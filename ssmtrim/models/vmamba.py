@@ -631,18 +631,20 @@ register_model(ModelSpec(
     data=DataConfig(input_size=(3, 32, 32), crop_pct=1.0), test_only=True,
     description="tiny two-stage VMamba for tests",
 ))  # fmt: skip
-# the project's CIFAR-10 test bed: the released v2v design (v2 stem, conv3x3 downsamples, d_state 1, ssm_ratio 1,
-# no gate) at three stages for 32x32 images: 8x8, 4x4 and 2x2 token grids
-register_model(ModelSpec(
-    name="vmamba_cifar",
-    arch=VMambaConfig(dims=(40, 80, 160), depths=(2, 3, 2), img_size=32, num_classes=10),
-    data=DataConfig(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    description="small VMamba for CIFAR-10: dims 40/80/160, depths 2/3/2, v2 stem (8x8 tokens), d_state 1",
-))  # fmt: skip
-# vmamba_cifar's architecture on CIFAR-10 upsampled to 64x64 (a 16x16 first stage: 256 tokens), fine-tuned from it
-register_model(ModelSpec(
-    name="vmamba_cifar64",
-    arch=VMambaConfig(dims=(40, 80, 160), depths=(2, 3, 2), img_size=64, num_classes=10),
-    data=DataConfig(input_size=(3, 64, 64), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    description="small VMamba for CIFAR-10 at 64x64 (upsampled): vmamba_cifar fine-tuned, 16x16 first-stage tokens",
-))  # fmt: skip
+def _register_cifar(name: str, size: int, description: str) -> None:
+    """A CIFAR-10 test bed of widths 40/80/160 and depths 2/3/2 at ``size`` x ``size`` pixels."""
+    register_model(ModelSpec(
+        name=name, arch=VMambaConfig(dims=(40, 80, 160), depths=(2, 3, 2), img_size=size, num_classes=10),
+        data=DataConfig(input_size=(3, size, size), crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465),
+                        std=(0.2470, 0.2435, 0.2616)),
+        description=description,
+    ))  # fmt: skip
+
+
+# the project's CIFAR-10 test beds: the released v2v design (v2 stem, conv3x3 downsamples, d_state 1, ssm_ratio 1,
+# no gate) at three stages: for 32x32 images 8x8, 4x4 and 2x2 token grids; the same upsampled to 64x64 (a 16x16
+# first stage: 256 tokens), fine-tuned from it
+_register_cifar("vmamba_cifar", 32, "small VMamba for CIFAR-10: dims 40/80/160, depths 2/3/2, v2 stem (8x8 tokens), "
+                "d_state 1")
+_register_cifar("vmamba_cifar64", 64, "small VMamba for CIFAR-10 at 64x64 (upsampled): vmamba_cifar fine-tuned, 16x16 "
+                "first-stage tokens")
