@@ -160,21 +160,26 @@ def bad_image_folders(case: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def full_disk_safetensors() -> Iterator[None]:
-    """safetensors writes half a file, then the disk is full."""
+def safetensors_fails(error: Exception) -> Iterator[None]:
+    """safetensors writes half a file, then raises ``error``."""
     import safetensors.torch
 
     real = safetensors.torch.save_file
 
     def save_file(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     safetensors.torch.save_file = save_file
     try:
         yield
     finally:
         safetensors.torch.save_file = real
+
+
+def full_disk_safetensors() -> contextlib.AbstractContextManager:
+    """safetensors writes half a file, then the disk is full."""
+    return safetensors_fails(OSError(errno.ENOSPC, "No space left on device"))
 
 
 @contextlib.contextmanager
@@ -284,23 +289,11 @@ def labels_file(content: bytes) -> Callable[[Path], dict[str, str]]:
     return setup
 
 
-@contextlib.contextmanager
-def writer_error(message: str) -> Iterator[None]:
+def writer_error(message: str) -> contextlib.AbstractContextManager:
     """safetensors fails with its own error type (not an OSError) after writing part of the file."""
-    import safetensors.torch
     from safetensors import SafetensorError
 
-    real = safetensors.torch.save_file
-
-    def save_file(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 100)
-        raise SafetensorError(message)
-
-    safetensors.torch.save_file = save_file
-    try:
-        yield
-    finally:
-        safetensors.torch.save_file = real
+    return safetensors_fails(SafetensorError(message))
 
 
 @contextlib.contextmanager

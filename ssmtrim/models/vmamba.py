@@ -45,7 +45,14 @@ from ssmtrim.models.registry import (
     registered_img_size,
 )
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw
-from ssmtrim.models.tokens import BlockOutput, TokenState, restore_tokens
+from ssmtrim.models.tokens import (
+    BlockOutput,
+    TokenState,
+    gaps_from_positions,
+    gather_tokens,
+    owners,
+    restore_tokens,
+)
 from ssmtrim.ops import selective_scan
 
 ROUTES = 4
@@ -207,8 +214,6 @@ class SS2D(nn.Module):
         token), read back at the tokens' positions; each route scans the tokens in its own order, its state decaying
         across the positions it skips (exp(G A) with G = skipped x the Δ estimate, as Vim's reduced scans do); the
         routes' outputs summed per token."""
-        from ssmtrim.models.tokens import gather_tokens
-
         bsz, k, _ = x.shape
         h, w = hw
         e, n, r = self.d_inner, self.d_state, self.dt_rank
@@ -219,7 +224,7 @@ class SS2D(nn.Module):
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
         # routes 0 and 2 read the tokens in raster order (forward, reversed), 1 and 3 in column order: one gather
-        column = _along(tokens, geometry.orders[1])
+        column = _along(tokens, geometry.column)
         rows_of = (tokens, column, tokens, column)
         outs, spent = [], []
         for route in range(ROUTES):
@@ -238,7 +243,7 @@ class SS2D(nn.Module):
                                        gap_scale=gap_scale).float())
             if deltas is not None:
                 spent.append(F.softplus(delta.float() + bias[:, None]))
-        index = geometry.orders[1][:, None, :].expand(-1, e, -1)
+        index = geometry.column[:, None, :].expand(-1, e, -1)
 
         def merged(parts: list[Tensor]) -> Tensor:  # the four routes' values back in raster order, summed
             return parts[0] + parts[2].flip(-1) + torch.zeros_like(parts[0]).scatter_add(
@@ -263,35 +268,29 @@ def _route_order(k: int, hw: tuple[int, int], device: torch.device) -> Tensor:
 @dataclass(frozen=True)
 class VMambaGeometry:
     """Where the tokens of a reduced stage sit, for its blocks (computed once per token state): the conv reads the
-    grid restored from them, each route scans them in its own order and decays across the positions it skips."""
+    grid restored from them; routes 0 and 2 scan them in raster order (their order), 1 and 3 in column order, each
+    decaying across the positions it skips."""
 
     owners: Tensor  # B L0 the token standing for each grid position (kept, merged into, or nearest)
-    positions: Tensor  # B K grid position of each token
-    orders: tuple[Tensor, ...]  # per route, B K: the tokens in that route's scan order
+    positions: Tensor  # B K grid position of each token, increasing
+    column: Tensor  # B K the tokens in column-major order (routes 1 and 3)
     gaps: tuple[Tensor, ...] | None  # per route, B K: grid positions skipped before each step (float); None: none
     gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
 
 
 def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
-    """The geometry of a reduced token state on an h x w grid (tokens at their grid positions)."""
-    from ssmtrim.models.tokens import gaps_from_positions, owners
-
+    """The geometry of a reduced token state on an h x w grid (tokens at their grid positions, in raster order)."""
     h, w = state.grid
     pos = state.positions
-    col_key = (pos % w) * h + pos // w  # the column-major route's index of each position
-    orders, gaps = [], []
-    for key in (pos, col_key):
-        sorted_key, order = key.sort(dim=1, stable=True)
-        forward, backward = gaps_from_positions(sorted_key, state.length)
-        orders += [order]
-        gaps += [(forward.float(), backward.flip(1).float())]
-    # routes 0 and 1 scan forward through their keys, 2 and 3 backward (their reverses)
-    if not bool((orders[0] == torch.arange(pos.shape[1], device=pos.device)).all()):
+    if not bool((pos[:, 1:] > pos[:, :-1]).all()):
         raise ConfigError("VMamba's reduced scans read the kept tokens in raster order; this strategy left them "
                           "in another order (use merge, align or tome).")
-    route_orders = (orders[0], orders[1], orders[0].flip(1), orders[1].flip(1))
-    route_gaps = (gaps[0][0], gaps[1][0], gaps[0][1], gaps[1][1])
-    return VMambaGeometry(owners(state), pos, route_orders, None if gap == "zero" else route_gaps, gap)
+    col_key, column = ((pos % w) * h + pos // w).sort(dim=1, stable=True)  # the column-major route's positions
+    raster_fwd, raster_bwd = gaps_from_positions(pos, state.length)
+    col_fwd, col_bwd = gaps_from_positions(col_key, state.length)
+    # routes 0 and 1 scan forward through their positions, 2 and 3 backward (their reverses)
+    gaps = tuple(g.float() for g in (raster_fwd, col_fwd, raster_bwd.flip(1), col_bwd.flip(1)))
+    return VMambaGeometry(owners(state), pos, column, None if gap == "zero" else gaps, gap)
 
 
 def _along(x: Tensor, order: Tensor) -> Tensor:
@@ -565,7 +564,7 @@ class VMambaFamily:
         return (tokens,), TokenState(positions, None, length, hw, state.keeps_positions, track_owner=True)
 
     def geometry(self, model: VMamba, state: TokenState, plan) -> VMambaGeometry | None:
-        """The reduced grid's geometry (owners, per-route orders and skipped positions); None for a full grid."""
+        """The reduced grid's geometry (owners, column order and skipped positions); None for a full grid."""
         if not state.reduced:
             return None
         return reduced_geometry(state, plan.gap)

@@ -291,12 +291,12 @@ _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' n
 
 def _check_score_options(score, config: PruneConfig) -> None:
     """A score option set away from its default while another score is chosen is refused, naming its scores."""
-    from ssmtrim.pruning.scores.base import _SCORES, score_options
+    from ssmtrim.pruning.scores.base import score_options, scores_reading
 
     mine = {o.name for o in score.options}
     for name, option in score_options().items():
         if name not in mine and config.option(name) != option.default:
-            users = ", ".join(s.name for s in _SCORES.values() if name in {o.name for o in s.options})
+            users = ", ".join(scores_reading(name))
             raise ConfigError(f"{option.flag} is an option of --score {users}; --score {score.name} does not use it, "
                               f"so leave {option.flag} out or choose one of those.")
 

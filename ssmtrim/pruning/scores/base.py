@@ -47,6 +47,11 @@ def score_options() -> dict[str, Option]:
     return {o.name: o for s in _SCORES.values() for o in s.options}
 
 
+def scores_reading(option: str) -> tuple[str, ...]:
+    """The registered scores that declare ``option``."""
+    return tuple(s.name for s in _SCORES.values() if option in {o.name for o in s.options})
+
+
 def get_score(name: str) -> Score:
     if name not in _SCORES:
         raise ConfigError(f"--score {name!r} is not one of {', '.join(_SCORES)}.")
