@@ -164,3 +164,49 @@ def _tokens_per_block(model: torch.nn.Module, images: torch.Tensor, first: int) 
     return (sum_tensor(tokens) / sum_counts(k)[0]).tolist()
 
 
+
+
+def export_model(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    check_data: str | os.PathLike | None = None,
+    check_images: int | None = None,
+    force: bool = False,
+    optimize: bool = False,
+    arch: str | None = None,
+    revision: str | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    progress=None,
+) -> dict[str, Any]:
+    """Load ``source`` (dense, or a reduced ssmtrim folder with a count-mode plan), export it to the ONNX file
+    ``output`` for ``batch_size`` images, and check it in onnxruntime against PyTorch on ``check_images`` images
+    (default 200) of ``check_data`` (default: the bundled held-out CIFAR-10 images), transformed by the model's
+    preprocessing; ``check_images=0`` skips the check. See :func:`ssmtrim.export.export_onnx`."""
+    from ssmtrim.bundled import validation_images
+    from ssmtrim.checkpoint import load_model
+    from ssmtrim.data import scan_folder
+    from ssmtrim.export import DEFAULT_CHECK_IMAGES, check_exportable, check_output_file, export_onnx
+    from ssmtrim.export import require_export_packages
+    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.pruning.calibrate import load_images
+
+    require_export_packages()
+    count = DEFAULT_CHECK_IMAGES if check_images is None else check_images
+    if count < 0:
+        raise ConfigError(f"--check-images must be 0 or more, got {count}.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
+    folder = check_data if check_data is not None else validation_images()
+    inputs = {"the source model": os.fspath(source), "the check images": os.fspath(folder)}
+    check_output_file(output, force, inputs)  # before loading: a bad -o fails at once
+    images = scan_folder(folder) if count else None  # a bad folder too
+    model = load_model(source, arch=arch, revision=revision, img_size=img_size)
+    check_exportable(model)
+    x = None
+    if images is not None:
+        x = load_images(images.subset(count, seed=0), data_config_of(model), progress=progress)[0]
+    summary = export_onnx(model, output, batch_size=batch_size, check_images=x, force=force, optimize=optimize,
+                          inputs=inputs, progress=progress)
+    return {"model": os.fspath(source), **summary}

@@ -57,3 +57,7 @@ class HubUnreachableError(SourceNotFoundError):
 
 class LoaderFailed(SsmtrimError, RuntimeError):
     """Reading the images stopped: a DataLoader worker died or no batch came within the loader's timeout."""
+
+
+class ExportError(SsmtrimError, RuntimeError):
+    """A model that could not be exported, or whose exported graph does not match PyTorch."""

@@ -13,6 +13,7 @@ from ssmtrim import __version__
 from ssmtrim.cli._errors import Terminated, stop_on_sigterm
 from ssmtrim.cli.convert_cmd import convert
 from ssmtrim.cli.eval_cmd import eval_
+from ssmtrim.cli.export_cmd import export
 from ssmtrim.cli.finetune_cmd import finetune
 from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
@@ -54,6 +55,7 @@ app.command("prune")(prune)
 app.command("report")(report)
 app.command("finetune")(finetune)
 app.command("convert")(convert)
+app.command("export")(export)
 app.command("train")(train)
 
 

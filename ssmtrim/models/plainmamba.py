@@ -43,7 +43,7 @@ from ssmtrim.models.plainmamba_grid import (
 )  # fmt: skip
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
-from ssmtrim.models.tokens import BlockOutput, TokenState, restore_tokens
+from ssmtrim.models.tokens import BlockOutput, TokenState, restore_tokens, tracing
 from ssmtrim.ops import selective_scan
 
 
@@ -131,8 +131,17 @@ class PlainMambaConfig(ArchConfig):
 # zig-zag scan orders
 
 
-@functools.lru_cache(maxsize=64)
 def _orders_on(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The zig-zag orders on ``device``, cached (not while traced: see :func:`zigzag_orders`)."""
+    return _orders_uncached(h, w, device) if tracing() else _orders_cached(h, w, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _orders_cached(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    return _orders_uncached(h, w, device)
+
+
+def _orders_uncached(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(t.to(device) for t in zigzag_orders(h, w))  # type: ignore[return-value]
 
 

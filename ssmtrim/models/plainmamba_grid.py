@@ -30,15 +30,21 @@ import torch
 from torch import Tensor
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.tokens import TokenState
+from ssmtrim.models.tokens import TokenState, tracing
 
 NUM_DIRECTIONS = 4
 # direction ids of plain_mamba_layer.py: the move that arrived at a token ([start, right, left, up, down])
 START, RIGHT, LEFT, UP, DOWN = range(5)
 
 
-@functools.lru_cache(maxsize=64)
 def zigzag_orders(h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The four zig-zag paths over an h x w grid (see :func:`_zigzag_orders`), cached, except while a forward is
+    traced (export, compile): tensors made then are the tracer's, never to be kept for a later forward."""
+    return _zigzag_orders.__wrapped__(h, w) if tracing() else _zigzag_orders(h, w)
+
+
+@functools.lru_cache(maxsize=64)
+def _zigzag_orders(h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
     """The four continuous zig-zag paths over an h x w grid, in the official order.
 
     Returns ``orders`` (K L): raster index of the t-th token of each path; ``inverse`` (K L): position in the path of

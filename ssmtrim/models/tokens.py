@@ -87,6 +87,12 @@ class BlockOutput:
     mixer_input: Tensor | None = None  # B L D, the normed input of the block's mixer, when asked for ("mixer_input")
 
 
+def tracing() -> bool:
+    """Whether this forward is being traced (``torch.compile``, ``torch.export``, ONNX export): data-dependent
+    shortcuts and checks are then left out, and the general path, which gives the same values, is taken."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tensor:
     """Indices (B k) of the k highest scores per row, returned in increasing index order (original order).
 
@@ -130,7 +136,7 @@ def owners(state: TokenState) -> Tensor:
     if state.owner is None:
         return torch.arange(state.length, device=device).expand(bsz, -1)
     owner = state.owner
-    if not bool((owner < 0).any()):
+    if not tracing() and not bool((owner < 0).any()):
         return owner
     # nearest token by original position, among the tokens that stand at one (a fused token, -1, stands nowhere)
     big = state.length * 4

@@ -52,6 +52,7 @@ from ssmtrim.models.tokens import (
     gather_tokens,
     owners,
     restore_tokens,
+    tracing,
 )
 from ssmtrim.ops import selective_scan
 
@@ -282,7 +283,7 @@ def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
     """The geometry of a reduced token state on an h x w grid (tokens at their grid positions, in raster order)."""
     h, w = state.grid
     pos = state.positions
-    if not bool((pos[:, 1:] > pos[:, :-1]).all()):
+    if not tracing() and not bool((pos[:, 1:] > pos[:, :-1]).all()):
         raise ConfigError("VMamba's reduced scans read the kept tokens in raster order; this strategy left them "
                           "in another order (use merge, align or tome).")
     col_key, column = ((pos % w) * h + pos // w).sort(dim=1, stable=True)  # the column-major route's positions

@@ -51,7 +51,9 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
     bsz, length = sizes.shape
     keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(
         1, removed, torch.zeros_like(removed, dtype=torch.bool))
-    index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, int(length) - removed.shape[1])
+    # the staying tokens' indices in order: a stable sort puts them first (no data-dependent shape, so the step
+    # exports and compiles)
+    index = torch.sort((~keep).long(), dim=1, stable=True).indices[:, : int(length) - removed.shape[1]]
     kept_sizes = gather_tokens(sizes, index)
     if src.shape[1]:
         slot = torch.zeros(bsz, length, dtype=torch.long, device=sizes.device).scatter(
@@ -101,7 +103,7 @@ class Merge(Strategy):
         state, scores = step.state, step.scores
         protected = state.protected()
         bsz, length = scores.shape
-        removed = int(length) - int(protected[0].sum()) - step.k  # int(): shapes are tensors under tracing
+        removed = int(length) - state.num_protected - step.k  # int(): shapes are tensors under tracing
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
         n_drop = int(round(step.plan.option("drop_fraction") * removed))

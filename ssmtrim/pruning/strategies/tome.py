@@ -38,7 +38,7 @@ class ToMe(Strategy):
         state = step.state
         protected = state.protected()
         bsz, length = protected.shape
-        candidates = int(length) - int(protected[0].sum())  # int(): shapes are tensors under tracing
+        candidates = int(length) - state.num_protected  # int(): shapes are tensors under tracing
         removed = candidates - step.k
         order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
         a_idx, b_idx = order[:, 0::2], order[:, 1::2]
