@@ -55,9 +55,8 @@ def prune_and_save(
     from ssmtrim.evaluate import compare_logits, label_images, predict
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
-    from ssmtrim.pruning import apply_pruning, is_pruned
-    from ssmtrim.pruning.calibrate import calibrate, load_images
-    from ssmtrim.pruning.compensation import compensate
+    from ssmtrim.pruning import is_pruned, reduce_on
+    from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.engine import check_plan_for
 
     inputs = {"the source model": source, "the --data folder": data, "the --eval-data folder": eval_data}
@@ -116,10 +115,8 @@ def prune_and_save(
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))
-    calibrated = calibrate(model, config, images, batch_size, progress, unreadable)
-    config = config.replace(thresholds=calibrated.thresholds)
-    apply_pruning(model, config)
-    compensation = compensate(model, images, batch_size)
+    calibrated, compensation = reduce_on(model, config, images, batch_size, progress, unreadable)
+    config = model.prune_config
     pruned_logits = predict(model, images, batch_size, progress, "pruned forward")
     comparison = compare_logits(dense_logits, pruned_logits, labels)
     summary: dict[str, Any] = {
@@ -187,8 +184,13 @@ def export_model(
     from ssmtrim.bundled import validation_images
     from ssmtrim.checkpoint import load_model
     from ssmtrim.data import scan_folder
-    from ssmtrim.export import DEFAULT_CHECK_IMAGES, check_exportable, check_output_file, export_onnx
-    from ssmtrim.export import require_export_packages
+    from ssmtrim.export import (
+        DEFAULT_CHECK_IMAGES,
+        check_exportable,
+        check_output_file,
+        export_onnx,
+        require_export_packages,
+    )
     from ssmtrim.models.loading import data_config_of
     from ssmtrim.pruning.calibrate import load_images
 

@@ -77,8 +77,8 @@ def check_exportable(model: nn.Module) -> None:
 def onnx_translations() -> dict:
     """ONNX translations of the ATen ops the exporter has none for: a stable sort as ``TopK`` (which breaks ties by
     the lower index, as the stable sort does), ``searchsorted`` as a count of the smaller entries."""
-    from onnxscript import opset18 as op
     from onnxscript import ir
+    from onnxscript import opset18 as op
 
     def sort_stable(self, *, stable=None, dim: int = -1, descending: bool = False):
         axis = dim % len(self.shape)

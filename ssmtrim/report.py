@@ -119,6 +119,46 @@ def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size
                  torch.get_num_threads())
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def measure_speed_onnx(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, warmup: int = 2,
+                       iters: int = 5, repeats: int = 3, progress: Progress | None = None) -> Speed:
+    """As :func:`measure_speed`, in onnxruntime: the model exported twice (a file for ``batch_size`` images and one
+    for a single image, each checked against PyTorch before it is timed) into a temporary folder, then timed the same
+    way on CPU with as many threads as PyTorch uses."""
+    import tempfile
+
+    from ssmtrim.export import OnnxModel, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="ssmtrim-onnx-") as tmp:
+        check = torch.randn(2 * batch_size, *input_size, generator=torch.Generator().manual_seed(0))
+        runners = []
+        for b in (batch_size, 1):
+            path = Path(tmp) / f"b{b}.onnx"
+            export_onnx(model, path, batch_size=b, check_images=check[: max(2, b)], progress=progress)
+            runners.append(OnnxModel(path, threads=torch.get_num_threads()))
+        many, one = runners
+        x = torch.randn(batch_size, *input_size).numpy()
+        x1 = x[:1].copy()
+        for _ in range(warmup):
+            many.run(x)
+            one.run(x1)
+        rates, lats = [], []
+        with _PeakRss() as rss:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    many.run(x)
+                rates.append(iters * batch_size / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    one.run(x1)
+                lats.append(1e3 * (time.perf_counter() - t0) / iters)
+    return Speed(batch_size, statistics.median(rates), statistics.median(lats), (rss.peak - rss.base) / 2**20,
+                 rss.peak / 2**20, "cpu (onnxruntime)", torch.get_num_threads())
+
+
 # ------------------------------------------------------------------------------------------------------- report
 
 
@@ -178,12 +218,14 @@ def build_report(
     progress: Progress | None = None,
     dense_name: str = "dense",
     skip_unknown_classes: bool = False,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
     docstring. ``strategy`` holds further PruneConfig fields of the sweep (score, gap, conv, mode). Returns the report
     as a dict (what ``report.json`` holds). Inside :func:`ssmtrim.distributed.sharded` each rank evaluates and
     calibrates on its block of the images (every rank gets the one-process accuracies) and rank 0 alone measures the
-    speed."""
+    speed. ``runtime="onnxruntime"`` measures the speed of every row in onnxruntime instead (each model exported to
+    ONNX and checked against PyTorch first, :func:`measure_speed_onnx`); accuracy and FLOPs stay PyTorch's."""
     from ssmtrim.data import scan_folder
     from ssmtrim.devices import check_device
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
@@ -192,8 +234,8 @@ def build_report(
     from ssmtrim.memory import check_batch_fits
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
-    from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning, strategy_names
-    from ssmtrim.pruning.calibrate import calibrate, load_images
+    from ssmtrim.pruning import PruneConfig, is_pruned, reduce_on, remove_pruning, strategy_names
+    from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
     device = str(check_device(device))
@@ -211,6 +253,18 @@ def build_report(
                               "the dense model first, then pruned folders (or --sweep).")
         check_compatible(model, dense)
     sweep_values = parse_sweep(sweep) if sweep is not None else None  # a bad --sweep is said before the images load
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}.")
+    if runtime == "onnxruntime" and speed:
+        from ssmtrim.export import check_exportable, require_export_packages
+
+        require_export_packages()
+        if torch.device(device).type != "cpu":
+            raise ConfigError("--runtime onnxruntime measures on the CPU; leave --device out or give --device cpu.")
+        for _, model in pruned:
+            check_exportable(model)
+        if sweep_values is not None and (strategy or {}).get("mode", "count") != "count":
+            raise ConfigError("--runtime onnxruntime needs plans with fixed token counts; sweep with --mode count.")
     require_fvcore()
     data_cfg = data_config_of(dense)
     if speed and is_main() and torch.device(device).type == "cpu":  # before the images and long work
@@ -234,8 +288,12 @@ def build_report(
         plan = model.prune_config.to_dict() if is_pruned(model) else None
         flop_images = leading(x, 16) if plan is not None and plan["mode"] == "threshold" else None
         flops = {c: r.gflops for c, r in count_flops_all(model, images=flop_images).items()}
-        spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
-                            device=device).to_dict() if speed and is_main() else None
+        spd = None
+        if speed and is_main() and runtime == "onnxruntime":
+            spd = measure_speed_onnx(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats).to_dict()
+        elif speed and is_main():
+            spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
+                                device=device).to_dict()
         model.to("cpu")
         fidelity = None
         if dense_maps is not None and fidelity_images.shape[0]:
@@ -267,10 +325,12 @@ def build_report(
                 label = f"{arrangement} {kind}={value:g}"
 
                 def make(keep=keep, arrangement=arrangement) -> nn.Module:
-                    fields = {**(strategy or {}), "arrangement": arrangement}
-                    config = PruneConfig(layers=layers, keep=(keep,), **fields)
-                    thresholds = calibrate(dense, config, xc, eval_batch_size).thresholds
-                    return apply_pruning(dense, config.replace(thresholds=thresholds))
+                    # the plan prune resolves for these options: the family's recommended one, with this row's
+                    # strategy, layers and keep (and its compensation, fitted on the calibration images)
+                    config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement,
+                                                     layers=layers, keep=(keep,))
+                    reduce_on(dense, config, xc, eval_batch_size)
+                    return dense
 
                 variants.append((label, arrangement, make, lambda: remove_pruning(dense)))
     total = len(variants) + 1
@@ -301,7 +361,8 @@ def build_report(
         "unreadable": unreadable,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": device,
+        "device": device if runtime == "torch" else f"{device} ({runtime})",
+        "runtime": runtime,
         "batch_size": batch_size,
         "sweep": sweep,
         "layers": list(layers) if layers else None,

@@ -45,6 +45,9 @@ def report(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch of the throughput measurement.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (the median is reported).")] = 3,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="Where speed is measured: torch, or onnxruntime (each "
+                                         "model exported to ONNX and checked first; needs the export extra).")]
+    = "torch",
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
@@ -85,7 +88,7 @@ def report(
                                         if v is not None}, calib=calib,
                               num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
                               device=device, labels_file=labels, progress=progress, dense_name=models[0],
-                              skip_unknown_classes=skip_unknown_classes)
+                              skip_unknown_classes=skip_unknown_classes, runtime=runtime)
     if rank != 0:
         return
     folder = write_report(result, output, force=force, inputs=inputs)

@@ -284,10 +284,16 @@ BUILTIN_FAMILY_MODULES = ("ssmtrim.models.vim", "ssmtrim.models.plainmamba", "ss
                           "ssmtrim.models.mambavision", "ssmtrim.models.mambar")
 
 
+_LOADED: list[bool] = []  # set once every built-in family module was imported
+
+
 def _ensure_loaded() -> None:
     # every family module, not "any": importing one family directly must not hide the others
+    if _LOADED:
+        return  # (and nothing for a tracer to follow: torch.compile does not trace imports)
     for module in BUILTIN_FAMILY_MODULES:
-        importlib.import_module(module)  # cached after the first call
+        importlib.import_module(module)
+    _LOADED.append(True)
 
 
 def families() -> dict[str, Family]:

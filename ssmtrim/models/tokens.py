@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ssmtrim.ops.selective_scan import tracing
+
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
 Streams = tuple[Tensor | None, ...]
@@ -85,12 +87,6 @@ class BlockOutput:
     y: Tensor  # B L E, the gated SSM output in the current token order (what the scores read)
     delta: Tensor | None = None  # B L E, softplus(Δ) in the current token order, when asked for ("delta")
     mixer_input: Tensor | None = None  # B L D, the normed input of the block's mixer, when asked for ("mixer_input")
-
-
-def tracing() -> bool:
-    """Whether this forward is being traced (``torch.compile``, ``torch.export``, ONNX export): data-dependent
-    shortcuts and checks are then left out, and the general path, which gives the same values, is taken."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tensor:

@@ -87,9 +87,10 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
+@torch.compiler.assume_constant_result  # a compiled graph takes the backend chosen when it was compiled
 def resolve_backend(device: torch.device | str, name: str | None = None) -> str:
     """The name of the concrete backend (``ref``, ``cpu``, ``cuda``, ``portable`` or another registered one) for
-    tensors on ``device``."""
+    tensors on ``device``. Under ``torch.compile`` it is asked once, when the graph is made."""
     device = torch.device(device)
     name = _validate(name, "the scan backend") if name is not None else requested_backend()
     if name != "auto":

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ssmtrim.ops.backend import backend_for
 from ssmtrim.ops.backends import ConvKernel
-from ssmtrim.ops.selective_scan import single_op_requested
+from ssmtrim.ops.selective_scan import single_op_requested, tracing
 
 
 def _wants_grad(x: Tensor, conv: nn.Conv1d) -> bool:
@@ -31,7 +31,7 @@ def _wants_grad(x: Tensor, conv: nn.Conv1d) -> bool:
 def _kernel_for(x: Tensor, conv: nn.Conv1d, wants_grad: bool | None = None) -> ConvKernel | None:
     """The chosen backend's conv kernel when it may run on this input, else None (PyTorch); ``wants_grad`` as
     :func:`_wants_grad` says, when the caller has it already."""
-    if torch.jit.is_tracing() or single_op_requested():
+    if tracing() or single_op_requested():
         return None
     width = conv.kernel_size[0]
     if conv.groups != x.shape[1] or conv.padding != (width - 1,) or conv.stride != (1,) or conv.dilation != (1,):

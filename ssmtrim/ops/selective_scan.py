@@ -24,13 +24,14 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor
 
 from ssmtrim.ops.backend import backend_for
 from ssmtrim.ops.backends import cpu as cpu_backend
 from ssmtrim.ops.backends.ref import full_gap, selective_scan_ref
 
-__all__ = ["full_gap", "scan_as_single_op", "selective_scan", "selective_scan_ref", "single_op_requested"]
+__all__ = ["full_gap", "scan_as_single_op", "selective_scan", "selective_scan_ref", "single_op_requested", "tracing"]
 
 _single_op: contextvars.ContextVar[bool] = contextvars.ContextVar("ssmtrim_scan_single_op", default=False)
 
@@ -47,6 +48,14 @@ def scan_as_single_op() -> Iterator[None]:
         _single_op.reset(token)
 
 
+def tracing() -> bool:
+    """Whether this forward is being traced (``torch.compile``, ``torch.export``, ONNX export, ``torch.jit.trace``):
+    kernels outside PyTorch's view and data-dependent shortcuts are left out, and the general path, which gives the
+    same values, is taken."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer at compile time
 def single_op_requested() -> bool:
     """Inside :func:`scan_as_single_op` (a tracer is counting): ops keep to what the tracer can see."""
     return _single_op.get()
@@ -68,7 +77,7 @@ def selective_scan(
     gap_scale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the backend chosen by :mod:`ssmtrim.ops.backend` (or ``backend``); see module docstring."""
-    if _single_op.get() and u.device.type == "cpu":
+    if single_op_requested() and u.device.type == "cpu":
         scan = cpu_backend.scan  # the registered op, whatever the backend: it runs the loop inside where it must
     else:
         scan = backend_for(u.device, backend).scan

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ssmtrim.ops.backend import backend_for
 from ssmtrim.ops.backends.base import TokenKernels
-from ssmtrim.ops.selective_scan import single_op_requested
+from ssmtrim.ops.selective_scan import single_op_requested, tracing
 
 __all__ = ["TokenKernels", "token_kernels"]
 
@@ -43,7 +43,7 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
     no tracer watching, Vim's causal depth-wise convs; else None (the general path)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())):
         return None
-    if torch.jit.is_tracing() or single_op_requested():
+    if tracing() or single_op_requested():
         return None
     if not all(_plain_causal(conv, conv.in_channels) and conv.weight.dtype == x.dtype for conv in convs):
         return None

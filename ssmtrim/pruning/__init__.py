@@ -31,8 +31,8 @@ from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
     "DensePrefix", "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput",
-    "apply_pruning", "dense_of", "dense_prefix", "feature_maps", "is_pruned", "kept_count", "prune", "reduced_forward",
-    "remove_pruning", "score_names", "strategy_names",
+    "apply_pruning", "dense_of", "dense_prefix", "feature_maps", "is_pruned", "kept_count", "prune", "reduce_on",
+    "reduced_forward", "remove_pruning", "score_names", "strategy_names",
 ]  # fmt: skip
 
 
@@ -63,8 +63,7 @@ def prune(
     from ssmtrim.data import scan_folder
     from ssmtrim.models.loading import data_config_of
     from ssmtrim.models.registry import family_of
-    from ssmtrim.pruning.calibrate import calibrate, load_images
-    from ssmtrim.pruning.compensation import compensate
+    from ssmtrim.pruning.calibrate import load_images
 
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
@@ -78,23 +77,34 @@ def prune(
         raise ConfigError(f"--num-images must be at least 1, got {num_images}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a whole number of at least 1, got {batch_size!r}.")
-    calibration, x = None, None
     if data is not None and not isinstance(data, (Tensor, str, os.PathLike)):
         raise ConfigError(f"data must be a folder path or a tensor of transformed images (N, C, H, W), got "
                           f"{type(data).__name__}.")
+    if data is None:
+        if config.mode == "threshold" or config.compensate != "none":
+            flag = "--mode threshold" if config.mode == "threshold" else f"--compensate {config.compensate}"
+            raise ConfigError(f"{flag} needs calibration images; pass --data DIR.")
+        apply_pruning(model, config)
+        return PruneResult(model, config, None, None)
+    bad = 0
     if isinstance(data, Tensor):
         x = data
-        calibration = calibrate(model, config, x, batch_size, progress)
-        config = config.replace(thresholds=calibration.thresholds)
-    elif data is not None:
-        images = scan_folder(data).subset(num_images, seed)
-        data_config = data_config_of(model)
-        x, _, bad = load_images(images, data_config, batch_size, progress, workers)
-        calibration = calibrate(model, config, x, batch_size, progress, bad)
-        config = config.replace(thresholds=calibration.thresholds)
-    elif config.mode == "threshold" or config.compensate != "none":
-        flag = "--mode threshold" if config.mode == "threshold" else f"--compensate {config.compensate}"
-        raise ConfigError(f"{flag} needs calibration images; pass --data DIR.")
-    apply_pruning(model, config)
-    compensation = compensate(model, x, batch_size) if x is not None else None
-    return PruneResult(model, config, calibration, compensation)
+    else:
+        x, _, bad = load_images(scan_folder(data).subset(num_images, seed), data_config_of(model), batch_size,
+                                progress, workers)
+    calibration, compensation = reduce_on(model, config, x, batch_size, progress, bad)
+    return PruneResult(model, model.prune_config, calibration, compensation)
+
+
+def reduce_on(model: nn.Module, config: PruneConfig, images: Tensor, batch_size: int = 32, progress=None,
+              unreadable: int = 0):
+    """The one way from a plan and calibration images (N 3 H W, transformed) to a reduced model, shared by
+    :func:`prune`, ``ssmtrim prune`` (:func:`ssmtrim.api.prune_and_save`) and ``report --sweep``: calibrate
+    (threshold mode's thresholds), patch ``model`` in place, fit the plan's compensation. Returns (the calibration,
+    the compensation or None)."""
+    from ssmtrim.pruning.calibrate import calibrate
+    from ssmtrim.pruning.compensation import compensate
+
+    calibration = calibrate(model, config, images, batch_size, progress, unreadable)
+    apply_pruning(model, config.replace(thresholds=calibration.thresholds))
+    return calibration, compensate(model, images, batch_size)
