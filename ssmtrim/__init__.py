@@ -29,6 +29,7 @@ _EXPORTS = {
     "remove_pruning": "ssmtrim.pruning",
     "prune": "ssmtrim.pruning",
     "feature_maps": "ssmtrim.pruning",
+    "Backbone": "ssmtrim.pruning.backbone",
     "calibrate": "ssmtrim.pruning.calibrate",
     "prune_and_save": "ssmtrim.api",
     "export_model": "ssmtrim.api",

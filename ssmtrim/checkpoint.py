@@ -162,6 +162,7 @@ def load_model(
     revision: str | None = None,
     device: str | torch.device = "cpu",
     img_size: ImgSize | None = None,
+    features_only: bool = False,
 ) -> nn.Module:
     """Load a model in eval mode from any supported source: a registered name, a Hub id[:file], an official checkpoint
     file, or an ssmtrim folder (which rebuilds its reduction plan too); see :mod:`ssmtrim.models.loading`.
@@ -174,6 +175,9 @@ def load_model(
     to the new token grid (:mod:`ssmtrim.models.resize`) and the data config's input size follows (crop fraction
     kept); at the model's own size it changes nothing. A checkpoint file whose position embedding is not a square
     grid does not say its size: ``img_size`` must then be the size it was trained at (an ssmtrim folder records it).
+
+    ``features_only`` returns the model as a :class:`~ssmtrim.pruning.backbone.Backbone`: its forward gives each
+    stage's feature map on its full grid (a reduced folder's tokens restored), with ``feature_info``.
     """
     if not isinstance(source, (str, os.PathLike)):
         what = "a model object" if isinstance(source, nn.Module) else f"a {type(source).__name__}"
@@ -184,7 +188,12 @@ def load_model(
         model = load_folder(resolved, arch=arch, device="cpu" if img_size is not None else device)
     else:
         model = load_resolved(resolved, arch=arch, device="cpu" if img_size is not None else device, img_size=img_size)
-    return model if img_size is None else resize_model(model, img_size).to(device)
+    model = model if img_size is None else resize_model(model, img_size).to(device)
+    if features_only:
+        from ssmtrim.pruning.backbone import Backbone
+
+        return Backbone(model).eval()
+    return model
 
 
 def load_folder(resolved: ModelSource, arch: Any = None, device: str | torch.device = "cpu") -> nn.Module:

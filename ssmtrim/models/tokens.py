@@ -17,6 +17,9 @@ from torch import Tensor
 
 from ssmtrim.ops.selective_scan import tracing
 
+__all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
+           "restore_tokens", "topk_sorted", "tracing"]
+
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
 Streams = tuple[Tensor | None, ...]
@@ -104,6 +107,8 @@ def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tens
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x (B L ...) , index (B K) -> x[b, index[b]] (B K ...)."""
+    if x.dim() > 2:  # rows of features: advanced indexing copies whole rows, about 2x faster than an expanded gather
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
     shape = index.shape + x.shape[2:]
     idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
     return x.gather(1, idx)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens, owner_after
+from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens, owner_after, tracing
 from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
@@ -51,9 +51,11 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
     bsz, length = sizes.shape
     keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(
         1, removed, torch.zeros_like(removed, dtype=torch.bool))
-    # the staying tokens' indices in order: a stable sort puts them first (no data-dependent shape, so the step
-    # exports and compiles)
-    index = torch.sort((~keep).long(), dim=1, stable=True).indices[:, : int(length) - removed.shape[1]]
+    staying = int(length) - removed.shape[1]
+    if tracing():  # a stable sort puts the staying tokens first, in order: no data-dependent shape to trace
+        index = torch.sort((~keep).long(), dim=1, stable=True).indices[:, :staying]
+    else:  # the same indices, cheaper
+        index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, staying)
     kept_sizes = gather_tokens(sizes, index)
     if src.shape[1]:
         slot = torch.zeros(bsz, length, dtype=torch.long, device=sizes.device).scatter(

@@ -1,0 +1,118 @@
+"""Deployment speed, dense against reduced, side by side in one run: batch-1 latency and batch-64 throughput in
+eager PyTorch, and optionally compiled (``torch.compile(fullgraph=True)``) and in onnxruntime (the exported file).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_deploy.py [--models vim_tiny,vim_cifar256,plainmamba_l1] \\
+        [--batch 64] [--compile] [--onnx] [--json out.json]
+
+The reduced model is each family's recommended plan (merge) at keep 0.7 after its recommended blocks, count mode,
+compensation off (it changes no speed); registered names without bundled weights get random weights (speed does not
+depend on them). For each runtime it prints images/s at ``--batch``, milliseconds per image at batch 1, the speed-up
+over dense, and the realised share (speed-up / the full-convention FLOPs ratio). With one thread the clock is the
+thread's CPU time (another process on a shared machine then does not count; onnxruntime's own threads are not
+this thread's, so its column always reads the wall clock), else the wall clock. Compiling takes minutes on a deep
+model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ssmtrim
+from ssmtrim.flops import count_flops_all
+from ssmtrim.models.loading import data_config_of
+from ssmtrim.pruning import PruneConfig, apply_pruning
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str) -> torch.nn.Module:
+    bundled = ROOT / "examples" / name
+    if bundled.is_dir():
+        return ssmtrim.load_model(bundled).eval()
+    torch.manual_seed(0)
+    return ssmtrim.create_model(name).eval()
+
+
+def rate(call, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> float:
+    """Images/s of ``call(x)``, median of ``repeats`` timings of ``iters`` calls."""
+    clock = time.thread_time if torch.get_num_threads() == 1 and not wall else time.perf_counter
+    for _ in range(warmup):
+        call(x)
+    rates = []
+    for _ in range(repeats):
+        t0 = clock()
+        for _ in range(iters):
+            call(x)
+        rates.append(iters * x.shape[0] / (clock() - t0))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="vim_tiny,vim_cifar256,plainmamba_l1")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True)")
+    ap.add_argument("--onnx", action="store_true", help="also onnxruntime (exported and checked first)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    results = []
+    for name in args.models.split(","):
+        dense = load(name)
+        size = data_config_of(dense).input_size
+        x_many, x_one = torch.randn(args.batch, *size), torch.randn(1, *size)
+        reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none"))
+        flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
+        row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}
+        runtimes = {"eager": (dense, reduced)}
+        if args.compile:
+            runtimes["compiled"] = tuple(torch.compile(m, fullgraph=True) for m in (dense, reduced))
+        with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+            for runtime, (d, r) in runtimes.items():
+                for label, batch in (("batch", x_many), ("one", x_one)):
+                    n = 1 if label == "batch" else 5
+                    rd = rate(d, batch, 1, args.iters * n, args.repeats)
+                    rr = rate(r, batch, 1, args.iters * n, args.repeats)
+                    row[f"{runtime}_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
+                                                 "realised": rr / rd / row["flops_ratio"]}
+            if args.onnx:
+                from ssmtrim.export import OnnxModel, export_onnx
+
+                for label, batch in (("batch", x_many), ("one", x_one)):
+                    runners = []
+                    for kind, m in (("dense", dense), ("reduced", reduced)):
+                        path = os.path.join(tmp, f"{kind}_{batch.shape[0]}.onnx")
+                        export_onnx(m, path, batch_size=batch.shape[0], check_images=batch)
+                        session = OnnxModel(path, threads=torch.get_num_threads())
+                        arr = batch.numpy()
+                        runners.append(rate(lambda a, s=session: s.run(a), arr, 1, args.iters, args.repeats,
+                                            wall=True))
+                    rd, rr = runners
+                    row[f"onnxruntime_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
+                                                   "realised": rr / rd / row["flops_ratio"]}
+        results.append(row)
+        print(f"\n{name}: layers {row['plan']['layers']}, keep {args.keep}, {row['flops_ratio']:.2f}x fewer FLOPs "
+              "(full)")
+        for key, v in row.items():
+            if isinstance(v, dict) and "speedup" in v:
+                unit = f"img/s at batch {args.batch}" if key.endswith("batch") else "ms at batch 1"
+                show = (lambda r: f"{r:8.1f}") if key.endswith("batch") else (lambda r: f"{1e3 / r:8.1f}")
+                print(f"  {key:22s} dense {show(v['dense'])}  reduced {show(v['reduced'])} {unit:22s} "
+                      f"speed-up {v['speedup']:.2f}x  realised {v['realised']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
