@@ -2,6 +2,8 @@
 
 - (a) no import cycles among ssmtrim's modules, counting imports inside functions (the lazy ones) too;
 - every package is listed in pyproject's ``packages`` (a wheel leaves out what is not listed);
+- (c) imports go the one way docs/ARCHITECTURE.md states: ops and the models proper import nothing above them, and
+  nothing below the command line imports it, the API, training or the exporter;
 - (b) only the family modules (``ssmtrim/models/vim*.py``, ``plainmamba*.py``, ``vmamba*.py``, ``mambavision*.py``,
   ``mambar*.py``, ``ssmtrim/models/<family>/``) compare against a family name (``family == "vim"``,
   ``in ("vim", ...)``): elsewhere a family's behaviour is asked of the family, not switched on its name.
@@ -202,3 +204,54 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {module_name(p) for p in ROOT.rglob("__init__.py")}
     assert packages <= listed, f"add to pyproject's [tool.setuptools] packages: {sorted(packages - listed)}"
+
+
+# The direction of imports that docs/ARCHITECTURE.md states ("Layers"): what each group may import from ssmtrim.
+# A group is a package (ops, models, pruning, training, cli) or one module; models.loading and models.resize are the
+# loading layer, above the models proper.
+FOUNDATIONS = {"ssmtrim.errors", "ssmtrim.notices"}
+MAY_IMPORT = {
+    "ops": {"ops"} | FOUNDATIONS,
+    "models": {"models", "ops"} | FOUNDATIONS,
+}
+ONLY_IMPORTED_BY = {  # the groups at the top: nothing below them imports them
+    "cli": {"cli", "ssmtrim.__main__"},
+    "ssmtrim.api": {"cli"},
+    "training": {"training", "cli", "ssmtrim.api"},
+    "ssmtrim.export": {"ssmtrim.report", "ssmtrim.api", "cli"},
+}
+
+
+def group(module: str) -> str:
+    parts = module.split(".")
+    if module in ("ssmtrim.models.loading", "ssmtrim.models.resize"):
+        return "loading"
+    return parts[1] if len(parts) > 1 and parts[1] in ("ops", "models", "pruning", "training", "cli") else module
+
+
+def upward_imports() -> list[str]:
+    found = []
+    for module, targets in sorted(import_graph().items()):
+        for target in sorted(targets):
+            src, dst = group(module), group(target)
+            if src in MAY_IMPORT and dst not in MAY_IMPORT[src]:
+                found.append(f"{module} -> {target} ({src} may import only {sorted(MAY_IMPORT[src])})")
+            if dst in ONLY_IMPORTED_BY and src not in ONLY_IMPORTED_BY[dst]:
+                found.append(f"{module} -> {target} (only {sorted(ONLY_IMPORTED_BY[dst])} import {dst})")
+    return found
+
+
+def test_imports_go_one_way():
+    found = upward_imports()
+    print("\n".join(found) or "no import against the layers' direction")
+    assert not found, "imports against the direction docs/ARCHITECTURE.md states:\n" + "\n".join(found)
+
+
+def test_the_direction_check_sees_planted_upward_imports(monkeypatch):
+    planted = {**import_graph()}
+    planted["ssmtrim.ops.backend"] = planted["ssmtrim.ops.backend"] | {"ssmtrim.pruning.engine"}
+    planted["ssmtrim.pruning.engine"] = planted["ssmtrim.pruning.engine"] | {"ssmtrim.cli.app"}
+    monkeypatch.setitem(globals(), "import_graph", lambda: planted)  # what upward_imports reads
+    found = upward_imports()
+    assert any("ssmtrim.ops.backend -> ssmtrim.pruning.engine" in f for f in found)
+    assert any("ssmtrim.pruning.engine -> ssmtrim.cli.app" in f for f in found)
