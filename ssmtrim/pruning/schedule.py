@@ -52,8 +52,10 @@ class ScheduleSearch:
         return asdict(self)
 
 
-def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> list[int]:
-    """Tokens entering each block under a count-mode schedule (a protected class token included)."""
+def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> list[int]:
+    """Tokens entering each block under a count-mode schedule (a protected class token included); ``keep`` is one
+    ratio for every step or one per step of ``layers``."""
+    keeps = dict(zip(layers, keep, strict=True)) if isinstance(keep, tuple) else dict.fromkeys(layers, keep)
     family = family_of(model)
     protected = num_protected_of(family, model.config)
     starts = dict(stages_of(family, model.config))
@@ -62,8 +64,8 @@ def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float) -> 
         if block in starts:  # a new stage's grid: every token of it
             candidates = starts[block] - protected
         out.append(candidates + protected)
-        if block + 1 in layers:
-            candidates = kept_count(candidates, keep, centred=protected == 1)
+        if block + 1 in keeps:
+            candidates = kept_count(candidates, keeps[block + 1], centred=protected == 1)
     return out
 
 
@@ -81,7 +83,7 @@ class FlopsModel:
         self.dense_tokens = tokens_per_block(model, (), 1.0)
         self.model = model
 
-    def ratio(self, layers: tuple[int, ...], keep: float) -> float:
+    def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
         saved = sum(f * (1 - t / d) for f, t, d in zip(self.blocks, tokens, self.dense_tokens, strict=True))
         return (self.total - saved) / self.total
@@ -179,3 +181,64 @@ def search_schedule(
         run(chosen, measure=True)
         candidates.append(chosen)
     return ScheduleSearch(target, convention, chosen, candidates)
+
+
+@torch.no_grad()
+def allocate_keeps(
+    model: nn.Module,
+    base: PruneConfig,
+    target: float,
+    images: Tensor,
+    dense_logits: Tensor,
+    convention: str = "full",
+    batch_size: int = 32,
+    spread: tuple[float, ...] = (-0.1, -0.05, 0.0, 0.05, 0.1),
+    progress=None,
+) -> tuple[tuple[float, ...], list[dict]]:
+    """Per-step keep ratios for ``base``'s layers at ``target`` x dense FLOPs, by measured sensitivity: every step
+    but the last takes the common keep ratio plus one of ``spread``, the last step the keep that meets the target
+    (on the FLOPs estimate), and the allocation with the smallest KL(dense || reduced) on ``images`` wins (the common
+    ratio is among the candidates, so the winner is never farther from dense on these images). Returns (keeps, every
+    candidate's keeps, estimated ratio and KL)."""
+    import itertools
+
+    from ssmtrim.distributed import sum_counts, sum_floats
+    from ssmtrim.evaluate import predict
+
+    layers = tuple(base.layers)
+    flops = FlopsModel(model, convention)
+    common = keep_for(flops, layers, target)
+    if common is None:
+        raise ConfigError(f"--flops {target} cannot be reached by reducing after blocks {layers}; ask for more.")
+    dense_logp = F.log_softmax(dense_logits.float(), 1)
+    total = sum_counts(images.shape[0])[0]
+    tried: list[dict] = []
+    grid = list(itertools.product(spread, repeat=len(layers) - 1))
+    for i, offsets in enumerate(grid):
+        head = tuple(min(1.0, max(0.05, common + o)) for o in offsets)
+        lo, hi = 0.01, 1.0
+        if flops.ratio(layers, (*head, lo)) > target:
+            continue  # the earlier steps keep too much for any last step to meet the target
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if flops.ratio(layers, (*head, mid)) <= target else (lo, mid)
+        keeps = tuple(math.floor(k * 1e4) / 1e4 for k in (*head, lo))
+        config = base.replace(keep=keeps, mode="count", thresholds=None)
+        try:
+            check_plan_for(model, config)
+        except ConfigError:
+            continue
+        pruned = apply_pruning(model, config)
+        try:
+            logits = predict(pruned, images, batch_size) if images.shape[0] else dense_logp[:0]
+        finally:
+            remove_pruning(pruned)
+        kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="sum"))
+        tried.append({"keep": list(keeps), "estimated_ratio": flops.ratio(layers, keeps),
+                      "kl": sum_floats(kl)[0] / total})
+        if progress:
+            progress("allocating keep ratios", i + 1, len(grid))
+    if not tried:
+        raise ConfigError(f"no allocation of keep ratios after blocks {layers} meets --flops {target}.")
+    best = min(tried, key=lambda t: t["kl"])
+    return tuple(best["keep"]), tried

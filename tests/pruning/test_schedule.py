@@ -59,3 +59,24 @@ def test_unreachable_and_bad_targets(small_vim):
         search_schedule(model, PruneConfig(layers=(1,), keep=(1.0,)), 0.05, images, dense)
     with pytest.raises(ConfigError, match=r"\(0, 1\)"):
         search_schedule(model, PruneConfig(layers=(1,), keep=(1.0,)), 1.5, images, dense)
+
+
+def test_tokens_per_block_take_a_keep_per_step():
+    model = ssmtrim.create_model("vim_tiny")
+    assert tokens_per_block(model, (5, 10), (0.8, 0.5)) == [197] * 5 + [157] * 5 + [79] * 14
+    assert tokens_per_block(model, (5, 10), (0.8, 0.8)) == tokens_per_block(model, (5, 10), 0.8)
+
+
+def test_allocated_keeps_meet_the_target_and_beat_the_common_ratio(small_vim):
+    from ssmtrim.pruning.schedule import allocate_keeps, keep_for
+
+    model, images, dense = small_vim
+    base = PruneConfig(layers=(2, 4, 6), keep=(1.0,), arrangement="merge")
+    keeps, tried = allocate_keeps(model, base, 0.7, images, dense, spread=(-0.1, 0.0, 0.1))
+    assert len(keeps) == 3 and all(t["estimated_ratio"] <= 0.7 + 1e-9 for t in tried)
+    common = keep_for(FlopsModel(model), base.layers, 0.7)
+    same = [t for t in tried if abs(t["keep"][0] - common) < 1e-3 and abs(t["keep"][1] - common) < 1e-3]
+    assert len(same) == 1  # the common ratio is a candidate (its last step solved to about the same value)
+    best = min(t["kl"] for t in tried)
+    assert next(t["kl"] for t in tried if tuple(t["keep"]) == keeps) == best <= same[0]["kl"]
+    assert type(model).__name__ == "VisionMamba"  # left dense
