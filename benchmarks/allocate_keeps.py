@@ -18,8 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import ssmtrim
 from ssmtrim.bundled import calibration_images
 from ssmtrim.data import scan_folder

@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import ssmtrim
 from ssmtrim.bundled import calibration_images, validation_images
 from ssmtrim.data import scan_folder
