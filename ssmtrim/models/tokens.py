@@ -107,6 +107,8 @@ def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tens
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x (B L ...) , index (B K) -> x[b, index[b]] (B K ...)."""
+    if x.shape[0] == 1 and index.shape[0] == 1:  # one image: one index_select, about 10x faster than a gather
+        return x.index_select(1, index[0])
     if x.dim() > 2:  # rows of features: advanced indexing copies whole rows, about 2x faster than an expanded gather
         return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
     shape = index.shape + x.shape[2:]
