@@ -109,6 +109,16 @@ def test_sweep_covers_every_arrangement(setup):
     merge = names.index("merge")
     assert fidelity[1 + n + merge][0]["rel_error"] > fidelity[1 + merge][0]["rel_error"] > 0
     assert "## Feature fidelity" in (root / "r2" / "report.md").read_text()
+    # one plan everywhere: each sweep row is the plan prune resolves for it (the family's recommended one, with the
+    # row's strategy, layers and keep), compensation included
+    from ssmtrim.pruning import PruneConfig
+
+    for e in entries[1:]:
+        keep = e["plan"]["keep"][0]
+        want = PruneConfig.recommended(ssmtrim.load_model(dense), arrangement=e["arrangement"], layers=(1, 2),
+                                       keep=(keep,)).to_dict()
+        assert {k: v for k, v in e["plan"].items() if k != "thresholds"} == \
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in want.items() if k != "thresholds"}
 
 
 def test_speed_is_measured():
