@@ -19,7 +19,9 @@ Sections (each runs on its own: a failure is recorded with its error and the nex
    schedules of ``benchmarks/bench_pruning.py``. Per row: GFLOPs (paper and full conventions, fvcore), images/s
    (median of repeats after warm-up), peak memory, the speed-up, the FLOPs ratio (full convention, dense / pruned)
    and ``realised`` = speed-up / FLOPs ratio, the share of the FLOPs saving that became saved time.
-4. ``finetune``: ``ssmtrim prune`` with no arguments (the bundled CIFAR-10 Vim with its default plan and images), then
+4. ``compile``: ``torch.compile(fullgraph=True)`` of the reduced Vim-T forward: compile time, the logits against
+   eager (1e-4 of the largest), eager against compiled images/s.
+5. ``finetune``: ``ssmtrim prune`` with no arguments (the bundled CIFAR-10 Vim with its default plan and images), then
    200 steps of ``ssmtrim finetune`` on the bundled images (batch 100, bf16 on the GPU), evaluated on the bundled
    calibration images before and after; wall time and training images/s.
 
@@ -457,8 +459,57 @@ def finetune_check(check: Check) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------- main
 
+def compile_check(check: Check) -> dict[str, Any]:
+    """``torch.compile(fullgraph=True)`` of a reduced Vim-T forward (the recommended plan at the throughput section's
+    schedule; dry run: a two-block test Vim): compile time, the largest logit difference from eager (relative to the
+    largest logit), and eager against compiled images/s, fp32."""
+    import ssmtrim
+    from ssmtrim.models.loading import data_config_of
+    from ssmtrim.ops import resolve_backend
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    torch.manual_seed(0)
+    if check.dry:
+        model, (layers, keep), batch = ssmtrim.create_model("vim_test", depth=2), ((1,), 0.6), 2
+    else:
+        model, (layers, keep), batch = ssmtrim.create_model("vim_tiny"), MODELS["vim_tiny"], 128
+    model = apply_pruning(model.eval(), PruneConfig.recommended(model, layers=layers, keep=(keep,))).to(check.device)
+    x = torch.randn(batch, *data_config_of(model).input_size, device=check.device)
+    with torch.no_grad():
+        eager = model(x).float()
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x).float()
+        check.sync()
+        compile_s = time.perf_counter() - t0
+    diff = float((out - eager).abs().max() / eager.abs().max().clamp_min(1e-12))
+    per = 0.05 if check.dry else min(6.0, max(1.0, (check.left() - 60) / 4))
+    rates = {}
+    for name, fn in (("eager", model), ("compiled", compiled)):
+        def forward(fn=fn) -> None:
+            with torch.no_grad():
+                fn(x)
+        forward()
+        check.sync()
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < per or n == 0:
+            forward()
+            n += 1
+        check.sync()
+        rates[name] = n * batch / (time.perf_counter() - t0)
+    result = {"ok": diff <= 1e-4, "model": "vim_test" if check.dry else "vim_tiny", "batch": batch,
+              "backend": resolve_backend(check.device), "compile_s": compile_s, "max_rel_diff": diff,
+              "images_per_s": rates, "speedup": rates["compiled"] / rates["eager"]}
+    print(table(["model", "backend", "compile s", "max rel diff", "eager img/s", "compiled img/s", "speed-up"],
+                [[result["model"], result["backend"], f"{compile_s:.1f}", f"{diff:.1e}", f"{rates['eager']:.1f}",
+                  f"{rates['compiled']:.1f}", f"{result['speedup']:.2f}x"]]))
+    return result
+
+
 SECTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
-    "cuda_tests": cuda_tests, "scan": scan_check, "throughput": throughput, "finetune": finetune_check}
+    "cuda_tests": cuda_tests, "scan": scan_check, "throughput": throughput, "compile": compile_check,
+    "finetune": finetune_check}
 
 
 def headline(name: str, result: dict[str, Any]) -> str:
@@ -475,6 +526,9 @@ def headline(name: str, result: dict[str, Any]) -> str:
     if name == "throughput":
         return ", ".join(f"{m['model']} {m['speedup']:.2f}x ({fmt(m['realised'], '.2f')} realised)"
                          for m in result["models"])
+    if name == "compile":
+        return f"{result['model']} fullgraph in {result['compile_s']:.0f} s, {result['max_rel_diff']:.0e} from " \
+               f"eager, {result['speedup']:.2f}x"
     if name == "finetune":
         f = result["finetune"]
         return f"{f['steps']} steps in {f['wall_s']:.0f} s, top-1 {fmt(f['top1_before'], '.1f')} -> " \

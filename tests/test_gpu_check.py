@@ -22,7 +22,8 @@ def test_dry_run_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     sections = result["sections"]
-    assert list(sections) == ["cuda_tests", "scan", "throughput", "finetune"]
+    assert list(sections) == ["cuda_tests", "scan", "throughput", "compile", "finetune"]
+    assert sections["compile"]["max_rel_diff"] <= 1e-4 and sections["compile"]["speedup"] > 0
     assert all(s["ok"] is True for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     assert sections["cuda_tests"]["files"] and sum(sections["cuda_tests"]["counts"].values()) > 0
     scan = sections["scan"]
