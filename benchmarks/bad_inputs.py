@@ -340,6 +340,17 @@ def plainmamba_file(case: Path) -> dict[str, str]:
     return {"pm": str(case / "pm.pth")}
 
 
+def threshold_folder(case: Path) -> dict[str, str]:
+    """thr/: a reduced folder whose plan is in threshold mode."""
+    import ssmtrim
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    model = ssmtrim.load_model(WORKSPACE["dense"])
+    ssmtrim.save_model(apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,), mode="threshold",
+                                                        thresholds=(0.0,))), case / "thr")
+    return {"thr": str(case / "thr")}
+
+
 PRUNE = ["prune", "{dense_file}", "--data", "{images}", "--layers", "1", "--num-images", "8", "--batch-size", "4",
          "--compensate", "none", "--quiet"]  # no compensation: 8 images would draw its warning about too few
 FINETUNE = ["finetune", "{pruned}", "--data", "{images}", "--epochs", "1", "--batch-size", "4", "--quiet"]
@@ -1132,6 +1143,26 @@ CASES += [
          refused("lies inside the model", "choose an -o outside")),
     Case("info-img-size-beyond-memory", ["info", "{dense}", "--img-size", "100000"],
          refused("more than this machine's", "free memory")),
+    # ssmtrim export: the output file's rules and what cannot export, before any export work
+    Case("export-output-not-onnx", ["export", "{pruned}", "-o", "{case}/model.txt"], refused("does not end in .onnx")),
+    Case("export-output-is-a-folder", ["export", "{pruned}", "-o", "{case}/d.onnx"], refused("is a folder"),
+         lambda case: (case / "d.onnx").mkdir() or {}),
+    Case("export-over-users-file", ["export", "{pruned}", "-o", "{case}/theirs.onnx", "--force"],
+         refused("not an ONNX file ssmtrim wrote"), lambda case: (case / "theirs.onnx").write_bytes(b"onnx?") and {}),
+    Case("export-existing-without-force", ["export", "{pruned}", "-o", "{case}/theirs.onnx"],
+         refused("already exists", "--force"), lambda case: (case / "theirs.onnx").write_bytes(b"onnx?") and {}),
+    Case("export-threshold-plan", ["export", "{thr}", "-o", "{case}/m.onnx"], refused("threshold mode", "--mode count"),
+         threshold_folder),
+    Case("export-batch-size-zero", ["export", "{pruned}", "-o", "{case}/m.onnx", "--batch-size", "0"],
+         refused("--batch-size must be at least 1")),
+    Case("export-check-images-negative", ["export", "{pruned}", "-o", "{case}/m.onnx", "--check-images", "-3"],
+         refused("--check-images must be 0 or more")),
+    Case("export-check-data-missing", ["export", "{pruned}", "-o", "{case}/m.onnx", "--check-data", "{case}/none"],
+         refused("--check-data", "does not exist")),
+    Case("export-output-inside-source", ["export", "{pruned}", "-o", "{pruned}/m.onnx"],
+         refused("output file", "lies inside the source model")),
+    Case("report-runtime-unknown", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{case}/r",
+                                    "--runtime", "tensorrt"], refused("--runtime must be one of")),
 ]
 
 

@@ -201,6 +201,10 @@ def export_model(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}.")
     folder = check_data if check_data is not None else validation_images()
+    if count and not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise ConfigError(f"--check-data {os.fspath(folder)!r} {what}; give a folder of images, or leave --check-data "
+                          "out (the bundled held-out images).")
     inputs = {"the source model": os.fspath(source), "the check images": os.fspath(folder)}
     check_output_file(output, force, inputs)  # before loading: a bad -o fails at once
     images = scan_folder(folder) if count else None  # a bad folder too

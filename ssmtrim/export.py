@@ -239,7 +239,7 @@ def check_output_file(path: str | os.PathLike, force: bool, inputs: dict[str, An
     out = Path(text).expanduser()
     if out.suffix.lower() != ".onnx":
         raise ConfigError(f"output {text!r} does not end in .onnx; give -o a file name such as model.onnx.")
-    _check_clear_of(out, text, inputs or {})
+    _check_clear_of(out, text, inputs or {}, what="output file")
     if out.is_symlink():
         raise ConfigError(f"output {text!r} is a symbolic link; give -o the file it points to, or another path.")
     if out.is_dir():

@@ -185,7 +185,7 @@ def _marked(folder: Path) -> bool:
     return isinstance(first, dict) and ("ssmtrim_version" in first or "step" in first)  # "step": logs before 0.x marks
 
 
-def _check_clear_of(out: Path, text: str, inputs: Inputs) -> None:
+def _check_clear_of(out: Path, text: str, inputs: Inputs, what: str = "output folder") -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (symlinks resolved)."""
     target = Path(os.path.realpath(out))
     for label, given in inputs.items():
@@ -201,7 +201,7 @@ def _check_clear_of(out: Path, text: str, inputs: Inputs) -> None:
         else:
             continue
         shown = "" if repr(os.fspath(given)) in label else f" {os.fspath(given)!r}"  # a label may name it already
-        raise ConfigError(f"output folder {text!r} {relation} {label}{shown}; ssmtrim never writes over its inputs, "
+        raise ConfigError(f"{what} {text!r} {relation} {label}{shown}; ssmtrim never writes over its inputs, "
                           "so choose an -o outside them.")
 
 
