@@ -1,10 +1,11 @@
-"""ssmtrim: post-training token pruning for vision state-space models (Vim, PlainMamba; MambaVision and VMamba
-loaded and run exactly).
+"""ssmtrim: post-training token reduction for vision state-space models (Vim, Mamba®, PlainMamba, VMamba,
+MambaVision).
 
-Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA or mamba-ssm):
-``load_model``, ``create_model``, ``list_models``, ``save_model``, ``describe_model``, ``count_flops``,
-``PruneConfig``, ``prune``, ``calibrate``, ``apply_pruning``, ``prune_and_save``, ``selective_scan``, ``set_backend``,
-``use_backend``.
+Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA, mamba-ssm or onnx):
+``load_model`` (``features_only=True``: a :class:`Backbone`), ``create_model``, ``list_models``, ``save_model``,
+``describe_model``, ``count_flops``, ``PruneConfig``, ``prune``, ``calibrate``, ``apply_pruning``, ``feature_maps``,
+``prune_and_save``, ``export_model`` / ``export_onnx`` / ``OnnxModel`` (ONNX, the ``export`` extra),
+``selective_scan``, ``set_backend``, ``use_backend``.
 """
 
 from __future__ import annotations
