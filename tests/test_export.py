@@ -145,3 +145,25 @@ def test_the_command_exports_a_saved_reduced_folder(tmp_path):
     assert again.exit_code == 1 and "already exists; pass --force" in again.output
     bad = runner.invoke(app, ["export", str(folder), "-o", str(tmp_path / "x.onnx"), "--batch-size", "0"])
     assert bad.exit_code == 1 and "--batch-size must be at least 1" in bad.output
+
+
+def test_speed_in_onnxruntime_for_the_report():
+    from ssmtrim.report import measure_speed_onnx
+
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vim_test", depth=2))
+    apply_pruning(model, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"))
+    speed = measure_speed_onnx(model, (3, 32, 32), batch_size=3, warmup=1, iters=1, repeats=1)
+    assert speed.images_per_s > 0 and speed.latency_ms > 0 and speed.batch_size == 3
+    assert speed.device == "cpu (onnxruntime)"
+
+
+def test_the_report_refuses_what_onnxruntime_cannot_time(tmp_path):
+    from ssmtrim.report import build_report
+
+    dense = ssmtrim.create_model("vim_test")
+    thresholded = _reduced("vim_test", mode="threshold", thresholds=(0.0, 0.0, 0.0))
+    with pytest.raises(ConfigError, match="threshold mode"):
+        build_report(dense, tmp_path, [("t", thresholded)], runtime="onnxruntime")
+    with pytest.raises(ConfigError, match="--runtime must be one of"):
+        build_report(dense, tmp_path, [("t", thresholded)], runtime="tvm")
