@@ -87,7 +87,15 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
-@torch.compiler.assume_constant_result  # a compiled graph takes the backend chosen when it was compiled
+def constant_when_compiled(fn):
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does (a compiled graph takes its answer when the graph
+    is made), without importing torch._dynamo when ssmtrim is imported: that import creates an inductor folder in
+    the temporary directory. ``tests/test_compile.py`` fails if the mark stops working."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_when_compiled  # a compiled graph takes the backend chosen when it was compiled
 def resolve_backend(device: torch.device | str, name: str | None = None) -> str:
     """The name of the concrete backend (``ref``, ``cpu``, ``cuda``, ``portable`` or another registered one) for
     tensors on ``device``. Under ``torch.compile`` it is asked once, when the graph is made."""

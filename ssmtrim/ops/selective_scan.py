@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ssmtrim.ops.backend import backend_for
+from ssmtrim.ops.backend import backend_for, constant_when_compiled
 from ssmtrim.ops.backends import cpu as cpu_backend
 from ssmtrim.ops.backends.ref import full_gap, selective_scan_ref
 
@@ -55,7 +55,7 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-@torch.compiler.assume_constant_result  # a compiled graph takes the answer at compile time
+@constant_when_compiled  # a compiled graph takes the answer at compile time
 def single_op_requested() -> bool:
     """Inside :func:`scan_as_single_op` (a tracer is counting): ops keep to what the tracer can see."""
     return _single_op.get()
