@@ -91,8 +91,8 @@ def test_a_stable_sort_keeps_its_ties_in_onnx(tmp_path):
     from ssmtrim.export import onnx_translations
 
     x = torch.tensor([[3.0, 1.0, 1.0, 2.0, 1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
-    torch.onnx.export(Sorts().eval(), (x,), tmp_path / "s.onnx", dynamo=True, custom_translation_table=onnx_translations(),
-                      verbose=False)
+    torch.onnx.export(Sorts().eval(), (x,), tmp_path / "s.onnx", dynamo=True,
+                      custom_translation_table=onnx_translations(), verbose=False)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tmp_path / "s.onnx"))
