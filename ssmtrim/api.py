@@ -115,6 +115,14 @@ def prune_and_save(
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))
+    allocation = None
+    if target is not None and target.allocate and len(config.layers) > 1:
+        from ssmtrim.pruning.schedule import allocate_keeps
+
+        n = local_prefix(images.shape[0], target.search_images)
+        keeps, tried = allocate_keeps(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
+                                      batch_size, progress=progress)
+        config, allocation = config.replace(keep=keeps), {"keep": list(keeps), "candidates": tried}
     calibrated, compensation = reduce_on(model, config, images, batch_size, progress, unreadable)
     config = model.prune_config
     pruned_logits = predict(model, images, batch_size, progress, "pruned forward")
@@ -132,6 +140,8 @@ def prune_and_save(
     }
     if search is not None:
         summary["schedule_search"] = search.to_dict()
+    if allocation is not None:
+        summary["keep_allocation"] = allocation
     if count_flops:
         flop_images = leading(images, 16) if config.mode == "threshold" else None  # the first 16 of all ranks
         summary["flops"] = {c: {"dense": d, "pruned": p, "ratio": p / d}

@@ -69,6 +69,9 @@ def prune(
     flops_convention: Annotated[str | None, typer.Option("--flops-convention", help="FLOPs convention of --flops: "
                                 "paper (the published figures' convention, as report --sweep flops= uses) or full. "
                                 "[default: paper]")] = None,
+    allocate_keeps: Annotated[bool, typer.Option("--allocate-keeps", help="With --flops: a keep ratio per step, "
+                                                 "chosen by measured sensitivity (KL to dense on the images) instead "
+                                                 "of one for all steps.")] = False,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Leave the FLOPs counts out of the summary (they need "
                                            "fvcore).")] = False,
     num_images: Annotated[int, typer.Option("--num-images", help="Calibration images (seeded subset).")] = 256,
@@ -108,6 +111,9 @@ def prune(
         raise ConfigError("--flops-convention says how --flops counts, and there is no --flops; leave it out or add "
                           "--flops.")
     flops_convention = flops_convention or "paper"
+    if allocate_keeps and flops is None:
+        raise ConfigError("--allocate-keeps shares a FLOPs budget between the steps, and there is no --flops; add "
+                          "--flops (e.g. --flops 0.7) or leave it out.")
     if flops is not None and keep is not None:
         raise ConfigError("--flops and --keep conflict: with --flops and --layers ssmtrim solves the keep ratio.")
     if flops is None and not layers:
@@ -122,7 +128,8 @@ def prune(
     with sharded("cpu") as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:
         summary = prune_and_save(
             source, config, data, output, calibration=CalibrationSettings(num_images, batch_size, seed),
-            target=FlopsTarget(flops, flops_convention, keep_layers=bool(layers)) if flops is not None else None,
+            target=FlopsTarget(flops, flops_convention, keep_layers=bool(layers), allocate=allocate_keeps)
+            if flops is not None else None,
             eval_data=eval_data, arch=arch, revision=revision, img_size=size, force=force, progress=progress,
             skip_unknown_classes=skip_unknown_classes, count_flops=not no_flops)
     if rank != 0:

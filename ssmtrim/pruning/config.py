@@ -248,12 +248,15 @@ class CalibrationSettings:
 class FlopsTarget:
     """A FLOPs budget instead of a hand-set keep ratio: ``ratio`` of the dense FLOPs in ``convention``. With
     ``keep_layers`` the plan's layers stay and only the keep ratio is solved for; otherwise a schedule is searched on
-    the first ``search_images`` calibration images."""
+    the first ``search_images`` calibration images. With ``allocate`` the steps then get keep ratios of their own,
+    chosen by KL to dense on those images (:func:`ssmtrim.pruning.schedule.allocate_keeps`)."""
 
     ratio: float
     convention: str = "paper"  # the published figures' convention, as everywhere a FLOPs target is taken
     keep_layers: bool = False
     search_images: int = 256
+    # after the layers are chosen: one keep ratio per step, allocated by measured sensitivity (schedule.allocate_keeps)
+    allocate: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0 or math.isnan(self.ratio):

@@ -144,5 +144,15 @@ def test_flops_target_chooses_a_schedule(tmp_path, image_dir):
     res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.7", "--layers", "2",
                               "--keep", "0.5", "-o", str(tmp_path / "o2")])
     assert res.exit_code == 1 and "conflict" in res.output
+    # a keep ratio per step, allocated by sensitivity, within the same budget
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.8", "--layers", "1,3",
+                              "--allocate-keeps", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["plan"]["keep"] == summary["keep_allocation"]["keep"] and len(summary["plan"]["keep"]) == 2
+    assert summary["flops"]["paper"]["ratio"] <= 0.8 + 0.01
+    res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--layers", "1,3", "--keep", "0.8",
+                              "--allocate-keeps"])
+    assert res.exit_code == 1 and "there is no --flops" in res.output
     res = runner.invoke(app, ["prune", str(ckpt), "--data", str(image_dir), "--flops", "0.05", "--layers", "3"])
     assert res.exit_code == 1 and "cannot be reached" in res.output
