@@ -35,9 +35,9 @@ def export(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export to ONNX in standard operators (the scan in its chunked parallel form), run the file in onnxruntime
-    beside PyTorch on real images, and write it only if the logits agree (1e-4 of the largest) with the same top-1.
-    Needs the export extra: pip install 'ssmtrim[export]'."""
+    """Export to ONNX in standard operators (the scan in its parallel form), run the file in onnxruntime beside
+    PyTorch on real images, and write it only if the logits agree (1e-4 of the largest) with the same top-1. Needs
+    onnx, onnxscript and onnxruntime (the export extra of the package)."""
     from ssmtrim.api import export_model
 
     with ProgressRenderer(quiet or json_out) as progress:
