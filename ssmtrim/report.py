@@ -82,6 +82,31 @@ class Speed:
         return asdict(self)
 
 
+def _time_runs(many: Callable[[], Any], one: Callable[[], Any], batch_size: int, warmup: int, iters: int,
+               repeats: int, sync: Callable[[], None] = lambda: None, reset: Callable[[], None] = lambda: None):
+    """Warm both calls up, then ``repeats`` timings of ``iters`` calls each: (images/s of ``many`` (a batch of
+    ``batch_size``), ms per call of ``one`` (one image), the peak RSS watcher)."""
+    for _ in range(warmup):
+        many()
+        one()
+    sync()
+    reset()
+    rates, lats = [], []
+    with _PeakRss() as rss:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                many()
+            sync()
+            rates.append(iters * batch_size / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                one()
+            sync()
+            lats.append(1e3 * (time.perf_counter() - t0) / iters)
+    return rates, lats, rss
+
+
 @torch.no_grad()
 def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, warmup: int = 2,
                   iters: int = 5, repeats: int = 3, device: str | torch.device = "cpu") -> Speed:
@@ -92,25 +117,9 @@ def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(batch_size, *input_size, device=device)
     x1 = x[:1].clone()
-    for _ in range(warmup):
-        model(x)
-        model(x1)
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rates, lats = [], []
-    with _PeakRss() as rss:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                model(x)
-            sync()
-            rates.append(iters * batch_size / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                model(x1)
-            sync()
-            lats.append(1e3 * (time.perf_counter() - t0) / iters)
+    rates, lats, rss = _time_runs(lambda: model(x), lambda: model(x1), batch_size, warmup, iters, repeats, sync,
+                                  (lambda: torch.cuda.reset_peak_memory_stats(device)) if device.type == "cuda"
+                                  else (lambda: None))
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -141,20 +150,7 @@ def measure_speed_onnx(model: nn.Module, input_size: tuple[int, int, int], batch
         many, one = runners
         x = torch.randn(batch_size, *input_size).numpy()
         x1 = x[:1].copy()
-        for _ in range(warmup):
-            many.run(x)
-            one.run(x1)
-        rates, lats = [], []
-        with _PeakRss() as rss:
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    many.run(x)
-                rates.append(iters * batch_size / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    one.run(x1)
-                lats.append(1e3 * (time.perf_counter() - t0) / iters)
+        rates, lats, rss = _time_runs(lambda: many.run(x), lambda: one.run(x1), batch_size, warmup, iters, repeats)
     return Speed(batch_size, statistics.median(rates), statistics.median(lats), (rss.peak - rss.base) / 2**20,
                  rss.peak / 2**20, "cpu (onnxruntime)", torch.get_num_threads())
 

@@ -89,14 +89,20 @@ class FlopsModel:
         return (self.total - saved) / self.total
 
 
-def keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float) -> float | None:
-    """Largest keep ratio (to 1e-3) whose estimated FLOPs ratio is <= target; None if none is."""
+def keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float,
+             fixed: tuple[float, ...] = ()) -> float | None:
+    """Largest keep ratio (to 1e-3) whose estimated FLOPs ratio is <= target; None if none is. With ``fixed`` (the
+    keep ratios of the first steps) only the last step's ratio is solved for; otherwise one ratio for every step."""
+
+    def ratio(keep: float) -> float:
+        return flops.ratio(layers, (*fixed, keep) if fixed else keep)
+
     lo, hi = 0.01, 1.0
-    if flops.ratio(layers, lo) > target:
+    if ratio(lo) > target:
         return None
     for _ in range(20):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if flops.ratio(layers, mid) <= target else (lo, mid)
+        lo, hi = (mid, hi) if ratio(mid) <= target else (lo, mid)
     return lo
 
 
@@ -216,13 +222,10 @@ def allocate_keeps(
     grid = list(itertools.product(spread, repeat=len(layers) - 1))
     for i, offsets in enumerate(grid):
         head = tuple(min(1.0, max(0.05, common + o)) for o in offsets)
-        lo, hi = 0.01, 1.0
-        if flops.ratio(layers, (*head, lo)) > target:
+        last = keep_for(flops, layers, target, fixed=head)
+        if last is None:
             continue  # the earlier steps keep too much for any last step to meet the target
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if flops.ratio(layers, (*head, mid)) <= target else (lo, mid)
-        keeps = tuple(math.floor(k * 1e4) / 1e4 for k in (*head, lo))
+        keeps = tuple(math.floor(k * 1e4) / 1e4 for k in (*head, last))
         config = base.replace(keep=keeps, mode="count", thresholds=None)
         try:
             check_plan_for(model, config)
