@@ -64,6 +64,9 @@ ROWS = {
     "merge": ("merge (ours, no compensation)", {"arrangement": "merge", "conv": "kept"}),
     "merge-comp": ("merge + head compensation (ours, the default)", {"arrangement": "merge", "conv": "kept",
                                                                       "compensate": "head"}),
+    # its own rule, a fixed stride: the same plan (and FLOPs) at every target; run it with --targets at its budget
+    "quartermap": ("QuarterMap (scan a quarter of the grid, nearest-neighbour back)", {"arrangement": "quartermap",
+                                                                                         "keep": 0.25}),
 }
 # labels of earlier runs, renamed
 RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0],
@@ -74,6 +77,7 @@ GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the 
 def row_config(row: str, family, arch_config, layers, keep) -> PruneConfig | None:
     """The plan of a row on this family, or None where the row does not apply (Vim's conv options elsewhere)."""
     fields = dict(ROWS[row][1])
+    keep = fields.pop("keep", keep)  # a row with its own fixed keep (QuarterMap's stride)
     if fields.get("conv") == "kept" and recommended_plan_of(family, arch_config).get("conv") != "kept":
         if row == "align-conv-kept":
             return None
@@ -179,11 +183,11 @@ def main() -> None:
             with torch.inference_mode():
                 tokens = reduced_forward(pruned, prefixes[0].select(slice(0, 1))).stats.tokens_per_block
             remove_pruning(model)
-            entry = {"target": target, "keep": keep, "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
+            entry = {"target": target, "keep": config.keep[0], "top1": r.top1, "top5": r.top5, "agreement": r.agreement,
                      "kl": r.kl, "gflops": flops, "flops_reduction": 1 - flops["paper"] / dense_flops["paper"],
                      "tokens_per_block": tokens, "seconds": r.seconds}
             fresh.setdefault(label, []).append(entry)
-            print(f"FLOPs x{target:.1f} (keep {keep:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
+            print(f"FLOPs x{target:g} (keep {config.keep[0]:.3f}, -{100 * entry['flops_reduction']:.1f}%) {label:28s} "
                   f"top-1 {r.top1:6.2f}  agreement {r.agreement:6.2f}  KL {r.kl:.4f}  [{r.seconds:.0f} s]",
                   flush=True)
             save_json(so_far(), out_json)  # after every entry, so that --resume can continue a stopped run

@@ -251,7 +251,7 @@ class _Trace:
     model: nn.Module  # the traced model (a CPU copy when the given one was elsewhere)
     units: list[str]  # disjoint top-level parts, in model order
     mixers: dict[str, MixerDims]  # mixer name -> dims
-    calls: dict[str, list[tuple[int, int]]]  # mixer name -> (batch, tokens) per call
+    calls: dict[str, list[tuple[int, int, int | None]]]  # mixer name -> (batch, tokens, tokens scanned) per call
     input_size: tuple[int, int, int]
     batch_size: int
 
@@ -309,6 +309,7 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
     named = dict(model.named_modules())
     mixers = {name: m for name, m in named.items() if _mixer_dims(m) is not None}
     calls: dict[str, list[tuple[int, int]]] = {name: [] for name in mixers}
+    scanned: dict[str, list[int]] = {name: [] for name in mixers}
 
     def record(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -317,7 +318,16 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
 
         return hook
 
+    def record_scan(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            scanned[name].append(math.prod(int(v) for v in args[0].shape[2:]))  # B E H W: the grid the routes read
+
+        return hook
+
     hooks = [m.in_proj.register_forward_pre_hook(record(name)) for name, m in mixers.items()]
+    # a mixer whose scan may read fewer tokens than it projects marks the scanned grid with a ``scan_input`` module
+    hooks += [m.scan_input.register_forward_pre_hook(record_scan(name)) for name, m in mixers.items()
+              if isinstance(getattr(m, "scan_input", None), nn.Module)]
     was_training = {m: m.training for m in model.modules()}
     model.eval()  # BatchNorm with running statistics, no drop path: the inference graph
     try:
@@ -332,7 +342,9 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
             h.remove()
         for m, flag in was_training.items():
             m.train(flag)
-    return _Trace(analysis, model, _units(model), {n: _mixer_dims(m) for n, m in mixers.items()}, calls,
+    calls_scanned = {name: [(b, t, s) for (b, t), s in zip(calls[name], scanned[name] or [None] * len(calls[name]),
+                                                          strict=True)] for name in mixers}
+    return _Trace(analysis, model, _units(model), {n: _mixer_dims(m) for n, m in mixers.items()}, calls_scanned,
                   tuple(input_size), batch_size)  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -354,7 +366,7 @@ def _per_image(counts: dict[str, float], batch: int) -> dict[str, int]:
 def _tokens(trace: _Trace) -> list[float] | None:
     if not trace.mixers:
         return None
-    return [sum(b * t for b, t in trace.calls[name]) / trace.batch_size for name in trace.mixers]
+    return [sum(b * t for b, t, _ in trace.calls[name]) / trace.batch_size for name in trace.mixers]
 
 
 def _unsupported(trace: _Trace) -> dict[str, int]:
@@ -393,8 +405,8 @@ def _paper_report(trace: _Trace) -> FlopReport:
         by_module[_unit_of(name, trace.units)] += macs
         by_term["conv+linear outside mixers"] += macs
     for name, dims in trace.mixers.items():
-        for b, length in trace.calls[name]:
-            terms = {k: b * v for k, v in dims.terms(length).items()}
+        for b, length, scanned in trace.calls[name]:
+            terms = {k: b * v for k, v in dims.terms(length, scanned).items()}
             by_module[_unit_of(name, trace.units)] += sum(terms.values())
             by_term.update(terms)
     by_module_out = _per_image(dict(by_module), batch)

@@ -16,8 +16,8 @@ ScoreOpt = Annotated[str | None, typer.Option("--score", help="Token importance:
                                               "random, or another registered score (default: the family's "
                                               "recommendation).")]
 ArrangementOpt = Annotated[str | None, typer.Option("--arrangement", help="Reduction strategy: merge, align, tome, "
-                                                    "keep-order, reorder, or another registered one (default: the "
-                                                    "family's recommendation, merge).")]
+                                                    "keep-order, reorder, quartermap (VMamba), or another registered "
+                                                    "one (default: the family's recommendation, merge).")]
 GapOpt = Annotated[str | None, typer.Option("--gap", help="Δ estimate for skipped positions: bias (default), mean or "
                                             "zero.")]
 ConvOpt = Annotated[str | None, typer.Option("--conv", help="Conv neighbours of a reduced Vim: original positions or "

@@ -21,15 +21,17 @@ class MixerDims:
     projections_per_scan: bool = False  # each scan has its own x_proj and dt_proj (VMamba's four routes)
     out_proj_inputs: int = 1  # out_proj reads E channels per factor (MambaVision's cat([y, z]): 2)
 
-    def terms(self, length: int) -> dict[str, int]:
-        """The paper convention's terms for one image whose mixer sees ``length`` tokens."""
+    def terms(self, length: int, scanned: int | None = None) -> dict[str, int]:
+        """The paper convention's terms for one image whose mixer sees ``length`` tokens and scans ``scanned`` of
+        them (default: all; fewer when the scan reads a strided part of the grid, as QuarterMap's)."""
         t, d, e, n, r = length, self.dim, self.d_inner, self.d_state, self.dt_rank
+        s = t if scanned is None else scanned
         per = self.scans if self.projections_per_scan else 1
         return {
             "in_proj": t * d * (2 if self.gate else 1) * e,
             "conv": (t + self.conv_extra) * e * self.conv_taps,
-            "x_proj": per * t * e * (r + 2 * n),
-            "dt_proj": per * t * r * e,
-            "scan": self.scans * (9 * t * e * n + t * e + self.gated_scan * t * e),
+            "x_proj": per * s * e * (r + 2 * n),
+            "dt_proj": per * s * r * e,
+            "scan": self.scans * (9 * s * e * n + s * e + self.gated_scan * s * e),
             "out_proj": t * self.out_proj_inputs * e * d,
         }

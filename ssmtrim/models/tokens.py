@@ -42,6 +42,10 @@ class TokenState:
     # takes the nearest token along the scan); None: the identity, nothing reduced yet
     owner: Tensor | None = None
     track_owner: bool = False  # keep ``owner`` up to date (a family that restores the grid sets it in embed)
+    # (rows, columns): the scans of the following blocks read every rows-th row and columns-th column of the grid and
+    # their outputs are spread back to every position by nearest neighbour, the tokens themselves untouched (a
+    # strategy that thins the scan, not the sequence: QuarterMap); None: the scans read every token
+    scan_stride: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:

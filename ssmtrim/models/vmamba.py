@@ -149,6 +149,8 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.ones(ROUTES * e))
         self.out_norm = nn.LayerNorm(e, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(e, dim, bias=False)
+        # marks the grid the routes scan (no parameters): the FLOPs count reads the scanned tokens from its input
+        self.scan_input = nn.Identity()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -175,11 +177,12 @@ class SS2D(nn.Module):
         return rows + cols.reshape(bsz, e, w, h).transpose(2, 3).reshape(bsz, e, length)
 
     def ssm_output(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
-                   geometry: VMambaGeometry | None = None) -> Tensor:
+                   geometry: VMambaGeometry | SubsampledScan | None = None) -> Tensor:
         """x (B L C) -> the summed routes, before out_norm (B L E). With a ``deltas`` list, softplus(Δ) averaged over
-        the four routes (B L E, raster order) is appended to it. With a ``geometry``, x holds the tokens of a
-        reduced grid (see :meth:`ssm_output_reduced`)."""
-        if geometry is not None:
+        the four routes (B L E, raster order) is appended to it. With a :class:`VMambaGeometry`, x holds the tokens
+        of a reduced grid (see :meth:`ssm_output_reduced`); with a :class:`SubsampledScan`, the routes scan a strided
+        part of the full grid (see :meth:`scan_subsampled`)."""
+        if isinstance(geometry, VMambaGeometry):
             return self.ssm_output_reduced(x, hw, geometry, deltas)
         bsz, length, _ = x.shape
         h, w = hw
@@ -187,6 +190,14 @@ class SS2D(nn.Module):
             raise ConfigError(f"VMamba got {length} tokens for a {h}x{w} grid; SS2D needs the full grid.")
         u = self.in_proj(x).transpose(1, 2).reshape(bsz, self.d_inner, h, w)
         u = F.silu(self.conv2d(u))
+        if isinstance(geometry, SubsampledScan):
+            return self.scan_subsampled(u, geometry.stride, deltas)
+        return self.scan_grid(self.scan_input(u), deltas)
+
+    def scan_grid(self, u: Tensor, deltas: list[Tensor] | None = None) -> Tensor:
+        """The four routes over a grid u (B E H W) -> their outputs summed in raster order (B H*W E); softplus(Δ)
+        averaged over the routes appended to ``deltas`` when given."""
+        hw = (u.shape[-2], u.shape[-1])
         n, r, e = self.d_state, self.dt_rank, self.d_inner
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
@@ -208,6 +219,27 @@ class SS2D(nn.Module):
             deltas.append((self.merge(spent, hw) / ROUTES).transpose(1, 2))
         return y
 
+    def scan_subsampled(self, u: Tensor, stride: tuple[int, int], deltas: list[Tensor] | None = None) -> Tensor:
+        """QuarterMap's scan: the routes read every ``stride[0]``-th row and ``stride[1]``-th column of the conv's
+        output u (B E H W), and each grid position takes the output of the read position at or before it (nearest-
+        neighbour upsampling) -> (B H*W E). in_proj, the conv, out_norm, out_proj and the MLP still see every
+        token."""
+        sh, sw = stride
+        bsz, e, h, w = u.shape
+        part = self.scan_input(u[:, :, ::sh, ::sw])
+        hs, ws = part.shape[-2], part.shape[-1]
+        spent: list[Tensor] | None = [] if deltas is not None else None
+
+        def spread(t: Tensor) -> Tensor:  # B hs*ws E -> B H*W E
+            grid = t.transpose(1, 2).reshape(bsz, t.shape[-1], hs, ws)
+            grid = grid.repeat_interleave(sh, 2)[:, :, :h].repeat_interleave(sw, 3)[:, :, :, :w]
+            return grid.flatten(2).transpose(1, 2)
+
+        y = spread(self.scan_grid(part, spent))
+        if deltas is not None:
+            deltas.append(spread(spent[0]))
+        return y
+
     def ssm_output_reduced(self, x: Tensor, hw: tuple[int, int], geometry: VMambaGeometry,
                            deltas: list[Tensor] | None = None) -> Tensor:
         """The reduced stage's SS2D on its K tokens (B K C) -> (B K E): in_proj on the tokens; the depth-wise conv on
@@ -221,7 +253,7 @@ class SS2D(nn.Module):
         u = self.in_proj(x)  # B K E
         grid = gather_tokens(u, geometry.owners).transpose(1, 2).reshape(bsz, e, h, w)
         u = gather_tokens(F.silu(self.conv2d(grid)).flatten(2).transpose(1, 2), geometry.positions)  # B K E
-        tokens = u.transpose(1, 2)  # B E K, raster order (the kept positions increase)
+        tokens = self.scan_input(u.transpose(1, 2))  # B E K, raster order (the kept positions increase)
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
         # routes 0 and 2 read the tokens in raster order (forward, reversed), 1 and 3 in column order: one gather
@@ -279,6 +311,13 @@ class VMambaGeometry:
     gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
 
 
+@dataclass(frozen=True)
+class SubsampledScan:
+    """The blocks after a QuarterMap step: every token runs, the routes scan a strided part of the grid."""
+
+    stride: tuple[int, int]  # (rows, columns)
+
+
 def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
     """The geometry of a reduced token state on an h x w grid (tokens at their grid positions, in raster order)."""
     h, w = state.grid
@@ -312,7 +351,7 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
-                geometry: VMambaGeometry | None = None) -> tuple[Tensor, Tensor]:
+                geometry: VMambaGeometry | SubsampledScan | None = None) -> tuple[Tensor, Tensor]:
         y = self.op.ssm_output(self.norm(x), hw, deltas, geometry)
         x = x + self.drop_path(self.op.out_proj(self.op.out_norm(y)))
         return x + self.drop_path(self.mlp(self.norm2(x))), y
@@ -564,8 +603,11 @@ class VMambaFamily:
         positions = torch.arange(length, device=tokens.device).expand(bsz, -1)
         return (tokens,), TokenState(positions, None, length, hw, state.keeps_positions, track_owner=True)
 
-    def geometry(self, model: VMamba, state: TokenState, plan) -> VMambaGeometry | None:
-        """The reduced grid's geometry (owners, column order and skipped positions); None for a full grid."""
+    def geometry(self, model: VMamba, state: TokenState, plan) -> VMambaGeometry | SubsampledScan | None:
+        """The reduced grid's geometry (owners, column order and skipped positions); for a full grid whose scans are
+        thinned (``state.scan_stride``), the stride; None for a full grid."""
+        if state.scan_stride is not None and not state.reduced:
+            return SubsampledScan(state.scan_stride)
         if not state.reduced:
             return None
         return reduced_geometry(state, plan.gap)
@@ -593,7 +635,7 @@ class VMambaFamily:
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so
         a strategy that makes a new sequence without them (keep-order, reorder) is refused."""
-        return frozenset({"delta", "mixer_input"})
+        return frozenset({"delta", "mixer_input", "subsampled_scan"})
 
     def check_plan(self, plan) -> None:
         if plan.conv != "original":

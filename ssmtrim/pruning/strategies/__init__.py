@@ -1,6 +1,13 @@
 """Registered reduction strategies (one module each); :func:`get_strategy` looks one up by name."""
 
-from ssmtrim.pruning.strategies import align, keep_order, merge, reorder, tome  # noqa: F401  (register on import)
+from ssmtrim.pruning.strategies import (  # noqa: F401  (register on import)
+    align,
+    keep_order,
+    merge,
+    quartermap,
+    reorder,
+    tome,
+)
 from ssmtrim.pruning.strategies.base import (
     Strategy,
     centre_protected,
