@@ -40,7 +40,9 @@ from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps)
-ROWS = {"ours": {}, "tome": {"arrangement": "tome"}, "align": {"arrangement": "align"}}
+# QuarterMap keeps its own rule (a quarter of each later scan): the same plan at every target
+ROWS = {"ours": {}, "tome": {"arrangement": "tome"}, "align": {"arrangement": "align"},
+        "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
 
 
 def mosaics(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +137,9 @@ def main() -> None:
     for target in (float(v) for v in args.targets.split(",")):
         keep = keep_for(estimate, layers, target)
         for row in args.rows.split(","):
+            fields = {"keep": (keep,), **ROWS[row]}
             config = PruneConfig.recommended(model, layers=layers, keep=(keep,), compensate="none") if row == "ours" \
-                else PruneConfig(layers=layers, keep=(keep,), **ROWS[row])
+                else PruneConfig(layers=layers, **fields)
             try:
                 pruned = apply_pruning(model, config)
             except ConfigError as exc:
@@ -144,8 +147,9 @@ def main() -> None:
                 continue
             value = miou(segment(head, maps_of(pruned, test_x, args.stage), test_y.shape[-1]), test_y, classes)
             remove_pruning(model)
-            result["rows"].setdefault(row, []).append({"target": target, "keep": keep, "miou": value})
-            print(f"FLOPs x{target} (keep {keep:.3f}) {row:6s} mIoU {value:.2f} ({value - dense:+.2f})", flush=True)
+            result["rows"].setdefault(row, []).append({"target": target, "keep": config.keep[0], "miou": value})
+            print(f"FLOPs x{target} (keep {config.keep[0]:.3f}) {row:6s} mIoU {value:.2f} ({value - dense:+.2f})",
+                  flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -28,6 +28,10 @@ METRIC = Option("metric", "input", "what token similarity is measured on: input 
 DROP_FRACTION = Option("drop_fraction", 0.0, "the share of the removed tokens, the least important, dropped instead "
                        "of merged (UTR's prune-then-merge)", low=0.0, high=1.0)
 
+REDUNDANCY = Option("redundancy", 0.0, "how much a token's redundancy (its highest similarity to another token, "
+                    "standardised per image) lowers its importance when choosing the tokens that leave: 0 importance "
+                    "alone", low=0.0, high=10.0)
+
 
 def needs_of_metric(metric: str) -> frozenset[str]:
     """What the family must hand over for ``metric``."""
@@ -95,7 +99,7 @@ def sizes_of(state: TokenState) -> Tensor:
 class Merge(Strategy):
     name = "merge"
     keeps_positions = True
-    options = (METRIC, DROP_FRACTION, GAP)
+    options = (METRIC, DROP_FRACTION, REDUNDANCY, GAP)
     description = "removed tokens averaged into their most similar kept token, size-weighted, original order"
 
     def needs(self, plan) -> frozenset[str]:
@@ -106,19 +110,43 @@ class Merge(Strategy):
         protected = state.protected()
         bsz, length = scores.shape
         removed = int(length) - state.num_protected - step.k  # int(): shapes are tensors under tracing
+        features = None
+        redundancy = step.plan.option("redundancy")
+        if redundancy > 0:
+            features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+            scores = _standardised(scores.float(), protected) - redundancy * _standardised(
+                _nearest_similarity(features, protected), protected)
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
         n_drop = int(round(step.plan.option("drop_fraction") * removed))
         src = src_all[:, n_drop:]
         dst = src  # nothing merged: no target needed
         if src.shape[1]:
-            features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+            if features is None:
+                features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
             sim = gather_tokens(features, src) @ features.transpose(1, 2)  # B R L
             targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(
                 1, src_all, torch.zeros_like(src_all, dtype=torch.bool))
             sim = sim.masked_fill(~(targets & ~protected)[:, None, :], float("-inf"))
             dst = sim.argmax(-1)
         return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src_all)
+
+
+def _nearest_similarity(features: Tensor, protected: Tensor) -> Tensor:
+    """B L: each token's highest cosine similarity to another unprotected token (features normalised)."""
+    sim = features @ features.transpose(1, 2)  # B L L
+    eye = torch.eye(sim.shape[1], dtype=torch.bool, device=sim.device)
+    return sim.masked_fill(eye[None] | protected[:, None, :], float("-inf")).amax(-1)
+
+
+def _standardised(x: Tensor, protected: Tensor) -> Tensor:
+    """x (B L) standardised over each image's unprotected tokens (protected ones left at 0)."""
+    free = (~protected).float()
+    n = free.sum(1, keepdim=True).clamp_min(1)
+    x = x.masked_fill(protected, 0.0)
+    mean = (x * free).sum(1, keepdim=True) / n
+    std = (((x - mean) * free).square().sum(1, keepdim=True) / n).sqrt().clamp_min(1e-12)
+    return ((x - mean) / std).masked_fill(protected, 0.0)
 
 
 register_strategy(Merge())
