@@ -178,6 +178,7 @@ def export_model(
     output: str | os.PathLike,
     *,
     batch_size: int = 1,
+    dynamic_batch: bool = False,
     check_data: str | os.PathLike | None = None,
     check_images: int | None = None,
     force: bool = False,
@@ -188,7 +189,7 @@ def export_model(
     progress=None,
 ) -> dict[str, Any]:
     """Load ``source`` (dense, or a reduced ssmtrim folder with a count-mode plan), export it to the ONNX file
-    ``output`` for ``batch_size`` images, and check it in onnxruntime against PyTorch on ``check_images`` images
+    ``output`` for ``batch_size`` images (``dynamic_batch``: any number per call), and check it in onnxruntime against PyTorch on ``check_images`` images
     (default 200) of ``check_data`` (default: the bundled held-out CIFAR-10 images), transformed by the model's
     preprocessing; ``check_images=0`` skips the check. See :func:`ssmtrim.export.export_onnx`."""
     from ssmtrim.bundled import validation_images
@@ -223,6 +224,6 @@ def export_model(
     x = None
     if images is not None:
         x = load_images(images.subset(count, seed=0), data_config_of(model), progress=progress)[0]
-    summary = export_onnx(model, output, batch_size=batch_size, check_images=x, force=force, optimize=optimize,
-                          inputs=inputs, progress=progress)
+    summary = export_onnx(model, output, batch_size=batch_size, dynamic_batch=dynamic_batch, check_images=x,
+                          force=force, optimize=optimize, inputs=inputs, progress=progress)
     return {"model": os.fspath(source), **summary}

@@ -6,7 +6,9 @@ and no custom op. A reduced model exports when its plan fixes every shape: count
 step); a threshold-mode plan keeps a number of tokens that depends on the image, which the file cannot hold, and is
 refused in one sentence. The reduction steps' sorts are stable in PyTorch (ties go to the earlier token); ONNX's
 ``TopK`` breaks ties the same way by its specification, and is what a stable sort becomes here
-(:func:`onnx_translations`). The batch size is fixed in the file (``batch_size``): every token count is, too.
+(:func:`onnx_translations`). Every token count is fixed in the file by the plan; the batch size is too
+(``batch_size``), or symbolic with ``dynamic_batch`` (any number of images per call; the check then runs one image
+and batches of eight).
 
 Every export is checked before it is kept: onnxruntime runs the written graph on real images (by default a seeded
 subset of the bundled held-out CIFAR-10 images, transformed as the model's preprocessing says) beside PyTorch, and
@@ -47,6 +49,7 @@ OPSET = 18
 RTOL = 1e-4  # logits in onnxruntime within this fraction of the largest PyTorch logit
 MARK = "ssmtrim_version"  # the metadata key that says ssmtrim wrote an ONNX file
 DEFAULT_CHECK_IMAGES = 200
+MAX_DYNAMIC_BATCH = 4096  # the largest batch a file exported with dynamic_batch declares
 
 
 def require_export_packages() -> None:
@@ -163,8 +166,10 @@ def _input_shape(model: nn.Module, batch_size: int) -> tuple[int, ...]:
     return (batch_size, model.config.in_chans, h, w)
 
 
-def _export_graph(model: nn.Module, example: Tensor, optimize: bool):
-    """torch.export of the forward under the portable scan, translated to ONNX (an ``ONNXProgram``)."""
+def _export_graph(model: nn.Module, example: Tensor, optimize: bool, dynamic_batch: bool = False):
+    """torch.export of the forward under the portable scan, translated to ONNX (an ``ONNXProgram``); with
+    ``dynamic_batch`` the batch dimension is symbolic (the example must then hold at least two images: torch.export
+    specialises a dimension of size 1)."""
     from ssmtrim.ops import use_backend
 
     log = logging.getLogger("torch.onnx")
@@ -174,9 +179,10 @@ def _export_graph(model: nn.Module, example: Tensor, optimize: bool):
         with torch.no_grad(), use_backend("portable"), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
+            dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
             return torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, input_names=["images"],
                                      output_names=["logits"], custom_translation_table=onnx_translations(),
-                                     optimize=optimize, verbose=False)
+                                     dynamic_shapes=dynamic, optimize=optimize, verbose=False)
     except ExportError:
         raise
     except Exception as exc:  # torch.export and the ONNX translation raise many types
@@ -186,7 +192,7 @@ def _export_graph(model: nn.Module, example: Tensor, optimize: bool):
         log.setLevel(level)
 
 
-def _metadata(model: nn.Module, check: ExportCheck | None, batch_size: int) -> dict[str, str]:
+def _metadata(model: nn.Module, check: ExportCheck | None, batch_size: int | str) -> dict[str, str]:
     from ssmtrim import __version__
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.pruning import is_pruned
@@ -210,12 +216,18 @@ def _metadata(model: nn.Module, check: ExportCheck | None, batch_size: int) -> d
 
 
 def check_onnx(model: nn.Module, runner: OnnxModel, images: Tensor, progress=None) -> ExportCheck:
-    """Compare onnxruntime's logits with PyTorch's (the model under its own backend) on ``images``."""
-    b = runner.batch_size or 1
+    """Compare onnxruntime's logits with PyTorch's (the model under its own backend) on ``images``: in calls of the
+    file's batch size, or, for a file with a dynamic batch, one image first and then eight at a time (both sizes
+    run)."""
+    n = images.shape[0]
+    if runner.batch_size is not None:
+        starts = list(range(0, n, runner.batch_size)) + [n]
+    else:
+        starts = [0, *range(1, n, 8), n] if n > 1 else [0, n]
     worst, same = 0.0, 0
     model.eval()
-    for lo in range(0, images.shape[0], b):
-        x = images[lo : lo + b]
+    for lo, hi in zip(starts[:-1], starts[1:], strict=True):
+        x = images[lo:hi]
         with torch.no_grad():
             ref = model(x).float()
         got = runner(x)
@@ -223,8 +235,7 @@ def check_onnx(model: nn.Module, runner: OnnxModel, images: Tensor, progress=Non
         worst = max(worst, float((got - ref).abs().max()) / scale)
         same += int((got.argmax(-1) == ref.argmax(-1)).sum())
         if progress:
-            progress("checking in onnxruntime", min(lo + b, images.shape[0]), images.shape[0])
-    n = images.shape[0]
+            progress("checking in onnxruntime", hi, n)
     return ExportCheck(images=n, max_rel_error=worst, top1_same=same, passed=worst <= RTOL and same == n)
 
 
@@ -278,6 +289,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     batch_size: int = 1,
+    dynamic_batch: bool = False,
     check_images: Tensor | None = None,
     force: bool = False,
     optimize: bool = False,
@@ -285,7 +297,7 @@ def export_onnx(
     progress=None,
 ) -> dict[str, Any]:
     """Export ``model`` (dense, or reduced with a count-mode plan) to the ONNX file ``path`` for inputs of
-    ``batch_size`` images, check it in onnxruntime on ``check_images`` (N 3 H W, already transformed; None: no
+    ``batch_size`` images (``dynamic_batch``: any number of images, 1 to 4096, per call), check it in onnxruntime on ``check_images`` (N 3 H W, already transformed; None: no
     check), and write it only if the check passes. ``optimize`` runs the exporter's graph optimiser (a smaller
     file; onnxruntime optimises the graph when it loads it either way, and the optimiser takes minutes on a deep
     model). Returns a summary (path, seconds, size, the check)."""
@@ -300,14 +312,16 @@ def export_onnx(
     if progress:
         progress("exporting to ONNX", 0, 1)
     start = time.perf_counter()
-    program = _export_graph(model, torch.zeros(_input_shape(model, batch_size)), optimize)
+    example = torch.zeros(_input_shape(model, max(batch_size, 2) if dynamic_batch else batch_size))
+    program = _export_graph(model, example, optimize, dynamic_batch)
     exported = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        program.model.metadata_props.update(_metadata(model, None, batch_size))
+        shown = "batch" if dynamic_batch else batch_size
+        program.model.metadata_props.update(_metadata(model, None, shown))
         program.save(tmp_name)
         check = None
         if check_images is not None and check_images.shape[0]:
@@ -315,7 +329,7 @@ def export_onnx(
             if not check.passed:
                 raise ExportError(f"the exported graph does not match PyTorch ({check.sentence()}); nothing was "
                                   "written; please report it with the model and plan.")
-            program.model.metadata_props.update(_metadata(model, check, batch_size))
+            program.model.metadata_props.update(_metadata(model, check, shown))
             program.save(tmp_name)
         os.replace(tmp, out)
     except OSError as exc:
@@ -323,5 +337,5 @@ def export_onnx(
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return {"path": str(out), "batch_size": batch_size, "export_seconds": round(exported, 1),
+    return {"path": str(out), "batch_size": "dynamic" if dynamic_batch else batch_size, "export_seconds": round(exported, 1),
             "bytes": out.stat().st_size, "opset": OPSET, "check": None if check is None else asdict(check)}

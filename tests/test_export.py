@@ -82,6 +82,21 @@ def test_dense_exports_too(tmp_path):
     assert OnnxModel(tmp_path / "d.onnx").metadata["plan"] == ""
 
 
+@pytest.mark.parametrize("name", ["vim_test", "mambavision_test"])
+def test_a_dynamic_batch_runs_any_number_of_images(name, tmp_path):
+    model = _reduced(name)
+    x = _images(model, 10)
+    summary = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, check_images=x)
+    assert summary["batch_size"] == "dynamic" and summary["check"]["passed"]
+    runner_ = OnnxModel(tmp_path / "d.onnx")
+    assert runner_.batch_size is None and json.loads(runner_.metadata["input_shape"])[0] == "batch"
+    for n in (1, 3, 10):  # one call each, of n images
+        with torch.no_grad():
+            got, want = runner_.run(x[:n].numpy()), model(x[:n])
+        assert got.shape == tuple(want.shape)
+        assert float((torch.from_numpy(got) - want).abs().max()) <= RTOL * float(want.abs().max())
+
+
 def test_a_stable_sort_keeps_its_ties_in_onnx(tmp_path):
     class Sorts(torch.nn.Module):
         def forward(self, x):

@@ -18,7 +18,10 @@ def export(
                                          "(a reduced one exports reduced; its plan must be in count mode).")],
     output: Annotated[str, typer.Option("--output", "-o", help="The ONNX file to write (name ending in .onnx).")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per call: fixed in the file, as every "
-                                            "token count is.")] = 1,
+                                            "token count is (unless --dynamic-batch).")] = 1,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Any number of images per call (a symbolic "
+                                                "batch dimension); the check runs one image and batches of "
+                                                "eight.")] = False,
     check_data: Annotated[Path | None, typer.Option("--check-data", help="Images to check onnxruntime against "
                                                     "PyTorch on (default: the bundled held-out CIFAR-10 "
                                                     "images).")] = None,
@@ -41,7 +44,8 @@ def export(
     from ssmtrim.api import export_model
 
     with ProgressRenderer(quiet or json_out) as progress:
-        summary = export_model(model, output, batch_size=batch_size, check_data=check_data,
+        summary = export_model(model, output, batch_size=batch_size, dynamic_batch=dynamic_batch,
+                               check_data=check_data,
                                check_images=check_images, force=force, optimize=optimize, arch=arch,
                                revision=revision, img_size=parse_img_size(img_size), progress=progress)
     if json_out:
