@@ -189,9 +189,10 @@ def export_model(
     progress=None,
 ) -> dict[str, Any]:
     """Load ``source`` (dense, or a reduced ssmtrim folder with a count-mode plan), export it to the ONNX file
-    ``output`` for ``batch_size`` images (``dynamic_batch``: any number per call), and check it in onnxruntime against PyTorch on ``check_images`` images
-    (default 200) of ``check_data`` (default: the bundled held-out CIFAR-10 images), transformed by the model's
-    preprocessing; ``check_images=0`` skips the check. See :func:`ssmtrim.export.export_onnx`."""
+    ``output`` for ``batch_size`` images (``dynamic_batch``: any number per call), and check it in onnxruntime
+    against PyTorch on ``check_images`` images (default 200) of ``check_data`` (default: the bundled held-out
+    CIFAR-10 images), transformed by the model's preprocessing; ``check_images=0`` skips the check. See
+    :func:`ssmtrim.export.export_onnx`."""
     from ssmtrim.bundled import validation_images
     from ssmtrim.checkpoint import load_model
     from ssmtrim.data import scan_folder

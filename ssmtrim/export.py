@@ -297,10 +297,10 @@ def export_onnx(
     progress=None,
 ) -> dict[str, Any]:
     """Export ``model`` (dense, or reduced with a count-mode plan) to the ONNX file ``path`` for inputs of
-    ``batch_size`` images (``dynamic_batch``: any number of images, 1 to 4096, per call), check it in onnxruntime on ``check_images`` (N 3 H W, already transformed; None: no
-    check), and write it only if the check passes. ``optimize`` runs the exporter's graph optimiser (a smaller
-    file; onnxruntime optimises the graph when it loads it either way, and the optimiser takes minutes on a deep
-    model). Returns a summary (path, seconds, size, the check)."""
+    ``batch_size`` images (``dynamic_batch``: any number of images, 1 to 4096, per call), check it in onnxruntime
+    on ``check_images`` (N 3 H W, already transformed; None: no check), and write it only if the check passes.
+    ``optimize`` runs the exporter's graph optimiser (a smaller file; onnxruntime optimises the graph when it loads
+    it either way, and the optimiser takes minutes on a deep model). Returns a summary (path, seconds, size, the check)."""
     require_export_packages()
     check_exportable(model)
     if batch_size < 1:
@@ -337,5 +337,6 @@ def export_onnx(
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return {"path": str(out), "batch_size": "dynamic" if dynamic_batch else batch_size, "export_seconds": round(exported, 1),
-            "bytes": out.stat().st_size, "opset": OPSET, "check": None if check is None else asdict(check)}
+    return {"path": str(out), "batch_size": "dynamic" if dynamic_batch else batch_size,
+            "export_seconds": round(exported, 1), "bytes": out.stat().st_size, "opset": OPSET,
+            "check": None if check is None else asdict(check)}

@@ -92,7 +92,6 @@ def prune(
     from ssmtrim.checkpoint import check_output
     from ssmtrim.distributed import sharded
     from ssmtrim.pruning.config import CalibrationSettings, FlopsTarget
-    from ssmtrim.pruning.strategies import get_strategy
 
     if source is None:  # the bundled example, offline
         source = str(bundled.bundled_model())
@@ -141,12 +140,7 @@ def prune(
     rows = [
         ("model", summary["source"]),
         ("output", summary["output"] or "nothing written (no -o)"),
-        ("plan", f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
-                 f"{', '.join(f'{k:.3f}' for k in plan['keep'])} of the tokens; {plan['score']} score, "
-                 f"{plan['arrangement']} (Δ̃ {plan['gap']}, conv {plan.get('conv', 'original')}"
-                 + (f", similarity {plan['metric']}" if "metric" in get_strategy(plan["arrangement"]).options else "")
-                 + "), "
-                 f"{plan['mode']} mode"),
+        ("plan", _plan_text(plan)),
         ("tokens per block", " ".join(f"{t:g}" for t in summary["tokens_per_block"])),
         ("calibration images", f"{cmp['num_images']} ({summary['unreadable']} unreadable)"),
         ("agreement with dense top-1, calibration images", f"{100 * cmp['agreement']:.1f}%"),
@@ -195,3 +189,18 @@ def _eval_table(summary: dict):
             table.add_row(f"top-{k[-1]}", f"{dense:.2f}%", f"{ev[k]:.2f}%", f"{ev[k] - dense:+.2f}")
     table.add_row("agreement with dense top-1", "100%", f"{ev['agreement']:.2f}%", "")
     return table
+
+
+def _plan_text(plan: dict) -> str:
+    """One line for a plan: where, how much, and the options its strategy reads."""
+    from ssmtrim.pruning.strategies import get_strategy
+
+    strategy = get_strategy(plan["arrangement"])
+    read = {o.name for o in strategy.options}
+    details = [f"Δ̃ {plan['gap']}"] if "gap" in read else []
+    details.append(f"conv {plan.get('conv', 'original')}")
+    if "metric" in read:
+        details.append(f"similarity {plan['metric']}")
+    return (f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
+            f"{', '.join(f'{k:.3f}' for k in plan['keep'])} {strategy.keeps_what}; {plan['score']} score, "
+            f"{plan['arrangement']} ({', '.join(details)}), {plan['mode']} mode")

@@ -278,8 +278,9 @@ def check_plan_for(model: nn.Module, config: PruneConfig, runnable: bool = True)
         missing = plugin.needs(config) - provides
         if missing:
             said = " and ".join(_NEEDS.get(m, m) for m in sorted(missing))
+            hint = " (a merge's --metric y needs nothing more)" if missing <= {"mixer_input", "delta"} else ""
             raise ConfigError(f"{what} (as set) needs {said}, which a {family.name} model does not give; choose "
-                              "another score or strategy (a merge's --metric y needs nothing more).")
+                              f"another score or strategy{hint}.")
     _check_counts(family, model.config, config)
 
 

@@ -26,6 +26,7 @@ class Strategy:
     name: ClassVar[str]
     keeps_positions: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    keeps_what: ClassVar[str] = "of the tokens"  # what a keep ratio counts, in words (for summaries)
 
     # the options this strategy reads beyond where / how many, declared in its own module (a non-default value of
     # an option it does not read is refused with one sentence naming the strategies that do)

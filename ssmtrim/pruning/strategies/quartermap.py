@@ -20,6 +20,7 @@ class QuarterMap(Strategy):
     name = "quartermap"
     keeps_positions = True
     description = "QuarterMap: the later blocks of the stage scan every other row and column, upsampled back"
+    keeps_what = "of each later scan's grid (every token stays)"
 
     def needs(self, plan) -> frozenset[str]:
         return frozenset({"subsampled_scan"})
