@@ -300,7 +300,8 @@ def export_onnx(
     ``batch_size`` images (``dynamic_batch``: any number of images, 1 to 4096, per call), check it in onnxruntime
     on ``check_images`` (N 3 H W, already transformed; None: no check), and write it only if the check passes.
     ``optimize`` runs the exporter's graph optimiser (a smaller file; onnxruntime optimises the graph when it loads
-    it either way, and the optimiser takes minutes on a deep model). Returns a summary (path, seconds, size, the check)."""
+    it either way, and the optimiser takes minutes on a deep model). Returns a summary (path, seconds, size, the
+    check)."""
     require_export_packages()
     check_exportable(model)
     if batch_size < 1:
