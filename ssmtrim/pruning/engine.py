@@ -288,7 +288,7 @@ _CAPABILITIES = frozenset({"condensed", "subsampled_scan"})
 # what a score or strategy may need from a family, in words
 _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' normed mixer input",
           "condensed": "blocks that run the kept tokens as a new sequence without their grid positions",
-          "subsampled_scan": "scans that can read a strided part of the grid (state.scan_stride)"}
+          "subsampled_scan": "scans that can read a strided part of the grid (as VMamba's cross-scan can)"}
 
 
 def _check_score_options(score, config: PruneConfig) -> None:
