@@ -24,3 +24,15 @@ def test_a_reduced_forward_compiles_as_one_graph(name):
         compiled = torch.compile(model, fullgraph=True)(x)  # fullgraph: any graph break is an error
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
+def test_quartermap_on_vmamba_compiles_as_one_graph():
+    """A hierarchical family, its scans thinned by a stride (slices and nearest-neighbour spreading in the graph)."""
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vmamba_test")).eval()
+    apply_pruning(model, PruneConfig(layers=(2,), keep=(0.25,), arrangement="quartermap"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
