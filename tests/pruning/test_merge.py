@@ -200,3 +200,34 @@ def test_delta_score_is_the_channel_mean_of_softplus_delta(request, name):
             expected = F.softplus(delta + mixer.dt_proj.bias[:, None]).transpose(1, 2)
     torch.testing.assert_close(out.delta, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(get_score("delta")(out), expected.mean(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_redundancy_lowers_the_rank_of_a_token_with_a_near_copy():
+    """--option redundancy=w: the tokens that leave are the lowest of (standardised importance) - w x (standardised
+    highest similarity to another unprotected token), computed here by hand; w = 0 is importance alone."""
+    length = 6
+    # tokens 0 and 1 are near copies; 2..5 point in distinct directions; token 3 is protected (a class token)
+    features = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.99, 0.1, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0],
+                              [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [-1.0, 0.0, 0.0, 0.1]]])
+    scores = torch.tensor([[0.9, 1.0, 0.5, 9.0, 0.6, 0.7]])
+    state = TokenState(torch.arange(length)[None], torch.tensor([3]), length, (1, length), True)
+    hidden = torch.randn(1, length, 3)
+
+    def survivors(weight: float) -> list[int]:
+        plan = PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", options={"redundancy": weight})
+        step = ReductionStep(0, scores, 3, (hidden,), state, BlockOutput((), features, mixer_input=features), plan)
+        return get_strategy("merge").reduce(step)[1].positions[0].tolist()
+
+    def by_hand(weight: float) -> list[int]:
+        free = [0, 1, 2, 4, 5]
+        f = F.normalize(features[0], dim=-1)
+        near = torch.tensor([max(float(f[i] @ f[j]) for j in free if j != i) for i in free])
+        imp = scores[0, free]
+        z = lambda v: (v - v.mean()) / v.std(unbiased=False)  # noqa: E731
+        key = z(imp) - weight * z(near)
+        leave = [free[i] for i in torch.argsort(key, stable=True)[:2].tolist()]
+        return sorted(set(range(length)) - set(leave))
+
+    assert survivors(0.0) == by_hand(0.0) == [0, 1, 3, 5]  # importance alone: 2 and 4 leave
+    assert survivors(2.0) == by_hand(2.0)
+    assert 0 not in survivors(2.0) or 1 not in survivors(2.0)  # one of the near copies now leaves
