@@ -4,7 +4,7 @@
         [--targets 0.8,0.7,0.6,0.5] [--json out.json]
 
 The plan is the family's recommended one (``ssmtrim prune``'s default: merge, head compensation) after its
-recommended blocks. For each FLOPs target (paper convention) the common keep ratio (what ``prune --flops`` uses with
+recommended blocks (or ``--layers``). For each FLOPs target (paper convention) the common keep ratio (what ``prune --flops`` uses with
 the hand-set layers) is compared with the per-step ratios :func:`ssmtrim.pruning.schedule.allocate_keeps` picks by
 KL(dense || reduced) on the 250 bundled calibration images (training images); the compensation is fitted on the same
 images, and both plans are evaluated on the test images (``--num-test``: a seeded subset, e.g. one half for choosing,
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--num-test", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", default="0.8,0.7,0.6,0.5")
+    ap.add_argument("--layers", help="reduce after these blocks (1-based; default: the family's recommended ones)")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -48,6 +49,8 @@ def main() -> None:
     dense_logits = predict(dense, x, args.batch_size)
     dense_calib = predict(dense, xc, args.batch_size)
     base = PruneConfig.recommended(dense)
+    if args.layers:
+        base = base.replace(layers=tuple(int(v) for v in args.layers.split(",")))
     flops = FlopsModel(dense, "paper")
     print(f"{args.model}: layers {base.layers}, {x.shape[0]} test images, dense top-1 "
           f"{evaluate_tensors(dense, x, y, dense_logits, args.batch_size).top1:.2f}", flush=True)
