@@ -7,8 +7,8 @@ The plan is the family's recommended one (``ssmtrim prune``'s default: merge, he
 recommended blocks (or ``--layers``). For each FLOPs target (paper convention) the common keep ratio (what ``prune
 --flops`` uses with the hand-set layers) is compared with the per-step ratios
 :func:`ssmtrim.pruning.schedule.allocate_keeps` picks by KL(dense || reduced) on the 250 bundled calibration images
-(training images); the compensation is fitted on the same images, and both plans are evaluated on the test images (``--num-test``: a seeded subset, e.g. one half for choosing,
-the whole folder for reporting).
+(training images); the compensation is fitted on the same images, and both plans are evaluated on the test images
+(``--num-test``: a seeded subset, e.g. one half for choosing, the whole folder for reporting).
 """
 
 from __future__ import annotations
