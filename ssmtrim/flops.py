@@ -342,8 +342,9 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
             h.remove()
         for m, flag in was_training.items():
             m.train(flag)
-    calls_scanned = {name: [(b, t, s) for (b, t), s in zip(calls[name], scanned[name] or [None] * len(calls[name]),
-                                                          strict=True)] for name in mixers}
+    # one scanned grid per call, or none known (then the scan reads every token the mixer projects)
+    calls_scanned = {name: [(b, t, s) for (b, t), s in zip(calls[name], scanned[name] if len(scanned[name]) == len(
+        calls[name]) else [None] * len(calls[name]), strict=True)] for name in mixers}
     return _Trace(analysis, model, _units(model), {n: _mixer_dims(m) for n, m in mixers.items()}, calls_scanned,
                   tuple(input_size), batch_size)  # type: ignore[arg-type]  # fmt: skip
 
