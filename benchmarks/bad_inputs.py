@@ -441,6 +441,9 @@ CASES: list[Case] = [
                                     "0"], refused("twice"), labels_file(b"a/0.png 0\na/0.png 1\n")),
     # options honoured or refused
     Case("info-revision-local", ["info", "{dense}", "--revision", "x"], refused("local path")),
+    Case("report-sweep-quartermap-on-vim", ["report", "{dense}", "--data", "{images}", "--sweep", "keep=0.25",
+                                            "--arrangements", "quartermap", "--no-speed", "-o", "{case}/r"],
+         refused("strided part of the grid")),
     Case("report-two-dense", ["report", "{dense}", "{dense}", "--data", "{images}", "-o", "{case}/r", "--no-speed"],
          refused("is not pruned")),
     # --mode threshold from the command line

@@ -230,8 +230,10 @@ def build_report(
     from ssmtrim.memory import check_batch_fits
     from ssmtrim.models.loading import class_names_of, data_config_of
     from ssmtrim.models.registry import family_of
+    from ssmtrim.notices import notice
     from ssmtrim.pruning import PruneConfig, is_pruned, reduce_on, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import load_images
+    from ssmtrim.pruning.engine import check_plan_for, check_provides
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
     device = str(check_device(device))
@@ -239,10 +241,13 @@ def build_report(
         raise ConfigError("the first model of a report must be dense; give the dense model first.")
     if sweep is None and not pruned:
         raise ConfigError("nothing to compare: give pruned model folders after the dense model, or --sweep.")
+    chosen = arrangements is not None  # given: each must run; default: the strategies that can run here
     arrangements = strategy_names() if arrangements is None else tuple(arrangements)
     for arrangement in arrangements:
         if arrangement not in strategy_names():
             raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(strategy_names())}.")
+        if chosen and sweep is not None:  # what the family cannot give is refused before any image is read
+            check_provides(dense, PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement))
     for name, model in pruned:
         if not is_pruned(model):
             raise ConfigError(f"{name!r} is not pruned, and a report compares one dense model with pruned ones; give "
@@ -312,23 +317,43 @@ def build_report(
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
             else x[:local_prefix(len(x), calib_images)]
         estimate = FlopsModel(dense, "paper") if kind == "flops" else None
+        keeps = []
         for value in values:
             keep = value if kind == "keep" else keep_for(estimate, layers, value)
             if keep is None:
                 raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
                                   f"{','.join(map(str, layers))}; choose larger targets or --layers.")
+            keeps.append(keep)
+        # every plan checked before any work: a strategy given with --arrangements that cannot run one is refused;
+        # by default the sweep leaves out what cannot run on this model (said once)
+        runs, left_out = [], []
+        for value, keep in zip(values, keeps, strict=True):
             for arrangement in arrangements:
-                label = f"{arrangement} {kind}={value:g}"
+                config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement, layers=layers,
+                                                 keep=(keep,))
+                try:
+                    check_plan_for(dense, config, runnable=False)
+                except ConfigError:
+                    if chosen:
+                        raise
+                    left_out.append(f"{arrangement} {kind}={value:g}")
+                    continue
+                runs.append((value, keep, arrangement))
+        if left_out:
+            notice("sweep-left-out", f"--sweep leaves out {', '.join(left_out)}: those plans cannot run on this "
+                   "model (name a strategy with --arrangements to see why).")
+        for value, keep, arrangement in runs:
+            label = f"{arrangement} {kind}={value:g}"
 
-                def make(keep=keep, arrangement=arrangement) -> nn.Module:
-                    # the plan prune resolves for these options: the family's recommended one, with this row's
-                    # strategy, layers and keep (and its compensation, fitted on the calibration images)
-                    config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement,
-                                                     layers=layers, keep=(keep,))
-                    reduce_on(dense, config, xc, eval_batch_size)
-                    return dense
+            def make(keep=keep, arrangement=arrangement) -> nn.Module:
+                # the plan prune resolves for these options: the family's recommended one, with this row's
+                # strategy, layers and keep (and its compensation, fitted on the calibration images)
+                config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement,
+                                                 layers=layers, keep=(keep,))
+                reduce_on(dense, config, xc, eval_batch_size)
+                return dense
 
-                variants.append((label, arrangement, make, lambda: remove_pruning(dense)))
+            variants.append((label, arrangement, make, lambda: remove_pruning(dense)))
     total = len(variants) + 1
     if progress:
         progress("report", 0, total)

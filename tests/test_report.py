@@ -89,13 +89,16 @@ def test_peak_memory_sees_what_a_forward_allocates():
     assert heavy.peak_rss_mb >= heavy.peak_memory_mb
 
 
-def test_sweep_covers_every_arrangement(setup):
+def test_sweep_covers_every_arrangement_that_can_run(setup):
     root, dense, _ = setup
     res = runner.invoke(app, ["report", str(dense), "--data", str(root / "data"), "--sweep", "keep=0.75,0.5",
                               "--layers", "1,2", "--no-speed", "-o", str(root / "r2"), "--json"])
     assert res.exit_code == 0, res.output
     entries = json.loads(res.stdout)["entries"]
-    names = list(strategy_names())
+    # every registered strategy that can run on a Vim; quartermap thins a 2-D cross-scan (VMamba only): left out,
+    # said in a note
+    names = [n for n in strategy_names() if n != "quartermap"]
+    assert "leaves out quartermap keep=0.75, quartermap keep=0.5" in res.stderr
     assert {"align", "keep-order", "reorder", "merge", "tome"} <= set(names)
     assert [e["arrangement"] for e in entries] == ["dense"] + names * 2
     assert all(e["speed"] is None for e in entries)

@@ -111,6 +111,7 @@ def reduced_forward(model: nn.Module, x: Tensor | DensePrefix, config: PruneConf
     :func:`feature_maps`)."""
     config = config if config is not None else model.prune_config
     config.check_runnable()  # threshold mode without thresholds never falls back to counts in silence
+    check_provides(model, config)  # a capability the family lacks is refused, never silently run without
     if config.mode == "threshold" and len(x) > 1:
         # each image keeps its own number of tokens, so a batch runs one image at a time
         one = (lambda i: x.select(slice(i, i + 1))) if isinstance(x, DensePrefix) else (lambda i: x[i : i + 1])
@@ -273,15 +274,24 @@ def check_plan_for(model: nn.Module, config: PruneConfig, runnable: bool = True)
             raise ConfigError(f"--layers {','.join(map(str, bad))}: tokens of a {family.name} model can be reduced "
                               f"only after blocks {','.join(str(b + 1) for b in sorted(allowed))} (the others have no "
                               "tokens to reduce or no scan output to score); choose among those.")
+    check_provides(model, config)
+    _check_counts(family, model.config, config)
+
+
+def check_provides(model: nn.Module, config: PruneConfig) -> None:
+    """The plan's score and strategy get what they need from the model's family (checked by :func:`check_plan_for`
+    and, cheaply, by every :func:`reduced_forward`, so that a plan run directly is refused rather than run as
+    something else); one sentence if not."""
+    family = family_of(model)
     provides = provides_of(family, model.config)
-    for what, plugin in ((f"--score {score.name}", score), (f"--arrangement {strategy.name}", strategy)):
+    for what, plugin in ((f"--score {config.score}", get_score(config.score)),
+                         (f"--arrangement {config.arrangement}", get_strategy(config.arrangement))):
         missing = plugin.needs(config) - provides
         if missing:
             said = " and ".join(_NEEDS.get(m, m) for m in sorted(missing))
             hint = " (a merge's --metric y needs nothing more)" if missing <= {"mixer_input", "delta"} else ""
             raise ConfigError(f"{what} (as set) needs {said}, which a {family.name} model does not give; choose "
                               f"another score or strategy{hint}.")
-    _check_counts(family, model.config, config)
 
 
 _CAPABILITIES = frozenset({"condensed", "subsampled_scan"})

@@ -37,8 +37,10 @@ class QuarterMap(Strategy):
                               "ratios, so give --keep instead of --flops).")
 
     def reduce(self, step: ReductionStep):
-        stride = STRIDES[step.plan.keep_by_layer()[step.block]]
-        return step.streams, step.state.replace(scan_stride=stride)
+        keep = step.plan.keep_by_layer()[step.block]
+        if keep not in STRIDES:  # a plan run without apply_pruning's checks
+            self.check_plan(step.plan)
+        return step.streams, step.state.replace(scan_stride=STRIDES[keep])
 
 
 register_strategy(QuarterMap())
