@@ -4,13 +4,13 @@ eager PyTorch, and optionally compiled (``torch.compile(fullgraph=True)``) and i
     OMP_NUM_THREADS=1 python benchmarks/bench_deploy.py [--models vim_tiny,vim_cifar256,plainmamba_l1] \\
         [--batch 64] [--compile] [--onnx] [--json out.json]
 
-The reduced model is each family's recommended plan (merge) at keep 0.7 after its recommended blocks, count mode,
-compensation off (it changes no speed); registered names without bundled weights get random weights (speed does not
-depend on them). For each runtime it prints images/s at ``--batch``, milliseconds per image at batch 1, the speed-up
-over dense, and the realised share (speed-up / the full-convention FLOPs ratio). With one thread the clock is the
-thread's CPU time (another process on a shared machine then does not count; onnxruntime's own threads are not
-this thread's, so its column always reads the wall clock), else the wall clock. Compiling takes minutes on a deep
-model.
+The reduced model is each family's recommended plan (merge) at keep 0.7 after its recommended blocks (or
+``--arrangement``, ``--layers``, ``--keep``), count mode, compensation off (it changes no speed); registered names
+without bundled weights get random weights (speed does not depend on them). For each runtime it prints images/s at
+``--batch``, milliseconds per image at batch 1, the speed-up over dense, and the realised share (speed-up / the
+full-convention FLOPs ratio). With one thread the clock is the thread's CPU time (another process on a shared
+machine then does not count; onnxruntime's own threads are not this thread's, so its column always reads the wall
+clock), else the wall clock. Compiling takes minutes on a deep model.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--models", default="vim_tiny,vim_cifar256,plainmamba_l1")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--arrangement", help="the strategy (default: each family's recommended one)")
+    ap.add_argument("--layers", help="reduce after these blocks, 1-based (default: the family's recommended ones)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True)")
@@ -72,7 +74,10 @@ def main() -> None:
         dense = load(name)
         size = data_config_of(dense).input_size
         x_many, x_one = torch.randn(args.batch, *size), torch.randn(1, *size)
-        reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none"))
+        given = {"arrangement": args.arrangement,
+                 "layers": tuple(int(v) for v in args.layers.split(",")) if args.layers else None}
+        reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none",
+                                                                    **given))
         flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
         row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}
         runtimes = {"eager": (dense, reduced)}
@@ -102,8 +107,8 @@ def main() -> None:
                     row[f"onnxruntime_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
                                                    "realised": rr / rd / row["flops_ratio"]}
         results.append(row)
-        print(f"\n{name}: layers {row['plan']['layers']}, keep {args.keep}, {row['flops_ratio']:.2f}x fewer FLOPs "
-              "(full)")
+        print(f"\n{name}: {row['plan']['arrangement']} after {row['plan']['layers']}, keep {args.keep}, "
+              f"{row['flops_ratio']:.2f}x fewer FLOPs (full)")
         for key, v in row.items():
             if isinstance(v, dict) and "speedup" in v:
                 unit = f"img/s at batch {args.batch}" if key.endswith("batch") else "ms at batch 1"
