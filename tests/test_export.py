@@ -82,9 +82,10 @@ def test_dense_exports_too(tmp_path):
     assert OnnxModel(tmp_path / "d.onnx").metadata["plan"] == ""
 
 
-@pytest.mark.parametrize("name", ["vim_test", "mambavision_test"])
-def test_a_dynamic_batch_runs_any_number_of_images(name, tmp_path):
-    model = _reduced(name)
+def test_a_dynamic_batch_runs_any_number_of_images(tmp_path):
+    """MambaVision reduced: windows, attention over merged tokens and a stage change, all with a symbolic batch (the
+    other families were run the same way by hand; each export here costs half a minute)."""
+    model = _reduced("mambavision_test")
     x = _images(model, 10)
     summary = export_onnx(model, tmp_path / "d.onnx", dynamic_batch=True, check_images=x)
     assert summary["batch_size"] == "dynamic" and summary["check"]["passed"]
