@@ -259,10 +259,13 @@ class SS2D(nn.Module):
         # routes 0 and 2 read the tokens in raster order (forward, reversed), 1 and 3 in column order: one gather
         column = _along(tokens, geometry.column)
         rows_of = (tokens, column, tokens, column)
+        # x_proj acts token by token: applied once to every route in raster order, its rows then follow each route
+        proj = torch.einsum("bek,rce->rbck", tokens, self.x_proj_weight)  # routes B (R+2N) K
+        proj_of = (proj[0], _along(proj[1], geometry.column), proj[2], _along(proj[3], geometry.column))
         outs, spent = [], []
         for route in range(ROUTES):
             seq = rows_of[route] if route < 2 else rows_of[route].flip(-1)
-            dbl = torch.einsum("bek,ce->bck", seq, self.x_proj_weight[route])  # B (R+2N) K in the route's order
+            dbl = proj_of[route] if route < 2 else proj_of[route].flip(-1)  # B (R+2N) K in the route's order
             dt, b, c = torch.split(dbl, [r, n, n], dim=1)
             delta = torch.einsum("brk,er->bek", dt, self.dt_projs_weight[route])
             bias = self.dt_projs_bias[route].float()
