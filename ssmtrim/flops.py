@@ -342,9 +342,13 @@ def _trace(model: nn.Module, batch_size: int, images: Tensor | None) -> _Trace:
             h.remove()
         for m, flag in was_training.items():
             m.train(flag)
-    # one scanned grid per call, or none known (then the scan reads every token the mixer projects)
-    calls_scanned = {name: [(b, t, s) for (b, t), s in zip(calls[name], scanned[name] if len(scanned[name]) == len(
-        calls[name]) else [None] * len(calls[name]), strict=True)] for name in mixers}
+    def with_scans(name: str) -> list[tuple[int, int, int | None]]:
+        """(batch, tokens, tokens scanned) per call: one scanned grid per call, or none known (then the scan reads
+        every token the mixer projects)."""
+        known = len(scanned[name]) == len(calls[name])
+        return [(b, t, scanned[name][i] if known else None) for i, (b, t) in enumerate(calls[name])]
+
+    calls_scanned = {name: with_scans(name) for name in mixers}
     return _Trace(analysis, model, _units(model), {n: _mixer_dims(m) for n, m in mixers.items()}, calls_scanned,
                   tuple(input_size), batch_size)  # type: ignore[arg-type]  # fmt: skip
 

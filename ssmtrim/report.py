@@ -338,18 +338,16 @@ def build_report(
                         raise
                     left_out.append(f"{arrangement} {kind}={value:g}")
                     continue
-                runs.append((value, keep, arrangement))
+                runs.append((value, arrangement, config))
         if left_out:
             notice("sweep-left-out", f"--sweep leaves out {', '.join(left_out)}: those plans cannot run on this "
                    "model (name a strategy with --arrangements to see why).")
-        for value, keep, arrangement in runs:
+        for value, arrangement, config in runs:
             label = f"{arrangement} {kind}={value:g}"
 
-            def make(keep=keep, arrangement=arrangement) -> nn.Module:
-                # the plan prune resolves for these options: the family's recommended one, with this row's
-                # strategy, layers and keep (and its compensation, fitted on the calibration images)
-                config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement,
-                                                 layers=layers, keep=(keep,))
+            def make(config=config) -> nn.Module:
+                # the plan prune resolves for these options (built above): the family's recommended one, with this
+                # row's strategy, layers and keep (and its compensation, fitted on the calibration images)
                 reduce_on(dense, config, xc, eval_batch_size)
                 return dense
 

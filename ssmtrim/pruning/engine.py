@@ -202,7 +202,8 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     if k >= candidates:
         return streams, state, geometry  # nothing to reduce here
     streams, new = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
-    if state.track_owner and new.owner is state.owner:  # merged nothing: its tokens are found again by position
+    if state.track_owner and new.owner is state.owner and new.positions is not state.positions:
+        # merged nothing: its tokens are found again by position (a step that moved none, QuarterMap's, keeps the map)
         new = new.replace(owner=owner_after(state, new))
     return streams, new, family.geometry(model, new, config)
 

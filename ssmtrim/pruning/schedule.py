@@ -11,6 +11,7 @@ one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -121,9 +122,6 @@ def search_schedule(
     the family's hand-set schedule) are always a candidate, so the search never picks a schedule farther from dense
     on these images than that one. Inside :func:`ssmtrim.distributed.sharded`, ``images`` and ``dense_logits`` are
     this rank's share (possibly none)."""
-    from ssmtrim.distributed import sum_counts, sum_floats
-    from ssmtrim.evaluate import predict
-
     if not 0.0 < target < 1.0:
         raise ConfigError(f"--flops {target} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
     depth = family_of(model).depth(model.config)
@@ -149,21 +147,16 @@ def search_schedule(
         raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
                           f"{least:.2f} of the dense FLOPs ({convention} convention); ask for more.")
     dense_logp = F.log_softmax(dense_logits.float(), 1)
-    total = sum_counts(images.shape[0])[0]
 
     def run(cand: Candidate, measure: bool = False) -> None:
         config = base.replace(layers=cand.layers, keep=(cand.keep,), mode="count", thresholds=None)
-        pruned = apply_pruning(model, config)
-        try:
-            logits = predict(pruned, images, batch_size) if images.shape[0] else dense_logp[:0]
-            if measure:
-                from ssmtrim.flops import count_flops
 
-                cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
-        finally:
-            remove_pruning(pruned)
-        kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="sum"))
-        cand.kl = sum_floats(kl)[0] / total
+        def count(pruned: nn.Module) -> None:
+            from ssmtrim.flops import count_flops
+
+            cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
+
+        cand.kl = _kl_to_dense(model, config, images, dense_logp, batch_size, count if measure else None)
 
     for i, cand in enumerate(candidates):
         run(cand)
@@ -208,16 +201,12 @@ def allocate_keeps(
     candidate's keeps, estimated ratio and KL)."""
     import itertools
 
-    from ssmtrim.distributed import sum_counts, sum_floats
-    from ssmtrim.evaluate import predict
-
     layers = tuple(base.layers)
     flops = FlopsModel(model, convention)
     common = keep_for(flops, layers, target)
     if common is None:
         raise ConfigError(f"--flops {target} cannot be reached by reducing after blocks {layers}; ask for more.")
     dense_logp = F.log_softmax(dense_logits.float(), 1)
-    total = sum_counts(images.shape[0])[0]
     tried: list[dict] = []
     grid = list(itertools.product(spread, repeat=len(layers) - 1))
     for i, offsets in enumerate(grid):
@@ -231,17 +220,29 @@ def allocate_keeps(
             check_plan_for(model, config)
         except ConfigError:
             continue
-        pruned = apply_pruning(model, config)
-        try:
-            logits = predict(pruned, images, batch_size) if images.shape[0] else dense_logp[:0]
-        finally:
-            remove_pruning(pruned)
-        kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="sum"))
         tried.append({"keep": list(keeps), "estimated_ratio": flops.ratio(layers, keeps),
-                      "kl": sum_floats(kl)[0] / total})
+                      "kl": _kl_to_dense(model, config, images, dense_logp, batch_size)})
         if progress:
             progress("allocating keep ratios", i + 1, len(grid))
     if not tried:
         raise ConfigError(f"no allocation of keep ratios after blocks {layers} meets --flops {target}.")
     best = min(tried, key=lambda t: t["kl"])
     return tuple(best["keep"]), tried
+
+
+def _kl_to_dense(model: nn.Module, config: PruneConfig, images: Tensor, dense_logp: Tensor, batch_size: int,
+                 also: Callable[[nn.Module], None] | None = None) -> float:
+    """Mean KL(dense || reduced) over the images of every rank with ``model`` patched by ``config`` for the
+    forward (and ``also`` on the patched model), then the patch undone. ``images`` may be none on this rank."""
+    from ssmtrim.distributed import sum_counts, sum_floats
+    from ssmtrim.evaluate import predict
+
+    pruned = apply_pruning(model, config)
+    try:
+        logits = predict(pruned, images, batch_size) if images.shape[0] else dense_logp[:0]
+        if also is not None:
+            also(pruned)
+    finally:
+        remove_pruning(pruned)
+    kl = float(F.kl_div(F.log_softmax(logits, 1), dense_logp, log_target=True, reduction="sum"))
+    return sum_floats(kl)[0] / sum_counts(images.shape[0])[0]

@@ -16,16 +16,13 @@ from ssmtrim.models.registry import family_of
 from ssmtrim.models.vmamba import SubsampledScan
 from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
 from ssmtrim.pruning.engine import check_plan_for, feature_maps, reduced_forward
-from tests.models.test_vim import randomise
+from tests.models.test_vmamba_reduce import randomised_vmamba
 from tests.tolerance import assert_close_across_cpus
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = ssmtrim.create_model("vmamba_test").eval()
-    randomise(m, 1)
-    return m
+    return randomised_vmamba()
 
 
 def _reference(op, x: torch.Tensor, hw: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:

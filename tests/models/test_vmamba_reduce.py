@@ -17,12 +17,17 @@ from tests.models.test_vim import randomise
 from tests.tolerance import assert_close_across_cpus
 
 
-@pytest.fixture(scope="module")
-def model():
+def randomised_vmamba():
+    """The test VMamba with seeded random weights (shared by the VMamba reduction tests)."""
     torch.manual_seed(0)
     m = ssmtrim.create_model("vmamba_test").eval()
     randomise(m, 1)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomised_vmamba()
 
 
 @pytest.mark.parametrize("gap", ["bias", "mean", "zero"])
