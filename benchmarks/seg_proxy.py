@@ -125,8 +125,12 @@ def main() -> None:
     train_x, train_y = mosaics(xt, yt)
     test_x, test_y = mosaics(xs[order], ys[order])
     print(f"{len(train_x)} training and {len(test_x)} test mosaics [{time.perf_counter() - t0:.0f} s]", flush=True)
-    head = fit_head(maps_of(model, train_x, args.stage), train_y, classes, args.head_epochs)
-    dense_maps = maps_of(model, test_x, args.stage)
+    # the backbone at the mosaics' size (the reduction engine runs a model at the size it was loaded for); the keep
+    # ratios come from the model at its own size, as in the method table
+    side = tuple(test_x.shape[-2:])
+    backbone = ssmtrim.load_model(args.model, img_size=side).eval() if side != tuple(own.input_size[1:]) else model
+    head = fit_head(maps_of(backbone, train_x, args.stage), train_y, classes, args.head_epochs)
+    dense_maps = maps_of(backbone, test_x, args.stage)
     dense = miou(segment(head, dense_maps, test_y.shape[-1]), test_y, classes)
     print(f"dense: mIoU {dense:.2f}  (stage {args.stage} map {tuple(dense_maps.shape[1:])}) "
           f"[{time.perf_counter() - t0:.0f} s]", flush=True)
@@ -141,12 +145,12 @@ def main() -> None:
             config = PruneConfig.recommended(model, layers=layers, keep=(keep,), compensate="none") if row == "ours" \
                 else PruneConfig(layers=layers, **fields)
             try:
-                pruned = apply_pruning(model, config)
+                pruned = apply_pruning(backbone, config)
             except ConfigError as exc:
                 print(f"FLOPs x{target}: {row} not run ({exc})", flush=True)
                 continue
             value = miou(segment(head, maps_of(pruned, test_x, args.stage), test_y.shape[-1]), test_y, classes)
-            remove_pruning(model)
+            remove_pruning(backbone)
             result["rows"].setdefault(row, []).append({"target": target, "keep": config.keep[0], "miou": value})
             print(f"FLOPs x{target} (keep {config.keep[0]:.3f}) {row:6s} mIoU {value:.2f} ({value - dense:+.2f})",
                   flush=True)

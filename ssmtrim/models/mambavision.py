@@ -460,6 +460,14 @@ class MambaVisionFamily:
         return x if lv.conv else lv.to_windows(x)
 
     def embed(self, model: MambaVision, x: Tensor, keeps_positions: bool) -> tuple[tuple, TokenState]:
+        # the levels' grids (where windows are un-windowed and cropped) are the config's: another input size would
+        # be cut into the wrong number of windows per image
+        h, w = size_hw(model.config.img_size)
+        if tuple(x.shape[-2:]) != (h, w):
+            raise ConfigError(
+                f"this MambaVision model was loaded for {h}x{w} images but got {x.shape[-2]}x{x.shape[-1]}; load it "
+                f"for that size (ssmtrim.load_model(..., img_size=({x.shape[-2]}, {x.shape[-1]})), --img-size on "
+                "the command line) to reduce tokens or take feature maps at it.")
         x = self._enter(model, 0, model.patch_embed.conv_down(x))
         return (x,), self._state(model, 0, x, keeps_positions)
 

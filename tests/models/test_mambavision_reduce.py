@@ -67,6 +67,22 @@ def test_dense_feature_maps_are_its_level_outputs_and_reduced_ones_keep_their_sh
     assert [m.shape for m in reduced] == [m.shape for m in dense]
 
 
+def test_another_input_size_is_refused_by_the_engine_and_runs_when_loaded_for_it(model):
+    """The engine un-windows each level on the grid of the size the model was loaded for: 96x96 images through a
+    48x48 model would be cut into four times the windows per image, so they are refused in one sentence; loaded for
+    96x96 (the same weights), its feature maps are the dense model's levels at that size."""
+    import dataclasses
+
+    x = torch.randn(2, 3, 96, 96)
+    with pytest.raises(ConfigError, match="loaded for 48x48 images but got 96x96; load it for that size"):
+        feature_maps(model, x)
+    big = ssmtrim.create_model(dataclasses.replace(MULTI, img_size=96)).eval()
+    big.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(feature_maps(big, x), big.forward_stages(x), strict=True))
+        assert feature_maps(big, x)[2].shape == (2, 64, 6, 6)
+
+
 def test_only_mixer_blocks_of_window_levels_reduce(model):
     for layers in ((1,), (2,), (5,)):  # conv blocks, and an attention block
         with pytest.raises(ConfigError, match="can be reduced only after blocks 3,4,6"):
