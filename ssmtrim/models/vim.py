@@ -254,9 +254,18 @@ class Block(nn.Module):
         """(hidden, residual) (B L D) -> (mixer output, residual, the mixer's gated SSM output y (B L E), which token
         reduction scores). ``geometry`` says where the tokens of a reduced sequence sit (None: a full sequence);
         ``deltas`` collects softplus(Δ) (see :meth:`BiMambaMixer.ssm_output`)."""
+        out, residual, y, _ = self.run(hidden, residual, geometry, deltas)
+        return out, residual, y
+
+    def run(
+        self, hidden: Tensor, residual: Tensor | None, geometry: VimGeometry | None = None,
+        deltas: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`forward`, and also the normed mixer input (B L D) that it computed."""
         residual = hidden.float() if residual is None else residual + hidden.float()
-        y = self.mixer.ssm_output(self.norm(residual.to(self.norm.weight.dtype)), geometry, deltas)
-        return self.mixer.out_proj(y), residual, y
+        normed = self.norm(residual.to(self.norm.weight.dtype))
+        y = self.mixer.ssm_output(normed, geometry, deltas)
+        return self.mixer.out_proj(y), residual, y, normed
 
 
 class PatchEmbed(nn.Module):
@@ -440,9 +449,9 @@ class VimFamily:
                   geometry: VimGeometry | None, needs: frozenset[str] = frozenset()) -> BlockOutput:
         block = model.layers[index]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        hidden, residual, y = block(*streams, geometry, deltas)
-        mixer_input = block.norm(residual.to(block.norm.weight.dtype)) if "mixer_input" in needs else None
-        return BlockOutput((hidden, residual), y, deltas[0] if deltas else None, mixer_input)
+        hidden, residual, y, normed = block.run(*streams, geometry, deltas)
+        return BlockOutput((hidden, residual), y, deltas[0] if deltas else None,
+                           normed if "mixer_input" in needs else None)
 
     def geometry(self, model: VisionMamba, state: TokenState, plan) -> VimGeometry | None:
         """Tokens at their original positions (align): the conv reads original neighbours (``plan.conv ==

@@ -9,6 +9,7 @@ kernel's limit, another device) the op runs the reference loop inside itself, wh
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
@@ -24,6 +25,13 @@ _MAX_CONV_WIDTH = 64  # MAXK there: the widest conv the token-major conv and the
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _profiled(name: str) -> contextlib.AbstractContextManager:
+    """A profiler label around a C call, so that profiles show it; nothing when no profiler runs (entering a label
+    costs about as much as a small kernel call, which at batch 1 is a share of a block's time)."""
+    on = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)  # unknown: label it
+    return torch.profiler.record_function(name) if on else contextlib.nullcontext()
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
@@ -196,7 +204,7 @@ def conv_run(x: Tensor, conv: nn.Conv1d, positions: Tensor | None, length: int |
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(bsz, e, length, dtype=torch.float32)
     sb, se, sl = x.stride()
-    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu"):  # so that profiles show the C call
+    with _profiled("ssmtrim::causal_conv1d_silu"):  # so that profiles show the C call
         lib.ssm_conv_silu(_ptr(x), sb, se, sl, _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(out), bsz, e, length,
                           width, torch.get_num_threads())
     return out
@@ -216,7 +224,7 @@ def conv_backward(x: Tensor, conv: nn.Conv1d, positions: Tensor | None,
     grad = grad.float().contiguous()
     dx, dw = torch.zeros(bsz, e, length), torch.empty(e, width)
     db = None if bias is None else torch.empty(e)
-    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu_backward"):
+    with _profiled("ssmtrim::causal_conv1d_silu_backward"):
         lib.ssm_conv_silu_bwd(_ptr(x), _ptr(pos), _ptr(weight), _ptr(bias), 1, _ptr(grad), _ptr(dx), _ptr(dw),
                               _ptr(db), bsz, e, length, width, torch.get_num_threads())
     return dx, dw.view_as(conv.weight), db
@@ -251,11 +259,11 @@ def tokens_conv(x: Tensor, conv: nn.Conv1d, reverse: bool, positions: Tensor | N
     x = _rows(x)
     bsz, length, e = x.shape
     width = conv.kernel_size[0]
-    weight = conv.weight.detach().reshape(e, width).t().contiguous()  # (width, E): a tap's weights contiguous
+    weight = conv.weight.detach().contiguous()  # (E 1 width), as stored; the kernel lays a tap's weights out
     bias = None if conv.bias is None else conv.bias.detach().contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(bsz, length, e, dtype=torch.float32)
-    with torch.profiler.record_function("ssmtrim::causal_conv1d_silu"):
+    with _profiled("ssmtrim::causal_conv1d_silu"):
         lib.ssm_conv_silu_tok(_ptr(x), x.stride(0), x.stride(1), _ptr(pos), _ptr(weight), _ptr(bias), 1, int(reverse),
                               _ptr(out), bsz, e, length, width, torch.get_num_threads())
     return out
@@ -283,7 +291,7 @@ def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, del
     ptr_array = (ctypes.c_void_p * len(pointers))(*pointers)
     stride_array = (ctypes.c_long * len(strides))(*strides)
     zs = z.stride()[:2] if z is not None else (0, 0)
-    with torch.profiler.record_function("ssmtrim::selective_scan"):
+    with _profiled("ssmtrim::selective_scan"):
         lib.ssm_scan_bi_tok(ptr_array, stride_array, _ptr(z), zs[0], zs[1], int(delta_softplus), _ptr(out), bsz, e,
                             length, n, torch.get_num_threads())
     return out

@@ -568,10 +568,14 @@ void ssm_conv_silu_bwd(const float *x, const long *pos, const float *w, const fl
  * operation, so both layouts give the same bits. */
 
 /* ssm_conv_silu over x rows (B, L, E) with strides (sxb, sxl), E a multiple of W, read in scan order; out (B, L, E)
- * contiguous in scan order. pos (B, L), in scan order, as for ssm_conv_silu. The weights come transposed, wT (Kw, E), so that a tap's
- * weights are contiguous like the channels they multiply. */
-void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, const float *wT, const float *bias,
+ * contiguous in scan order. pos (B, L), in scan order, as for ssm_conv_silu. The weights w (E, Kw), as the conv
+ * stores them, are laid out here as wT (Kw, E), so that a tap's weights are contiguous like the channels they
+ * multiply. */
+void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, const float *w, const float *bias,
                        int silu, int rev, float *out, long Bn, long En, long Ln, long Kw, int nthreads) {
+    float *wT = (float *)malloc(sizeof(float) * Kw * En);
+    for (long e = 0; e < En; e++)
+        for (long m = 0; m < Kw; m++) wT[m * En + e] = w[e * Kw + m];
     /* token by token, each row whole, so that the rows stream through the cache in order; the taps a token reads
      * are listed first, so that each lane sums them in a register */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -605,6 +609,7 @@ void ssm_conv_silu_tok(const float *x, long sxb, long sxl, const long *pos, cons
                 memcpy(o + e0, res, sizeof res);
         }
     }
+    free(wT);
 }
 
 /* Rows e0..e0+nl-1 of token-major data (batch b) in scan order into a (L, WT) buffer. */

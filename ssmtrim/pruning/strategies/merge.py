@@ -47,46 +47,54 @@ def similarity_features(output: BlockOutput, metric: str) -> Tensor:
 
 
 def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tensor, dst: Tensor,
-                   removed: Tensor) -> tuple[Streams, TokenState]:
+                   removed: Tensor, index: Tensor | None = None) -> tuple[Streams, TokenState]:
     """The tokens that stay (all but ``removed`` (B R'), in their order), with the tokens ``src`` (B R, among the
     removed) averaged into ``dst`` (B R, current indices of staying tokens), size-weighted: a staying token becomes
     (its value x its size + the sum of its merged tokens' values x their sizes) / the sum of the sizes, and that sum is
-    its new size. Removed tokens not in ``src`` are dropped. Only the staying tokens are computed."""
+    its new size. Removed tokens not in ``src`` are dropped. Only the staying tokens are computed. ``index`` (B K),
+    when the caller has it: the staying tokens' current indices in increasing order (else found from ``removed``)."""
     bsz, length = sizes.shape
-    keep = torch.ones(bsz, length, dtype=torch.bool, device=sizes.device).scatter(
-        1, removed, torch.zeros_like(removed, dtype=torch.bool))
+    device = sizes.device
     staying = int(length) - removed.shape[1]
-    if tracing():  # a stable sort puts the staying tokens first, in order: no data-dependent shape to trace
-        index = torch.sort((~keep).long(), dim=1, stable=True).indices[:, :staying]
-    else:  # the same indices, cheaper
-        index = torch.arange(length, device=sizes.device).expand(bsz, -1)[keep].view(bsz, staying)
+    if index is None:
+        keep = torch.ones(bsz, length, dtype=torch.bool, device=device).scatter(
+            1, removed, torch.zeros_like(removed, dtype=torch.bool))
+        if tracing():  # a stable sort puts the staying tokens first, in order: no data-dependent shape to trace
+            index = torch.sort((~keep).long(), dim=1, stable=True).indices[:, :staying]
+        else:  # the same indices, cheaper
+            index = torch.arange(length, device=device).expand(bsz, -1)[keep].view(bsz, staying)
     kept_sizes = gather_tokens(sizes, index)
+    # where each current token stays: its slot among the staying tokens (-1: removed)
+    slot_of = torch.full((bsz, length), -1, dtype=torch.long, device=device).scatter(
+        1, index, torch.arange(staying, device=device).expand(bsz, -1))
     if src.shape[1]:
-        slot = torch.zeros(bsz, length, dtype=torch.long, device=sizes.device).scatter(
-            1, index, torch.arange(index.shape[1], device=sizes.device).expand(bsz, -1))  # current -> kept index
-        to = slot.gather(1, dst)
+        to = slot_of.gather(1, dst)  # B R: the slot each merged token goes to
+        # one index_add over the batch's rows (slot + image x K): the staying value first, then the merged ones in
+        # src order, as a scatter_add along the tokens would sum them
+        flat_to = (to + torch.arange(bsz, device=device)[:, None] * staying).reshape(-1)
         w_src = gather_tokens(sizes, src)
-        total = kept_sizes.scatter_add(1, to, w_src)
+        total = kept_sizes.reshape(-1).index_add(0, flat_to, w_src.reshape(-1)).view(bsz, staying)
         merged = []
         for t in streams:
             if t is None:
                 merged.append(None)
                 continue
-            acc = gather_tokens(t, index).float() * kept_sizes[..., None]
-            acc = acc.scatter_add(1, to[..., None].expand(-1, -1, t.shape[-1]), gather_tokens(t, src).float() *
-                                  w_src[..., None])  # fmt: skip
-            merged.append((acc / total[..., None]).to(t.dtype))
+            rows = t.shape[2:]
+            acc = (gather_tokens(t, index).float() * kept_sizes[..., None]).reshape(bsz * staying, *rows)
+            acc = acc.index_add_(0, flat_to, (gather_tokens(t, src).float() * w_src[..., None]).reshape(-1, *rows))
+            merged.append((acc.view(bsz, staying, *rows) / total[..., None]).to(t.dtype))
         streams, kept_sizes = tuple(merged), total
     else:
         streams = tuple(None if t is None else gather_tokens(t, index) for t in streams)
-    new_cls = state.protected_after(index)
+    protected = state.protected_index()
+    new_cls = None if protected is None else slot_of.gather(1, protected)  # protected tokens always stay
+    if new_cls is not None and state.cls_index.dim() == 1:
+        new_cls = new_cls[:, 0]
     new_state = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
                               sizes=kept_sizes)
     if not state.track_owner:
         return streams, new_state
     # where each current token went: a staying token to its slot, a merged one to its target's, a dropped one nowhere
-    slot_of = torch.full((bsz, length), -1, dtype=torch.long, device=sizes.device).scatter(
-        1, index, torch.arange(index.shape[1], device=sizes.device).expand(bsz, -1))
     moved = slot_of.scatter(1, src, slot_of.gather(1, dst)) if src.shape[1] else slot_of
     return streams, new_state.replace(owner=owner_after(state, new_state, moved))
 
@@ -118,18 +126,18 @@ class Merge(Strategy):
                 _nearest_similarity(features, protected), protected)
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
+        index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
         n_drop = int(round(step.plan.option("drop_fraction") * removed))
         src = src_all[:, n_drop:]
         dst = src  # nothing merged: no target needed
         if src.shape[1]:
             if features is None:
                 features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
-            sim = gather_tokens(features, src) @ features.transpose(1, 2)  # B R L
-            targets = torch.ones(bsz, length, dtype=torch.bool, device=scores.device).scatter(
-                1, src_all, torch.zeros_like(src_all, dtype=torch.bool))
-            sim = sim.masked_fill(~(targets & ~protected)[:, None, :], float("-inf"))
-            dst = sim.argmax(-1)
-        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src_all)
+            # each merged token's most similar staying unprotected token (the first on a tie, in token order)
+            sim = gather_tokens(features, src) @ gather_tokens(features, index).transpose(1, 2)  # B R K
+            sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))
+            dst = index.gather(1, sim.argmax(-1))
+        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src_all, index)
 
 
 def _nearest_similarity(features: Tensor, protected: Tensor) -> Tensor:
