@@ -41,18 +41,21 @@ def load(name: str) -> torch.nn.Module:
     return ssmtrim.create_model(name).eval()
 
 
-def rate(call, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> float:
-    """Images/s of ``call(x)``, median of ``repeats`` timings of ``iters`` calls."""
+def rates(calls, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> list[float]:
+    """Images/s of each of ``calls`` on x, median of ``repeats`` timings of ``iters`` calls, the calls taking turns
+    (dense, reduced, dense, ...) so that a slow spell of a shared machine falls on both."""
     clock = time.thread_time if torch.get_num_threads() == 1 and not wall else time.perf_counter
-    for _ in range(warmup):
-        call(x)
-    rates = []
-    for _ in range(repeats):
-        t0 = clock()
-        for _ in range(iters):
+    for call in calls:
+        for _ in range(warmup):
             call(x)
-        rates.append(iters * x.shape[0] / (clock() - t0))
-    return statistics.median(rates)
+    measured: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, out in zip(calls, measured, strict=True):
+            t0 = clock()
+            for _ in range(iters):
+                call(x)
+            out.append(iters * x.shape[0] / (clock() - t0))
+    return [statistics.median(m) for m in measured]
 
 
 def main() -> None:
@@ -87,8 +90,7 @@ def main() -> None:
             for runtime, (d, r) in runtimes.items():
                 for label, batch in (("batch", x_many), ("one", x_one)):
                     n = 1 if label == "batch" else 5
-                    rd = rate(d, batch, 1, args.iters * n, args.repeats)
-                    rr = rate(r, batch, 1, args.iters * n, args.repeats)
+                    rd, rr = rates((d, r), batch, 1, args.iters * n, args.repeats)
                     row[f"{runtime}_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
                                                  "realised": rr / rd / row["flops_ratio"]}
             if args.onnx:
@@ -99,11 +101,8 @@ def main() -> None:
                     for kind, m in (("dense", dense), ("reduced", reduced)):
                         path = os.path.join(tmp, f"{kind}_{batch.shape[0]}.onnx")
                         export_onnx(m, path, batch_size=batch.shape[0], check_images=batch)
-                        session = OnnxModel(path, threads=torch.get_num_threads())
-                        arr = batch.numpy()
-                        runners.append(rate(lambda a, s=session: s.run(a), arr, 1, args.iters, args.repeats,
-                                            wall=True))
-                    rd, rr = runners
+                        runners.append(lambda a, s=OnnxModel(path, threads=torch.get_num_threads()): s.run(a))
+                    rd, rr = rates(runners, batch.numpy(), 1, args.iters, args.repeats, wall=True)
                     row[f"onnxruntime_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
                                                    "realised": rr / rd / row["flops_ratio"]}
         results.append(row)
