@@ -158,7 +158,9 @@ def main() -> None:
     for target in targets:
         keep = keep_for(estimate, layers, target)
         if keep is None:
-            print(f"target {target}: unreachable with layers {layers}", flush=True)
+            floor = estimate.ratio(layers, 0.01)  # every step at the smallest keep keep_for tries
+            print(f"target {target}: unreachable with layers {layers} (at most {1 - floor:.0%} fewer FLOPs there: "
+                  "the blocks before the first reduction point and what is not a block keep theirs)", flush=True)
             continue
         for row in rows:
             label = ROWS[row][0]
