@@ -12,6 +12,7 @@ images) with the option set to each value in turn.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -54,11 +55,14 @@ def main() -> None:
     flops = FlopsModel(model, "paper")
     print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}", flush=True)
     rows = []
+    plan_fields = {f.name for f in dataclasses.fields(PruneConfig)}
     for target in (float(t) for t in args.targets.split(",")):
         keep = keep_for(flops, base.layers, target)
         for value in values:
             start = time.perf_counter()
-            config = base.replace(keep=(keep,), options={**dict(base.options), name: value})
+            # an option kept as a field of the plan (metric, gap, ...) is set as one; the others in ``options``
+            setting = {name: value} if name in plan_fields else {"options": {**dict(base.options), name: value}}
+            config = base.replace(keep=(keep,), **setting)
             reduce_on(model, config, xc, args.batch_size)
             r = evaluate_tensors(model, x, y, dense_logits, args.batch_size)
             remove_pruning(model)

@@ -23,7 +23,8 @@ GapOpt = Annotated[str | None, typer.Option("--gap", help="Δ estimate for skipp
 ConvOpt = Annotated[str | None, typer.Option("--conv", help="Conv neighbours of a reduced Vim: original positions or "
                                              "the kept tokens (Vim's default: kept).")]
 MetricOpt = Annotated[str | None, typer.Option("--metric", help="Merging: token similarity on the normed mixer input "
-                                               "(input, default), the SSM output (y) or softplus(Δ) (delta).")]
+                                               "(input, default), the SSM output (y), softplus(Δ) (delta) or "
+                                               "the SSM's B and C (bc; Vim, Mamba®).")]
 CompensateOpt = Annotated[str | None, typer.Option("--compensate", help="Closed-form correction fitted on the "
                                                    "calibration images and folded into the classifier: head or none "
                                                    "(default: the family's recommendation, head).")]

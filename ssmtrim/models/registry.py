@@ -127,8 +127,9 @@ class Family(Protocol):
     def run_block(self, model: nn.Module, index: int, streams: tuple, state: Any, geometry: Any,
                   needs: frozenset[str] = frozenset()) -> Any:
         """One block on the current tokens -> BlockOutput (streams, y (B L E) for the scores, and what ``needs``
-        asks for: "delta" softplus(Δ) (B L E), "mixer_input" the normed mixer input (B L D); a family that gives
-        neither may omit the argument, and scores or strategies that need them then say so)."""
+        asks for: "delta" softplus(Δ) (B L E), "mixer_input" the normed mixer input (B L D), "bc" the SSM's B and C
+        of every scan direction (B L F); a family that gives none may omit the argument, and scores or strategies
+        that need them then say so)."""
         ...
 
     def geometry(self, model: nn.Module, state: Any, plan: Any) -> Any:
@@ -148,7 +149,7 @@ class Family(Protocol):
     # recommended_plan(config) -> PruneConfig fields used where the user names no strategy option (chosen by
     #   measurement, see the README's method table) and ``layers``, the hand-set schedule a FLOPs-target search always
     #   considers; default: the plan's defaults after 1/4, 1/2, 3/4 of the blocks (recommended_plan_of)
-    # provides(config) -> what run_block hands over when ``needs`` asks: "delta", "mixer_input"; default: nothing
+    # provides(config) -> what run_block hands over when ``needs`` asks: "delta", "mixer_input", "bc"; default: nothing
     #   beyond y (provides_of); a plan whose score or strategy needs more is refused when applied
     # num_protected(config) -> tokens never reduced (registers); default: one if has_class_token (num_protected_of)
     # data_config(config) -> the release's eval preprocessing for an unregistered size; default ImageNet's
@@ -193,10 +194,10 @@ def default_data_of(family: Family, config: Any) -> DataConfig:
 
 
 def provides_of(family: Family, config: Any) -> frozenset[str]:
-    """What the family gives a plan besides y: its optional ``provides(config)`` ("delta" softplus(Δ) and
-    "mixer_input" the normed mixer input, handed over by ``run_block`` when asked; "condensed": its blocks run kept
-    tokens as a new sequence without their positions), else "condensed" alone; a plan whose score or strategy needs
-    more is refused when it is applied."""
+    """What the family gives a plan besides y: its optional ``provides(config)`` ("delta" softplus(Δ),
+    "mixer_input" the normed mixer input and "bc" the SSM's B and C, handed over by ``run_block`` when asked;
+    "condensed": its blocks run kept tokens as a new sequence without their positions), else "condensed" alone; a plan
+    whose score or strategy needs more is refused when it is applied."""
     provides = getattr(family, "provides", None)
     return frozenset(provides(config)) if provides is not None else frozenset({"condensed"})
 

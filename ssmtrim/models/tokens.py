@@ -94,6 +94,9 @@ class BlockOutput:
     y: Tensor  # B L E, the gated SSM output in the current token order (what the scores read)
     delta: Tensor | None = None  # B L E, softplus(Δ) in the current token order, when asked for ("delta")
     mixer_input: Tensor | None = None  # B L D, the normed input of the block's mixer, when asked for ("mixer_input")
+    # B L F, the SSM's input and output projections B and C of every scan direction side by side, in the current token
+    # order, when asked for ("bc")
+    bc: Tensor | None = None
 
 
 def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tensor:

@@ -176,9 +176,10 @@ class BiMambaMixer(nn.Module):
         return counts, estimate  # G = counts x estimate, formed inside the scan
 
     def branch(self, x: Tensor, z: Tensor, backward: bool, geometry: VimGeometry | None = None,
-               deltas: list[Tensor] | None = None) -> Tensor:
+               deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None) -> Tensor:
         """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L). With a
-        ``deltas`` list, softplus(Δ) of this direction (B E L, scan order) is appended to it."""
+        ``deltas`` list, softplus(Δ) of this direction (B E L, scan order) is appended to it; with a ``bcs`` list, its
+        B and C side by side (B L 2N, scan order)."""
         s = "_b" if backward else ""
         x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
         A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
@@ -190,26 +191,32 @@ class BiMambaMixer(nn.Module):
         gap, gap_scale = self.decay_gap(dt, backward, geometry) or (None, None)
         if deltas is not None:
             deltas.append(F.softplus(dt.float() + dt_proj.bias.float()[:, None]))
+        if bcs is not None:
+            bcs.append(torch.cat([b, c], dim=-1))
         return selective_scan(
             x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
             delta_softplus=True, gap=gap, gap_scale=gap_scale,
         )  # fmt: skip
 
     def ssm_output(self, hidden: Tensor, geometry: VimGeometry | None = None,
-                   deltas: list[Tensor] | None = None) -> Tensor:
+                   deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None) -> Tensor:
         """hidden (B L D) -> averaged gated output of both directions, original order (B L E). With a ``deltas``
-        list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it."""
-        if deltas is None:
+        list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it; with a ``bcs``
+        list, both directions' B and C side by side in original order (B L 4N)."""
+        if deltas is None and bcs is None:
             kernels = token_kernels(hidden, self, (self.conv1d, self.conv1d_b), self.d_inner, self.d_state)
             if kernels is not None:
                 return self.ssm_output_tokens(hidden, kernels, geometry)
         xz = self.in_proj(hidden).transpose(1, 2)  # B 2E L
         x, z = xz.chunk(2, dim=1)
         per_direction: list[Tensor] | None = [] if deltas is not None else None
-        y_f = self.branch(x, z, False, geometry, per_direction)
-        y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction).flip(-1)
+        bc_direction: list[Tensor] | None = [] if bcs is not None else None
+        y_f = self.branch(x, z, False, geometry, per_direction, bc_direction)
+        y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction, bc_direction).flip(-1)
         if deltas is not None:
             deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
+        if bcs is not None:
+            bcs.append(torch.cat([bc_direction[0], bc_direction[1].flip(1)], dim=-1))
         # rows (B L E), as the token-major kernels give them: out_proj would copy the transposed view anyway, and the
         # scores' reductions over E then sum in the same order on both paths
         return ((y_f + y_b) / 2).transpose(1, 2).contiguous()
@@ -259,12 +266,13 @@ class Block(nn.Module):
 
     def run(
         self, hidden: Tensor, residual: Tensor | None, geometry: VimGeometry | None = None,
-        deltas: list[Tensor] | None = None,
+        deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`forward`, and also the normed mixer input (B L D) that it computed."""
+        """:meth:`forward`, and also the normed mixer input (B L D) that it computed; ``bcs`` as for
+        :meth:`BiMambaMixer.ssm_output`."""
         residual = hidden.float() if residual is None else residual + hidden.float()
         normed = self.norm(residual.to(self.norm.weight.dtype))
-        y = self.mixer.ssm_output(normed, geometry, deltas)
+        y = self.mixer.ssm_output(normed, geometry, deltas, bcs)
         return self.mixer.out_proj(y), residual, y, normed
 
 
@@ -449,9 +457,10 @@ class VimFamily:
                   geometry: VimGeometry | None, needs: frozenset[str] = frozenset()) -> BlockOutput:
         block = model.layers[index]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        hidden, residual, y, normed = block.run(*streams, geometry, deltas)
+        bcs: list[Tensor] | None = [] if "bc" in needs else None
+        hidden, residual, y, normed = block.run(*streams, geometry, deltas, bcs)
         return BlockOutput((hidden, residual), y, deltas[0] if deltas else None,
-                           normed if "mixer_input" in needs else None)
+                           normed if "mixer_input" in needs else None, bcs[0] if bcs else None)
 
     def geometry(self, model: VisionMamba, state: TokenState, plan) -> VimGeometry | None:
         """Tokens at their original positions (align): the conv reads original neighbours (``plan.conv ==
@@ -500,7 +509,7 @@ class VimFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input", "condensed"})
+        return frozenset({"delta", "mixer_input", "bc", "condensed"})
 
     def check_plan(self, plan) -> None:
         pass  # every option applies

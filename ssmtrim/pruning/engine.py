@@ -290,7 +290,7 @@ def check_provides(model: nn.Module, config: PruneConfig) -> None:
         missing = plugin.needs(config) - provides
         if missing:
             said = " and ".join(_NEEDS.get(m, m) for m in sorted(missing))
-            hint = " (a merge's --metric y needs nothing more)" if missing <= {"mixer_input", "delta"} else ""
+            hint = " (a merge's --metric y needs nothing more)" if missing <= {"mixer_input", "delta", "bc"} else ""
             raise ConfigError(f"{what} (as set) needs {said}, which a {family.name} model does not give; choose "
                               f"another score or strategy{hint}.")
 
@@ -298,6 +298,7 @@ def check_provides(model: nn.Module, config: PruneConfig) -> None:
 _CAPABILITIES = frozenset({"condensed", "subsampled_scan"})
 # what a score or strategy may need from a family, in words
 _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' normed mixer input",
+          "bc": "the SSM's B and C from the blocks",
           "condensed": "blocks that run the kept tokens as a new sequence without their grid positions",
           "subsampled_scan": "scans that can read a strided part of the grid (as VMamba's cross-scan can)"}
 

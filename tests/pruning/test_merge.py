@@ -231,3 +231,35 @@ def test_redundancy_lowers_the_rank_of_a_token_with_a_near_copy():
     assert survivors(0.0) == by_hand(0.0) == [0, 1, 3, 5]  # importance alone: 2 and 4 leave
     assert survivors(2.0) == by_hand(2.0)
     assert 0 not in survivors(2.0) or 1 not in survivors(2.0)  # one of the near copies now leaves
+
+
+def test_bc_metric_reads_both_directions_b_and_c_in_original_order(vim, plain):
+    """``--metric bc``: a Vim block hands over its SSM's B and C, forward direction then backward, each token's row in
+    its original place (the backward direction's computed on the reversed sequence and put back), which is what
+    the merge's similarity then reads; a family that does not give them refuses the plan in one sentence."""
+    from ssmtrim.models.registry import family_of
+
+    mixer = vim.layers[1].mixer
+    hidden = torch.randn(2, 9, vim.config.embed_dim)
+    with torch.no_grad():
+        normed = vim.layers[1].norm(hidden)
+        x = mixer.in_proj(normed)[..., : mixer.d_inner]
+        expected = []
+        for backward, seq in ((False, x), (True, x.flip(1))):
+            conv = mixer.conv1d_b if backward else mixer.conv1d
+            xc = F.silu(conv(seq.transpose(1, 2))[..., : seq.shape[1]]).transpose(1, 2)
+            proj = (mixer.x_proj_b if backward else mixer.x_proj)(xc)[..., mixer.dt_rank:]  # B then C
+            expected.append(proj.flip(1) if backward else proj)
+        family = family_of(vim)
+        state = TokenState(torch.arange(9).expand(2, -1), None, 9, (3, 3), True)
+        out = family.run_block(vim, 1, (hidden, None), state, None, frozenset({"bc"}))
+    torch.testing.assert_close(out.bc, torch.cat(expected, dim=-1), rtol=1e-5, atol=1e-6)
+    assert out.bc.shape == (2, 9, 4 * vim.config.d_state)
+    x_img = _images(vim)
+    with torch.no_grad():
+        by_input = reduced_forward(vim, x_img, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge")).logits
+        by_bc = reduced_forward(vim, x_img, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge",
+                                                        metric="bc")).logits
+    assert torch.isfinite(by_bc).all() and not torch.equal(by_bc, by_input)
+    with pytest.raises(ConfigError, match="needs the SSM's B and C from the blocks, which a plainmamba model does not"):
+        apply_pruning(plain, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", metric="bc"))

@@ -24,7 +24,8 @@ from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
 
 METRIC = Option("metric", "input", "what token similarity is measured on: input the normed input of the block's "
-                "mixer (measured best), y the gated SSM output, delta softplus(Δ)", choices=("input", "y", "delta"))
+                "mixer (measured best), y the gated SSM output, delta softplus(Δ), bc the SSM's B and C of every "
+                "scan direction", choices=("input", "y", "delta", "bc"))
 DROP_FRACTION = Option("drop_fraction", 0.0, "the share of the removed tokens, the least important, dropped instead "
                        "of merged (UTR's prune-then-merge)", low=0.0, high=1.0)
 
@@ -35,12 +36,12 @@ REDUNDANCY = Option("redundancy", 0.0, "how much a token's redundancy (its highe
 
 def needs_of_metric(metric: str) -> frozenset[str]:
     """What the family must hand over for ``metric``."""
-    return frozenset({"input": {"mixer_input"}, "delta": {"delta"}}.get(metric, ()))
+    return frozenset({"input": {"mixer_input"}, "delta": {"delta"}, "bc": {"bc"}}.get(metric, ()))
 
 
 def similarity_features(output: BlockOutput, metric: str) -> Tensor:
     """B L F features whose cosine similarity decides where a token is merged."""
-    features = {"input": output.mixer_input, "y": output.y, "delta": output.delta}[metric]
+    features = {"input": output.mixer_input, "y": output.y, "delta": output.delta, "bc": output.bc}[metric]
     if features is None:
         raise ConfigError(f"--metric {metric} needs what this model family does not give; choose --metric y.")
     return features
