@@ -1,0 +1,130 @@
+"""Where a reduced model's time goes at batch 1: the blocks at each token count, the reduction steps, the rest.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_batch1.py [--model vim_cifar256] [--keep 0.7] [--repeats 15]
+
+One image through the model's recommended plan (merge at ``--keep`` after its recommended blocks, compensation off),
+captured once; then, timed in turns (one thread's CPU time, median of ``--repeats``; on a shared machine a slow spell
+falls on all of them): the dense forward, the reduced forward, the reduced model's blocks alone on the captured inputs
+(each at the token count it ran at), its reduction steps alone on the captured block outputs (score, strategy,
+geometry), and one block at several token counts, from which a block's fixed cost (the intercept of a straight line
+through the times) and its cost per token are fitted. What the reduced forward spends beyond its blocks and steps is
+the engine's loop and what caches lose between calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import ssmtrim
+from ssmtrim.models.loading import data_config_of
+from ssmtrim.models.registry import family_of
+from ssmtrim.pruning import PruneConfig, apply_pruning, engine
+from ssmtrim.pruning.state import PruneStats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str) -> torch.nn.Module:
+    bundled = ROOT / "examples" / name
+    if bundled.is_dir():
+        return ssmtrim.load_model(bundled).eval()
+    torch.manual_seed(0)
+    return ssmtrim.create_model(name).eval()
+
+
+def timed(calls: dict, repeats: int, inner: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each of ``calls``, median of ``repeats`` turns of ``inner`` calls each."""
+    for call in calls.values():
+        call()
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.thread_time()
+            for _ in range(inner):
+                call()
+            out[name].append((time.thread_time() - t0) / inner * 1e3)
+    return {name: statistics.median(v) for name, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vim_cifar256")
+    ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    dense = load(args.model)
+    config = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none")
+    reduced = apply_pruning(load(args.model), config)
+    family = family_of(dense)
+    x = torch.randn(1, *data_config_of(dense).input_size)
+    blocks, steps = [], []
+    run_block, reduce_after = family.run_block, engine._reduce_after
+
+    def capture_block(model, i, streams, state, geometry, needs=frozenset()):
+        blocks.append((i, streams, state, geometry, needs))
+        return run_block(model, i, streams, state, geometry, needs)
+
+    def capture_step(*step_args):
+        steps.append(step_args)
+        return reduce_after(*step_args)
+
+    family.run_block, engine._reduce_after = capture_block, capture_step
+    try:
+        with torch.no_grad():
+            reduced(x)
+    finally:
+        family.run_block, engine._reduce_after = run_block, reduce_after
+
+    def blocks_alone():
+        for i, streams, state, geometry, needs in blocks:
+            run_block(reduced, i, streams, state, geometry, needs)
+
+    def steps_alone():
+        for step_args in steps:
+            reduce_after(*step_args[:-2], PruneStats(), None)
+
+    tokens = sorted({b[2].num_tokens for b in blocks}, reverse=True)
+    full = next(b for b in blocks if b[2].num_tokens == tokens[0])
+    index = full[0]
+
+    def one_block(n: int):
+        i, streams, state, geometry, _ = full
+        cut = tuple(None if t is None else t[:, :n] for t in streams)
+        return lambda: run_block(reduced, i, cut, state, None)
+
+    sizes = [tokens[0], *tokens[1:], max(tokens[-1] // 4, 2)]
+    with torch.no_grad():
+        try:  # a family whose blocks read the token grid (PlainMamba) cannot run a cut sequence: no fit then
+            one_block(sizes[-1])()
+        except Exception:  # noqa: BLE001
+            sizes = []
+        got = timed({"dense": lambda: dense(x), "reduced": lambda: reduced(x), "blocks": blocks_alone,
+                     "steps": steps_alone, **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
+    n_steps = len(steps)
+    print(f"{args.model}: {config.arrangement} at keep {args.keep} after {config.layers}, tokens per block "
+          f"{[b[2].num_tokens for b in blocks]}, one image, one thread's CPU time, median of {args.repeats}")
+    print(f"  dense forward           {got['dense']:7.2f} ms")
+    print(f"  reduced forward         {got['reduced']:7.2f} ms   speed-up {got['dense'] / got['reduced']:.2f}x")
+    print(f"    its blocks alone      {got['blocks']:7.2f} ms   (dense forward / these: "
+          f"{got['dense'] / got['blocks']:.2f}x)")
+    per_step = got["steps"] / max(n_steps, 1)
+    print(f"    its {n_steps} steps alone     {got['steps']:7.2f} ms   ({per_step:.2f} ms a step)")
+    print(f"    the rest              {got['reduced'] - got['blocks'] - got['steps']:7.2f} ms")
+    if not sizes:
+        print("  (its blocks read the token grid: no block timed alone at other token counts)")
+        return
+    ns = torch.tensor([float(n) for n in sizes])
+    ts = torch.tensor([got[f"block@{n}"] for n in sizes])
+    slope = float(((ns - ns.mean()) * (ts - ts.mean())).sum() / ((ns - ns.mean()) ** 2).sum())
+    fixed = float(ts.mean() - slope * ns.mean())
+    cells = ", ".join(f"{n} tokens {got[f'block@{n}']:.2f}" for n in sizes)
+    print(f"  block {index + 1} alone (ms): {cells}; fitted: {fixed:.2f} ms fixed + {slope * 1e3:.1f} us a token")
+
+
+if __name__ == "__main__":
+    main()
