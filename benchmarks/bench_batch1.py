@@ -3,12 +3,13 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_batch1.py [--model vim_cifar256] [--keep 0.7] [--repeats 15]
 
 One image through the model's recommended plan (merge at ``--keep`` after its recommended blocks, compensation off),
-captured once; then, timed in turns (one thread's CPU time, median of ``--repeats``; on a shared machine a slow spell
-falls on all of them): the dense forward, the reduced forward, the reduced model's blocks alone on the captured inputs
-(each at the token count it ran at), its reduction steps alone on the captured block outputs (score, strategy,
-geometry), and one block at several token counts, from which a block's fixed cost (the intercept of a straight line
-through the times) and its cost per token are fitted. What the reduced forward spends beyond its blocks and steps is
-the engine's loop and what caches lose between calls.
+captured once, and through the dense model; then, timed in turns (one thread's CPU time, median of ``--repeats``; on
+a shared machine a slow spell falls on all of them): the dense and the reduced forward, each model's blocks alone on
+the captured inputs (each at the token count it ran at), the reduction steps alone on the captured block outputs
+(score, strategy, geometry), and one block at several token counts, from which a block's fixed cost (the intercept of
+a straight line through the times) and its cost per token are fitted. What a forward spends beyond its blocks (and
+steps) is the embedding, the head, the engine's loop and whatever else a whole forward costs that its parts run alone
+do not.
 """
 
 from __future__ import annotations
@@ -77,12 +78,21 @@ def main() -> None:
     try:
         with torch.no_grad():
             reduced(x)
+            dense_blocks_from, steps_of_reduced = len(blocks), len(steps)
+            # the dense model's blocks through the same engine, nothing reduced
+            engine.reduced_forward(dense, x, PruneConfig(layers=(1,), keep=(1.0,)))
     finally:
         family.run_block, engine._reduce_after = run_block, reduce_after
+    blocks, dense_blocks = blocks[:dense_blocks_from], blocks[dense_blocks_from:]
+    del steps[steps_of_reduced:]
 
     def blocks_alone():
         for i, streams, state, geometry, needs in blocks:
             run_block(reduced, i, streams, state, geometry, needs)
+
+    def dense_blocks_alone():
+        for i, streams, state, geometry, needs in dense_blocks:
+            run_block(dense, i, streams, state, geometry, needs)
 
     def steps_alone():
         for step_args in steps:
@@ -103,15 +113,18 @@ def main() -> None:
             one_block(sizes[-1])()
         except Exception:  # noqa: BLE001
             sizes = []
-        got = timed({"dense": lambda: dense(x), "reduced": lambda: reduced(x), "blocks": blocks_alone,
+        got = timed({"dense": lambda: dense(x), "dense blocks": dense_blocks_alone, "reduced": lambda: reduced(x),
+                     "blocks": blocks_alone,
                      "steps": steps_alone, **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
     n_steps = len(steps)
     print(f"{args.model}: {config.arrangement} at keep {args.keep} after {config.layers}, tokens per block "
           f"{[b[2].num_tokens for b in blocks]}, one image, one thread's CPU time, median of {args.repeats}")
     print(f"  dense forward           {got['dense']:7.2f} ms")
+    print(f"    its blocks alone      {got['dense blocks']:7.2f} ms   (the rest: "
+          f"{got['dense'] - got['dense blocks']:.2f} ms)")
     print(f"  reduced forward         {got['reduced']:7.2f} ms   speed-up {got['dense'] / got['reduced']:.2f}x")
-    print(f"    its blocks alone      {got['blocks']:7.2f} ms   (dense forward / these: "
-          f"{got['dense'] / got['blocks']:.2f}x)")
+    print(f"    its blocks alone      {got['blocks']:7.2f} ms   (the dense blocks / these: "
+          f"{got['dense blocks'] / got['blocks']:.2f}x)")
     per_step = got["steps"] / max(n_steps, 1)
     print(f"    its {n_steps} steps alone     {got['steps']:7.2f} ms   ({per_step:.2f} ms a step)")
     print(f"    the rest              {got['reduced'] - got['blocks'] - got['steps']:7.2f} ms")
