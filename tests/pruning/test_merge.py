@@ -263,3 +263,31 @@ def test_bc_metric_reads_both_directions_b_and_c_in_original_order(vim, plain):
     assert torch.isfinite(by_bc).all() and not torch.equal(by_bc, by_input)
     with pytest.raises(ConfigError, match="needs the SSM's B and C from the blocks, which a plainmamba model does not"):
         apply_pruning(plain, PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", metric="bc"))
+
+
+def test_protect_around_keeps_the_class_tokens_neighbours(vim):
+    """``--option protect_around=R``: every token within R original positions of the class token stays through each
+    step while the step keeps enough tokens for them; R = 0 is the plain ranking."""
+    x = _images(vim)
+    cls = vim.config.cls_position
+    near = set(range(cls - 2, cls + 3))
+    with torch.no_grad():
+        plain = reduced_forward(vim, x, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge"))
+        zero = reduced_forward(vim, x, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge",
+                                                   options={"protect_around": 0}))
+        kept = reduced_forward(vim, x, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge",
+                                                   options={"protect_around": 2}))
+    assert torch.equal(zero.logits, plain.logits)
+    for b in range(x.shape[0]):
+        assert near <= set(kept.state.positions[b].tolist())
+    assert any(not near <= set(plain.state.positions[b].tolist()) for b in range(x.shape[0]))  # it changed something
+    assert torch.equal(kept.state.sizes.sum(1), torch.full((x.shape[0],), float(kept.state.length)))
+
+
+def test_protect_around_never_removes_the_class_token_when_a_step_keeps_fewer_than_its_neighbours(vim):
+    """A step that keeps fewer tokens than stand around the class token still keeps the class token itself."""
+    x = _images(vim)
+    with torch.no_grad():
+        out = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.05,), arrangement="merge",
+                                                  options={"protect_around": 10}))
+    assert (out.state.positions.gather(1, out.state.cls_index[:, None]) == vim.config.cls_position).all()

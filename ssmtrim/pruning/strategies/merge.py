@@ -33,6 +33,10 @@ REDUNDANCY = Option("redundancy", 0.0, "how much a token's redundancy (its highe
                     "standardised per image) lowers its importance when choosing the tokens that leave: 0 importance "
                     "alone", low=0.0, high=10.0)
 
+PROTECT_AROUND = Option("protect_around", 0, "tokens within this many original positions of a protected token (the "
+                        "class token) always stay (after STM's protection of the hidden states around the class "
+                        "token): 0 none", low=0, high=100000)
+
 
 def needs_of_metric(metric: str) -> frozenset[str]:
     """What the family must hand over for ``metric``."""
@@ -108,7 +112,7 @@ def sizes_of(state: TokenState) -> Tensor:
 class Merge(Strategy):
     name = "merge"
     keeps_positions = True
-    options = (METRIC, DROP_FRACTION, REDUNDANCY, GAP)
+    options = (METRIC, DROP_FRACTION, REDUNDANCY, PROTECT_AROUND, GAP)
     description = "removed tokens averaged into their most similar kept token, size-weighted, original order"
 
     def needs(self, plan) -> frozenset[str]:
@@ -125,6 +129,12 @@ class Merge(Strategy):
             features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
             scores = _standardised(scores.float(), protected) - redundancy * _standardised(
                 _nearest_similarity(features, protected), protected)
+        around = step.plan.option("protect_around")
+        if around > 0 and state.cls_index is not None:
+            anchors = state.positions.gather(1, state.protected_index())  # B P original positions
+            distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
+            # above every other token, below the protected ones (which a step never removes, however few it keeps)
+            scores = scores.float().masked_fill(distance <= around, torch.finfo(torch.float32).max)
         ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
         src_all = ranked[:, :removed]  # the least important first
         index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
