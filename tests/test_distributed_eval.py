@@ -122,7 +122,10 @@ def test_prune_calibration_under_torchrun_equals_one_process(setup, tmp_path):
     assert_same(single, split)
     a, b = ssmtrim.load_model(tmp_path / "single"), ssmtrim.load_model(tmp_path / "split")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+        # the fit sums its images in another order on two ranks, and solves a system of 11 images: equal to 1e-5
+        # of the tensor's largest value (an element-wise relative bound fails on small elements on some CPUs)
+        scale = float(x.abs().max()) if x.numel() and x.is_floating_point() else 0.0
+        torch.testing.assert_close(x, y, rtol=0, atol=max(1e-5 * scale, 1e-6), msg=name)
 
 
 def test_under_torchrun_rank_0_alone_says_the_error(tmp_path):
