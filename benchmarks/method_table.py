@@ -62,15 +62,20 @@ ROWS = {
                                                                 **CONDENSED}),
     "mtr": ("MTR-style (Δ importance, merged)", {"arrangement": "merge", "score": "delta", **CONDENSED}),
     "merge": ("merge (ours, no compensation)", {"arrangement": "merge", "conv": "kept"}),
-    "merge-comp": ("merge + head compensation (ours, the default)", {"arrangement": "merge", "conv": "kept",
-                                                                      "compensate": "head"}),
+    "merge-comp": ("merge + head compensation (ours, the flat families' default)",
+                   {"arrangement": "merge", "conv": "kept", "compensate": "head"}),
+    "unmerge": ("unmerge (ours: merged for the blocks, residual stream whole)", {"arrangement": "unmerge",
+                                                                                  "conv": "kept"}),
+    "unmerge-comp": ("unmerge + head compensation (ours, the hierarchical families' default)",
+                     {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
     # its own rule, a fixed stride: the same plan (and FLOPs) at every target; run it with --targets at its budget
     "quartermap": ("QuarterMap (scan a quarter of the grid, nearest-neighbour back)", {"arrangement": "quartermap",
                                                                                          "keep": 0.25}),
 }
 # labels of earlier runs, renamed
 RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0],
-           "merge (ours, the default)": ROWS["merge"][0]}
+           "merge (ours, the default)": ROWS["merge"][0],
+           "merge + head compensation (ours, the default)": ROWS["merge-comp"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
 
 

@@ -41,7 +41,8 @@ from ssmtrim.pruning.schedule import FlopsModel, keep_for
 ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps)
 # QuarterMap keeps its own rule (a quarter of each later scan): the same plan at every target
-ROWS = {"ours": {}, "tome": {"arrangement": "tome"}, "align": {"arrangement": "align"},
+ROWS = {"ours": {}, "merge": {"arrangement": "merge"}, "tome": {"arrangement": "tome"},
+        "align": {"arrangement": "align"},
         "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
 
 

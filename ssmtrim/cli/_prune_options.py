@@ -15,9 +15,11 @@ KeepOpt = Annotated[str | None, typer.Option("--keep", help="Fraction of patch t
 ScoreOpt = Annotated[str | None, typer.Option("--score", help="Token importance: clipped, unclipped, l1, l2, delta, "
                                               "random, or another registered score (default: the family's "
                                               "recommendation).")]
-ArrangementOpt = Annotated[str | None, typer.Option("--arrangement", help="Reduction strategy: merge, align, tome, "
-                                                    "keep-order, reorder, quartermap (VMamba), or another registered "
-                                                    "one (default: the family's recommendation, merge).")]
+ArrangementOpt = Annotated[str | None, typer.Option("--arrangement", help="Reduction strategy: merge, unmerge, align, "
+                                                    "tome, keep-order, reorder, quartermap (VMamba), or another "
+                                                    "registered one (default: the family's recommendation: merge on "
+                                                    "Vim, Mamba® and PlainMamba, unmerge on VMamba and "
+                                                    "MambaVision).")]
 GapOpt = Annotated[str | None, typer.Option("--gap", help="Δ estimate for skipped positions: bias (default), mean or "
                                             "zero.")]
 ConvOpt = Annotated[str | None, typer.Option("--conv", help="Conv neighbours of a reduced Vim: original positions or "

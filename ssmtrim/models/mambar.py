@@ -194,7 +194,7 @@ class MambaRFamily(VimFamily):
     def features(self, model: MambaR, streams: tuple, state: TokenState) -> Tensor:
         hidden, residual = streams
         tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
-        return model.head_input(gather_tokens(tokens, state.protected_index()))
+        return model.head_input(gather_tokens(tokens, state.in_streams(state.protected_index())))
 
     def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: ImgSize):
         """(config at ``img_size``, state dict with the patch position embedding resized bicubically to the new

@@ -18,7 +18,7 @@ from torch import Tensor
 from ssmtrim.ops.selective_scan import tracing
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
-           "restore_tokens", "topk_sorted", "tracing"]
+           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "unmerge_of"]
 
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
@@ -46,6 +46,10 @@ class TokenState:
     # their outputs are spread back to every position by nearest neighbour, the tokens themselves untouched (a
     # strategy that thins the scan, not the sequence: QuarterMap); None: the scans read every token
     scan_stride: tuple[int, int] | None = None
+    # the streams still hold every original position of the grid (B L0 ...): the tokens above (positions, sizes,
+    # owner) are what the blocks' mixers and MLPs run on, each the mean of the positions it owns, and their updates
+    # are un-merged back to every position (a strategy that reduces for the blocks, not the residual stream: unmerge)
+    full_streams: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +85,14 @@ class TokenState:
         # a stable sort puts the protected slots first, in their order (no data-dependent shape: FLOP tracers follow)
         slots = torch.sort((~taken).long(), dim=1, stable=True).indices[:, : self.num_protected]
         return slots[:, 0] if self.cls_index.dim() == 1 else slots
+
+    def in_streams(self, index: Tensor) -> Tensor:
+        """Where current tokens ``index`` (B ... of current indices) sit in the streams: the same indices, or, when
+        the streams still hold the full grid (``full_streams``), the tokens' original positions."""
+        if not self.full_streams:
+            return index
+        flat = index.reshape(index.shape[0], -1)
+        return self.positions.gather(1, flat).reshape(index.shape)
 
     def replace(self, **changes) -> TokenState:
         return dataclasses.replace(self, **changes)
@@ -162,8 +174,9 @@ def owners(state: TokenState) -> Tensor:
 def restore_tokens(x: Tensor, state: TokenState) -> Tensor:
     """Tokens of a reduced sequence (B L ...) back on the full grid (B L0 ...): a kept position takes its token, a
     merged one the token it was merged into (un-merging: every position a token stands for gets its value), a pruned
-    one its nearest token along the scan. The identity when nothing was reduced."""
-    if not state.reduced:
+    one its nearest token along the scan. The identity when nothing was reduced, or when the streams still hold the
+    full grid (``state.full_streams``)."""
+    if not state.reduced or state.full_streams:
         return x
     return gather_tokens(x, owners(state))
 
@@ -185,3 +198,33 @@ def owner_after(state: TokenState, new: TokenState, moved: Tensor | None = None)
         by_position[:, state.length] = -1
         moved = by_position.gather(1, state.positions.masked_fill(state.positions < 0, state.length))
     return moved.gather(1, old.clamp_min(0)).masked_fill(old < 0, -1)
+
+
+@dataclass(frozen=True)
+class Unmerge:
+    """Between the full grid and the tokens of a ``full_streams`` state: :meth:`merge` averages the positions each
+    token owns (B L0 ... -> B K ...), :meth:`unmerge` gives every position its token's value (B K ... -> B L0 ...),
+    as ToMe for Stable Diffusion merges before a block's operations and un-merges their output onto the residual."""
+
+    owner: Tensor  # B L0, the token owning each position (every position has one)
+    sizes: Tensor  # B K, positions each token owns
+
+    def merge(self, x: Tensor) -> Tensor:
+        bsz, length = self.owner.shape
+        k = self.sizes.shape[1]
+        rows = x.shape[2:]
+        flat = (self.owner + torch.arange(bsz, device=x.device)[:, None] * k).reshape(-1)
+        acc = x.new_zeros((bsz * k, *rows), dtype=torch.float32)
+        acc = acc.index_add_(0, flat, x.reshape(bsz * length, *rows).float())
+        sizes = self.sizes.reshape(bsz * k, *([1] * len(rows)))
+        return (acc / sizes).view(bsz, k, *rows).to(x.dtype)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        return gather_tokens(y, self.owner)
+
+
+def unmerge_of(state: TokenState) -> Unmerge | None:
+    """The merge / un-merge maps of a ``full_streams`` state (None for any other)."""
+    if not state.full_streams:
+        return None
+    return Unmerge(state.owner, state.sizes.float())

@@ -24,7 +24,15 @@ from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
 from ssmtrim.models.registry import ArchConfig, DataConfig, ModelSpec, PretrainedCfg, register_family, register_model
 from ssmtrim.models.sizes import ImgSize, normalize_img_size, size_hw, size_text
-from ssmtrim.models.tokens import BlockOutput, TokenState, gaps_from_positions, gather_tokens, restore_tokens
+from ssmtrim.models.tokens import (
+    BlockOutput,
+    TokenState,
+    Unmerge,
+    gaps_from_positions,
+    gather_tokens,
+    restore_tokens,
+    unmerge_of,
+)
 from ssmtrim.ops import selective_scan
 from ssmtrim.ops.conv import causal_conv1d_silu
 from ssmtrim.ops.tokens import TokenKernels, token_kernels
@@ -113,6 +121,9 @@ class VimGeometry:
     conv_positions: Tensor | None  # B L original positions for the causal conv; None: the conv reads the present tokens
     gap_counts: tuple[Tensor, Tensor] | None  # (forward, backward) skipped positions before each token (B L, float)
     gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
+    # the streams still hold every position (an ``unmerge`` state): the blocks merge their normed input into the
+    # tokens and un-merge the mixer's output; None: the streams hold the tokens
+    unmerge: Unmerge | None = None
 
 
 class BiMambaMixer(nn.Module):
@@ -272,6 +283,11 @@ class Block(nn.Module):
         :meth:`BiMambaMixer.ssm_output`."""
         residual = hidden.float() if residual is None else residual + hidden.float()
         normed = self.norm(residual.to(self.norm.weight.dtype))
+        u = None if geometry is None else geometry.unmerge
+        if u is not None:  # every position in the streams; the mixer on the merged tokens, its output un-merged
+            normed = u.merge(normed)
+            y = self.mixer.ssm_output(normed, geometry, deltas, bcs)
+            return u.unmerge(self.mixer.out_proj(y)), residual, y, normed
         y = self.mixer.ssm_output(normed, geometry, deltas, bcs)
         return self.mixer.out_proj(y), residual, y, normed
 
@@ -472,12 +488,12 @@ class VimFamily:
             fwd, bwd = gaps_from_positions(state.positions, state.length)
             counts = (fwd.float(), bwd.float())
         conv_positions = state.positions if plan.conv == "original" else None
-        return VimGeometry(state.length, conv_positions, counts, plan.gap)
+        return VimGeometry(state.length, conv_positions, counts, plan.gap, unmerge_of(state))
 
     def features(self, model: VisionMamba, streams: tuple, state: TokenState) -> Tensor:
         hidden, residual = streams
         tokens = model.norm_f((residual + hidden.float()).to(model.norm_f.weight.dtype))
-        return gather_tokens(tokens, state.cls_index[:, None])[:, 0]
+        return gather_tokens(tokens, state.in_streams(state.cls_index[:, None]))[:, 0]
 
     def feature_map(self, model: VisionMamba, index: int, streams: tuple, state: TokenState) -> Tensor:
         """The patch tokens after the final norm, restored to the patch grid (B D h w); the protected tokens (class
@@ -509,7 +525,7 @@ class VimFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input", "bc", "condensed"})
+        return frozenset({"delta", "mixer_input", "bc", "condensed", "unmerge"})
 
     def check_plan(self, plan) -> None:
         pass  # every option applies

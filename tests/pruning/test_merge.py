@@ -163,7 +163,7 @@ def test_pooling_head_weights_merged_tokens_by_size(plain):
 
 
 def test_merge_options_are_refused_where_they_do_not_apply(vim):
-    with pytest.raises(ConfigError, match="--metric is an option of merge, tome; --arrangement align"):
+    with pytest.raises(ConfigError, match="--metric is an option of merge, tome, unmerge; --arrangement align"):
         apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), metric="y"))
     with pytest.raises(ConfigError, match="--drop-fraction is an option of merge; --arrangement tome"):
         apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="tome", drop_fraction=0.5))

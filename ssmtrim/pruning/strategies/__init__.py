@@ -7,6 +7,7 @@ from ssmtrim.pruning.strategies import (  # noqa: F401  (register on import)
     quartermap,
     reorder,
     tome,
+    unmerge,
 )
 from ssmtrim.pruning.strategies.base import (
     Strategy,

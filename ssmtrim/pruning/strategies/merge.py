@@ -119,36 +119,44 @@ class Merge(Strategy):
         return super().needs(plan) | needs_of_metric(plan.option("metric"))
 
     def reduce(self, step: ReductionStep):
-        state, scores = step.state, step.scores
-        protected = state.protected()
-        bsz, length = scores.shape
-        removed = int(length) - state.num_protected - step.k  # int(): shapes are tensors under tracing
-        features = None
-        redundancy = step.plan.option("redundancy")
-        if redundancy > 0:
+        src, dst, removed, index = choose_merges(step)
+        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, removed, index)
+
+
+def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Which tokens leave and where they go, by importance and similarity: (src (B R) the removed tokens that are
+    merged, dst (B R) the staying token each goes to, removed (B R') every removed token, the least important first,
+    index (B K) the staying tokens, the protected ones among them, in order)."""
+    state, scores = step.state, step.scores
+    protected = state.protected()
+    bsz, length = scores.shape
+    removed = int(length) - state.num_protected - step.k  # int(): shapes are tensors under tracing
+    features = None
+    redundancy = step.plan.option("redundancy")
+    if redundancy > 0:
+        features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+        scores = _standardised(scores.float(), protected) - redundancy * _standardised(
+            _nearest_similarity(features, protected), protected)
+    around = step.plan.option("protect_around")
+    if around > 0 and state.cls_index is not None:
+        anchors = state.positions.gather(1, state.protected_index())  # B P original positions
+        distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
+        # above every other token, below the protected ones (which a step never removes, however few it keeps)
+        scores = scores.float().masked_fill(distance <= around, torch.finfo(torch.float32).max)
+    ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
+    src_all = ranked[:, :removed]  # the least important first
+    index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
+    n_drop = int(round(step.plan.option("drop_fraction") * removed))
+    src = src_all[:, n_drop:]
+    dst = src  # nothing merged: no target needed
+    if src.shape[1]:
+        if features is None:
             features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
-            scores = _standardised(scores.float(), protected) - redundancy * _standardised(
-                _nearest_similarity(features, protected), protected)
-        around = step.plan.option("protect_around")
-        if around > 0 and state.cls_index is not None:
-            anchors = state.positions.gather(1, state.protected_index())  # B P original positions
-            distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
-            # above every other token, below the protected ones (which a step never removes, however few it keeps)
-            scores = scores.float().masked_fill(distance <= around, torch.finfo(torch.float32).max)
-        ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
-        src_all = ranked[:, :removed]  # the least important first
-        index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
-        n_drop = int(round(step.plan.option("drop_fraction") * removed))
-        src = src_all[:, n_drop:]
-        dst = src  # nothing merged: no target needed
-        if src.shape[1]:
-            if features is None:
-                features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
-            # each merged token's most similar staying unprotected token (the first on a tie, in token order)
-            sim = gather_tokens(features, src) @ gather_tokens(features, index).transpose(1, 2)  # B R K
-            sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))
-            dst = index.gather(1, sim.argmax(-1))
-        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src_all, index)
+        # each merged token's most similar staying unprotected token (the first on a tie, in token order)
+        sim = gather_tokens(features, src) @ gather_tokens(features, index).transpose(1, 2)  # B R K
+        sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))
+        dst = index.gather(1, sim.argmax(-1))
+    return src, dst, src_all, index
 
 
 def _nearest_similarity(features: Tensor, protected: Tensor) -> Tensor:

@@ -1,0 +1,127 @@
+"""``unmerge``: tokens merged for the blocks, their updates un-merged onto the whole residual stream (ToMe for Stable
+Diffusion's scheme, on the importance-ranked merge)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmtrim
+from ssmtrim.errors import ConfigError
+from ssmtrim.models.registry import family_of
+from ssmtrim.models.tokens import Unmerge
+from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
+from ssmtrim.pruning.engine import check_plan_for, reduced_forward
+
+from ..conftest import randomize
+
+# model, reduction points (1-based), images' size; the points leave blocks after them in the same stage
+CASES = [("vim_test", (1, 2), 32), ("vmamba_test", (2,), 32), ("mambavision_test", None, None)]
+
+
+def _model_and_input(name: str, size: int | None):
+    model = randomize(ssmtrim.create_model(name))
+    hw = size or model.config.img_size
+    hw = hw if isinstance(hw, tuple) else (hw, hw)
+    return model, torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(3))
+
+
+def _plan(model, layers, keep: float) -> PruneConfig:
+    fields = {"layers": layers} if layers else {}
+    return PruneConfig.recommended(model, arrangement="unmerge", keep=(keep,), compensate="none", **fields)
+
+
+def test_merge_averages_the_positions_a_token_owns_and_unmerge_gives_them_its_value():
+    gen = torch.Generator().manual_seed(0)
+    owner = torch.tensor([[0, 0, 1, 2, 1, 2, 2], [2, 1, 0, 0, 0, 1, 2]])
+    sizes = torch.stack([torch.bincount(o, minlength=3) for o in owner]).float()
+    x = torch.randn(2, 7, 5, generator=gen)
+    u = Unmerge(owner, sizes)
+    merged = u.merge(x)
+    for b in range(2):
+        for k in range(3):
+            torch.testing.assert_close(merged[b, k], x[b, owner[b] == k].mean(0))
+    spread = u.unmerge(merged)
+    assert spread.shape == x.shape
+    for b in range(2):
+        for i in range(7):
+            assert torch.equal(spread[b, i], merged[b, owner[b, i]])
+    torch.testing.assert_close(u.merge(spread), merged)  # merging what was un-merged gives it back
+
+
+@pytest.mark.parametrize("name,layers,size", CASES)
+def test_every_position_keeps_its_own_residual_and_a_token_adds_one_update_to_all_it_owns(name, layers, size,
+                                                                                          monkeypatch):
+    torch.manual_seed(0)
+    model, x = _model_and_input(name, size)
+    family = type(family_of(model))
+    seen = []
+    run_block = family.run_block
+
+    def spy(self, model, index, streams, state, geometry, *rest):
+        out = run_block(self, model, index, streams, state, geometry, *rest)
+        u = getattr(geometry, "unmerge", None)
+        if u is not None:
+            seen.append((streams[0], out.streams[0], u, state))
+        return out
+
+    monkeypatch.setattr(family, "run_block", spy)
+    with torch.no_grad():
+        reduced_forward(model, x, _plan(model, layers, 0.5))
+    assert seen, "no block ran on merged tokens"
+    for before, after, u, state in seen:
+        assert state.full_streams and before.shape == after.shape  # the streams hold every position
+        assert before.shape[1] == state.length > state.num_tokens
+        # the mixer's (and MLP's) update: one value per token, given to every position it owns
+        update = after if name == "vim_test" else after - before  # Vim's hidden stream is the mixer's output
+        bsz, length = u.owner.shape
+        sizes = torch.stack([torch.bincount(o, minlength=state.num_tokens) for o in u.owner]).float()
+        assert torch.equal(sizes, u.sizes)  # a token's size is the number of positions it owns
+        assert torch.equal(u.owner.gather(1, state.positions),  # each token owns the position it stands at
+                           torch.arange(state.num_tokens).expand(bsz, -1))
+        per_token = u.merge(update)
+        torch.testing.assert_close(update, u.unmerge(per_token), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[:2])  # MambaVision's 3x3 test windows merge in steps of 1/9
+def test_merging_a_few_tokens_changes_little_and_nothing_reduced_is_dense(name, layers, size):
+    """A step that merges a few tokens stays near dense (the class token and the head read the right positions);
+    keep 1 is the dense model exactly."""
+    torch.manual_seed(0)
+    model, x = _model_and_input(name, size)
+    with torch.no_grad():
+        dense = model(x)
+        same = reduced_forward(model, x, _plan(model, layers, 1.0)).logits
+        near = reduced_forward(model, x, _plan(model, layers, 0.85))
+    assert torch.equal(same, dense)
+    assert near.stats.kept_fraction[0] < 1.0
+    scale = float(dense.abs().max())
+    assert float((near.logits - dense).abs().max()) < 0.2 * scale
+
+
+def test_feature_maps_are_whole_and_a_saved_folder_reloads(tmp_path):
+    torch.manual_seed(0)
+    model, x = _model_and_input("vmamba_test", 32)
+    apply_pruning(model, _plan(model, (2,), 0.5))
+    with torch.no_grad():
+        maps, logits = feature_maps(model, x), model(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 8), (2, 32, 4, 4)]
+    folder = ssmtrim.save_model(model, tmp_path / "reduced")
+    again = ssmtrim.load_model(folder)
+    assert again.prune_config.arrangement == "unmerge"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), logits, rtol=1e-5, atol=1e-6)
+    remove_pruning(model)
+
+
+def test_what_unmerge_cannot_run_is_refused_in_one_sentence():
+    plain = ssmtrim.create_model("plainmamba_test")
+    with pytest.raises(ConfigError, match="un-merge the updates onto the full residual stream"):
+        apply_pruning(plain, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge", conv="original"))
+    vim = ssmtrim.create_model("vim_test")
+    with pytest.raises(ConfigError, match="use --mode count"):  # before any calibration's work
+        check_plan_for(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge", mode="threshold"),
+                       runnable=False)
+    with pytest.raises(ConfigError, match="drop_fraction"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
+                                       options={"drop_fraction": 0.5}))
