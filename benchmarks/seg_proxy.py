@@ -39,9 +39,10 @@ from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
-# ours: the family's recommended plan (its head compensation changes the classifier only, not the maps)
+# ours: the family's recommended plan (its head compensation changes the classifier only, not the maps); ours-dense:
+# its plan for dense outputs (prune --task dense)
 # QuarterMap keeps its own rule (a quarter of each later scan): the same plan at every target
-ROWS = {"ours": {}, "merge": {"arrangement": "merge"}, "tome": {"arrangement": "tome"},
+ROWS = {"ours": {}, "ours-dense": {}, "merge": {"arrangement": "merge"}, "tome": {"arrangement": "tome"},
         "align": {"arrangement": "align"},
         "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
 
@@ -143,8 +144,11 @@ def main() -> None:
         keep = keep_for(estimate, layers, target)
         for row in args.rows.split(","):
             fields = {"keep": (keep,), **ROWS[row]}
-            config = PruneConfig.recommended(model, layers=layers, keep=(keep,), compensate="none") if row == "ours" \
-                else PruneConfig(layers=layers, **fields)
+            if row.startswith("ours"):  # the family's plan for classification, or for dense outputs (--task dense)
+                task = "dense" if row == "ours-dense" else "classify"
+                config = PruneConfig.recommended(model, task=task, layers=layers, keep=(keep,), compensate="none")
+            else:
+                config = PruneConfig(layers=layers, **fields)
             try:
                 pruned = apply_pruning(backbone, config)
             except ConfigError as exc:

@@ -41,7 +41,8 @@ def prune_and_save(
     CLI prints.
 
     ``config`` is a plan, or a dict of the PruneConfig fields the user gave (None: not given), completed by the
-    model family's recommended plan once the model is loaded. With a FLOPs ``target`` the plan's layers and keep
+    model family's recommended plan once the model is loaded (for the dict's optional ``"task"``: "classify", the
+    default, or "dense"; see :meth:`PruneConfig.recommended`). With a FLOPs ``target`` the plan's layers and keep
     ratio are replaced by the schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds (or, with
     ``target.keep_layers``, only the keep ratio is solved for). With ``eval_data`` (a labelled folder) dense and
     pruned are also evaluated there (``summary["evaluation"]``). A model that records its class names has the class

@@ -32,6 +32,7 @@ from ssmtrim.cli._prune_options import (
     ModeOpt,
     OptionOpt,
     ScoreOpt,
+    TaskOpt,
     parse_floats,
     parse_layers,
     parse_options,
@@ -56,6 +57,7 @@ def prune(
     keep: KeepOpt = None,
     score: ScoreOpt = None,
     arrangement: ArrangementOpt = None,
+    task: TaskOpt = None,
     gap: GapOpt = None,
     conv: ConvOpt = None,
     metric: MetricOpt = None,
@@ -123,6 +125,13 @@ def prune(
               "mode": mode, "metric": metric, "drop_fraction": drop_fraction, "compensate": compensate,
               "compensate_alpha": compensate_alpha, "options": parse_options(option),
               **strategy_fields(score, arrangement, gap, conv)}
+    if task is not None:
+        from ssmtrim.models.registry import TASKS
+
+        if task not in TASKS:
+            raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or "
+                              "dense (feature maps for a detection or segmentation head).")
+        config["task"] = task
     # under torchrun the ranks split the images (gloo: pruning runs on the CPU) and rank 0 alone prints and writes
     with sharded("cpu") as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:
         summary = prune_and_save(

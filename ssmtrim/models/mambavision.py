@@ -573,9 +573,10 @@ class MambaVisionFamily:
         blocks = sorted(self.reducible_blocks(config))
         picks = sorted({blocks[min(len(blocks) - 1, round(f * (len(blocks) - 1)))] for f in (0.0, 0.5, 1.0)})
         # unmerge, as VMamba's (README, "The hierarchical test beds": 1.6 points more than merge at -30% FLOPs on
-        # 2,000 training images)
+        # 2,000 training images); for dense outputs merge, whose restored maps lost less on a segmentation proxy of
+        # training images (benchmarks/seg_select.py)
         return {"arrangement": "unmerge", "score": "clipped", "compensate": "head",
-                "layers": tuple(b + 1 for b in picks)}
+                "layers": tuple(b + 1 for b in picks), "dense": {"arrangement": "merge"}}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""

@@ -148,7 +148,9 @@ class Family(Protocol):
     # optional (each with a default in its *_of helper below):
     # recommended_plan(config) -> PruneConfig fields used where the user names no strategy option (chosen by
     #   measurement, see the README's method table) and ``layers``, the hand-set schedule a FLOPs-target search always
-    #   considers; default: the plan's defaults after 1/4, 1/2, 3/4 of the blocks (recommended_plan_of)
+    #   considers; default: the plan's defaults after 1/4, 1/2, 3/4 of the blocks (recommended_plan_of). Its optional
+    #   key "dense" holds the fields that change when the reduced model serves dense outputs (feature maps for a
+    #   detection or segmentation head; PruneConfig.recommended(model, task="dense"), prune --task dense)
     # provides(config) -> what run_block hands over when ``needs`` asks: "delta", "mixer_input", "bc"; default: nothing
     #   beyond y (provides_of); a plan whose score or strategy needs more is refused when applied
     # num_protected(config) -> tokens never reduced (registers); default: one if has_class_token (num_protected_of)
@@ -202,14 +204,23 @@ def provides_of(family: Family, config: Any) -> frozenset[str]:
     return frozenset(provides(config)) if provides is not None else frozenset({"condensed"})
 
 
-def recommended_plan_of(family: Family, config: Any) -> dict[str, Any]:
+TASKS = ("classify", "dense")
+
+
+def recommended_plan_of(family: Family, config: Any, task: str = "classify") -> dict[str, Any]:
     """The family's optional ``recommended_plan(config)``, else the plan's defaults reducing after a quarter, half
-    and three quarters of the blocks."""
+    and three quarters of the blocks; for ``task`` "dense" (the reduced model's feature maps feed a dense head) with
+    the plan's "dense" fields on top."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or dense "
+                          "(feature maps for a detection or segmentation head).")
     own = getattr(family, "recommended_plan", None)
-    if own is not None:
-        return own(config)
-    depth = family.depth(config)
-    return {"layers": tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))}
+    if own is None:
+        depth = family.depth(config)
+        return {"layers": tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))}
+    plan = dict(own(config))
+    dense = plan.pop("dense", {})
+    return {**plan, **dense} if task == "dense" else plan
 
 
 def stages_of(family: Family, config: Any) -> list[tuple[int, int]]:

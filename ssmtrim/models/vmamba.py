@@ -648,7 +648,10 @@ class VMambaFamily:
     def recommended_plan(self, config: VMambaConfig) -> dict:
         # measured on 2,000 training images of CIFAR-10 (README, "The hierarchical test beds"): merging for the blocks
         # and un-merging onto the whole residual stream kept 3.4 points more than merge at -30% FLOPs
-        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "layers": (1,)}
+        # for dense outputs merge: its restored maps lost less than unmerge's on a segmentation proxy of training
+        # images (benchmarks/seg_select.py)
+        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "layers": (1,),
+                "dense": {"arrangement": "merge"}}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so

@@ -216,12 +216,14 @@ class PruneConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def recommended(cls, model, **fields: Any) -> PruneConfig:
+    def recommended(cls, model, task: str | None = None, **fields: Any) -> PruneConfig:
         """The recommended plan of ``model``'s family (``Family.recommended_plan``: strategy and options chosen by
-        measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8."""
+        measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8.
+        ``task`` "dense": the family's plan for a model whose feature maps feed a dense head (where it differs: merge
+        rather than unmerge on VMamba and MambaVision); "classify" (the default, None) the classifier's."""
         from ssmtrim.models.registry import family_of, recommended_plan_of
 
-        base = recommended_plan_of(family_of(model), model.config)
+        base = recommended_plan_of(family_of(model), model.config, task or "classify")
         given = {k: v for k, v in fields.items() if v is not None}
         merged = {**base, **given}
         merged.setdefault("keep", (0.8,))

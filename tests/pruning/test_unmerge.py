@@ -3,10 +3,15 @@ Diffusion's scheme, on the importance-ranked merge)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
 import ssmtrim
+from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
 from ssmtrim.models.tokens import Unmerge
@@ -125,3 +130,35 @@ def test_what_unmerge_cannot_run_is_refused_in_one_sentence():
     with pytest.raises(ConfigError, match="drop_fraction"):
         apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
                                        options={"drop_fraction": 0.5}))
+
+
+@pytest.mark.parametrize("name,classify,dense", [("vmamba_test", "unmerge", "merge"),
+                                                 ("mambavision_test", "unmerge", "merge"),
+                                                 ("vim_test", "merge", "merge")])
+def test_the_family_picks_the_strategy_for_the_task(name, classify, dense):
+    model = ssmtrim.create_model(name)
+    assert PruneConfig.recommended(model).arrangement == classify
+    assert PruneConfig.recommended(model, task="classify").arrangement == classify
+    assert PruneConfig.recommended(model, task="dense").arrangement == dense
+    # what the user gives wins over either
+    assert PruneConfig.recommended(model, task="dense", arrangement="unmerge").arrangement == "unmerge"
+    with pytest.raises(ConfigError, match="--task 'seg' is not one of classify, dense"):
+        PruneConfig.recommended(model, task="seg")
+
+
+def test_prune_task_dense_on_the_command_line(tmp_path):
+    dense = ssmtrim.save_model(randomize(ssmtrim.create_model("vmamba_test")), tmp_path / "dense")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(images / f"{i}.png")
+    runner = CliRunner()
+    common = ["prune", str(dense), "--data", str(images), "--layers", "2", "--keep", "0.5", "--no-flops", "--json",
+              "--quiet"]
+    out = runner.invoke(app, [*common, "--task", "dense"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["plan"]["arrangement"] == "merge"
+    out = runner.invoke(app, common)
+    assert out.exit_code == 0 and json.loads(out.stdout)["plan"]["arrangement"] == "unmerge"
+    bad = runner.invoke(app, [*common, "--task", "seg"])
+    assert bad.exit_code != 0 and "--task 'seg' is not one of classify, dense" in bad.output
