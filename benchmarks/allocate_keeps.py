@@ -3,7 +3,7 @@
     python benchmarks/allocate_keeps.py --model examples/vim_cifar256 --test cifar10/test --num-test 5000 \\
         [--targets 0.8,0.7,0.6,0.5] [--json out.json]
 
-The plan is the family's recommended one (``ssmtrim prune``'s default: merge, head compensation) after its
+The plan is the family's recommended one (``ssmtrim prune``'s default: merge or unmerge, head compensation) after its
 recommended blocks (or ``--layers``). For each FLOPs target (paper convention) the common keep ratio (what ``prune
 --flops`` uses with the hand-set layers) is compared with the per-step ratios
 :func:`ssmtrim.pruning.schedule.allocate_keeps` picks by KL(dense || reduced) on the 250 bundled calibration images

@@ -4,13 +4,13 @@ eager PyTorch, and optionally compiled (``torch.compile(fullgraph=True)``) and i
     OMP_NUM_THREADS=1 python benchmarks/bench_deploy.py [--models vim_tiny,vim_cifar256,plainmamba_l1] \\
         [--batch 64] [--compile] [--onnx] [--json out.json]
 
-The reduced model is each family's recommended plan (merge) at keep 0.7 after its recommended blocks (or
-``--arrangement``, ``--layers``, ``--keep``), count mode, compensation off (it changes no speed); registered names
-without bundled weights get random weights (speed does not depend on them). For each runtime it prints images/s at
-``--batch``, milliseconds per image at batch 1, the speed-up over dense, and the realised share (speed-up / the
-full-convention FLOPs ratio). With one thread the clock is the thread's CPU time (another process on a shared
-machine then does not count; onnxruntime's own threads are not this thread's, so its column always reads the wall
-clock), else the wall clock. Compiling takes minutes on a deep model.
+The reduced model is each family's recommended plan (merge; unmerge on VMamba, MambaVision) at keep 0.7 after its
+recommended blocks (or ``--arrangement``, ``--layers``, ``--keep``), count mode, compensation off (it changes no
+speed); registered names without bundled weights get random weights (speed does not depend on them). For each runtime
+it prints images/s at ``--batch``, milliseconds per image at batch 1, the speed-up over dense, and the realised share
+(speed-up / the full-convention FLOPs ratio). With one thread the clock is the thread's CPU time (another process on a
+shared machine then does not count; onnxruntime's own threads are not this thread's, so its column always reads the
+wall clock), else the wall clock. Compiling takes minutes on a deep model.
 """
 
 from __future__ import annotations

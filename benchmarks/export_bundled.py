@@ -3,10 +3,10 @@ images; batch-1 latency in onnxruntime, dense against reduced, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/export_bundled.py [--models vim_cifar,...] [--json out.json]
 
-The reduced model is the family's recommended plan (``ssmtrim prune``'s default: merge, head compensation fitted on
-the 250 bundled calibration images) at keep 0.7 after its recommended blocks, count mode. Each model is exported
-twice: for batches of 50, checked on all 1,000 images, and for one image, checked on 10 and timed. A file is written
-only if onnxruntime's logits agree with PyTorch's to 1e-4 of the largest logit and every top-1 is the same
+The reduced model is the family's recommended plan (``ssmtrim prune``'s default: merge or unmerge, head compensation
+fitted on the 250 bundled calibration images) at keep 0.7 after its recommended blocks, count mode. Each model is
+exported twice: for batches of 50, checked on all 1,000 images, and for one image, checked on 10 and timed. A file is
+written only if onnxruntime's logits agree with PyTorch's to 1e-4 of the largest logit and every top-1 is the same
 (:func:`ssmtrim.export.export_onnx`); the table prints the largest difference and the top-1 agreement on the 1,000,
 the batch-1 file's export time, and onnxruntime's batch-1 latency (median of repeats, wall clock, one intra-op
 thread).
