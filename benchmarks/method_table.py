@@ -68,6 +68,12 @@ ROWS = {
                                                                                   "conv": "kept"}),
     "unmerge-comp": ("unmerge + head compensation (ours, the hierarchical families' default)",
                      {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
+    "unmerge-importance": ("unmerge, importance matching at every step + head compensation",
+                           {"arrangement": "unmerge", "conv": "kept", "options": {"match": "importance"},
+                            "compensate": "head"}),
+    "unmerge-bipartite": ("unmerge, ToMe's bipartite matching (ToMe for SD's scheme) + head compensation",
+                          {"arrangement": "unmerge", "conv": "kept", "options": {"match": "bipartite"},
+                           "compensate": "head"}),
     # its own rule, a fixed stride: the same plan (and FLOPs) at every target; run it with --targets at its budget
     "quartermap": ("QuarterMap (scan a quarter of the grid, nearest-neighbour back)", {"arrangement": "quartermap",
                                                                                          "keep": 0.25}),

@@ -28,6 +28,7 @@ from ssmtrim.pruning.config import declared_options
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
+PLAN_CHOICES = ("score", "arrangement")  # fields of the plan screened as an option is
 
 
 def main() -> None:
@@ -36,22 +37,26 @@ def main() -> None:
     ap.add_argument("--test", required=True)
     ap.add_argument("--num-test", type=int, help="a seeded subset of the test images (default: all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--option", required=True, help="NAME=V1,V2,...: a declared plug-in option and its values")
+    ap.add_argument("--option", required=True, help="NAME=V1,V2,...: a declared plug-in option, or the plan's score "
+                    "or arrangement, and its values")
+    ap.add_argument("--layers", help="reduce after these blocks, 1-based (default: the family's recommended ones)")
     ap.add_argument("--targets", default="0.7")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--json")
     args = ap.parse_args()
     name, _, values = args.option.partition("=")
     declared = declared_options()
-    if name not in declared or not values:
-        raise SystemExit(f"--option takes NAME=V1,V2 with NAME one of {', '.join(sorted(declared))}.")
-    values = [declared[name].validate(v) for v in values.split(",")]
+    if name not in {*declared, *PLAN_CHOICES} or not values:
+        raise SystemExit(f"--option takes NAME=V1,V2 with NAME one of {', '.join(sorted({*declared, *PLAN_CHOICES}))}.")
+    # a plan choice (score, arrangement) is checked by the plan itself when it is made
+    values = [declared[name].validate(v) if name in declared else v for v in values.split(",")]
     model = ssmtrim.load_model(args.model)
     data = data_config_of(model)
     xc = load_images(scan_folder(calibration_images()), data)[0]
     x, y, _ = load_images(scan_folder(args.test).subset(args.num_test, args.seed), data, args.batch_size)
     dense_logits = predict(model, x, args.batch_size)
-    base = PruneConfig.recommended(model)
+    layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else None
+    base = PruneConfig.recommended(model, layers=layers)
     flops = FlopsModel(model, "paper")
     print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}", flush=True)
     rows = []
@@ -71,7 +76,7 @@ def main() -> None:
                   f"{r.agreement:.2f} [{time.perf_counter() - start:.0f} s]", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "num_test": x.shape[0], "seed": args.seed,
-                                               "option": name, "rows": rows}, indent=1) + "\n")
+                                               "layers": base.layers, "option": name, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

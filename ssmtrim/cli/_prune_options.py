@@ -13,8 +13,8 @@ LayersOpt = Annotated[str | None, typer.Option("--layers", help="1-based blocks 
 KeepOpt = Annotated[str | None, typer.Option("--keep", help="Fraction of patch tokens kept at each layer (one or per "
                                              "layer; default 0.8).")]
 ScoreOpt = Annotated[str | None, typer.Option("--score", help="Token importance: clipped, unclipped, l1, l2, delta, "
-                                              "random, or another registered score (default: the family's "
-                                              "recommendation).")]
+                                              "cls-attention, random, or another registered score (default: the "
+                                              "family's recommendation).")]
 ArrangementOpt = Annotated[str | None, typer.Option("--arrangement", help="Reduction strategy: merge, unmerge, align, "
                                                     "tome, keep-order, reorder, quartermap (VMamba), or another "
                                                     "registered one (default: the family's recommendation: merge on "

@@ -109,6 +109,9 @@ class BlockOutput:
     # B L F, the SSM's input and output projections B and C of every scan direction side by side, in the current token
     # order, when asked for ("bc")
     bc: Tensor | None = None
+    # the SSM's implicit attention to the class token ("cls_attention"): B L, how much each token writes into the
+    # class token's output through the scans (see ssmtrim.pruning.scores.cls_attention), when asked for
+    cls_attention: Tensor | None = None
 
 
 def topk_sorted(scores: Tensor, k: int, protected: Tensor | None = None) -> Tensor:

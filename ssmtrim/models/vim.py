@@ -187,10 +187,12 @@ class BiMambaMixer(nn.Module):
         return counts, estimate  # G = counts x estimate, formed inside the scan
 
     def branch(self, x: Tensor, z: Tensor, backward: bool, geometry: VimGeometry | None = None,
-               deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None) -> Tensor:
+               deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None,
+               attention: tuple[Tensor, list[Tensor]] | None = None) -> Tensor:
         """One scan direction over x, z (B E L) already in that direction's order; returns gated y (B E L). With a
         ``deltas`` list, softplus(Δ) of this direction (B E L, scan order) is appended to it; with a ``bcs`` list, its
-        B and C side by side (B L 2N, scan order)."""
+        B and C side by side (B L 2N, scan order); with ``attention`` (targets (B P) in scan order, a list), what
+        each token writes into the targets' gated outputs (:func:`implicit_attention`, B L, scan order)."""
         s = "_b" if backward else ""
         x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
         A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
@@ -204,17 +206,28 @@ class BiMambaMixer(nn.Module):
             deltas.append(F.softplus(dt.float() + dt_proj.bias.float()[:, None]))
         if bcs is not None:
             bcs.append(torch.cat([b, c], dim=-1))
+        if attention is not None:
+            delta = F.softplus(dt.float() + dt_proj.bias.float()[:, None])
+            if gap is not None:
+                delta_gap = delta + gap.float()[:, None, :] * gap_scale.float()[:, :, None]
+            else:
+                delta_gap = delta
+            attention[1].append(implicit_attention(x.float(), delta, delta_gap, A, b.float(), c.float(), z.float(),
+                                                   attention[0]))
         return selective_scan(
             x, dt, A, b.transpose(1, 2), c.transpose(1, 2), D.float(), z=z, delta_bias=dt_proj.bias.float(),
             delta_softplus=True, gap=gap, gap_scale=gap_scale,
         )  # fmt: skip
 
     def ssm_output(self, hidden: Tensor, geometry: VimGeometry | None = None,
-                   deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None) -> Tensor:
+                   deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None,
+                   attention: tuple[Tensor, list[Tensor]] | None = None) -> Tensor:
         """hidden (B L D) -> averaged gated output of both directions, original order (B L E). With a ``deltas``
         list, the two directions' softplus(Δ) averaged in original order (B L E) is appended to it; with a ``bcs``
-        list, both directions' B and C side by side in original order (B L 4N)."""
-        if deltas is None and bcs is None:
+        list, both directions' B and C side by side in original order (B L 4N); with ``attention`` (targets (B P),
+        current indices; a list), the two directions' implicit attention to the targets summed in original order
+        (B L) is appended to the list."""
+        if deltas is None and bcs is None and attention is None:
             kernels = token_kernels(hidden, self, (self.conv1d, self.conv1d_b), self.d_inner, self.d_state)
             if kernels is not None:
                 return self.ssm_output_tokens(hidden, kernels, geometry)
@@ -222,8 +235,14 @@ class BiMambaMixer(nn.Module):
         x, z = xz.chunk(2, dim=1)
         per_direction: list[Tensor] | None = [] if deltas is not None else None
         bc_direction: list[Tensor] | None = [] if bcs is not None else None
-        y_f = self.branch(x, z, False, geometry, per_direction, bc_direction)
-        y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction, bc_direction).flip(-1)
+        fwd = bwd = None
+        if attention is not None:
+            length = hidden.shape[1]
+            fwd, bwd = (attention[0], []), (length - 1 - attention[0], [])
+        y_f = self.branch(x, z, False, geometry, per_direction, bc_direction, fwd)
+        y_b = self.branch(x.flip(-1), z.flip(-1), True, geometry, per_direction, bc_direction, bwd).flip(-1)
+        if attention is not None:
+            attention[1].append(fwd[1][0] + bwd[1][0].flip(-1))
         if deltas is not None:
             deltas.append(((per_direction[0] + per_direction[1].flip(-1)) / 2).transpose(1, 2))
         if bcs is not None:
@@ -257,6 +276,33 @@ class BiMambaMixer(nn.Module):
         return self.out_proj(self.ssm_output(hidden))
 
 
+def implicit_attention(u: Tensor, delta: Tensor, decay_steps: Tensor, a: Tensor, b: Tensor, c: Tensor, z: Tensor,
+                       targets: Tensor) -> Tensor:
+    """What each token writes into the targets' gated outputs through one scan direction (the scan's implicit
+    attention, "The Hidden Attention of Mamba Models", arXiv 2403.01590), in that direction's order: token j's part of
+    target t's output is sum_n C_t[n] exp(A[e, n] (S_t - S_j)[e]) B_j[n] Δ_j[e] u_j[e] for j <= t (none after it),
+    S the running sum of the step sizes (with the decay of skipped positions), gated by SiLU(z_t); the score is its
+    mean magnitude over the channels, summed over the targets. u, delta, decay_steps, z (B E L), a (E N), b, c (B L N),
+    targets (B P) -> (B L)."""
+    bsz, e, length = u.shape
+    running = decay_steps.cumsum(-1)  # B E L
+    written = delta * u  # Δ_j u_j, B E L
+    index = torch.arange(length, device=u.device)
+    out = u.new_zeros(bsz, length)
+    for p in range(targets.shape[1]):
+        t = targets[:, p]  # B
+        s_t = running.gather(2, t[:, None, None].expand(-1, e, 1))  # B E 1
+        span = (s_t - running).clamp_min(0)  # B E L, the decay from j to t
+        c_t = c.gather(1, t[:, None, None].expand(-1, 1, c.shape[-1]))[:, 0]  # B N
+        part = torch.zeros_like(u)
+        for n in range(a.shape[1]):
+            part += torch.exp(a[None, :, n, None] * span) * (c_t[:, n, None] * b[:, :, n])[:, None, :]
+        gate = F.silu(z.gather(2, t[:, None, None].expand(-1, e, 1)))  # B E 1
+        part = (part * written * gate).abs().mean(1)  # B L
+        out += part.masked_fill(index[None, :] > t[:, None], 0.0)
+    return out
+
+
 class Block(nn.Module):
     """Pre-norm block "add -> norm -> mixer"; returns (mixer output, residual). Residual kept in fp32."""
 
@@ -278,17 +324,18 @@ class Block(nn.Module):
     def run(
         self, hidden: Tensor, residual: Tensor | None, geometry: VimGeometry | None = None,
         deltas: list[Tensor] | None = None, bcs: list[Tensor] | None = None,
+        attention: tuple[Tensor, list[Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`forward`, and also the normed mixer input (B L D) that it computed; ``bcs`` as for
-        :meth:`BiMambaMixer.ssm_output`."""
+        """:meth:`forward`, and also the normed mixer input (B L D) that it computed; ``bcs`` and ``attention`` as
+        for :meth:`BiMambaMixer.ssm_output`."""
         residual = hidden.float() if residual is None else residual + hidden.float()
         normed = self.norm(residual.to(self.norm.weight.dtype))
         u = None if geometry is None else geometry.unmerge
         if u is not None:  # every position in the streams; the mixer on the merged tokens, its output un-merged
             normed = u.merge(normed)
-            y = self.mixer.ssm_output(normed, geometry, deltas, bcs)
+            y = self.mixer.ssm_output(normed, geometry, deltas, bcs, attention)
             return u.unmerge(self.mixer.out_proj(y)), residual, y, normed
-        y = self.mixer.ssm_output(normed, geometry, deltas, bcs)
+        y = self.mixer.ssm_output(normed, geometry, deltas, bcs, attention)
         return self.mixer.out_proj(y), residual, y, normed
 
 
@@ -474,9 +521,11 @@ class VimFamily:
         block = model.layers[index]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
         bcs: list[Tensor] | None = [] if "bc" in needs else None
-        hidden, residual, y, normed = block.run(*streams, geometry, deltas, bcs)
+        attention = (state.protected_index(), []) if "cls_attention" in needs else None
+        hidden, residual, y, normed = block.run(*streams, geometry, deltas, bcs, attention)
         return BlockOutput((hidden, residual), y, deltas[0] if deltas else None,
-                           normed if "mixer_input" in needs else None, bcs[0] if bcs else None)
+                           normed if "mixer_input" in needs else None, bcs[0] if bcs else None,
+                           attention[1][0] if attention else None)
 
     def geometry(self, model: VisionMamba, state: TokenState, plan) -> VimGeometry | None:
         """Tokens at their original positions (align): the conv reads original neighbours (``plan.conv ==
@@ -525,7 +574,7 @@ class VimFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input", "bc", "condensed", "unmerge"})
+        return frozenset({"delta", "mixer_input", "bc", "cls_attention", "condensed", "unmerge"})
 
     def check_plan(self, plan) -> None:
         pass  # every option applies

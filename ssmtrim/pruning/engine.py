@@ -299,6 +299,7 @@ _CAPABILITIES = frozenset({"condensed", "subsampled_scan", "unmerge"})
 # what a score or strategy may need from a family, in words
 _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' normed mixer input",
           "bc": "the SSM's B and C from the blocks",
+          "cls_attention": "the scans' implicit attention to a class token from the blocks",
           "condensed": "blocks that run the kept tokens as a new sequence without their grid positions",
           "subsampled_scan": "scans that can read a strided part of the grid (as VMamba's cross-scan can)",
           "unmerge": "blocks that run their mixer and MLP on merged tokens and un-merge the updates onto the full "

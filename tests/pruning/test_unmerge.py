@@ -31,9 +31,10 @@ def _model_and_input(name: str, size: int | None):
     return model, torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(3))
 
 
-def _plan(model, layers, keep: float) -> PruneConfig:
+def _plan(model, layers, keep: float, match: str = "auto") -> PruneConfig:
     fields = {"layers": layers} if layers else {}
-    return PruneConfig.recommended(model, arrangement="unmerge", keep=(keep,), compensate="none", **fields)
+    return PruneConfig.recommended(model, arrangement="unmerge", keep=(keep,), compensate="none",
+                                   options={"match": match}, **fields)
 
 
 def test_merge_averages_the_positions_a_token_owns_and_unmerge_gives_them_its_value():
@@ -54,8 +55,9 @@ def test_merge_averages_the_positions_a_token_owns_and_unmerge_gives_them_its_va
     torch.testing.assert_close(u.merge(spread), merged)  # merging what was un-merged gives it back
 
 
+@pytest.mark.parametrize("match", ["importance", "bipartite"])
 @pytest.mark.parametrize("name,layers,size", CASES)
-def test_every_position_keeps_its_own_residual_and_a_token_adds_one_update_to_all_it_owns(name, layers, size,
+def test_every_position_keeps_its_own_residual_and_a_token_adds_one_update_to_all_it_owns(name, layers, size, match,
                                                                                           monkeypatch):
     torch.manual_seed(0)
     model, x = _model_and_input(name, size)
@@ -72,7 +74,7 @@ def test_every_position_keeps_its_own_residual_and_a_token_adds_one_update_to_al
 
     monkeypatch.setattr(family, "run_block", spy)
     with torch.no_grad():
-        reduced_forward(model, x, _plan(model, layers, 0.5))
+        reduced_forward(model, x, _plan(model, layers, 0.5, match))
     assert seen, "no block ran on merged tokens"
     for before, after, u, state in seen:
         assert state.full_streams and before.shape == after.shape  # the streams hold every position
@@ -162,3 +164,18 @@ def test_prune_task_dense_on_the_command_line(tmp_path):
     assert out.exit_code == 0 and json.loads(out.stdout)["plan"]["arrangement"] == "unmerge"
     bad = runner.invoke(app, [*common, "--task", "seg"])
     assert bad.exit_code != 0 and "--task 'seg' is not one of classify, dense" in bad.output
+
+
+def test_bipartite_matching_keeps_half_or_more_and_auto_takes_it_where_it_can():
+    torch.manual_seed(0)
+    model, x = _model_and_input("vmamba_test", 32)  # 8x8 first stage, 4x4 second
+    with pytest.raises(ConfigError, match="match=bipartite merges at most half"):
+        apply_pruning(model, _plan(model, (2,), 0.4, "bipartite"))
+    with torch.no_grad():
+        for keep, same_as in ((0.75, "bipartite"), (0.25, "importance")):
+            auto = reduced_forward(model, x, _plan(model, (2,), keep)).logits
+            chosen = reduced_forward(model, x, _plan(model, (2,), keep, same_as)).logits
+            assert torch.equal(auto, chosen)
+        # the two choices differ, so the comparison above says which one auto took
+        assert not torch.equal(reduced_forward(model, x, _plan(model, (2,), 0.75, "importance")).logits,
+                               reduced_forward(model, x, _plan(model, (2,), 0.75, "bipartite")).logits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import gather_tokens
@@ -35,20 +36,26 @@ class ToMe(Strategy):
                               "more reduction points (--layers), or --arrangement merge.")
 
     def reduce(self, step: ReductionStep):
-        state = step.state
-        protected = state.protected()
-        bsz, length = protected.shape
-        candidates = int(length) - state.num_protected  # int(): shapes are tensors under tracing
-        removed = candidates - step.k
-        order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
-        a_idx, b_idx = order[:, 0::2], order[:, 1::2]
-        removed = min(removed, a_idx.shape[1])
-        features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
-        sim = gather_tokens(features, a_idx) @ gather_tokens(features, b_idx).transpose(1, 2)  # B |A| |B|
-        best, match = sim.max(-1)
-        chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
-        src, dst = a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
-        return merge_and_keep(state, step.streams, sizes_of(state), src, dst, src)
+        src, dst = choose_bipartite(step)
+        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, src)
+
+
+def choose_bipartite(step: ReductionStep) -> tuple[Tensor, Tensor]:
+    """ToMe's choice: (src (B R) the A tokens merged away, dst (B R) the B token each goes to), R = the tokens this
+    step removes (at most half of the unprotected ones)."""
+    state = step.state
+    protected = state.protected()
+    bsz, length = protected.shape
+    candidates = int(length) - state.num_protected  # int(): shapes are tensors under tracing
+    removed = candidates - step.k
+    order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
+    a_idx, b_idx = order[:, 0::2], order[:, 1::2]
+    removed = min(removed, a_idx.shape[1])
+    features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+    sim = gather_tokens(features, a_idx) @ gather_tokens(features, b_idx).transpose(1, 2)  # B |A| |B|
+    best, match = sim.max(-1)
+    chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
+    return a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
 
 
 register_strategy(ToMe())

@@ -2,7 +2,8 @@
 Stable Diffusion, which merges before a block's operations and un-merges their output).
 
 The tokens that stay and where each removed token goes are chosen as ``merge`` chooses them (the k most important
-stay, each removed token joins the staying token it is most similar to), but the streams are not shortened: the
+stay, each removed token joins the staying token it is most similar to; with ``match=bipartite`` as ``tome`` does,
+which with un-merging is ToMe for Stable Diffusion's scheme), but the streams are not shortened: the
 residual stream keeps every original position. In the later blocks the family averages the positions each token
 owns into that token before its mixer and its MLP, runs them on the k tokens (the scans at the tokens' positions,
 decaying across the gaps, as for ``merge``), and adds each token's update to every position it owns. The owner map
@@ -19,15 +20,23 @@ import torch
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import gather_tokens
+from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
 from ssmtrim.pruning.strategies.merge import METRIC, PROTECT_AROUND, choose_merges, needs_of_metric, sizes_of
+from ssmtrim.pruning.strategies.tome import choose_bipartite
+
+MATCH = Option("match", "auto", "how the tokens that leave and their targets are chosen: importance the k most "
+               "important stay and each other token joins its most similar one (merge's choice), bipartite ToMe's "
+               "matching between alternate tokens (ToMe for Stable Diffusion's; keep 0.5 or more), auto bipartite "
+               "where a step removes at most half of its tokens and importance where it removes more",
+               choices=("auto", "importance", "bipartite"))
 
 
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, GAP)
+    options = (METRIC, PROTECT_AROUND, MATCH, GAP)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
@@ -39,11 +48,23 @@ class Unmerge(Strategy):
         if plan.mode != "count":
             raise ConfigError("--arrangement unmerge runs a batch on one owner map per image with the same number "
                               "of tokens; use --mode count (the default).")
+        low = [k for k in plan.keep_by_layer().values() if k < 0.5]
+        if plan.option("match") == "bipartite" and low:
+            raise ConfigError(f"--option match=bipartite merges at most half the tokens of a step, so it cannot keep "
+                              f"{min(low):g} of them; use keep >= 0.5, or leave match at importance.")
 
     def reduce(self, step: ReductionStep):
         state = step.state
-        src, dst, _, index = choose_merges(step)
         bsz, length = step.scores.shape
+        match = step.plan.option("match")
+        candidates = int(length) - step.state.num_protected
+        if match == "bipartite" or (match == "auto" and candidates - step.k <= candidates // 2):
+            src, dst = choose_bipartite(step)
+            leaving = torch.zeros(bsz, length, dtype=torch.bool, device=src.device).scatter(
+                1, src, torch.ones_like(src, dtype=torch.bool))
+            index = torch.sort(leaving.long(), dim=1, stable=True).indices[:, : length - src.shape[1]]
+        else:
+            src, dst, _, index = choose_merges(step)
         staying = index.shape[1]
         device = index.device
         sizes = sizes_of(state)
