@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps); ours-dense:
 # its plan for dense outputs (prune --task dense)
 # QuarterMap keeps its own rule (a quarter of each later scan): the same plan at every target
-ROWS = {"ours": {}, "ours-dense": {}, "merge": {"arrangement": "merge"}, "tome": {"arrangement": "tome"},
+ROWS = {"ours": {}, "ours-dense": {}, "merge": {"arrangement": "merge"},
+        "unmerge-importance": {"arrangement": "unmerge", "options": {"match": "importance"}},
+        "tome": {"arrangement": "tome"},
         "align": {"arrangement": "align"},
         "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
 

@@ -55,6 +55,7 @@ from ssmtrim.models.tokens import (
     Unmerge,
     gaps_from_positions,
     gather_tokens,
+    merge_pair,
     owners,
     restore_tokens,
     unmerge_of,
@@ -272,17 +273,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, deltas: list[Tensor] | None = None,
                 geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor | None]:
-        u = None if geometry is None else geometry.unmerge
-        merge, unmerge = (u.merge, u.unmerge) if u is not None else (_same, _same)
+        merge, unmerge = merge_pair(None if geometry is None else geometry.unmerge)
         out, y = self.mixer(merge(self.norm1(x)), deltas, geometry)
         out = unmerge(out)
         x = x + self.drop_path(out if self.gamma_1 is None else self.gamma_1 * out)
         out = unmerge(self.mlp(merge(self.norm2(x))))
         return x + self.drop_path(out if self.gamma_2 is None else self.gamma_2 * out), y
-
-
-def _same(x: Tensor) -> Tensor:
-    return x
 
 
 class Downsample(nn.Module):
@@ -498,9 +494,8 @@ class MambaVisionFamily:
             x = block(streams[0])
             return BlockOutput((x,), x.flatten(2).transpose(1, 2))
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        mixer_input = block.norm1(streams[0]) if "mixer_input" in needs else None
-        if mixer_input is not None and geometry is not None and geometry.unmerge is not None:
-            mixer_input = geometry.unmerge.merge(mixer_input)  # what the mixer reads: the merged tokens
+        merge, _ = merge_pair(None if geometry is None else geometry.unmerge)
+        mixer_input = merge(block.norm1(streams[0])) if "mixer_input" in needs else None  # what the mixer reads
         windows, y = block(streams[0], deltas, geometry)
         return BlockOutput((windows,), windows if y is None else y, deltas[0] if deltas else None, mixer_input)
 

@@ -10,6 +10,7 @@ Shapes: B batch, L current tokens, L0 original tokens, K kept tokens, E d_inner.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from ssmtrim.ops.selective_scan import tracing
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
-           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "unmerge_of"]
+           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "merge_pair", "unmerge_of"]
 
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
@@ -224,6 +225,15 @@ class Unmerge:
 
     def unmerge(self, y: Tensor) -> Tensor:
         return gather_tokens(y, self.owner)
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def merge_pair(u: Unmerge | None) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(merge, unmerge) of a block's ``Unmerge``, or the identity twice when its streams hold the tokens (None)."""
+    return (u.merge, u.unmerge) if u is not None else (_same, _same)
 
 
 def unmerge_of(state: TokenState) -> Unmerge | None:

@@ -30,6 +30,7 @@ from ssmtrim.models.tokens import (
     Unmerge,
     gaps_from_positions,
     gather_tokens,
+    merge_pair,
     restore_tokens,
     unmerge_of,
 )
@@ -330,13 +331,11 @@ class Block(nn.Module):
         for :meth:`BiMambaMixer.ssm_output`."""
         residual = hidden.float() if residual is None else residual + hidden.float()
         normed = self.norm(residual.to(self.norm.weight.dtype))
-        u = None if geometry is None else geometry.unmerge
-        if u is not None:  # every position in the streams; the mixer on the merged tokens, its output un-merged
-            normed = u.merge(normed)
-            y = self.mixer.ssm_output(normed, geometry, deltas, bcs, attention)
-            return u.unmerge(self.mixer.out_proj(y)), residual, y, normed
+        # with an unmerge state the streams hold every position, and the mixer runs on the merged tokens
+        merge, unmerge = merge_pair(None if geometry is None else geometry.unmerge)
+        normed = merge(normed)
         y = self.mixer.ssm_output(normed, geometry, deltas, bcs, attention)
-        return self.mixer.out_proj(y), residual, y, normed
+        return unmerge(self.mixer.out_proj(y)), residual, y, normed
 
 
 class PatchEmbed(nn.Module):

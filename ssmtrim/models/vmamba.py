@@ -51,6 +51,7 @@ from ssmtrim.models.tokens import (
     Unmerge,
     gaps_from_positions,
     gather_tokens,
+    merge_pair,
     owners,
     restore_tokens,
     tracing,
@@ -360,14 +361,11 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
                 geometry: VMambaGeometry | SubsampledScan | None = None) -> tuple[Tensor, Tensor]:
-        u = geometry.unmerge if isinstance(geometry, VMambaGeometry) else None
-        if u is not None:  # every position in x; SS2D and the MLP on the merged tokens, their updates un-merged
-            y = self.op.ssm_output(u.merge(self.norm(x)), hw, deltas, geometry)
-            x = x + self.drop_path(u.unmerge(self.op.out_proj(self.op.out_norm(y))))
-            return x + self.drop_path(u.unmerge(self.mlp(u.merge(self.norm2(x))))), y
-        y = self.op.ssm_output(self.norm(x), hw, deltas, geometry)
-        x = x + self.drop_path(self.op.out_proj(self.op.out_norm(y)))
-        return x + self.drop_path(self.mlp(self.norm2(x))), y
+        # with an unmerge state x holds every position, and SS2D and the MLP run on the merged tokens
+        merge, unmerge = merge_pair(geometry.unmerge if isinstance(geometry, VMambaGeometry) else None)
+        y = self.op.ssm_output(merge(self.norm(x)), hw, deltas, geometry)
+        x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
+        return x + self.drop_path(unmerge(self.mlp(merge(self.norm2(x))))), y
 
 
 class Downsample(nn.Module):
@@ -598,10 +596,8 @@ class VMambaFamily:
         stage, j = model.config.stage_of(index)
         block = model.layers[stage].blocks[j]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        mixer_input = block.norm(streams[0]) if "mixer_input" in needs else None
-        u = geometry.unmerge if isinstance(geometry, VMambaGeometry) else None
-        if mixer_input is not None and u is not None:  # what SS2D reads: the merged tokens
-            mixer_input = u.merge(mixer_input)
+        merge, _ = merge_pair(geometry.unmerge if isinstance(geometry, VMambaGeometry) else None)
+        mixer_input = merge(block.norm(streams[0])) if "mixer_input" in needs else None  # what SS2D reads
         hidden, y = block(streams[0], state.grid, deltas, geometry)
         return BlockOutput((hidden,), y, deltas[0] if deltas else None, mixer_input)
 

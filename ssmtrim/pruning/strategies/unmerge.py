@@ -16,14 +16,18 @@ Shapes: B batch, L current tokens, L0 positions of the grid, K staying tokens, R
 
 from __future__ import annotations
 
-import torch
-
 from ssmtrim.errors import ConfigError
-from ssmtrim.models.tokens import gather_tokens
 from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
-from ssmtrim.pruning.strategies.merge import METRIC, PROTECT_AROUND, choose_merges, needs_of_metric, sizes_of
+from ssmtrim.pruning.strategies.merge import (
+    METRIC,
+    PROTECT_AROUND,
+    choose_merges,
+    merge_and_keep,
+    needs_of_metric,
+    sizes_of,
+)
 from ssmtrim.pruning.strategies.tome import choose_bipartite
 
 MATCH = Option("match", "auto", "how the tokens that leave and their targets are chosen: importance the k most "
@@ -55,34 +59,17 @@ class Unmerge(Strategy):
 
     def reduce(self, step: ReductionStep):
         state = step.state
-        bsz, length = step.scores.shape
+        length = step.scores.shape[1]
+        candidates = int(length) - state.num_protected
         match = step.plan.option("match")
-        candidates = int(length) - step.state.num_protected
         if match == "bipartite" or (match == "auto" and candidates - step.k <= candidates // 2):
             src, dst = choose_bipartite(step)
-            leaving = torch.zeros(bsz, length, dtype=torch.bool, device=src.device).scatter(
-                1, src, torch.ones_like(src, dtype=torch.bool))
-            index = torch.sort(leaving.long(), dim=1, stable=True).indices[:, : length - src.shape[1]]
+            removed, index = src, None
         else:
-            src, dst, _, index = choose_merges(step)
-        staying = index.shape[1]
-        device = index.device
-        sizes = sizes_of(state)
-        kept_sizes = gather_tokens(sizes, index)
-        slot_of = torch.full((bsz, length), -1, dtype=torch.long, device=device).scatter(
-            1, index, torch.arange(staying, device=device).expand(bsz, -1))
-        moved = slot_of.scatter(1, src, slot_of.gather(1, dst)) if src.shape[1] else slot_of
-        if src.shape[1]:
-            kept_sizes = kept_sizes.scatter_add(1, slot_of.gather(1, dst), gather_tokens(sizes, src))
-        old = state.owner if state.owner is not None else \
-            torch.arange(state.length, device=device).expand(bsz, -1)
-        protected = state.protected_index()
-        new_cls = None if protected is None else slot_of.gather(1, protected)
-        if new_cls is not None and state.cls_index.dim() == 1:
-            new_cls = new_cls[:, 0]
-        new = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
-                            sizes=kept_sizes, owner=moved.gather(1, old), track_owner=True, full_streams=True)
-        return step.streams, new
+            src, dst, removed, index = choose_merges(step)
+        # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
+        _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
+        return step.streams, new.replace(full_streams=True)
 
 
 register_strategy(Unmerge())
