@@ -6,8 +6,9 @@ One image through the model's recommended plan (merge at ``--keep`` after its re
 captured once, and through the dense model; then, timed in turns (one thread's CPU time, median of ``--repeats``; on
 a shared machine a slow spell falls on all of them): the dense and the reduced forward, each model's blocks alone on
 the captured inputs (each at the token count it ran at), the reduction steps alone on the captured block outputs
-(score, strategy, geometry), and one block at several token counts, from which a block's fixed cost (the intercept of
-a straight line through the times) and its cost per token are fitted. What a forward spends beyond its blocks (and
+(score, strategy, geometry; also with PyTorch's ops in place of the backend's merge kernels), and one block at
+several token counts, from which a block's fixed cost (the intercept of a straight line through the times) and its
+cost per token are fitted. What a forward spends beyond its blocks (and
 steps) is the embedding, the head, the engine's loop and whatever else a whole forward costs that its parts run alone
 do not.
 """
@@ -26,6 +27,7 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, engine
 from ssmtrim.pruning.state import PruneStats
+from ssmtrim.pruning.strategies import merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,13 @@ def main() -> None:
         for step_args in steps:
             reduce_after(*step_args[:-2], PruneStats(), None)
 
+    def steps_in_torch_ops():  # the same steps without the backend's merge kernels (ssmtrim.ops.tokens)
+        kernels, merge.merge_kernels = merge.merge_kernels, lambda *tensors: None
+        try:
+            steps_alone()
+        finally:
+            merge.merge_kernels = kernels
+
     tokens = sorted({b[2].num_tokens for b in blocks}, reverse=True)
     full = next(b for b in blocks if b[2].num_tokens == tokens[0])
     index = full[0]
@@ -115,7 +124,8 @@ def main() -> None:
             sizes = []
         got = timed({"dense": lambda: dense(x), "dense blocks": dense_blocks_alone, "reduced": lambda: reduced(x),
                      "blocks": blocks_alone,
-                     "steps": steps_alone, **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
+                     "steps": steps_alone, "steps, torch ops": steps_in_torch_ops,
+                     **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
     n_steps = len(steps)
     print(f"{args.model}: {config.arrangement} at keep {args.keep} after {config.layers}, tokens per block "
           f"{[b[2].num_tokens for b in blocks]}, one image, one thread's CPU time, median of {args.repeats}")
@@ -127,6 +137,7 @@ def main() -> None:
           f"{got['dense blocks'] / got['blocks']:.2f}x)")
     per_step = got["steps"] / max(n_steps, 1)
     print(f"    its {n_steps} steps alone     {got['steps']:7.2f} ms   ({per_step:.2f} ms a step)")
+    print(f"      the same in PyTorch ops {got['steps, torch ops']:7.2f} ms   (without the backend's merge kernels)")
     print(f"    the rest              {got['reduced'] - got['blocks'] - got['steps']:7.2f} ms")
     if not sizes:
         print("  (its blocks read the token grid: no block timed alone at other token counts)")

@@ -1,4 +1,5 @@
-"""Inference kernels on token-major activations, for bidirectional mixers (Vim's): no transposes, flips or copies.
+"""Inference kernels on token-major activations, for bidirectional mixers (Vim's): no transposes, flips or copies;
+and for a merge step.
 
 A Vim mixer's projections produce rows (B L E), one per token, while the general ops take channel-major (B E L)
 sequences, and the backward direction reads them reversed: the general path pays a transpose copy before and after
@@ -14,9 +15,23 @@ backend's C kernels) and nothing needs a gradient, the mixer runs on them instea
   in scan order, Δ estimate (B E)) or None; z and the result, the mean of the two gated outputs, (B L E) in the
   original order.
 
-Both compute every value with the same C functions as the general path: with this project's GCC the outputs are the
-same bits on one machine; another compiler may fuse a multiply-add at one call site and not the other (the tests
-check the agreement to 1e-5 of the largest value).
+A merge step (``ssmtrim.pruning.strategies.merge``) is a few dozen small PyTorch ops, which at batch 1 cost about
+as much as a block; where the backend has :class:`MergeKernels` (the ``cpu`` backend) and nothing needs a gradient,
+it is two C calls instead, :func:`merge_kernels` saying when:
+
+- ``choose(keys, protected, features, removed, n_drop)``: the ``removed`` tokens of lowest key leave (a stable sort:
+  ties by position), ``(src_all, index, dst)`` as ``choose_merges`` returns them, each merged token's target found by
+  the cosine similarity of ``features`` (the first on a tie);
+- ``keep(index, src, dst, sizes, streams)``: the staying rows with the merged ones averaged in by size (summed in
+  the reference's order), the new sizes, and each current token's slot.
+
+The choice is the reference's; the similarities and sums are computed in another order than PyTorch's, so values
+agree to rounding (the tests check 1e-6 of the largest value) and a merge target can differ only where two staying
+tokens are equally similar to rounding.
+
+The token kernels compute every value with the same C functions as the general path: with this project's GCC the
+outputs are the same bits on one machine; another compiler may fuse a multiply-add at one call site and not the other
+(the tests check the agreement to 1e-5 of the largest value).
 """
 
 from __future__ import annotations
@@ -25,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops.backend import backend_for
-from ssmtrim.ops.backends.base import TokenKernels
+from ssmtrim.ops.backends.base import MergeKernels, TokenKernels
 from ssmtrim.ops.selective_scan import single_op_requested, tracing
 
-__all__ = ["TokenKernels", "token_kernels"]
+__all__ = ["MergeKernels", "TokenKernels", "merge_kernels", "token_kernels"]
 
 
 def _plain_causal(conv: nn.Conv1d, channels: int) -> bool:
@@ -49,3 +64,15 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
         return None
     kernels = backend_for(x.device).tokens
     return kernels if kernels is not None and kernels.accepts(x, d_inner, d_state) else None
+
+
+def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
+    """The chosen backend's merge-step kernels when they may take ``tensors`` (the streams, sizes, features of one
+    step): no gradient wanted, no tracer watching, all on a device and in a dtype they accept; else None."""
+    present = [t for t in tensors if t is not None]
+    if not present or tracing() or single_op_requested():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return None
+    kernels = backend_for(present[0].device).merge
+    return kernels if kernels is not None and all(kernels.accepts(t) for t in present) else None

@@ -44,6 +44,18 @@ class TokenKernels(NamedTuple):
     scan: Callable[..., Tensor]
 
 
+class MergeKernels(NamedTuple):
+    """Inference kernels for a merge step on token rows (see :mod:`ssmtrim.ops.tokens` for the meaning): one call
+    for the choice, one for the merged rows, in place of a few dozen small PyTorch ops.
+
+    ``accepts(x)`` says whether they take tensors like x; ``choose(keys, protected, features, removed, n_drop)`` ->
+    (src_all, index, dst); ``keep(index, src, dst, sizes, streams)`` -> (merged streams, new sizes, slot_of)."""
+
+    accepts: Callable[[Tensor], bool]
+    choose: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    keep: Callable[..., tuple[tuple[Tensor, ...], Tensor, Tensor]]
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way to run the selective scan.
@@ -56,7 +68,8 @@ class Backend:
     - ``devices``: the device types it is meant for (None: any); ``auto`` considers it on those only, and when it
       passes it over there (``available`` said no), the log line says why with ``note()``;
     - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where);
-    - ``tokens``: token-major inference kernels, or None (the mixer runs the general path).
+    - ``tokens``: token-major inference kernels, or None (the mixer runs the general path);
+    - ``merge``: a merge step's inference kernels, or None (the merge runs in PyTorch ops).
     """
 
     name: str
@@ -68,3 +81,4 @@ class Backend:
     note: Callable[[], str] | None = None
     describe: Callable[[], dict[str, str]] | None = None
     tokens: TokenKernels | None = None
+    merge: MergeKernels | None = None

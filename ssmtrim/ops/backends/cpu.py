@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
-from ssmtrim.ops.backends.base import Backend, ConvKernel, TokenKernels
+from ssmtrim.ops.backends.base import Backend, ConvKernel, MergeKernels, TokenKernels
 from ssmtrim.ops.backends.ref import selective_scan_ref
 
 _VECTOR = 16  # channels per vector in csrc/selective_scan.c (W)
@@ -298,6 +298,66 @@ def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, del
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# a merge step (ssmtrim/pruning/strategies/merge.py is the reference)
+
+
+def merge_accepts(x: Tensor) -> bool:
+    """fp32 CPU tensors, with the kernel built."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _cpu_kernel.load() is not None
+
+
+def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
+                 n_drop: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``ssm_merge_choose``: keys (B L, the ranking: the lowest leave; protected tokens +inf), protected (B L bool),
+    features (B L F, rows of unit stride; None when nothing is merged) -> (src_all (B R) the leaving tokens in
+    ranking order, index (B L-R) the staying ones in increasing order, dst (B R-n_drop) the staying unprotected
+    token of highest cosine similarity of each merged one: ``src_all[:, n_drop:]``)."""
+    lib = _cpu_kernel.load()
+    keys = keys.detach().to(torch.float32).contiguous()
+    prot = protected.to(torch.uint8).contiguous()
+    bsz, length = keys.shape
+    merged = removed - n_drop
+    feats = None
+    if features is not None and merged > 0:
+        feats = features.detach()
+        feats = feats if feats.dtype == torch.float32 and feats.stride(2) == 1 else feats.float().contiguous()
+    src_all = torch.empty(bsz, removed, dtype=torch.long)
+    index = torch.empty(bsz, length - removed, dtype=torch.long)
+    dst = torch.empty(bsz, max(merged, 0), dtype=torch.long)
+    sfb, sfl, width = (feats.stride(0), feats.stride(1), feats.shape[2]) if feats is not None else (0, 0, 0)
+    lib.ssm_merge_choose(_ptr(keys), _ptr(prot), _ptr(feats), sfb, sfl, bsz, length, width, removed, n_drop,
+                         _ptr(src_all), _ptr(index), _ptr(dst), torch.get_num_threads())
+    return src_all, index, dst
+
+
+def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor,
+               streams: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor]:
+    """``ssm_merge_keep``: the staying tokens ``index`` (B K) of each stream (B L ..., fp32; None stays None), with
+    ``src`` (B M) averaged into ``dst`` (B M) by size -> (merged streams (B K ...), new sizes (B K), slot_of (B L):
+    each current token's slot among the staying ones, -1 where it leaves)."""
+    lib = _cpu_kernel.load()
+    bsz, length = sizes.shape
+    k, m = index.shape[1], src.shape[1]
+    index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
+    sizes = sizes.detach().to(torch.float32).contiguous()
+    present = [t for t in streams if t is not None]
+    rows_in = [t.detach().reshape(bsz, length, -1) for t in present]
+    rows_in = [t if t.stride(2) == 1 else t.contiguous() for t in rows_in]
+    outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
+    new_sizes = torch.empty(bsz, k, dtype=torch.float32)
+    slot_of = torch.empty(bsz, length, dtype=torch.long)
+    n = len(present)
+    lib.ssm_merge_keep(bsz, length, k, m, _ptr(index), _ptr(src), _ptr(dst), _ptr(sizes), n,
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
+                       (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
+                       (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), _ptr(new_sizes), _ptr(slot_of),
+                       torch.get_num_threads())
+    merged = iter(outs)
+    return tuple(None if t is None else next(merged) for t in streams), new_sizes, slot_of
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the backend
 
 
@@ -326,4 +386,5 @@ BACKEND = Backend(
     note=lambda: _cpu_kernel.status().detail,
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
+    merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep),
 )

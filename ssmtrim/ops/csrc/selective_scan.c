@@ -705,3 +705,170 @@ void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long
         free(yf);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * A merge step on token-major rows (inference): which tokens leave and where they go, then the staying tokens with
+ * the leaving ones averaged in, for ssmtrim/pruning/strategies/merge.py (whose PyTorch code is the reference and
+ * says what each value means). One image at a time; parallel over the batch. */
+
+typedef struct {
+    uint32_t key; /* the float key mapped to an unsigned integer of the same order (see order_key) */
+    long at;
+} Ranked;
+
+/* An unsigned integer that orders as the float does, -0 with +0 and every NaN last, as torch.sort orders them;
+ * integers, since -ffast-math lets the compiler assume that no float is a NaN or an infinity. */
+static uint32_t order_key(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) return 0xffffffffu; /* NaN */
+    if (u == 0x80000000u) u = 0; /* -0 */
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Ascending by key, ties by position: torch.sort(stable=True)'s order. */
+static int ranked_cmp(const void *pa, const void *pb) {
+    const Ranked *a = (const Ranked *)pa, *b = (const Ranked *)pb;
+    if (a->key != b->key) return a->key < b->key ? -1 : 1;
+    return a->at < b->at ? -1 : (a->at > b->at);
+}
+
+#define SIMV 4 /* vectors of similarities summed at once */
+
+/* max(||x||, 1e-12), as F.normalize divides by */
+static float row_norm(const float *x, long Fn) {
+    float ss = 0.f;
+    for (long f = 0; f < Fn; f++) ss += x[f] * x[f];
+    const float norm = sqrtf(ss);
+    return norm > 1e-12f ? norm : 1e-12f;
+}
+
+static void unit_row(const float *x, long Fn, float *out) {
+    const float norm = row_norm(x, Fn);
+    for (long f = 0; f < Fn; f++) out[f] = x[f] / norm;
+}
+
+/* keys (B, L): the ranking (protected tokens +inf, so they stay); prot (B, L) bytes; feat (B, L, F) through strides
+ * (sfb, sfl), or NULL when no token is merged. The R lowest keys leave: src_all (B, R) in ranking order; the others
+ * stay: index (B, L-R) in increasing order; the removed tokens after the first ndrop are merged, each into the
+ * staying unprotected token of highest cosine similarity of feat (the first on a tie; the first staying token when
+ * there is none): dst (B, R-ndrop), current indices. */
+void ssm_merge_choose(const float *keys, const unsigned char *prot, const float *feat, long sfb, long sfl, long Bn,
+                      long Ln, long Fn, long R, long ndrop, long *src_all, long *index, long *dst, int nthreads) {
+    const long K = Ln - R, M = R - ndrop;
+#pragma omp parallel num_threads(nthreads)
+    {
+        Ranked *order = (Ranked *)malloc(sizeof(Ranked) * Ln);
+        unsigned char *gone = (unsigned char *)malloc(Ln);
+        /* the staying tokens' unit features feature-major (F, K), so that one token's similarities to all of them
+         * are K-wide multiply-adds with no horizontal sums; then that token's unit features and similarities */
+        const long Kp = (K + SIMV * VLEN - 1) / (SIMV * VLEN) * (SIMV * VLEN); /* K padded with zero columns */
+        float *unit = feat && M > 0 ? (float *)calloc(Fn * Kp + Fn + 2 * Kp, sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (long b = 0; b < Bn; b++) {
+            for (long l = 0; l < Ln; l++) {
+                order[l].key = order_key(keys[b * Ln + l]);
+                order[l].at = l;
+                gone[l] = 0;
+            }
+            qsort(order, Ln, sizeof(Ranked), ranked_cmp);
+            for (long r = 0; r < R; r++) {
+                src_all[b * R + r] = order[r].at;
+                gone[order[r].at] = 1;
+            }
+            for (long l = 0, k = 0; l < Ln; l++)
+                if (!gone[l]) index[b * K + k++] = l;
+            if (M <= 0) continue;
+            if (!feat) {
+                for (long m = 0; m < M; m++) dst[b * M + m] = src_all[b * R + ndrop + m];
+                continue;
+            }
+            float *us = unit + Fn * Kp, *sim = us + Fn, *row = sim + Kp;
+            for (long k = 0; k < K; k++) row[k] = 1.f / row_norm(feat + b * sfb + index[b * K + k] * sfl, Fn);
+            for (long f = 0; f < Fn; f++) /* written in order, read across the rows */
+                for (long k = 0; k < K; k++) unit[f * Kp + k] = feat[b * sfb + index[b * K + k] * sfl + f] * row[k];
+            for (long m = 0; m < M; m++) {
+                const long s = src_all[b * R + ndrop + m];
+                unit_row(feat + b * sfb + s * sfl, Fn, us);
+                for (long k0 = 0; k0 < Kp; k0 += SIMV * VLEN) { /* SIMV vectors of sums in registers */
+                    vecV acc[SIMV] = {{0}};
+                    for (long f = 0; f < Fn; f++) {
+                        const vecV uf = (vecV){0} + us[f];
+                        const float *uk = unit + f * Kp + k0;
+                        for (int v = 0; v < SIMV; v++) {
+                            vecV x;
+                            memcpy(&x, uk + v * VLEN, sizeof x);
+                            acc[v] += uf * x;
+                        }
+                    }
+                    memcpy(sim + k0, acc, sizeof acc);
+                }
+                long best = 0;
+                float top = 0.f;
+                int found = 0;
+                for (long k = 0; k < K; k++) {
+                    if (prot[b * Ln + index[b * K + k]]) continue;
+                    if (!found || sim[k] > top) {
+                        top = sim[k];
+                        best = k;
+                        found = 1;
+                    }
+                }
+                dst[b * M + m] = index[b * K + best];
+            }
+        }
+        free(order);
+        free(gone);
+        free(unit);
+    }
+}
+
+/* The staying tokens index (B, K) of each stream (B, L, D_i) through strides (batch, token; unit stride within a
+ * row), with the tokens src (B, M) averaged into dst (B, M) size-weighted: out[k] = (x[index k] s[index k] + sum of
+ * x[src] s[src] over the src whose dst is index k, in src order) / (the same sum of sizes), and that sum is new_sizes
+ * (B, K); with M = 0 the rows are copied and the sizes taken. slot_of (B, L): each current token's slot among the
+ * staying ones (-1: leaves). outs (B, K, D_i) contiguous. */
+void ssm_merge_keep(long Bn, long Ln, long K, long M, const long *index, const long *src, const long *dst,
+                    const float *sizes, int nstreams, const float *const *streams, const long *rows, const long *strides,
+                    float *const *outs, float *new_sizes, long *slot_of, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        long *slot = slot_of + b * Ln;
+        float *total = new_sizes + b * K;
+        for (long l = 0; l < Ln; l++) slot[l] = -1;
+        for (long k = 0; k < K; k++) {
+            slot[index[b * K + k]] = k;
+            total[k] = sizes[b * Ln + index[b * K + k]];
+        }
+        for (long m = 0; m < M; m++) total[slot[dst[b * M + m]]] += sizes[b * Ln + src[b * M + m]];
+        for (int i = 0; i < nstreams; i++) {
+            const long D = rows[i];
+            const float *x = streams[i] + b * strides[2 * i];
+            const long sl = strides[2 * i + 1];
+            float *o = outs[i] + b * K * D;
+            for (long k = 0; k < K; k++) {
+                const float *xr = x + index[b * K + k] * sl;
+                float *orow = o + k * D;
+                if (M == 0) {
+                    memcpy(orow, xr, sizeof(float) * D);
+                    continue;
+                }
+                const float w = sizes[b * Ln + index[b * K + k]];
+                for (long d = 0; d < D; d++) orow[d] = xr[d] * w;
+            }
+            if (M == 0) continue;
+            for (long m = 0; m < M; m++) {
+                const long s = src[b * M + m];
+                const float w = sizes[b * Ln + s];
+                const float *xr = x + s * sl;
+                float *orow = o + slot[dst[b * M + m]] * D;
+                for (long d = 0; d < D; d++) orow[d] += xr[d] * w;
+            }
+            for (long k = 0; k < K; k++) {
+                float *orow = o + k * D;
+                const float t = total[k];
+                for (long d = 0; d < D; d++) orow[d] /= t;
+            }
+        }
+    }
+}

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import BlockOutput, Streams, TokenState, gather_tokens, owner_after, tracing
+from ssmtrim.ops.tokens import merge_kernels
 from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
@@ -61,6 +62,10 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
     bsz, length = sizes.shape
     device = sizes.device
     staying = int(length) - removed.shape[1]
+    kernels = merge_kernels(sizes, *streams) if index is not None else None
+    if kernels is not None:  # the same, in two C calls (ssmtrim.ops.tokens)
+        streams, kept_sizes, slot_of = kernels.keep(index, src, dst, sizes, streams)
+        return _placed(state, streams, kept_sizes, slot_of, index, src, dst)
     if index is None:
         keep = torch.ones(bsz, length, dtype=torch.bool, device=device).scatter(
             1, removed, torch.zeros_like(removed, dtype=torch.bool))
@@ -91,6 +96,13 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
         streams, kept_sizes = tuple(merged), total
     else:
         streams = tuple(None if t is None else gather_tokens(t, index) for t in streams)
+    return _placed(state, streams, kept_sizes, slot_of, index, src, dst)
+
+
+def _placed(state: TokenState, streams: Streams, kept_sizes: Tensor, slot_of: Tensor, index: Tensor, src: Tensor,
+            dst: Tensor) -> tuple[Streams, TokenState]:
+    """The state after a merge step: the staying tokens' positions and sizes, the protected tokens' new indices, the
+    owner map; ``slot_of`` (B L) each current token's slot among the staying ones ``index`` (B K) (-1: leaves)."""
     protected = state.protected_index()
     new_cls = None if protected is None else slot_of.gather(1, protected)  # protected tokens always stay
     if new_cls is not None and state.cls_index.dim() == 1:
@@ -143,15 +155,24 @@ def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
         # above every other token, below the protected ones (which a step never removes, however few it keeps)
         scores = scores.float().masked_fill(distance <= around, torch.finfo(torch.float32).max)
-    ranked = torch.sort(scores.masked_fill(protected, float("inf")), dim=1, stable=True).indices
+    keys = scores.masked_fill(protected, float("inf"))
+    n_drop = int(round(step.plan.option("drop_fraction") * removed))
+    if features is None and removed > n_drop:
+        raw = similarity_features(step.output, step.plan.option("metric"))
+    else:
+        raw = features
+    kernels = merge_kernels(keys, raw)
+    if kernels is not None:  # the same choice in one C call (ssmtrim.ops.tokens), the features normed there
+        src_all, index, dst = kernels.choose(keys, protected, raw, removed, n_drop)
+        return src_all[:, n_drop:], dst, src_all, index
+    ranked = torch.sort(keys, dim=1, stable=True).indices
     src_all = ranked[:, :removed]  # the least important first
     index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
-    n_drop = int(round(step.plan.option("drop_fraction") * removed))
     src = src_all[:, n_drop:]
     dst = src  # nothing merged: no target needed
     if src.shape[1]:
         if features is None:
-            features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+            features = F.normalize(raw.float(), dim=-1)
         # each merged token's most similar staying unprotected token (the first on a tie, in token order)
         sim = gather_tokens(features, src) @ gather_tokens(features, index).transpose(1, 2)  # B R K
         sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))

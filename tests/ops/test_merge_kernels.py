@@ -1,0 +1,132 @@
+"""The merge step's C kernels (:mod:`ssmtrim.ops.tokens`, ``MergeKernels``): the PyTorch reference's choice and
+values, and taken only where they may run. The choice (a stable sort, the first most similar target) is compared
+exactly; merged values to the tolerance that holds across CPUs (the kernel sums in its own order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssmtrim
+import ssmtrim.pruning.strategies.merge as merge
+from ssmtrim.models.tokens import BlockOutput, TokenState, gather_tokens
+from ssmtrim.ops._cpu_kernel import status as kernel_status
+from ssmtrim.ops.backends import cpu
+from ssmtrim.ops.tokens import merge_kernels
+from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning.state import ReductionStep
+from tests.tolerance import assert_close_across_cpus
+
+requires_kernel = pytest.mark.skipif(not kernel_status().available, reason="fast CPU kernel unavailable (no compiler)")
+
+
+def reference_choose(keys, protected, features, removed, n_drop):
+    """choose_merges' PyTorch code, written out."""
+    ranked = torch.sort(keys, dim=1, stable=True).indices
+    src_all, index = ranked[:, :removed], ranked[:, removed:].sort(dim=1).values
+    src = src_all[:, n_drop:]
+    unit = F.normalize(features.float(), dim=-1)
+    sim = gather_tokens(unit, src) @ gather_tokens(unit, index).transpose(1, 2)
+    sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))
+    return src_all, index, index.gather(1, sim.argmax(-1))
+
+
+def _case(seed, bsz=3, length=41, width=24, n_protected=2):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randint(0, 6, (bsz, length), generator=g).float()  # many ties: the order among them is by position
+    protected = torch.zeros(bsz, length, dtype=torch.bool)
+    for b in range(bsz):
+        protected[b, torch.randperm(length, generator=g)[:n_protected]] = True
+    keys = keys.masked_fill(protected, float("inf"))
+    features = torch.randn(bsz, length, width, generator=g)
+    features[:, 5] = features[:, 9]  # two staying candidates alike: the first wins
+    return keys, protected, features
+
+
+@requires_kernel
+@pytest.mark.parametrize("removed,n_drop", [(1, 0), (13, 0), (20, 5), (20, 20), (39, 0)])
+def test_choose_is_the_reference_choice(removed, n_drop):
+    keys, protected, features = _case(removed + n_drop)
+    got = cpu.merge_choose(keys, protected, features, removed, n_drop)
+    want = reference_choose(keys, protected, features, removed, n_drop)
+    for g, w, what in zip(got, want, ("removed", "staying", "targets"), strict=True):
+        assert torch.equal(g, w), what
+
+
+@requires_kernel
+def test_choose_orders_nans_last_and_negative_zero_with_zero():
+    keys = torch.tensor([[0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), float("-inf")]])
+    protected = torch.zeros_like(keys, dtype=torch.bool)
+    src_all, index, _ = cpu.merge_choose(keys, protected, None, 6, 6)
+    assert src_all.tolist() == torch.sort(keys, dim=1, stable=True).indices[:, :6].tolist() == [[6, 4, 2, 3, 0, 5]]
+    assert index.tolist() == [[1]]
+
+
+@requires_kernel
+@pytest.mark.parametrize("merged", [0, 9])
+def test_keep_is_the_reference_average(merged):
+    g = torch.Generator().manual_seed(merged)
+    bsz, length, removed = 2, 30, 12
+    # a stream of rows of stride 2 (copied first), and an absent one
+    streams = (torch.randn(bsz, length, 7, generator=g), None, torch.randn(bsz, length, 6, generator=g)[:, :, ::2])
+    sizes = torch.randint(1, 5, (bsz, length), generator=g).float()
+    state = TokenState(torch.arange(length).expand(bsz, -1).clone(), torch.tensor([0, 3]), length, (1, length), True,
+                       sizes=sizes)
+    keys = torch.randn(bsz, length, generator=g).masked_fill(state.protected(), float("inf"))
+    features = torch.randn(bsz, length, 5, generator=g)
+    src_all, index, dst = cpu.merge_choose(keys, state.protected(), features, removed, removed - merged)
+    src = src_all[:, removed - merged:]
+    got, got_state = merge.merge_and_keep(state, streams, sizes, src, dst, src_all, index)
+    want, want_state = merge.merge_and_keep(state, streams, sizes, src, dst, src_all)  # no index: the reference
+    for g_, w in zip(got, want, strict=True):
+        assert (g_ is None) == (w is None)
+        if w is not None:
+            assert g_.shape == w.shape
+            assert_close_across_cpus(g_, w, rtol=1e-6)
+    assert torch.equal(got_state.sizes, want_state.sizes)
+    assert torch.equal(got_state.positions, want_state.positions)
+    assert torch.equal(got_state.cls_index, want_state.cls_index)
+
+
+@requires_kernel
+def test_taken_only_where_they_may_run():
+    x = torch.randn(2, 5, 4)
+    assert merge_kernels(x, None) is not None
+    assert merge_kernels(x.double()) is None  # fp32 only
+    assert merge_kernels(x.requires_grad_()) is None  # a gradient wanted: PyTorch's ops
+    with torch.no_grad():
+        assert merge_kernels(x) is not None
+
+
+@requires_kernel
+def test_a_reduced_forward_gives_the_reference_logits(monkeypatch):
+    """A merge plan end to end with the kernels and with PyTorch's ops: the same logits (to the tolerance across
+    CPUs), a batch of images with the class token in the middle, a dropped share and redundancy included."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    for given in ({}, {"drop_fraction": 0.3}, {"options": (("redundancy", 0.5),)}):
+        model = ssmtrim.create_model("vim_test").eval()
+        reduced = apply_pruning(model, PruneConfig(layers=(1, 2), keep=(0.6, 0.7), arrangement="merge", **given))
+        with torch.no_grad():
+            got = reduced(x)
+            with monkeypatch.context() as m:
+                m.setattr(merge, "merge_kernels", lambda *tensors: None)
+                want = reduced(x)
+        assert_close_across_cpus(got, want, what=str(given))
+
+
+@requires_kernel
+def test_the_strategy_calls_them(monkeypatch):
+    calls = []
+    choose, keep = cpu.merge_choose, cpu.merge_keep
+    kernels = cpu.BACKEND.merge._replace(choose=lambda *a: calls.append("choose") or choose(*a),
+                                         keep=lambda *a: calls.append("keep") or keep(*a))
+    monkeypatch.setattr(merge, "merge_kernels", lambda *tensors: kernels)
+    length = 9
+    state = TokenState(torch.arange(length)[None], torch.tensor([4]), length, (1, length), True)
+    features = torch.randn(1, length, 4)
+    step = ReductionStep(0, torch.randn(1, length), 5, (torch.randn(1, length, 4),), state,
+                         BlockOutput((), features, mixer_input=features), PruneConfig(layers=(1,), keep=(0.5,)))
+    merge.Merge().reduce(step)
+    assert calls == ["choose", "keep"]
