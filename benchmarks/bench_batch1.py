@@ -5,10 +5,10 @@
 One image through the model's recommended plan (merge at ``--keep`` after its recommended blocks, compensation off),
 captured once, and through the dense model; then, timed in turns (one thread's CPU time, median of ``--repeats``; on
 a shared machine a slow spell falls on all of them): the dense and the reduced forward, each model's blocks alone on
-the captured inputs (each at the token count it ran at), the reduction steps alone on the captured block outputs
-(score, strategy, geometry; also with PyTorch's ops in place of the backend's merge kernels), and one block at
-several token counts, from which a block's fixed cost (the intercept of a straight line through the times) and its
-cost per token are fitted. What a forward spends beyond its blocks (and
+the captured inputs (each at the token count it ran at; also without the reduced blocks' geometry), the reduction
+steps alone on the captured block outputs (score, strategy, geometry; also with PyTorch's ops in place of the
+backend's merge kernels), and one block at several token counts, from which a block's fixed cost (the intercept of a
+straight line through the times) and its cost per token are fitted. What a forward spends beyond its blocks (and
 steps) is the embedding, the head, the engine's loop and whatever else a whole forward costs that its parts run alone
 do not.
 """
@@ -92,6 +92,10 @@ def main() -> None:
         for i, streams, state, geometry, needs in blocks:
             run_block(reduced, i, streams, state, geometry, needs)
 
+    def blocks_without_geometry():  # the same blocks at the same token counts, as if nothing had been reduced
+        for i, streams, state, _, needs in blocks:
+            run_block(reduced, i, streams, state, None, needs)
+
     def dense_blocks_alone():
         for i, streams, state, geometry, needs in dense_blocks:
             run_block(dense, i, streams, state, geometry, needs)
@@ -123,7 +127,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001
             sizes = []
         got = timed({"dense": lambda: dense(x), "dense blocks": dense_blocks_alone, "reduced": lambda: reduced(x),
-                     "blocks": blocks_alone,
+                     "blocks": blocks_alone, "blocks, no geometry": blocks_without_geometry,
                      "steps": steps_alone, "steps, torch ops": steps_in_torch_ops,
                      **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
     n_steps = len(steps)
@@ -135,6 +139,10 @@ def main() -> None:
     print(f"  reduced forward         {got['reduced']:7.2f} ms   speed-up {got['dense'] / got['reduced']:.2f}x")
     print(f"    its blocks alone      {got['blocks']:7.2f} ms   (the dense blocks / these: "
           f"{got['dense blocks'] / got['blocks']:.2f}x)")
+    reduced_blocks = sum(b[3] is not None for b in blocks)
+    extra = (got["blocks"] - got["blocks, no geometry"]) / max(reduced_blocks, 1) * 1e3
+    print(f"      without their geometry  {got['blocks, no geometry']:7.2f} ms   (the gap decay and conv positions: "
+          f"{extra:.0f} us a reduced block)")
     per_step = got["steps"] / max(n_steps, 1)
     print(f"    its {n_steps} steps alone     {got['steps']:7.2f} ms   ({per_step:.2f} ms a step)")
     print(f"      the same in PyTorch ops {got['steps, torch ops']:7.2f} ms   (without the backend's merge kernels)")
