@@ -26,6 +26,29 @@ def test_a_reduced_forward_compiles_as_one_graph(name):
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
 
+def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
+    """Under ``torch.compile`` Vim's mixer takes the cpu backend's token-major kernels as the registered ops
+    ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan`` (not the general path's transposes and flips); an ONNX export
+    or a FLOP count (which trace for standard ops) still takes the general path (tests/test_export.py)."""
+    from ssmtrim.ops._cpu_kernel import status
+
+    if not status().available:
+        pytest.skip("fast CPU kernel unavailable (no compiler)")
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vim_test", depth=2))
+    apply_pruning(model, PruneConfig.recommended(model, layers=(1,), keep=(0.6,), compensate="none"))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = model(x)
+        compiled_model = torch.compile(model, fullgraph=True)
+        compiled = compiled_model(x)
+        with torch.profiler.profile() as prof:
+            compiled_model(x)
+    ran = {event.key for event in prof.key_averages()}
+    assert {"ssmtrim::tokens_conv", "ssmtrim::tokens_scan"} <= ran
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
 def test_quartermap_on_vmamba_compiles_as_one_graph():
     """A hierarchical family, its scans thinned by a stride (slices and nearest-neighbour spreading in the graph)."""
     torch.manual_seed(0)

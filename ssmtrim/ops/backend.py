@@ -27,6 +27,7 @@ import torch
 
 from ssmtrim.errors import BackendUnavailableError, ConfigError
 from ssmtrim.ops.backends import Backend, backend_names, by_priority, get_backend, registered_backends
+from ssmtrim.ops.backends.base import constant_when_compiled
 from ssmtrim.ops.backends.cuda import MAMBA_INSTALL, mamba_selective_scan
 
 __all__ = ["BACKENDS", "ENV_VAR", "MAMBA_INSTALL", "backend_for", "describe_backends", "mamba_selective_scan",
@@ -85,14 +86,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _scoped.reset(token)
-
-
-def constant_when_compiled(fn):
-    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does (a compiled graph takes its answer when the graph
-    is made), without importing torch._dynamo when ssmtrim is imported: that import creates an inductor folder in
-    the temporary directory. ``tests/test_compile.py`` fails if the mark stops working."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 @constant_when_compiled  # a compiled graph takes the backend chosen when it was compiled

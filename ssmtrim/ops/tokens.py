@@ -4,7 +4,9 @@ and for a merge step.
 A Vim mixer's projections produce rows (B L E), one per token, while the general ops take channel-major (B E L)
 sequences, and the backward direction reads them reversed: the general path pays a transpose copy before and after
 each kernel and a flip copy per reversed tensor. Where the chosen backend has :class:`TokenKernels` (the ``cpu``
-backend's C kernels) and nothing needs a gradient, the mixer runs on them instead:
+backend's C kernels) and nothing needs a gradient, the mixer runs on them instead (in a graph ``torch.compile`` makes
+too, as the registered ops ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan``; not in an exported file or a FLOP
+count, which hold standard ops only):
 
 - ``conv(x, conv, reverse, positions=None)``: SiLU(causal depth-wise conv1d) of x (B L E) in scan order (the tokens
   reversed with ``reverse``), result (B L E) contiguous in scan order, ready for ``x_proj``; ``positions`` (B L, scan
@@ -55,11 +57,12 @@ def _plain_causal(conv: nn.Conv1d, channels: int) -> bool:
 def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_inner: int,
                   d_state: int) -> TokenKernels | None:
     """The chosen backend's token-major kernels when they may run on x (B L D) through ``mixer``: no gradient wanted,
-    no tracer watching, Vim's causal depth-wise convs; else None (the general path)."""
+    no export or FLOP count watching (``torch.compile`` takes them as the registered ops ``ssmtrim::tokens_conv`` and
+    ``ssmtrim::tokens_scan``), Vim's causal depth-wise convs; else None (the general path)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())):
         return None
-    if tracing() or single_op_requested():
-        return None
+    if torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested():
+        return None  # an exported file or a FLOP count holds standard ops only; a compiled graph takes these as ops
     if not all(_plain_causal(conv, conv.in_channels) and conv.weight.dtype == x.dtype for conv in convs):
         return None
     kernels = backend_for(x.device).tokens

@@ -17,6 +17,14 @@ from torch import Tensor, nn
 ScanFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
 
+def constant_when_compiled(fn):
+    """Mark ``fn`` as ``torch.compiler.assume_constant_result`` does (a compiled graph takes its answer when the graph
+    is made), without importing torch._dynamo when ssmtrim is imported: that import creates an inductor folder in
+    the temporary directory. ``tests/test_compile.py`` fails if the mark stops working."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 class ConvKernel(NamedTuple):
     """A fast causal depth-wise conv1d + SiLU (see :mod:`ssmtrim.ops.conv` for the meaning).
 

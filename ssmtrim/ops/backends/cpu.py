@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
-from ssmtrim.ops.backends.base import Backend, ConvKernel, MergeKernels, TokenKernels
+from ssmtrim.ops.backends.base import Backend, ConvKernel, MergeKernels, TokenKernels, constant_when_compiled
 from ssmtrim.ops.backends.ref import selective_scan_ref
 
 _VECTOR = 16  # channels per vector in csrc/selective_scan.c (W)
@@ -241,9 +241,13 @@ ScanInputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor
 def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
     """fp32 CPU tensors, a state the kernel holds, channels in whole vectors (the conv's SiLU then takes the same
     vector exp for every channel as the general path's conv, so both agree: to the bit with this project's GCC)."""
-    lib = _cpu_kernel.load() if x.device.type == "cpu" else None
-    return (lib is not None and x.dtype == torch.float32 and d_state <= lib.ssm_max_state()
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and d_state <= kernel_state_limit()
             and d_inner % _VECTOR == 0)
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    """:func:`_f32` with one check where nothing needs converting (each call counts at batch 1)."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.detach().float().contiguous()
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -254,13 +258,20 @@ def _rows(t: Tensor) -> Tensor:
 def tokens_conv(x: Tensor, conv: nn.Conv1d, reverse: bool, positions: Tensor | None = None) -> Tensor:
     """``ssm_conv_silu_tok``: SiLU(causal conv) of x (B L E) read in scan order (reversed with ``reverse``), out (B L
     E) contiguous in scan order; ``positions`` (B L, scan order): the tokens' original positions, as for
-    :func:`conv_run`."""
+    :func:`conv_run`. In a graph that ``torch.compile`` makes, the registered op ``ssmtrim::tokens_conv``."""
+    weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+    if torch.compiler.is_compiling():
+        return torch.ops.ssmtrim.tokens_conv(x, weight, bias, reverse, positions)
+    return _conv_tokens(x, weight, bias, reverse, positions)  # eager: the function itself, not the op's dispatch
+
+
+def _conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, positions: Tensor | None) -> Tensor:
     lib = _cpu_kernel.load()
     x = _rows(x)
     bsz, length, e = x.shape
-    width = conv.kernel_size[0]
-    weight = conv.weight.detach().contiguous()  # (E 1 width), as stored; the kernel lays a tap's weights out
-    bias = None if conv.bias is None else conv.bias.detach().contiguous()
+    width = weight.shape[-1]
+    weight = weight.contiguous()  # (E 1 width), as stored; the kernel lays a tap's weights out
+    bias = None if bias is None else bias.contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(bsz, length, e, dtype=torch.float32)
     with _profiled("ssmtrim::causal_conv1d_silu"):
@@ -273,14 +284,29 @@ def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, del
     """``ssm_scan_bi_tok``: both directions in one call, each (u, delta, A, B, C, D, delta_bias, gap, gap_scale) with
     u, delta (B L E) and B, C (B L N) in its scan order, and the gap in factored form only (counts (B L) in its scan
     order, scale (B E)) or None; z (B L E) and the result, the mean of the two gated outputs, in original order
-    (B L E, fp32, contiguous)."""
+    (B L E, fp32, contiguous). In a graph that ``torch.compile`` makes, the registered op ``ssmtrim::tokens_scan``."""
+    for direction in (forward, backward):
+        if (direction[7] is None) != (direction[8] is None):
+            raise ValueError("the token-major scan takes the gap in factored form only: counts and scale together")
+    if torch.compiler.is_compiling():
+        return torch.ops.ssmtrim.tokens_scan(*forward, *backward, z, delta_softplus)
+    return _scan_tokens(*forward, *backward, z, delta_softplus)  # eager: the function itself, not the op's dispatch
+
+
+def _scan_tokens(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, bias: Tensor | None,
+    gap: Tensor | None, gap_scale: Tensor | None, u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
+    D_b: Tensor | None, bias_b: Tensor | None, gap_b: Tensor | None, gap_scale_b: Tensor | None, z: Tensor | None,
+    delta_softplus: bool,
+) -> Tensor:
+    forward = (u, delta, A, B, C, D, bias, gap, gap_scale)
+    backward = (u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, gap_b, gap_scale_b)
     lib = _cpu_kernel.load()
     keep: list[Tensor] = []  # what the pointers point into, alive until the call returns
     pointers, strides = [], []
     for u, delta, A, B, C, D, bias, gap, gap_scale in (forward, backward):
-        if (gap is None) != (gap_scale is None):
-            raise ValueError("the token-major scan takes the gap in factored form only: counts and scale together")
-        rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias), _f32(gap), _f32(gap_scale)]
+        rows = [_rows(u), _rows(delta), _flat(A), _rows(B), _rows(C), _flat(D), _flat(bias), _flat(gap),
+                _flat(gap_scale)]
         keep += [t for t in rows if t is not None]
         pointers += [None if t is None else t.data_ptr() for t in rows]
         strides += [s for t in (rows[0], rows[1], rows[3], rows[4]) for s in t.stride()[:2]]
@@ -295,6 +321,28 @@ def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, del
         lib.ssm_scan_bi_tok(ptr_array, stride_array, _ptr(z), zs[0], zs[1], int(delta_softplus), _ptr(out), bsz, e,
                             length, n, torch.get_num_threads())
     return out
+
+
+# the same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes)
+_conv_tokens_op = torch.library.custom_op("ssmtrim::tokens_conv", _conv_tokens, mutates_args=())
+_scan_tokens_op = torch.library.custom_op("ssmtrim::tokens_scan", _scan_tokens, mutates_args=())
+
+
+@_conv_tokens_op.register_fake
+def _conv_tokens_fake(x, weight, bias, reverse, positions):
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0], dtype=torch.float32)
+
+
+@_scan_tokens_op.register_fake
+def _scan_tokens_fake(u, *rest):
+    return u.new_empty(u.shape, dtype=torch.float32)
+
+
+@constant_when_compiled  # a compiled graph takes the answer when it is made
+def kernel_state_limit() -> int:
+    """The largest d_state the kernel holds; 0 where it is not built."""
+    lib = _cpu_kernel.load()
+    return 0 if lib is None else int(lib.ssm_max_state())
 
 
 # ---------------------------------------------------------------------------------------------------------------
