@@ -28,8 +28,9 @@ def test_a_reduced_forward_compiles_as_one_graph(name):
 
 def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
     """Under ``torch.compile`` Vim's mixer takes the cpu backend's token-major kernels as the registered ops
-    ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan`` (not the general path's transposes and flips); an ONNX export
-    or a FLOP count (which trace for standard ops) still takes the general path (tests/test_export.py)."""
+    ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan`` (not the general path's transposes and flips), and the merge
+    step its two kernels (``ssmtrim::merge_choose``, ``ssmtrim::merge_keep``); an ONNX export or a FLOP count (which
+    trace for standard ops) still takes the general path (tests/test_export.py)."""
     from ssmtrim.ops._cpu_kernel import status
 
     if not status().available:
@@ -45,7 +46,7 @@ def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
         with torch.profiler.profile() as prof:
             compiled_model(x)
     ran = {event.key for event in prof.key_averages()}
-    assert {"ssmtrim::tokens_conv", "ssmtrim::tokens_scan"} <= ran
+    assert {"ssmtrim::tokens_conv", "ssmtrim::tokens_scan", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
 
 

@@ -19,7 +19,8 @@ count, which hold standard ops only):
 
 A merge step (``ssmtrim.pruning.strategies.merge``) is a few dozen small PyTorch ops, which at batch 1 cost about
 as much as a block; where the backend has :class:`MergeKernels` (the ``cpu`` backend) and nothing needs a gradient,
-it is two C calls instead, :func:`merge_kernels` saying when:
+it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::merge_keep`` in a compiled graph),
+:func:`merge_kernels` saying when:
 
 - ``choose(keys, protected, features, removed, n_drop)``: the ``removed`` tokens of lowest key leave (a stable sort:
   ties by position), ``(src_all, index, dst)`` as ``choose_merges`` returns them, each merged token's target found by
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from ssmtrim.ops.backend import backend_for
 from ssmtrim.ops.backends.base import MergeKernels, TokenKernels
-from ssmtrim.ops.selective_scan import single_op_requested, tracing
+from ssmtrim.ops.selective_scan import single_op_requested
 
 __all__ = ["MergeKernels", "TokenKernels", "merge_kernels", "token_kernels"]
 
@@ -71,10 +72,11 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
 
 def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
     """The chosen backend's merge-step kernels when they may take ``tensors`` (the streams, sizes, features of one
-    step): no gradient wanted, no tracer watching, all on a device and in a dtype they accept; else None."""
+    step): no gradient wanted, no export or FLOP count watching (``torch.compile`` takes them as the registered ops
+    ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype they accept; else None."""
     present = [t for t in tensors if t is not None]
-    if not present or tracing() or single_op_requested():
-        return None
+    if not present or torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested():
+        return None  # standard ops only there; a compiled graph takes these as registered ops
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return None
     kernels = backend_for(present[0].device).merge

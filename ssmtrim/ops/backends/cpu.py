@@ -351,7 +351,7 @@ def kernel_state_limit() -> int:
 
 def merge_accepts(x: Tensor) -> bool:
     """fp32 CPU tensors, with the kernel built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _cpu_kernel.load() is not None
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernel_state_limit() > 0
 
 
 def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
@@ -359,7 +359,15 @@ def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, remov
     """``ssm_merge_choose``: keys (B L, the ranking: the lowest leave; protected tokens +inf), protected (B L bool),
     features (B L F, rows of unit stride; None when nothing is merged) -> (src_all (B R) the leaving tokens in
     ranking order, index (B L-R) the staying ones in increasing order, dst (B R-n_drop) the staying unprotected
-    token of highest cosine similarity of each merged one: ``src_all[:, n_drop:]``)."""
+    token of highest cosine similarity of each merged one: ``src_all[:, n_drop:]``). In a graph that
+    ``torch.compile`` makes, the registered op ``ssmtrim::merge_choose``."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.ops.ssmtrim.merge_choose(keys, protected, features, removed, n_drop))
+    return _choose(keys, protected, features, removed, n_drop)
+
+
+def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
+            n_drop: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
     keys = keys.detach().to(torch.float32).contiguous()
     prot = protected.to(torch.uint8).contiguous()
@@ -382,13 +390,24 @@ def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor,
                streams: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor]:
     """``ssm_merge_keep``: the staying tokens ``index`` (B K) of each stream (B L ..., fp32; None stays None), with
     ``src`` (B M) averaged into ``dst`` (B M) by size -> (merged streams (B K ...), new sizes (B K), slot_of (B L):
-    each current token's slot among the staying ones, -1 where it leaves)."""
+    each current token's slot among the staying ones, -1 where it leaves). In a graph that ``torch.compile`` makes,
+    the registered op ``ssmtrim::merge_keep``."""
+    present = [t for t in streams if t is not None]
+    if torch.compiler.is_compiling():
+        *outs, new_sizes, slot_of = torch.ops.ssmtrim.merge_keep(index, src, dst, sizes, present)
+    else:
+        *outs, new_sizes, slot_of = _keep(index, src, dst, sizes, present)
+    merged = iter(outs)
+    return tuple(None if t is None else next(merged) for t in streams), new_sizes, slot_of
+
+
+def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[Tensor]) -> list[Tensor]:
+    """:func:`merge_keep` over the streams that are there: [their merged rows..., new sizes, slot_of]."""
     lib = _cpu_kernel.load()
     bsz, length = sizes.shape
     k, m = index.shape[1], src.shape[1]
     index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
     sizes = sizes.detach().to(torch.float32).contiguous()
-    present = [t for t in streams if t is not None]
     rows_in = [t.detach().reshape(bsz, length, -1) for t in present]
     rows_in = [t if t.stride(2) == 1 else t.contiguous() for t in rows_in]
     outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
@@ -401,8 +420,25 @@ def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor,
                        (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), _ptr(new_sizes), _ptr(slot_of),
                        torch.get_num_threads())
-    merged = iter(outs)
-    return tuple(None if t is None else next(merged) for t in streams), new_sizes, slot_of
+    return [*outs, new_sizes, slot_of]
+
+
+_choose_op = torch.library.custom_op("ssmtrim::merge_choose", _choose, mutates_args=())
+_keep_op = torch.library.custom_op("ssmtrim::merge_keep", _keep, mutates_args=())
+
+
+@_choose_op.register_fake
+def _choose_fake(keys, protected, features, removed, n_drop):
+    bsz, length = keys.shape
+    index = keys.new_empty(bsz, length - removed, dtype=torch.long)
+    return keys.new_empty(bsz, removed, dtype=torch.long), index, index.new_empty(bsz, max(removed - n_drop, 0))
+
+
+@_keep_op.register_fake
+def _keep_fake(index, src, dst, sizes, present):
+    bsz, k = index.shape
+    return [*(t.new_empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present),
+            sizes.new_empty(bsz, k, dtype=torch.float32), index.new_empty(bsz, sizes.shape[1])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
