@@ -323,17 +323,27 @@ def _scan_tokens(
     return out
 
 
-# the same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes)
-_conv_tokens_op = torch.library.custom_op("ssmtrim::tokens_conv", _conv_tokens, mutates_args=())
-_scan_tokens_op = torch.library.custom_op("ssmtrim::tokens_scan", _scan_tokens, mutates_args=())
+# The same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes). Inference
+# only (they are taken when nothing needs a gradient), so each is a plain CPU kernel of a schema: about 6 us of
+# dispatch a call where torch.library.custom_op's wrapper costs about 17 (a scan of one token: 25 us in all).
+_INFERENCE_OPS = torch.library.Library("ssmtrim", "FRAGMENT")
+_SCAN_DIRECTION = ("Tensor u{s}, Tensor delta{s}, Tensor A{s}, Tensor B{s}, Tensor C{s}, Tensor? D{s}, "
+                   "Tensor? bias{s}, Tensor? gap{s}, Tensor? gap_scale{s}")
+for _schema, _impl in (
+    ("tokens_conv(Tensor x, Tensor weight, Tensor? bias, bool reverse, Tensor? positions) -> Tensor", _conv_tokens),
+    (f"tokens_scan({_SCAN_DIRECTION.format(s='')}, {_SCAN_DIRECTION.format(s='_b')}, Tensor? z, "
+     "bool delta_softplus) -> Tensor", _scan_tokens),
+):
+    _INFERENCE_OPS.define(_schema)
+    _INFERENCE_OPS.impl(_schema.split("(")[0], _impl, "CPU")
 
 
-@_conv_tokens_op.register_fake
+@torch.library.register_fake("ssmtrim::tokens_conv")
 def _conv_tokens_fake(x, weight, bias, reverse, positions):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0], dtype=torch.float32)
 
 
-@_scan_tokens_op.register_fake
+@torch.library.register_fake("ssmtrim::tokens_scan")
 def _scan_tokens_fake(u, *rest):
     return u.new_empty(u.shape, dtype=torch.float32)
 
@@ -423,18 +433,22 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
     return [*outs, new_sizes, slot_of]
 
 
-_choose_op = torch.library.custom_op("ssmtrim::merge_choose", _choose, mutates_args=())
-_keep_op = torch.library.custom_op("ssmtrim::merge_keep", _keep, mutates_args=())
+# registered ops for compiled graphs, as the token-major kernels are
+_INFERENCE_OPS.define("merge_choose(Tensor keys, Tensor protected, Tensor? features, int removed, int n_drop) -> "
+                      "(Tensor, Tensor, Tensor)")
+_INFERENCE_OPS.impl("merge_choose", _choose, "CPU")
+_INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present) -> Tensor[]")
+_INFERENCE_OPS.impl("merge_keep", _keep, "CPU")
 
 
-@_choose_op.register_fake
+@torch.library.register_fake("ssmtrim::merge_choose")
 def _choose_fake(keys, protected, features, removed, n_drop):
     bsz, length = keys.shape
     index = keys.new_empty(bsz, length - removed, dtype=torch.long)
     return keys.new_empty(bsz, removed, dtype=torch.long), index, index.new_empty(bsz, max(removed - n_drop, 0))
 
 
-@_keep_op.register_fake
+@torch.library.register_fake("ssmtrim::merge_keep")
 def _keep_fake(index, src, dst, sizes, present):
     bsz, k = index.shape
     return [*(t.new_empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present),
