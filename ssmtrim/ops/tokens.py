@@ -49,6 +49,12 @@ from ssmtrim.ops.selective_scan import single_op_requested
 __all__ = ["MergeKernels", "TokenKernels", "merge_kernels", "token_kernels"]
 
 
+def _standard_ops_only() -> bool:
+    """An export, a jit trace or a FLOP count is watching: the file or the count holds standard ops only (a graph
+    ``torch.compile`` makes takes the kernels as registered ops)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested()
+
+
 def _plain_causal(conv: nn.Conv1d, channels: int) -> bool:
     width = conv.kernel_size[0]
     return (conv.groups == channels and conv.padding == (width - 1,) and conv.stride == (1,)
@@ -62,8 +68,8 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
     ``ssmtrim::tokens_scan``), Vim's causal depth-wise convs; else None (the general path)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())):
         return None
-    if torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested():
-        return None  # an exported file or a FLOP count holds standard ops only; a compiled graph takes these as ops
+    if _standard_ops_only():
+        return None
     if not all(_plain_causal(conv, conv.in_channels) and conv.weight.dtype == x.dtype for conv in convs):
         return None
     kernels = backend_for(x.device).tokens
@@ -75,8 +81,8 @@ def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
     step): no gradient wanted, no export or FLOP count watching (``torch.compile`` takes them as the registered ops
     ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype they accept; else None."""
     present = [t for t in tensors if t is not None]
-    if not present or torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested():
-        return None  # standard ops only there; a compiled graph takes these as registered ops
+    if not present or _standard_ops_only():
+        return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return None
     kernels = backend_for(present[0].device).merge

@@ -35,7 +35,8 @@ def _profiled(name: str) -> contextlib.AbstractContextManager:
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """t as contiguous fp32 (itself where it is already: one check, since each call counts at batch 1)."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.detach().float().contiguous()
 
 
 def _kernel_usable(u: Tensor, A: Tensor) -> bool:
@@ -245,11 +246,6 @@ def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
             and d_inner % _VECTOR == 0)
 
 
-def _flat(t: Tensor | None) -> Tensor | None:
-    """:func:`_f32` with one check where nothing needs converting (each call counts at batch 1)."""
-    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.detach().float().contiguous()
-
-
 def _rows(t: Tensor) -> Tensor:
     """t (B L C) fp32 with unit channel stride (a view of a wider row is fine), else a contiguous copy."""
     return t if t.dtype == torch.float32 and t.stride(2) == 1 else t.float().contiguous()
@@ -305,8 +301,7 @@ def _scan_tokens(
     keep: list[Tensor] = []  # what the pointers point into, alive until the call returns
     pointers, strides = [], []
     for u, delta, A, B, C, D, bias, gap, gap_scale in (forward, backward):
-        rows = [_rows(u), _rows(delta), _flat(A), _rows(B), _rows(C), _flat(D), _flat(bias), _flat(gap),
-                _flat(gap_scale)]
+        rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias), _f32(gap), _f32(gap_scale)]
         keep += [t for t in rows if t is not None]
         pointers += [None if t is None else t.data_ptr() for t in rows]
         strides += [s for t in (rows[0], rows[1], rows[3], rows[4]) for s in t.stride()[:2]]
@@ -324,8 +319,8 @@ def _scan_tokens(
 
 
 # The same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes). Inference
-# only (they are taken when nothing needs a gradient), so each is a plain CPU kernel of a schema: about 6 us of
-# dispatch a call where torch.library.custom_op's wrapper costs about 17 (a scan of one token: 25 us in all).
+# only (they are taken when nothing needs a gradient), so each is a plain CPU kernel of a schema: about 5 us of
+# dispatch a call where torch.library.custom_op's wrapper costs about 16 (benchmarks/bench_dispatch.py).
 _INFERENCE_OPS = torch.library.Library("ssmtrim", "FRAGMENT")
 _SCAN_DIRECTION = ("Tensor u{s}, Tensor delta{s}, Tensor A{s}, Tensor B{s}, Tensor C{s}, Tensor? D{s}, "
                    "Tensor? bias{s}, Tensor? gap{s}, Tensor? gap_scale{s}")
@@ -379,7 +374,7 @@ def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, remov
 def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
             n_drop: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
-    keys = keys.detach().to(torch.float32).contiguous()
+    keys = _f32(keys)
     prot = protected.to(torch.uint8).contiguous()
     bsz, length = keys.shape
     merged = removed - n_drop
@@ -417,7 +412,7 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
     bsz, length = sizes.shape
     k, m = index.shape[1], src.shape[1]
     index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
-    sizes = sizes.detach().to(torch.float32).contiguous()
+    sizes = _f32(sizes)
     rows_in = [t.detach().reshape(bsz, length, -1) for t in present]
     rows_in = [t if t.stride(2) == 1 else t.contiguous() for t in rows_in]
     outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
