@@ -25,6 +25,7 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, reduce_on, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.config import declared_options
+from ssmtrim.pruning.options import parse_option
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--layers", help="reduce after these blocks, 1-based (default: the family's recommended ones)")
     ap.add_argument("--targets", default="0.7")
     ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=V",
+                    help="fix another declared option in every plan (repeatable), e.g. --set protect_around=4")
     ap.add_argument("--json")
     args = ap.parse_args()
     name, _, values = args.option.partition("=")
@@ -57,8 +60,12 @@ def main() -> None:
     dense_logits = predict(model, x, args.batch_size)
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else None
     base = PruneConfig.recommended(model, layers=layers)
+    fixed = dict(parse_option(text, declared) for text in args.set)
+    if fixed:
+        base = base.replace(options={**dict(base.options), **fixed})
     flops = FlopsModel(model, "paper")
-    print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}", flush=True)
+    print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}"
+          + (f", with {fixed}" if fixed else ""), flush=True)
     rows = []
     plan_fields = {f.name for f in dataclasses.fields(PruneConfig)}
     for target in (float(t) for t in args.targets.split(",")):
@@ -76,7 +83,8 @@ def main() -> None:
                   f"{r.agreement:.2f} [{time.perf_counter() - start:.0f} s]", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "num_test": x.shape[0], "seed": args.seed,
-                                               "layers": base.layers, "option": name, "rows": rows}, indent=1) + "\n")
+                                               "layers": base.layers, "option": name, "fixed": fixed,
+                                               "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

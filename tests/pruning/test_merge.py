@@ -291,3 +291,49 @@ def test_protect_around_never_removes_the_class_token_when_a_step_keeps_fewer_th
         out = reduced_forward(vim, x, PruneConfig(layers=(1,), keep=(0.05,), arrangement="merge",
                                                   options={"protect_around": 10}))
     assert (out.state.positions.gather(1, out.state.cls_index[:, None]) == vim.config.cls_position).all()
+
+
+def _adjacent_by_hand(features, protected, src, index):
+    """For each merged token, the more similar of the nearest staying unprotected tokens before and after it (the
+    earlier one on a tie), written out with loops."""
+    f = F.normalize(features.float(), dim=-1)
+    out = torch.empty_like(src)
+    for b in range(src.shape[0]):
+        free = [i for i in index[b].tolist() if not protected[b, i]]
+        for r, s in enumerate(src[b].tolist()):
+            before = [i for i in free if i < s]
+            after = [i for i in free if i > s]
+            cands = ([before[-1]] if before else []) + ([after[0]] if after else [])
+            sims = [float(f[b, s] @ f[b, c]) for c in cands]
+            out[b, r] = cands[1] if len(cands) == 2 and sims[1] > sims[0] else cands[0]
+    return out
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_merge_into_adjacent_takes_the_more_similar_staying_neighbour(kernels, monkeypatch):
+    """``--option merge_into=adjacent``: each merged token goes to the more similar of its nearest staying neighbours
+    before and after it in the sequence, never to the class token, the same with the backend's merge kernels and in
+    PyTorch ops; the tokens that stay are those of the default rule."""
+    if not kernels:
+        import ssmtrim.pruning.strategies.merge as merge_module
+
+        monkeypatch.setattr(merge_module, "merge_kernels", lambda *t: None)
+    torch.manual_seed(0)
+    bsz, length = 3, 17
+    features = torch.randn(bsz, length, 6)
+    scores = torch.randn(bsz, length)
+    state = TokenState(torch.arange(length).expand(bsz, -1), torch.tensor([8, 8, 8]), length, (1, length), True)
+    streams, output = (torch.randn(bsz, length, 4), None), BlockOutput((), features, mixer_input=features)
+    from ssmtrim.pruning.strategies.merge import choose_merges
+
+    def choose(rule):
+        plan = PruneConfig(layers=(1,), keep=(0.4,), arrangement="merge", options={"merge_into": rule})
+        return choose_merges(ReductionStep(0, scores, 6, streams, state, output, plan))
+
+    src, dst, removed, index = choose("adjacent")
+    src_s, dst_s, removed_s, index_s = choose("similar")
+    assert torch.equal(index, index_s) and torch.equal(src, src_s) and torch.equal(removed, removed_s)
+    protected = state.protected()
+    assert torch.equal(dst, _adjacent_by_hand(features, protected, src, index))
+    assert not protected.gather(1, dst).any()
+    assert not torch.equal(dst, dst_s)  # a different rule from the default's on these tokens

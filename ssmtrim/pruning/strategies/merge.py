@@ -3,7 +3,8 @@
 The k most important unprotected tokens stay, at their original positions (the family runs later blocks as for
 ``align``: scans decay across the gaps, convs read original neighbours or, with Vim's ``--conv kept``, the previous
 kept token). Each removed token is not lost but averaged into the kept token it is most similar to (cosine similarity
-of ``metric``: the normed mixer input by default), size-weighted: a token that already stands for s original tokens
+of ``metric``: the normed mixer input by default), or with ``merge_into`` "adjacent" into the more similar of the kept
+tokens just before and after it in the sequence, size-weighted: a token that already stands for s original tokens
 weighs s, and the sizes add up across reduction points. Every stream is merged the same way (Vim's hidden and fp32
 residual streams alike). With ``drop_fraction`` > 0 the least important share of the removed tokens is dropped
 instead (UTR's prune-then-merge). The class token neither leaves nor receives merges.
@@ -37,6 +38,11 @@ REDUNDANCY = Option("redundancy", 0.0, "how much a token's redundancy (its highe
 PROTECT_AROUND = Option("protect_around", 0, "tokens within this many original positions of a protected token (the "
                         "class token) always stay (after STM's protection of the hidden states around the class "
                         "token): 0 none", low=0, high=100000)
+
+MERGE_INTO = Option("merge_into", "similar", "which staying token a removed token is averaged into: similar the most "
+                    "similar one anywhere in the sequence, adjacent the more similar of its nearest staying neighbours "
+                    "before and after it in the sequence (after STM's bidirectional nearest-neighbour merging)",
+                    choices=("similar", "adjacent"))
 
 
 def needs_of_metric(metric: str) -> frozenset[str]:
@@ -124,8 +130,9 @@ def sizes_of(state: TokenState) -> Tensor:
 class Merge(Strategy):
     name = "merge"
     keeps_positions = True
-    options = (METRIC, DROP_FRACTION, REDUNDANCY, PROTECT_AROUND, GAP)
-    description = "removed tokens averaged into their most similar kept token, size-weighted, original order"
+    options = (METRIC, DROP_FRACTION, REDUNDANCY, PROTECT_AROUND, MERGE_INTO, GAP)
+    description = ("removed tokens averaged into their most similar kept token (or kept neighbour), size-weighted, "
+                   "original order")
 
     def needs(self, plan) -> frozenset[str]:
         return super().needs(plan) | needs_of_metric(plan.option("metric"))
@@ -164,7 +171,10 @@ def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kernels = merge_kernels(keys, raw)
     if kernels is not None:  # the same choice in one C call (ssmtrim.ops.tokens), the features normed there
         src_all, index, dst = kernels.choose(keys, protected, raw, removed, n_drop)
-        return src_all[:, n_drop:], dst, src_all, index
+        src = src_all[:, n_drop:]
+        if step.plan.option("merge_into") == "adjacent" and src.shape[1]:
+            dst = _adjacent_targets(F.normalize(raw.float(), dim=-1), protected, src, index, state.num_protected)
+        return src, dst, src_all, index
     ranked = torch.sort(keys, dim=1, stable=True).indices
     src_all = ranked[:, :removed]  # the least important first
     index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
@@ -173,11 +183,35 @@ def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if src.shape[1]:
         if features is None:
             features = F.normalize(raw.float(), dim=-1)
+        if step.plan.option("merge_into") == "adjacent":
+            return src, _adjacent_targets(features, protected, src, index, state.num_protected), src_all, index
         # each merged token's most similar staying unprotected token (the first on a tie, in token order)
         sim = gather_tokens(features, src) @ gather_tokens(features, index).transpose(1, 2)  # B R K
         sim = sim.masked_fill(gather_tokens(protected, index)[:, None, :], float("-inf"))
         dst = index.gather(1, sim.argmax(-1))
     return src, dst, src_all, index
+
+
+def _adjacent_targets(features: Tensor, protected: Tensor, src: Tensor, index: Tensor, num_protected: int) -> Tensor:
+    """dst (B R): for each merged token ``src`` (B R), the more similar (cosine of ``features``, normed, B L F) of the
+    nearest staying unprotected tokens before and after it in the sequence (``index`` (B K), in order, ``num_protected``
+    of them protected), the earlier one on a tie; the one that exists where the other does not."""
+    free = ~gather_tokens(protected, index)  # B K
+    n_free = int(index.shape[1]) - num_protected  # the protected tokens always stay
+    if n_free == 0:  # nothing unprotected stays (keep 0): as the similarity rule, the first staying token
+        return index[:, :1].expand_as(src)
+    # the staying unprotected tokens, in order (a stable sort puts them first)
+    order = torch.sort((~free).long(), dim=1, stable=True).indices[:, :n_free]
+    targets = index.gather(1, order)  # B K'
+    after = (targets[:, None, :] < src[:, :, None]).sum(-1)  # B R: the first target after each merged token
+    before = (after - 1).clamp_min(0)
+    after_c = after.clamp_max(n_free - 1)
+    prev_t, next_t = targets.gather(1, before), targets.gather(1, after_c)
+    f_src = gather_tokens(features, src)
+    sim_prev = (f_src * gather_tokens(features, prev_t)).sum(-1)
+    sim_next = (f_src * gather_tokens(features, next_t)).sum(-1)
+    take_next = (after == 0) | ((after < n_free) & (sim_next > sim_prev))
+    return torch.where(take_next, next_t, prev_t)
 
 
 def _nearest_similarity(features: Tensor, protected: Tensor) -> Tensor:
