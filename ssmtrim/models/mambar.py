@@ -171,6 +171,12 @@ class MambaRFamily(VimFamily):
             num_registers=regs.shape[1], cls_reduce=1 if neck is None else embed_dim // neck.shape[0],
         )  # fmt: skip
 
+    def recommended_plan(self, config: MambaRConfig) -> dict:
+        """Vim's plan without its protection of the class token's neighbours: that was measured with one class token,
+        and around Mamba®'s registers, spread through the sequence, it would keep a large share of the tokens."""
+        plan = super().recommended_plan(config)
+        return {**plan, "options": {k: v for k, v in plan["options"].items() if k != "protect_around"}}
+
     def data_config(self, config: MambaRConfig) -> DataConfig:
         """The release's eval preprocessing (no centre crop) at the config's input size."""
         return dataclasses.replace(_DATA, input_size=(config.in_chans, *size_hw(config.img_size)))

@@ -226,6 +226,17 @@ class PruneConfig:
         base = recommended_plan_of(family_of(model), model.config, task or "classify")
         given = {k: v for k, v in fields.items() if v is not None}
         merged = {**base, **given}
+        if "options" in base:
+            # the family's options that the chosen strategy or score reads (another arrangement or score given does
+            # not inherit them), with the options given laid over them
+            from ssmtrim.pruning.scores import get_score
+            from ssmtrim.pruning.strategies import get_strategy
+
+            plugins = (get_strategy(merged.get("arrangement", cls.arrangement)), get_score(merged.get("score",
+                                                                                                   cls.score)))
+            reads = {o.name for plugin in plugins for o in plugin.options}
+            merged["options"] = {**{k: v for k, v in dict(base["options"]).items() if k in reads},
+                                 **dict(given.get("options") or {})}
         merged.setdefault("keep", (0.8,))
         return cls(**merged)
 

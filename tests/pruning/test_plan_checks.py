@@ -1,5 +1,6 @@
 """Plans whose printed and saved form would differ from what runs are refused in one sentence: a keep ratio below
-what a step can keep, ToMe below keep 0.5, --gap with a strategy that keeps no positions."""
+what a step can keep, ToMe below keep 0.5, --gap with a strategy that keeps no positions; and how the family's
+options meet the ones given."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 import ssmtrim
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned
+from ssmtrim.pruning import PruneConfig, apply_pruning, is_pruned, remove_pruning
 
 
 @pytest.fixture
@@ -55,3 +56,23 @@ def test_a_dense_reference_of_another_model_is_refused_or_said(vim, capsys):
     reset_notices()
     check_compatible(pruned, vim)  # the same architecture, other (random) weights: said
     assert "has other weights than the ones the reduced model was pruned from" in capsys.readouterr().err
+
+
+def test_the_familys_options_meet_what_the_user_gives():
+    """The recommended plan's options (Vim: merging into neighbours, the class token's neighbours kept) stay under
+    options the user gives, lapse for another strategy that does not read them (so ``--arrangement tome`` runs), and
+    an option given for a strategy that does not read it is still refused."""
+    vim = ssmtrim.create_model("vim_test")
+    assert dict(PruneConfig.recommended(vim).options) == {"merge_into": "adjacent", "protect_around": 4}
+    given = PruneConfig.recommended(vim, options={"merge_into": "similar"})
+    assert dict(given.options) == {"merge_into": "similar", "protect_around": 4}
+    assert dict(PruneConfig.recommended(vim, arrangement="unmerge").options) == {"protect_around": 4}
+    for arrangement in ("tome", "align", "keep-order"):
+        plan = PruneConfig.recommended(vim, arrangement=arrangement, keep=(0.5,))
+        assert dict(plan.options) == {}
+        apply_pruning(vim, plan)
+        remove_pruning(vim)
+    with pytest.raises(ConfigError, match="--protect-around is an option of merge, unmerge"):
+        apply_pruning(vim, PruneConfig.recommended(vim, arrangement="tome", options={"protect_around": 2}))
+    # Mamba®'s registers are spread through the sequence: no protection of their neighbours by default
+    assert dict(PruneConfig.recommended(ssmtrim.create_model("mambar_test")).options) == {"merge_into": "adjacent"}
