@@ -210,6 +210,7 @@ def _plan_text(plan: dict) -> str:
     details.append(f"conv {plan.get('conv', 'original')}")
     if "metric" in read:
         details.append(f"similarity {plan['metric']}")
+    details += [f"{name.replace('_', ' ')} {value}" for name, value in dict(plan.get("options") or {}).items()]
     return (f"prune after blocks {', '.join(map(str, plan['layers']))} keeping "
             f"{', '.join(f'{k:.3f}' for k in plan['keep'])} {strategy.keeps_what}; {plan['score']} score, "
             f"{plan['arrangement']} ({', '.join(details)}), {plan['mode']} mode")

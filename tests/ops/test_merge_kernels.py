@@ -55,6 +55,19 @@ def test_choose_is_the_reference_choice(removed, n_drop):
 
 
 @requires_kernel
+@pytest.mark.parametrize("removed,n_drop,n_protected", [(1, 0, 2), (13, 0, 2), (20, 5, 2), (39, 0, 2), (30, 0, 6)])
+def test_choose_adjacent_is_the_reference_choice(removed, n_drop, n_protected):
+    """``adjacent``: each merged token to the more similar of its nearest staying unprotected neighbours, as the
+    strategy's PyTorch code chooses (protected tokens, registers among them, skipped over)."""
+    keys, protected, features = _case(removed + n_drop, n_protected=n_protected)
+    src_all, index, dst = cpu.merge_choose(keys, protected, features, removed, n_drop, True)
+    want = merge._adjacent_targets(F.normalize(features, dim=-1), protected, src_all[:, n_drop:], index, n_protected)
+    ref_src, ref_index, _ = reference_choose(keys, protected, features, removed, n_drop)
+    assert torch.equal(src_all, ref_src) and torch.equal(index, ref_index)
+    assert torch.equal(dst, want)
+
+
+@requires_kernel
 def test_choose_orders_nans_last_and_negative_zero_with_zero():
     keys = torch.tensor([[0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), float("-inf")]])
     protected = torch.zeros_like(keys, dtype=torch.bool)

@@ -56,8 +56,9 @@ class MergeKernels(NamedTuple):
     """Inference kernels for a merge step on token rows (see :mod:`ssmtrim.ops.tokens` for the meaning): one call
     for the choice, one for the merged rows, in place of a few dozen small PyTorch ops.
 
-    ``accepts(x)`` says whether they take tensors like x; ``choose(keys, protected, features, removed, n_drop)`` ->
-    (src_all, index, dst); ``keep(index, src, dst, sizes, streams)`` -> (merged streams, new sizes, slot_of)."""
+    ``accepts(x)`` says whether they take tensors like x; ``choose(keys, protected, features, removed, n_drop,
+    adjacent)`` -> (src_all, index, dst) (``adjacent``: each merged token to the more similar of its staying
+    neighbours, else to the most similar staying token); ``keep(index, src, dst, sizes, streams)`` -> (merged streams, new sizes, slot_of)."""
 
     accepts: Callable[[Tensor], bool]
     choose: Callable[..., tuple[Tensor, Tensor, Tensor]]

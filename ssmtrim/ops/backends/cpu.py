@@ -360,19 +360,20 @@ def merge_accepts(x: Tensor) -> bool:
 
 
 def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
-                 n_drop: int) -> tuple[Tensor, Tensor, Tensor]:
+                 n_drop: int, adjacent: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``ssm_merge_choose``: keys (B L, the ranking: the lowest leave; protected tokens +inf), protected (B L bool),
     features (B L F, rows of unit stride; None when nothing is merged) -> (src_all (B R) the leaving tokens in
     ranking order, index (B L-R) the staying ones in increasing order, dst (B R-n_drop) the staying unprotected
-    token of highest cosine similarity of each merged one: ``src_all[:, n_drop:]``). In a graph that
-    ``torch.compile`` makes, the registered op ``ssmtrim::merge_choose``."""
+    token of highest cosine similarity of each merged one: ``src_all[:, n_drop:]``; with ``adjacent``, the more
+    similar of the nearest staying unprotected tokens before and after it). In a graph that ``torch.compile`` makes,
+    the registered op ``ssmtrim::merge_choose``."""
     if torch.compiler.is_compiling():
-        return tuple(torch.ops.ssmtrim.merge_choose(keys, protected, features, removed, n_drop))
-    return _choose(keys, protected, features, removed, n_drop)
+        return tuple(torch.ops.ssmtrim.merge_choose(keys, protected, features, removed, n_drop, adjacent))
+    return _choose(keys, protected, features, removed, n_drop, adjacent)
 
 
 def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
-            n_drop: int) -> tuple[Tensor, Tensor, Tensor]:
+            n_drop: int, adjacent: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
     keys = _f32(keys)
     prot = protected.to(torch.uint8).contiguous()
@@ -387,7 +388,7 @@ def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: i
     dst = torch.empty(bsz, max(merged, 0), dtype=torch.long)
     sfb, sfl, width = (feats.stride(0), feats.stride(1), feats.shape[2]) if feats is not None else (0, 0, 0)
     lib.ssm_merge_choose(_ptr(keys), _ptr(prot), _ptr(feats), sfb, sfl, bsz, length, width, removed, n_drop,
-                         _ptr(src_all), _ptr(index), _ptr(dst), torch.get_num_threads())
+                         _ptr(src_all), _ptr(index), _ptr(dst), int(adjacent), torch.get_num_threads())
     return src_all, index, dst
 
 
@@ -429,15 +430,15 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
 
 
 # registered ops for compiled graphs, as the token-major kernels are
-_INFERENCE_OPS.define("merge_choose(Tensor keys, Tensor protected, Tensor? features, int removed, int n_drop) -> "
-                      "(Tensor, Tensor, Tensor)")
+_INFERENCE_OPS.define("merge_choose(Tensor keys, Tensor protected, Tensor? features, int removed, int n_drop, "
+                      "bool adjacent=False) -> (Tensor, Tensor, Tensor)")
 _INFERENCE_OPS.impl("merge_choose", _choose, "CPU")
 _INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present) -> Tensor[]")
 _INFERENCE_OPS.impl("merge_keep", _keep, "CPU")
 
 
 @torch.library.register_fake("ssmtrim::merge_choose")
-def _choose_fake(keys, protected, features, removed, n_drop):
+def _choose_fake(keys, protected, features, removed, n_drop, adjacent=False):
     bsz, length = keys.shape
     index = keys.new_empty(bsz, length - removed, dtype=torch.long)
     return keys.new_empty(bsz, removed, dtype=torch.long), index, index.new_empty(bsz, max(removed - n_drop, 0))

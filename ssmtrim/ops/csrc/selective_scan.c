@@ -752,9 +752,11 @@ static void unit_row(const float *x, long Fn, float *out) {
  * (sfb, sfl), or NULL when no token is merged. The R lowest keys leave: src_all (B, R) in ranking order; the others
  * stay: index (B, L-R) in increasing order; the removed tokens after the first ndrop are merged, each into the
  * staying unprotected token of highest cosine similarity of feat (the first on a tie; the first staying token when
- * there is none): dst (B, R-ndrop), current indices. */
+ * there is none): dst (B, R-ndrop), current indices. With adjacent set, each goes instead to the more similar of the
+ * nearest staying unprotected tokens before and after it (the earlier on a tie; the one there is, if one). */
 void ssm_merge_choose(const float *keys, const unsigned char *prot, const float *feat, long sfb, long sfl, long Bn,
-                      long Ln, long Fn, long R, long ndrop, long *src_all, long *index, long *dst, int nthreads) {
+                      long Ln, long Fn, long R, long ndrop, long *src_all, long *index, long *dst, int adjacent,
+                      int nthreads) {
     const long K = Ln - R, M = R - ndrop;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -790,6 +792,28 @@ void ssm_merge_choose(const float *keys, const unsigned char *prot, const float 
             for (long m = 0; m < M; m++) {
                 const long s = src_all[b * R + ndrop + m];
                 unit_row(feat + b * sfb + s * sfl, Fn, us);
+                if (adjacent) {
+                    long lo = 0, hi = K; /* the first staying token after s: index is increasing */
+                    while (lo < hi) {
+                        const long mid = (lo + hi) / 2;
+                        if (index[b * K + mid] < s) lo = mid + 1;
+                        else hi = mid;
+                    }
+                    long prev = lo - 1, next = lo;
+                    while (prev >= 0 && prot[b * Ln + index[b * K + prev]]) prev--;
+                    while (next < K && prot[b * Ln + index[b * K + next]]) next++;
+                    long pick = prev >= 0 ? prev : (next < K ? next : 0);
+                    if (prev >= 0 && next < K) {
+                        float sp = 0.f, sn = 0.f;
+                        for (long f = 0; f < Fn; f++) {
+                            sp += us[f] * unit[f * Kp + prev];
+                            sn += us[f] * unit[f * Kp + next];
+                        }
+                        if (sn > sp) pick = next;
+                    }
+                    dst[b * M + m] = index[b * K + pick];
+                    continue;
+                }
                 for (long k0 = 0; k0 < Kp; k0 += SIMV * VLEN) { /* SIMV vectors of sums in registers */
                     vecV acc[SIMV] = {{0}};
                     for (long f = 0; f < Fn; f++) {

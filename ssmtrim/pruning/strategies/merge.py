@@ -170,11 +170,9 @@ def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raw = features
     kernels = merge_kernels(keys, raw)
     if kernels is not None:  # the same choice in one C call (ssmtrim.ops.tokens), the features normed there
-        src_all, index, dst = kernels.choose(keys, protected, raw, removed, n_drop)
-        src = src_all[:, n_drop:]
-        if step.plan.option("merge_into") == "adjacent" and src.shape[1]:
-            dst = _adjacent_targets(F.normalize(raw.float(), dim=-1), protected, src, index, state.num_protected)
-        return src, dst, src_all, index
+        src_all, index, dst = kernels.choose(keys, protected, raw, removed, n_drop,
+                                             step.plan.option("merge_into") == "adjacent")
+        return src_all[:, n_drop:], dst, src_all, index
     ranked = torch.sort(keys, dim=1, stable=True).indices
     src_all = ranked[:, :removed]  # the least important first
     index = ranked[:, removed:].sort(dim=1).values  # the staying tokens (the protected ones among them), in order
