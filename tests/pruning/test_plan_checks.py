@@ -66,7 +66,8 @@ def test_the_familys_options_meet_what_the_user_gives():
     assert dict(PruneConfig.recommended(vim).options) == {"merge_into": "adjacent", "protect_around": 4}
     given = PruneConfig.recommended(vim, options={"merge_into": "similar"})
     assert dict(given.options) == {"merge_into": "similar", "protect_around": 4}
-    assert dict(PruneConfig.recommended(vim, arrangement="unmerge").options) == {"protect_around": 4}
+    assert dict(PruneConfig.recommended(vim, arrangement="unmerge").options) == {"merge_into": "adjacent",
+                                                                                  "protect_around": 4}
     for arrangement in ("tome", "align", "keep-order"):
         plan = PruneConfig.recommended(vim, arrangement=arrangement, keep=(0.5,))
         assert dict(plan.options) == {}

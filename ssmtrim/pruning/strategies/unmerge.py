@@ -2,7 +2,8 @@
 Stable Diffusion, which merges before a block's operations and un-merges their output).
 
 The tokens that stay and where each removed token goes are chosen as ``merge`` chooses them (the k most important
-stay, each removed token joins the staying token it is most similar to; with ``match=bipartite`` as ``tome`` does,
+stay, each removed token joins the staying token it is most similar to, or with ``merge_into=adjacent`` the more
+similar of its staying neighbours; with ``match=bipartite`` as ``tome`` does,
 which with un-merging is ToMe for Stable Diffusion's scheme), but the streams are not shortened: the
 residual stream keeps every original position. In the later blocks the family averages the positions each token
 owns into that token before its mixer and its MLP, runs them on the k tokens (the scans at the tokens' positions,
@@ -21,6 +22,7 @@ from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
 from ssmtrim.pruning.strategies.merge import (
+    MERGE_INTO,
     METRIC,
     PROTECT_AROUND,
     choose_merges,
@@ -40,7 +42,7 @@ MATCH = Option("match", "auto", "how the tokens that leave and their targets are
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, MATCH, GAP)
+    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
