@@ -82,6 +82,23 @@ def test_dense_exports_too(tmp_path):
     assert OnnxModel(tmp_path / "d.onnx").metadata["plan"] == ""
 
 
+def test_the_file_does_not_grow_with_the_batch(tmp_path, monkeypatch):
+    """The scan's channels run as one block in the file: the CPU's cache-sized blocks, whose number grows with the
+    batch, would each be a copy of the scan's nodes (a 257-token Vim at batch 50: 96 copies per scan, 0.7 GB)."""
+    import ssmtrim.ops.backends.portable as portable
+
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vim_test"))
+    x = _images(model, 4)
+    sizes = {}
+    for batch, block in ((1, portable.CPU_BLOCK_ELEMENTS), (4, portable.CPU_BLOCK_ELEMENTS), (4, 1)):
+        monkeypatch.setattr(portable, "CPU_BLOCK_ELEMENTS", block)  # 1: every channel its own block on CPU
+        path = tmp_path / f"b{batch}_{block}.onnx"
+        export_onnx(model, path, batch_size=batch, check_images=x)
+        sizes[batch, block] = len(onnx.load(str(path)).graph.node)
+    assert len(set(sizes.values())) == 1, sizes
+
+
 def test_a_dynamic_batch_runs_any_number_of_images(tmp_path):
     """MambaVision reduced: windows, attention over merged tokens and a stage change, all with a symbolic batch (the
     other families were run the same way by hand; each export here costs half a minute)."""
