@@ -13,9 +13,16 @@ and batches of eight).
 Every export is checked before it is kept: onnxruntime runs the written graph on real images (by default a seeded
 subset of the bundled held-out CIFAR-10 images, transformed as the model's preprocessing says) beside PyTorch, and
 the file is written only if the logits agree to ``RTOL`` of the largest logit and the top-1 classes are the same
-(:class:`ExportCheck`). The file carries its provenance in the ONNX metadata (``ssmtrim_version``, the source, the
-plan, the preprocessing, the check's numbers): an existing file is replaced only with ``force`` and only when it
-carries that mark, and it is written atomically (a temporary file beside it, renamed when complete).
+(:class:`ExportCheck`). A reduced model's token choices (a ranking, a best match) are discontinuous: where two
+candidates tie to within rounding (identical patches of a flat background give exact ties), onnxruntime's rounding
+may break the tie the other way and the logits move by more than ``RTOL`` on that image, the graph being right. An
+image over the limit is therefore probed in PyTorch alone: if its own logits move by more than ``RTOL`` under input
+noise of ``NEAR_TIE_NOISE`` of the image's largest value (far below a pixel level, and too small to move a dense
+model's logits by a tenth of the limit), it is counted as near a tie and not held to the limit; its top-1 still
+must agree, and at most ``MAX_NEAR_TIES`` of the images (or one) may be so excused. The file carries its provenance
+in the ONNX metadata (``ssmtrim_version``, the source, the plan, the preprocessing, the check's numbers): an existing
+file is replaced only with ``force`` and only when it carries that mark, and it is written atomically (a temporary
+file beside it, renamed when complete).
 
 onnx, onnxscript and onnxruntime are the optional ``export`` extra (``pip install 'ssmtrim[export]'``), imported
 only here and only when an export or an onnxruntime session is asked for.
@@ -47,6 +54,9 @@ __all__ = ["ExportCheck", "OnnxModel", "RTOL", "check_exportable", "export_onnx"
 
 OPSET = 18
 RTOL = 1e-4  # logits in onnxruntime within this fraction of the largest PyTorch logit
+NEAR_TIE_NOISE = 1e-6  # input noise, a fraction of the image's largest |value|, that probes a near-tie
+NEAR_TIE_DRAWS = 32  # noise draws per probed image
+MAX_NEAR_TIES = 0.05  # the largest fraction of the checked images (or one image) that may be excused as near a tie
 MARK = "ssmtrim_version"  # the metadata key that says ssmtrim wrote an ONNX file
 DEFAULT_CHECK_IMAGES = 200
 MAX_DYNAMIC_BATCH = 4096  # the largest batch a file exported with dynamic_batch declares
@@ -107,11 +117,18 @@ class ExportCheck:
     max_rel_error: float  # largest |onnxruntime - PyTorch| logit over the largest |PyTorch| logit, per batch
     top1_same: int  # images whose top-1 class is the same in both
     passed: bool
+    near_ties: int = 0  # images over the limit whose PyTorch logits themselves move past it under NEAR_TIE_NOISE
+    max_rel_error_rest: float | None = None  # the largest difference on the other images (None: max_rel_error)
 
     def sentence(self) -> str:
-        return (f"onnxruntime against PyTorch on {self.images} images: largest logit difference "
-                f"{self.max_rel_error:.1e} of the largest logit (limit {RTOL:g}), same top-1 on {self.top1_same} "
-                f"of {self.images}")
+        rest = self.max_rel_error if self.max_rel_error_rest is None else self.max_rel_error_rest
+        text = (f"onnxruntime against PyTorch on {self.images} images: largest logit difference {rest:.1e} of the "
+                f"largest logit (limit {RTOL:g})")
+        if self.near_ties:
+            text += (f" on the {self.images - self.near_ties} images not near a tie, {self.max_rel_error:.1e} on "
+                     f"{self.near_ties} near a tie in a token choice (PyTorch's own logits move past the limit under "
+                     f"input noise of {NEAR_TIE_NOISE:g}; at most {MAX_NEAR_TIES:.0%} of the images, or one, may be)")
+        return text + f", same top-1 on {self.top1_same} of {self.images}"
 
 
 class OnnxModel:
@@ -224,7 +241,7 @@ def check_onnx(model: nn.Module, runner: OnnxModel, images: Tensor, progress=Non
         starts = list(range(0, n, runner.batch_size)) + [n]
     else:
         starts = [0, *range(1, n, 8), n] if n > 1 else [0, n]
-    worst, same = 0.0, 0
+    errors, same, over = [], 0, []
     model.eval()
     for lo, hi in zip(starts[:-1], starts[1:], strict=True):
         x = images[lo:hi]
@@ -232,11 +249,30 @@ def check_onnx(model: nn.Module, runner: OnnxModel, images: Tensor, progress=Non
             ref = model(x).float()
         got = runner(x)
         scale = float(ref.abs().max().clamp_min(1e-12))
-        worst = max(worst, float((got - ref).abs().max()) / scale)
+        per_image = ((got - ref).abs().flatten(1).amax(1) / scale).tolist()
+        errors += per_image
+        over += [(lo + j, scale) for j, e in enumerate(per_image) if e > RTOL]
         same += int((got.argmax(-1) == ref.argmax(-1)).sum())
         if progress:
             progress("checking in onnxruntime", hi, n)
-    return ExportCheck(images=n, max_rel_error=worst, top1_same=same, passed=worst <= RTOL and same == n)
+    near = {i for i, scale in over if near_tie(model, images[i:i + 1], scale)}
+    rest = max((e for i, e in enumerate(errors) if i not in near), default=0.0)
+    passed = rest <= RTOL and same == n and len(near) <= max(1, int(MAX_NEAR_TIES * n))
+    return ExportCheck(images=n, max_rel_error=max(errors, default=0.0), top1_same=same, passed=passed,
+                       near_ties=len(near), max_rel_error_rest=rest)
+
+
+def near_tie(model: nn.Module, image: Tensor, scale: float) -> bool:
+    """Whether PyTorch's own logits for ``image`` (1 C H W) move by more than ``RTOL`` x ``scale`` under input noise
+    of ``NEAR_TIE_NOISE`` of its largest value (``NEAR_TIE_DRAWS`` seeded draws, run as one batch): a token choice
+    there is a tie to within rounding."""
+    generator = torch.Generator().manual_seed(0)
+    amplitude = NEAR_TIE_NOISE * float(image.abs().max())
+    noise = torch.randn((NEAR_TIE_DRAWS, *image.shape[1:]), generator=generator, dtype=image.dtype)
+    with torch.no_grad():
+        ref = model(image).float()
+        moved = model(image + amplitude * noise.to(image.device)).float()
+    return float((moved - ref).abs().max()) > RTOL * scale
 
 
 def check_output_file(path: str | os.PathLike, force: bool, inputs: dict[str, Any] | None = None) -> Path:
