@@ -11,7 +11,8 @@ default), and for one image, checked on 10 and timed. A file is written only if 
 PyTorch's to 1e-4 of the largest logit and every top-1 is the same (:func:`ssmtrim.export.export_onnx`; an image
 near a tie in a token choice excepted); the table prints the largest difference (and that of the images near a tie)
 and the top-1 agreement on the checked images, the batch-1 file's export time, and
-onnxruntime's batch-1 latency (median of repeats, wall clock, one intra-op thread; dense and reduced timed in turns).
+onnxruntime's batch-1 latency (median of repeats, wall clock, one intra-op thread; dense and reduced timed in turns),
+with the FLOPs ratio (full convention) and the realised share (speed-up / FLOPs ratio).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ssmtrim
 from ssmtrim.bundled import calibration_images, validation_images
 from ssmtrim.data import scan_folder
 from ssmtrim.export import OnnxModel, export_onnx
+from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig
 from ssmtrim.pruning.calibrate import load_images
@@ -66,7 +68,8 @@ def main() -> None:
             xc = load_images(scan_folder(calibration_images()), data_config_of(dense))[0]
             reduced = ssmtrim.prune(ssmtrim.load_model(ROOT / "examples" / name),
                                     PruneConfig.recommended(dense, keep=(args.keep,)), xc).model
-            row = {"model": name, "plan": reduced.prune_config.to_dict()}
+            flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
+            row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}
             runners = {}
             for kind, model in (("dense", dense), ("reduced", reduced)):
                 # a batched file checked on all the images, then the batch-1 file (checked on 10) that is timed
@@ -83,8 +86,11 @@ def main() -> None:
             for kind, ms in latencies_ms(runners, x).items():
                 row[kind]["latency_ms"] = ms
             row["latency_speedup"] = row["dense"]["latency_ms"] / row["reduced"]["latency_ms"]
+            row["realised"] = row["latency_speedup"] / row["flops_ratio"]
             print(f"{name:18s} onnxruntime batch 1 (timed in turns): dense {row['dense']['latency_ms']:.1f} ms, "
-                  f"reduced {row['reduced']['latency_ms']:.1f} ms, speed-up {row['latency_speedup']:.2f}x", flush=True)
+                  f"reduced {row['reduced']['latency_ms']:.1f} ms, speed-up {row['latency_speedup']:.2f}x for "
+                  f"{row['flops_ratio']:.2f}x fewer FLOPs (full convention): realised {row['realised']:.2f}",
+                  flush=True)
             rows.append(row)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))

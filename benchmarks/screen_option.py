@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--targets", default="0.7")
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=V",
-                    help="fix another declared option in every plan (repeatable), e.g. --set protect_around=4")
+                    help="fix another declared option in every plan (repeatable), e.g. --set protect_around=4 or --set "
+                    "gap=zero")
     ap.add_argument("--json")
     args = ap.parse_args()
     name, _, values = args.option.partition("=")
@@ -61,13 +62,14 @@ def main() -> None:
     layers = tuple(int(v) for v in args.layers.split(",")) if args.layers else None
     base = PruneConfig.recommended(model, layers=layers)
     fixed = dict(parse_option(text, declared) for text in args.set)
-    if fixed:
-        base = base.replace(options={**dict(base.options), **fixed})
+    plan_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    if fixed:  # an option kept as a field of the plan (gap, metric, ...) is set as one; the others in ``options``
+        base = base.replace(options={**dict(base.options), **{k: v for k, v in fixed.items() if k not in plan_fields}},
+                            **{k: v for k, v in fixed.items() if k in plan_fields})
     flops = FlopsModel(model, "paper")
     print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}"
           + (f", with {fixed}" if fixed else ""), flush=True)
     rows = []
-    plan_fields = {f.name for f in dataclasses.fields(PruneConfig)}
     for target in (float(t) for t in args.targets.split(",")):
         keep = keep_for(flops, base.layers, target)
         for value in values:

@@ -557,11 +557,12 @@ class VimFamily:
         return model.head
 
     def recommended_plan(self, config: VimConfig) -> dict:
-        # measured best at -30% FLOPs on the project's CIFAR-10 Vim (README, "The method, measured"): merging removed
+        # measured best at -30% FLOPs on the project's CIFAR-10 Vims (README, "The method, measured"): merging removed
         # tokens (each into the more similar of its staying neighbours, by the normed mixer input), the class token's
-        # four neighbours on each side kept, the conv over the kept neighbours, and the head compensation
+        # four neighbours on each side kept, the conv over the kept neighbours, no decay across the positions merged
+        # away (Δ̃ = 0: a merged token carries its neighbour's step), and the head compensation
         layers = tuple(sorted({max(1, min(config.depth - 1, round(config.depth * f))) for f in (0.25, 0.5, 0.75)}))
-        return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "kept", "gap": "bias",
+        return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "kept", "gap": "zero",
                 "compensate": "head", "layers": layers, "options": {"merge_into": "adjacent", "protect_around": 4}}
 
     def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: ImgSize):

@@ -218,13 +218,20 @@ class PruneConfig:
     @classmethod
     def recommended(cls, model, task: str | None = None, **fields: Any) -> PruneConfig:
         """The recommended plan of ``model``'s family (``Family.recommended_plan``: strategy and options chosen by
-        measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8.
+        measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8. The
+        family's option fields and options hold for its own arrangement: with another arrangement given, its option
+        fields (``OPTION_FIELDS``) take their defaults and its options only those the strategy or score reads.
         ``task`` "dense": the family's plan for a model whose feature maps feed a dense head (where it differs: merge
         rather than unmerge on VMamba and MambaVision); "classify" (the default, None) the classifier's."""
         from ssmtrim.models.registry import family_of, recommended_plan_of
 
         base = recommended_plan_of(family_of(model), model.config, task or "classify")
         given = {k: v for k, v in fields.items() if v is not None}
+        if given.get("arrangement", base.get("arrangement")) != base.get("arrangement"):
+            # the family's values of the strategies' option fields (gap, metric, drop_fraction) were measured for its
+            # own arrangement: another arrangement takes their defaults unless they are given (Vim's Δ̃ = 0 for
+            # merged neighbours is not the method's Δ̃ for pruned positions under --arrangement align)
+            base = {k: v for k, v in base.items() if k not in OPTION_FIELDS}
         merged = {**base, **given}
         if "options" in base:
             # the family's options that the chosen strategy or score reads (another arrangement or score given does

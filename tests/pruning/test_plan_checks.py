@@ -58,6 +58,20 @@ def test_a_dense_reference_of_another_model_is_refused_or_said(vim, capsys):
     assert "has other weights than the ones the reduced model was pruned from" in capsys.readouterr().err
 
 
+def test_the_familys_option_fields_hold_for_its_own_arrangement_only():
+    """Vim's Δ̃ = 0 (no decay across the positions merged into a neighbour) is its merge plan's: ``--arrangement
+    align`` gets the method's Δ̃ (bias) unless --gap is given, and a strategy that keeps no positions is not refused
+    for a gap it never read."""
+    vim = ssmtrim.create_model("vim_test")
+    assert PruneConfig.recommended(vim).gap == "zero"
+    assert PruneConfig.recommended(vim, arrangement="merge").gap == "zero"
+    assert PruneConfig.recommended(vim, arrangement="align").gap == PruneConfig.gap == "bias"
+    assert PruneConfig.recommended(vim, arrangement="align", gap="zero").gap == "zero"
+    plan = PruneConfig.recommended(vim, arrangement="keep-order", keep=(0.5,))
+    apply_pruning(vim, plan)
+    remove_pruning(vim)
+
+
 def test_the_familys_options_meet_what_the_user_gives():
     """The recommended plan's options (Vim: merging into neighbours, the class token's neighbours kept) stay under
     options the user gives, lapse for another strategy that does not read them (so ``--arrangement tome`` runs), and
