@@ -67,9 +67,13 @@ ROWS = {
     "merge-comp": ("merge + head compensation (ours, PlainMamba's default; Vim's before merging into neighbours)",
                    {"arrangement": "merge", "conv": "kept", "compensate": "head"}),
     "merge-adjacent-comp": ("merge into a staying neighbour, the class token's neighbours kept, + head compensation "
-                            "(ours, Vim's default)",
+                            "(ours, Vim's default before Δ̃ = 0)",
                             {"arrangement": "merge", "conv": "kept", "compensate": "head",
                              "options": {"merge_into": "adjacent", "protect_around": 4}}),
+    "merge-adjacent-zero-comp": ("merge into a staying neighbour, no decay across the merged positions (Δ̃ = 0), the "
+                                 "class token's neighbours kept, + head compensation (ours, Vim's default)",
+                                 {"arrangement": "merge", "conv": "kept", "gap": "zero", "compensate": "head",
+                                  "options": {"merge_into": "adjacent", "protect_around": 4}}),
     "unmerge": ("unmerge (ours: merged for the blocks, residual stream whole)", {"arrangement": "unmerge",
                                                                                   "conv": "kept"}),
     "unmerge-comp": ("unmerge + head compensation (ours, the hierarchical families' default)",
@@ -88,7 +92,9 @@ ROWS = {
 RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["keep-order"][0],
            "merge (ours, the default)": ROWS["merge"][0],
            "merge + head compensation (ours, the default)": ROWS["merge-comp"][0],
-           "merge + head compensation (ours, the flat families' default)": ROWS["merge-comp"][0]}
+           "merge + head compensation (ours, the flat families' default)": ROWS["merge-comp"][0],
+           "merge into a staying neighbour, the class token's neighbours kept, + head compensation (ours, Vim's "
+           "default)": ROWS["merge-adjacent-comp"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
 
 
