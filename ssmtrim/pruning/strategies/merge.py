@@ -194,12 +194,11 @@ def _adjacent_targets(features: Tensor, protected: Tensor, src: Tensor, index: T
     """dst (B R): for each merged token ``src`` (B R), the more similar (cosine of ``features``, normed, B L F) of the
     nearest staying unprotected tokens before and after it in the sequence (``index`` (B K), in order, ``num_protected``
     of them protected), the earlier one on a tie; the one that exists where the other does not."""
-    free = ~gather_tokens(protected, index)  # B K
     n_free = int(index.shape[1]) - num_protected  # the protected tokens always stay
     if n_free == 0:  # nothing unprotected stays (keep 0): as the similarity rule, the first staying token
         return index[:, :1].expand_as(src)
     # the staying unprotected tokens, in order (a stable sort puts them first)
-    order = torch.sort((~free).long(), dim=1, stable=True).indices[:, :n_free]
+    order = torch.sort(gather_tokens(protected, index).long(), dim=1, stable=True).indices[:, :n_free]
     targets = index.gather(1, order)  # B K'
     after = (targets[:, None, :] < src[:, :, None]).sum(-1)  # B R: the first target after each merged token
     before = (after - 1).clamp_min(0)
