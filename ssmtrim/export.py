@@ -1,8 +1,8 @@
 """ONNX export of dense and reduced models, checked in onnxruntime before the file is written.
 
-The scan runs as the ``portable`` backend computes it (a chunked parallel form in plain tensor ops: cumulative
-products by doubling, one carried state per chunk), so the graph holds standard ONNX operators only, with no loop
-and no custom op. A reduced model exports when its plan fixes every shape: count mode (a fixed number of tokens per
+The scan runs as the ``portable`` backend computes it under export (in plain tensor ops, unrolled: chunks of about
+sqrt(L) tokens stepped through token by token, all chunks at once, then their end states carried chunk by chunk), so
+the graph holds standard ONNX operators only, with no loop and no custom op. A reduced model exports when its plan fixes every shape: count mode (a fixed number of tokens per
 step); a threshold-mode plan keeps a number of tokens that depends on the image, which the file cannot hold, and is
 refused in one sentence. The reduction steps' sorts are stable in PyTorch (ties go to the earlier token); ONNX's
 ``TopK`` breaks ties the same way by its specification, and is what a stable sort becomes here

@@ -1,5 +1,6 @@
 """The portable (chunked, parallel) scan against the reference loop: outputs, final states and gradients, with gaps,
-for several chunk sizes and lengths that are not multiples of the chunk; auto's choice; torch.compile."""
+for several chunk sizes and lengths that are not multiples of the chunk, in both its forms (the doubling scan, and the
+unrolled one that ONNX export takes); auto's choice; torch.compile."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ssmtrim.errors import ConfigError
 from ssmtrim.ops import resolve_backend, selective_scan, selective_scan_ref
 from ssmtrim.ops.backends import cuda as cuda_backend
 from ssmtrim.ops.backends import portable
-from ssmtrim.ops.backends.portable import default_chunk_size, portable_scan
+from ssmtrim.ops.backends.portable import default_chunk_size, portable_scan, unrolled_chunk_size
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "gap", "gap_scale")
 
@@ -76,6 +77,35 @@ def test_matches_reference_for_chunk_sizes_and_lengths(chunk, length):
 @pytest.mark.parametrize("softplus", [True, False])
 def test_matches_reference_with_and_without_gaps(gap, softplus):
     compare(make_inputs(length=41, gap=gap, softplus=softplus, seed=3), chunk=8, softplus=softplus)
+
+
+@pytest.fixture
+def exporting(monkeypatch):
+    """The scan as ONNX export runs it (the unrolled form, its chunk size, the channels in one block)."""
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3, 8, 64])
+@pytest.mark.parametrize("length", [1, 13, 65])
+def test_the_unrolled_form_matches_reference(exporting, chunk, length):
+    """Lengths below, equal to and not a multiple of the chunk (None: the export's own choice, 8 for 65 tokens)."""
+    compare(make_inputs(length=length, gap="whole", seed=length), chunk)
+
+
+@pytest.mark.parametrize("gap", [None, "factored"])
+def test_the_unrolled_form_with_gaps_and_strong_decays(exporting, gap):
+    compare(make_inputs(length=41, gap=gap, seed=4), chunk=None)
+    inputs = make_inputs(length=50, gap="whole", strong=True, seed=5)
+    compare(inputs, chunk=None)
+    out, last, grads = run(portable_scan, inputs)
+    assert all(torch.isfinite(t).all() for t in (out, last, *grads.values()))
+
+
+def test_unrolled_chunk_size_balances_steps_within_and_between_chunks():
+    assert [unrolled_chunk_size(n) for n in (1, 4, 65, 197, 256, 257, 1025)] == [2, 2, 8, 16, 16, 16, 32]
+    for length in (2, 65, 257, 3137):
+        chunk = unrolled_chunk_size(length)
+        assert chunk & (chunk - 1) == 0 and 0.5 <= chunk / -(-length // chunk) <= 2.5
 
 
 def test_channel_blocks_on_cpu(monkeypatch):

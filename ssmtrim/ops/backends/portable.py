@@ -24,8 +24,13 @@ The chunks therefore run as follows, memory O(B E L N) per step:
 3. each token adds the carried state, decayed from the chunk start: ``h_t = h_local_t + p_t H_in``, and
    ``y_t = C_t . h_t``.
 
-Under ONNX export (:mod:`ssmtrim.export`) the whole sequence is one chunk (no carry, no padding), and the outer
-products are broadcast multiplications rather than einsums: an ONNX runtime pays per node and runs Einsum slowly.
+Under ONNX export (:mod:`ssmtrim.export`) the recurrence is unrolled instead (:func:`_unrolled_scan`): chunks of
+about sqrt(L) tokens, time-major, each token one multiply-add on a (B E K N) slice for every chunk at once, then the
+chunks' end states carried one chunk after another. That is O(L) work where the doubling scan's is O(L log L), in a
+graph of a few hundred small nodes per scan; in onnxruntime (one thread) it ran 2.4x faster than the doubling scan of
+the whole sequence for a 65-token Vim block's shapes and 4.4x for a 257-token one, and level with it for VMamba's
+one-state scans, where both are small (``benchmarks/bench_onnx_scan.py``). The outer products are broadcast
+multiplications rather than einsums: an ONNX runtime pays per node and runs Einsum slowly.
 
 Numerics: within a chunk, decays are products of factors in [0, 1] (for a decaying scan: A < 0, Δ >= 0); between
 chunks, every exponent is a sum of log-decays over a segment, summed from its own start (never the difference of two
@@ -121,6 +126,42 @@ def _chunked_scan(decay: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, ch
     return y, ends[:, :, -1]
 
 
+def unrolled_chunk_size(length: int) -> int:
+    """T for :func:`_unrolled_scan`: the power of two nearest sqrt(L) (at least 2), so that the unrolled steps within
+    a chunk (T) and between chunks (L/T) are about as many."""
+    return max(2, 1 << round(math.log2(max(1.0, math.sqrt(length)))))
+
+
+def _unrolled_scan(decay: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """The recurrence as :func:`_chunked_scan` computes it (same arguments and results), unrolled for a graph: within
+    every chunk at once, token by token on time-major slices (T B E K N, so that each step reads contiguous memory);
+    then the chunks' end states, chunk by chunk; then each token adds the state carried into its chunk, decayed from
+    the chunk start. Python loops of static length: the graph holds about 2 (T + K) multiply-adds."""
+    bsz, e, length = du.shape
+    n_chunks = -(-length // chunk)
+    # padded tokens have decay 0 (factor 1) and input 0: they leave the state as it is
+    decay, du, B, C = (F.pad(t, (0, n_chunks * chunk - length)) for t in (decay, du, B, C))
+
+    def time_major(t: Tensor) -> Tensor:  # B X L -> T B X K
+        return t.reshape(bsz, t.shape[1], n_chunks, chunk).permute(3, 0, 1, 2)
+
+    a = torch.exp(time_major(decay)[..., None] * A[None, None, :, None, :])  # T B E K N
+    x = time_major(du)[..., None] * time_major(B).transpose(2, 3)[:, :, None]
+    states, decays = [x[0]], [a[0]]  # each B E K N: the state from the chunk start, the decay product since it
+    for t in range(1, chunk):
+        states.append(torch.addcmul(x[t], a[t], states[-1]))
+        decays.append(a[t] * decays[-1])
+    h = torch.stack(states)  # T B E K N
+    ends = [states[-1][:, :, 0]]
+    for c in range(1, n_chunks):
+        ends.append(torch.addcmul(states[-1][:, :, c], decays[-1][:, :, c], ends[-1]))
+    if n_chunks > 1:
+        carried_in = torch.stack([torch.zeros_like(ends[0]), *ends[:-1]], 2)  # B E K N
+        h = torch.addcmul(h, torch.stack(decays), carried_in[None])
+    y = (h * time_major(C).transpose(2, 3)[:, :, None]).sum(-1)  # T B E K
+    return y.permute(1, 2, 3, 0).reshape(bsz, e, -1)[..., :length], ends[-1]
+
+
 def portable_scan(
     u: Tensor,
     delta: Tensor,
@@ -144,11 +185,10 @@ def portable_scan(
     checkpointing): its intermediates are several (B E L N) tensors per scan, which a fine-tune of 24 bidirectional
     layers could not hold."""
     dtype_in = u.dtype
-    if chunk_size is None and torch.onnx.is_in_onnx_export():
-        # one chunk of the whole sequence, unpadded: the fewest and smallest nodes for an ONNX runtime (measured on
-        # vim_cifar in onnxruntime, one thread: 2x faster than 32-token chunks; ssmtrim.export's module docstring)
-        chunk_size = u.shape[2]
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(u.shape[2])
+    exporting = torch.onnx.is_in_onnx_export()
+    if chunk_size is None:
+        chunk_size = unrolled_chunk_size(u.shape[2]) if exporting else default_chunk_size(u.shape[2])
+    chunk = int(chunk_size)
     if chunk < 1:
         raise ConfigError(f"the portable scan's chunk size must be at least 1, not {chunk}; pass a positive size.")
     gap = full_gap(gap, gap_scale)
@@ -161,9 +201,10 @@ def portable_scan(
     du, A, B, C = delta * u, A.float(), B.float(), C.float()
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (decay, du, A, B, C))
     parts = []
+    form = _unrolled_scan if exporting else _chunked_scan  # the graph's form under ONNX export (module docstring)
     for ch in _channel_blocks(u, A.shape[1], chunk):
         args = (decay[:, ch], du[:, ch], A[ch], B, C, chunk)
-        parts.append(checkpoint(_chunked_scan, *args, use_reentrant=False) if recompute else _chunked_scan(*args))
+        parts.append(checkpoint(form, *args, use_reentrant=False) if recompute else form(*args))
     ys, lasts = zip(*parts, strict=True)
     y, last = (ys[0], lasts[0]) if len(parts) == 1 else (torch.cat(ys, 1), torch.cat(lasts, 1))
     if D is not None:
