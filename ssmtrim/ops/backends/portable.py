@@ -24,13 +24,13 @@ The chunks therefore run as follows, memory O(B E L N) per step:
 3. each token adds the carried state, decayed from the chunk start: ``h_t = h_local_t + p_t H_in``, and
    ``y_t = C_t . h_t``.
 
-Under ONNX export (:mod:`ssmtrim.export`) the recurrence is unrolled instead (:func:`_unrolled_scan`): chunks of
-about sqrt(L) tokens, time-major, each token one multiply-add on a (B E K N) slice for every chunk at once, then the
-chunks' end states carried one chunk after another. That is O(L) work where the doubling scan's is O(L log L), in a
-graph of a few hundred small nodes per scan; in onnxruntime (one thread) it ran 2.4x faster than the doubling scan of
-the whole sequence for a 65-token Vim block's shapes and 4.4x for a 257-token one, and level with it for VMamba's
-one-state scans, where both are small (``benchmarks/bench_onnx_scan.py``). The outer products are broadcast
-multiplications rather than einsums: an ONNX runtime pays per node and runs Einsum slowly.
+Under ONNX export (:mod:`ssmtrim.export`) the recurrence is unrolled instead (:func:`_unrolled_scan`): chunks of about
+sqrt(L) tokens, time-major, each token one multiply-add on a (B E K N) slice for every chunk at once, then the chunks'
+end states carried one chunk after another. That is O(L) work where the doubling scan's is O(L log L), in a graph of a
+few hundred small nodes per scan; in onnxruntime (one thread) it ran 2.2x faster than the doubling scan of the whole
+sequence for a 65-token Vim block's shapes and 4.7x for a 257-token one, and level with it for VMamba's one-state scans,
+where both are small (``benchmarks/bench_onnx_scan.py``, ``benchmarks/results/bench_onnx_scan.json``). The outer
+products are broadcast multiplications rather than einsums: an ONNX runtime pays per node and runs Einsum slowly.
 
 Numerics: within a chunk, decays are products of factors in [0, 1] (for a decaying scan: A < 0, Δ >= 0); between
 chunks, every exponent is a sum of log-decays over a segment, summed from its own start (never the difference of two
@@ -177,9 +177,9 @@ def portable_scan(
     gap_scale: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The selective scan of :func:`ssmtrim.ops.selective_scan`, chunked (see the module docstring); ``chunk_size``
-    T defaults to :func:`default_chunk_size`. Shapes: u, delta, z (B E L); A (E N); B, C (B N L); last state (B E N),
-    fp32 as in ``ref``.
+    """The selective scan of :func:`ssmtrim.ops.selective_scan`, chunked (see the module docstring); ``chunk_size`` T
+    defaults to :func:`default_chunk_size`, and under ONNX export (the unrolled form) to :func:`unrolled_chunk_size`.
+    Shapes: u, delta, z (B E L); A (E N); B, C (B N L); last state (B E N), fp32 as in ``ref``.
 
     When a gradient is wanted, the chunked part is recomputed in the backward pass instead of kept (activation
     checkpointing): its intermediates are several (B E L N) tensors per scan, which a fine-tune of 24 bidirectional
