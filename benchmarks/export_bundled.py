@@ -90,7 +90,7 @@ def main() -> None:
                              "export_seconds": one["export_seconds"], "mb": one["bytes"] / 2**20}
                 c = summary["check"]
                 ties = (f" ({c['near_ties']} near a tie: up to {c['max_rel_error']:.1e})" if c["near_ties"] else "")
-                if c.get("runtime_varied"):
+                if c["runtime_varied"]:
                     ties += f" ({c['runtime_varied']} right in a fresh onnxruntime session)"
                 print(f"{name:18s} {kind:8s} max diff {c['max_rel_error_rest']:.1e}{ties}  same top-1 "
                       f"{c['top1_same']}/{c['images']}  export {summary['export_seconds']:.0f} s", flush=True)

@@ -67,7 +67,7 @@ def export(
             rows.append(("near a tie in a token choice", f"{check['near_ties']} images, up to "
                          f"{check['max_rel_error']:.1e} (PyTorch's own logits move past the limit under input "
                          f"noise of {NEAR_TIE_NOISE:g}; not held to it)"))
-        if check.get("runtime_varied"):
+        if check["runtime_varied"]:
             rows.append(("right in a fresh session", f"{check['runtime_varied']} images over the limit in one "
                          "onnxruntime session and within it in another (onnxruntime varies between sessions; not "
                          "held to it)"))
