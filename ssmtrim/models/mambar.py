@@ -120,10 +120,9 @@ class MambaR(nn.Module):
 
     def head_input(self, registers: Tensor) -> Tensor:
         """The final-normed registers (B P D) -> what the head reads (B P·D / r)."""
-        bsz = registers.shape[0]
         if self.config.cls_reduce > 1:
-            return self.norm_neck(self.neck(registers).reshape(bsz, -1))
-        return registers.reshape(bsz, -1)
+            return self.norm_neck(self.neck(registers).flatten(1))
+        return registers.flatten(1)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images -> final-normed tokens (B M+P D)."""

@@ -319,8 +319,9 @@ class Level(nn.Module):
         h, w = hw
         hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
         bsz = windows.shape[0] // ((hp // ws) * (wp // ws))
-        x = windows.reshape(bsz, hp // ws, wp // ws, ws, ws, -1).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(bsz, -1, hp, wp)[:, :, :h, :w]
+        c = windows.shape[-1]  # sizes given in full: a batch of no images has no -1 to infer
+        x = windows.reshape(bsz, hp // ws, wp // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(bsz, c, hp, wp)[:, :, :h, :w]
 
 
 class MambaVision(nn.Module):

@@ -511,7 +511,7 @@ class PlainMambaFamily:
         """The tokens after the final norm, restored to the patch grid (B D h w)."""
         tokens = restore_tokens(model.ln1(streams[0]), state)
         h, w = state.grid
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return tokens.transpose(1, 2).reshape(*tokens.shape[::2], h, w)
 
     def classifier(self, model: PlainMamba) -> nn.Module:
         return model.head

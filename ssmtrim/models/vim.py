@@ -551,7 +551,7 @@ class VimFamily:
         keep = torch.ones(state.length, dtype=torch.bool, device=tokens.device)
         keep[list(model.config.protected_positions)] = False
         h, w = model.config.grid_size
-        return tokens[:, keep].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+        return tokens[:, keep].transpose(1, 2).reshape(*tokens.shape[::2], h, w)
 
     def classifier(self, model: VisionMamba) -> nn.Module:
         return model.head

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 
 import torch
 from torch import Tensor, nn
@@ -414,7 +415,7 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
     k, m = index.shape[1], src.shape[1]
     index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
     sizes = _f32(sizes)
-    rows_in = [t.detach().reshape(bsz, length, -1) for t in present]
+    rows_in = [t.detach().reshape(bsz, length, math.prod(t.shape[2:])) for t in present]  # no -1: batch 0
     rows_in = [t if t.stride(2) == 1 else t.contiguous() for t in rows_in]
     outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
     new_sizes = torch.empty(bsz, k, dtype=torch.float32)
