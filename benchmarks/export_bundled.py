@@ -1,5 +1,5 @@
 """Every bundled model, dense and reduced, exported to ONNX and checked in onnxruntime on all 1,000 bundled held-out
-images; batch-1 latency in onnxruntime, dense against reduced, side by side.
+images; batch-1 latency and batched throughput in onnxruntime, dense against reduced, side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/export_bundled.py [--models vim_cifar,...] [--check-images 1000]
         [--check-batch 50] [--flops 0.7] [--json out.json]
@@ -13,8 +13,9 @@ default), and for one image, checked on 10 and timed. A file is written only if 
 PyTorch's to 1e-4 of the largest logit and every top-1 is the same (:func:`ssmtrim.export.export_onnx`; an image
 near a tie in a token choice excepted); the table prints the largest difference (and that of the images near a tie)
 and the top-1 agreement on the checked images, the batch-1 file's export time, and
-onnxruntime's batch-1 latency (median of repeats, wall clock, one intra-op thread; dense and reduced timed in turns),
-with the FLOPs ratio (full convention) and the realised share (speed-up / FLOPs ratio).
+onnxruntime's batch-1 latency and the batched files' throughput (median of repeats, wall clock, one intra-op thread;
+dense and reduced timed in turns), with the FLOPs ratio (full convention) and the realised share (speed-up / FLOPs
+ratio).
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ BUNDLED = "vim_cifar,vim_cifar256,plainmamba_cifar,vmamba_cifar,vmamba_cifar64,m
 
 
 def latencies_ms(runners: dict[str, OnnxModel], x, repeats: int = 5, iters: int = 10) -> dict[str, float]:
-    """Batch-1 latency of each runner, the runners timed in turns (median of repeats, wall clock)."""
-    arr = x[:1].numpy()
+    """Latency of one call of each runner on its file's batch (the first images of ``x``), the runners timed in turns
+    (median of repeats, wall clock)."""
     times: dict[str, list[float]] = {k: [] for k in runners}
-    for r in runners.values():
-        r.run(arr)
+    arrs = {k: x[: r.batch_size].numpy() for k, r in runners.items()}
+    for k, r in runners.items():
+        r.run(arrs[k])
     for _ in range(repeats):
         for k, r in runners.items():
             t0 = time.perf_counter()
             for _ in range(iters):
-                r.run(arr)
+                r.run(arrs[k])
             times[k].append(1e3 * (time.perf_counter() - t0) / iters)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -79,13 +81,14 @@ def main() -> None:
             reduced = ssmtrim.prune(ssmtrim.load_model(ROOT / "examples" / name), plan, xc).model
             flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
             row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}
-            runners = {}
+            runners, batched = {}, {}
             for kind, model in (("dense", dense), ("reduced", reduced)):
                 # a batched file checked on all the images, then the batch-1 file (checked on 10) that is timed
                 summary = export_onnx(model, Path(tmp) / f"{name}_{kind}_{args.check_batch}.onnx",
                                       batch_size=args.check_batch, check_images=x)
                 one = export_onnx(model, Path(tmp) / f"{name}_{kind}_1.onnx", batch_size=1, check_images=x[:10])
                 runners[kind] = OnnxModel(one["path"], threads=1)
+                batched[kind] = OnnxModel(summary["path"], threads=1)
                 row[kind] = {"check": summary["check"], "check_batch_1": one["check"],
                              "export_seconds": one["export_seconds"], "mb": one["bytes"] / 2**20}
                 c = summary["check"]
@@ -98,10 +101,18 @@ def main() -> None:
                 row[kind]["latency_ms"] = ms
             row["latency_speedup"] = row["dense"]["latency_ms"] / row["reduced"]["latency_ms"]
             row["realised"] = row["latency_speedup"] / row["flops_ratio"]
+            for kind, ms in latencies_ms(batched, x, iters=1).items():
+                row[kind]["images_per_s"] = 1e3 * args.check_batch / ms
+            row["throughput_speedup"] = row["reduced"]["images_per_s"] / row["dense"]["images_per_s"]
+            row["throughput_realised"] = row["throughput_speedup"] / row["flops_ratio"]
             print(f"{name:18s} onnxruntime batch 1 (timed in turns): dense {row['dense']['latency_ms']:.1f} ms, "
                   f"reduced {row['reduced']['latency_ms']:.1f} ms, speed-up {row['latency_speedup']:.2f}x for "
                   f"{row['flops_ratio']:.2f}x fewer FLOPs (full convention): realised {row['realised']:.2f}",
                   flush=True)
+            print(f"{name:18s} onnxruntime batch {args.check_batch} (timed in turns): dense "
+                  f"{row['dense']['images_per_s']:.1f} images/s, reduced {row['reduced']['images_per_s']:.1f} "
+                  f"images/s, "
+                  f"speed-up {row['throughput_speedup']:.2f}x: realised {row['throughput_realised']:.2f}", flush=True)
             rows.append(row)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
