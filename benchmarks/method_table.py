@@ -43,6 +43,7 @@ from ssmtrim.pruning import PruneConfig, apply_pruning, dense_prefix, reduced_fo
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.compensation import compensate
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
+from ssmtrim.pruning.strategies import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 # id: (label, PruneConfig fields); "conv" = "kept" is Vim's only: rows that ask for it are skipped on other families,
@@ -78,6 +79,9 @@ ROWS = {
                                                                                   "conv": "kept"}),
     "unmerge-comp": ("unmerge + head compensation (ours, the hierarchical families' default)",
                      {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
+    "unmerge-mlp-comp": ("unmerge, the mixers on every position (only the MLPs merged) + head compensation",
+                         {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
+                          "options": {"mixer": "positions"}}),
     "unmerge-importance": ("unmerge, importance matching at every step + head compensation",
                            {"arrangement": "unmerge", "conv": "kept", "options": {"match": "importance"},
                             "compensate": "head"}),
@@ -161,8 +165,15 @@ def main() -> None:
     dense_top1, dense_top5 = (100 * topk_accuracy(dense_logits, y_test, k) for k in (1, 5))
     print(f"dense: top-1 {dense_top1:.2f}%  GFLOPs paper {dense_flops['paper']:.4f} full {dense_flops['full']:.4f}",
           flush=True)
-    estimate = FlopsModel(model, "paper")
     family = family_of(model)
+    estimates: dict[bool, FlopsModel] = {}  # by whether a row's plan reduces the MLPs alone (its estimate differs)
+
+    def keep_of(row: str, target: float) -> tuple[float | None, FlopsModel]:
+        probe = row_config(row, family, model.config, layers, 1.0)
+        mlps_only = probe is not None and get_strategy(probe.arrangement).reduces_mlps_only(probe)
+        if mlps_only not in estimates:
+            estimates[mlps_only] = FlopsModel(model, "paper", probe if mlps_only else None)
+        return keep_for(estimates[mlps_only], layers, target), estimates[mlps_only]
     fresh: dict[str, list] = {}
     x_calib = None
     results = {"model": args.model, "test": args.test, "num_test": len(y_test), "mode": "count",
@@ -180,15 +191,16 @@ def main() -> None:
         current = dict(results, rows=fresh, seconds=time.perf_counter() - t0)
         return combine([earlier, current]) if earlier is not None else combine([current])
     for target in targets:
-        keep = keep_for(estimate, layers, target)
-        if keep is None:
-            floor = estimate.ratio(layers, 0.01)  # every step at the smallest keep keep_for tries
-            print(f"target {target}: unreachable with layers {layers} (at most {1 - floor:.0%} fewer FLOPs there: "
-                  "the blocks before the first reduction point and what is not a block keep theirs)", flush=True)
-            continue
         for row in rows:
             label = ROWS[row][0]
             if row in GAP_ROWS and target not in GAP_TARGETS or (label, target) in done:
+                continue
+            keep, estimate = keep_of(row, target)
+            if keep is None:
+                floor = estimate.ratio(layers, 0.01)  # every step at the smallest keep keep_for tries
+                print(f"target {target} {label}: unreachable with layers {layers} (at most {1 - floor:.0%} fewer "
+                      "FLOPs there: the blocks before the first reduction point, what the plan leaves whole and what "
+                      "is not a block keep theirs)", flush=True)
                 continue
             # count mode (the default) keeps a fixed number of tokens per layer: thresholds play no part
             config = row_config(row, family, model.config, layers, keep)

@@ -102,12 +102,14 @@ def prune_and_save(
     search = None
     if target is not None and target.keep_layers:
         from ssmtrim.pruning.schedule import FlopsModel, keep_for
+        from ssmtrim.pruning.strategies import get_strategy
 
         config.validate_for(family_of(model).depth(model.config))
-        keep = keep_for(FlopsModel(model, target.convention), config.layers, target.ratio)
+        keep = keep_for(FlopsModel(model, target.convention, config), config.layers, target.ratio)
         if keep is None:
+            hint = get_strategy(config.arrangement).reach_hint(config)
             raise ConfigError(f"--flops {target.ratio:g} cannot be reached by pruning after blocks "
-                              f"{','.join(map(str, config.layers))}; prune earlier or ask for fewer savings.")
+                              f"{','.join(map(str, config.layers))}{hint}; prune earlier or ask for fewer savings.")
         config = config.replace(keep=(keep,) * len(config.layers))
     elif target is not None:
         from ssmtrim.pruning.schedule import search_schedule

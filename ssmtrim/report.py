@@ -235,6 +235,7 @@ def build_report(
     from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.engine import check_plan_for, check_provides
     from ssmtrim.pruning.schedule import FlopsModel, keep_for
+    from ssmtrim.pruning.strategies import get_strategy
 
     device = str(check_device(device))
     if is_pruned(dense):
@@ -316,21 +317,29 @@ def build_report(
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
             else x[:local_prefix(len(x), calib_images)]
-        estimate = FlopsModel(dense, "paper") if kind == "flops" else None
-        keeps = []
-        for value in values:
-            keep = value if kind == "keep" else keep_for(estimate, layers, value)
+        estimates: dict[bool, FlopsModel] = {}  # by whether the plan reduces the MLPs alone (its estimate differs)
+
+        def keep_of(value: float, config: PruneConfig) -> float:
+            if kind == "keep":
+                return value
+            mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
+            if mlps_only not in estimates:
+                estimates[mlps_only] = FlopsModel(dense, "paper", config)
+            keep = keep_for(estimates[mlps_only], layers, value)
             if keep is None:
                 raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
-                                  f"{','.join(map(str, layers))}; choose larger targets or --layers.")
-            keeps.append(keep)
+                                  f"{','.join(map(str, layers))} with --arrangement {config.arrangement}; choose "
+                                  "larger targets or --layers.")
+            return keep
+
         # every plan checked before any work: a strategy given with --arrangements that cannot run one is refused;
         # by default the sweep leaves out what cannot run on this model (said once)
         runs, left_out = [], []
-        for value, keep in zip(values, keeps, strict=True):
+        for value in values:
             for arrangement in arrangements:
                 config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement, layers=layers,
-                                                 keep=(keep,))
+                                                 keep=(1.0,))
+                config = config.replace(keep=(keep_of(value, config),))
                 try:
                     check_plan_for(dense, config, runnable=False)
                 except ConfigError:

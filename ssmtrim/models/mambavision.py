@@ -273,9 +273,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, deltas: list[Tensor] | None = None,
                 geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor | None]:
-        merge, unmerge = merge_pair(None if geometry is None else geometry.unmerge)
-        out, y = self.mixer(merge(self.norm1(x)), deltas, geometry)
-        out = unmerge(out)
+        u = None if geometry is None else geometry.unmerge
+        merge, unmerge = merge_pair(u)
+        if u is not None and u.exact_mixer:  # the mixer on every position, as dense; the MLP alone on the tokens
+            spent = None if deltas is None else []
+            out, y = self.mixer(self.norm1(x), spent, None)
+            if y is not None:  # a Mamba mixer's y and softplus(Δ), for a reduction step, are the tokens'
+                y, spent = u.tokens_of(y, spent)
+            if deltas is not None:
+                deltas.extend(spent)
+        else:
+            out, y = self.mixer(merge(self.norm1(x)), deltas, geometry)
+            out = unmerge(out)
         x = x + self.drop_path(out if self.gamma_1 is None else self.gamma_1 * out)
         out = unmerge(self.mlp(merge(self.norm2(x))))
         return x + self.drop_path(out if self.gamma_2 is None else self.gamma_2 * out), y
@@ -576,7 +585,12 @@ class MambaVisionFamily:
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""
-        return frozenset({"delta", "mixer_input", "unmerge"})
+        return frozenset({"delta", "mixer_input", "unmerge", "exact_mixer"})
+
+    def token_mlp(self, model: MambaVision, index: int) -> nn.Module | None:
+        """The part of block ``index`` that acts on each token alone: its MLP (None for a conv level's block)."""
+        level, j = model.config.stage_of(index)
+        return None if model.levels[level].conv else model.levels[level].blocks[j].mlp
 
     def check_plan(self, plan) -> None:
         if plan.mode == "threshold":

@@ -51,6 +51,9 @@ class TokenState:
     # owner) are what the blocks' mixers and MLPs run on, each the mean of the positions it owns, and their updates
     # are un-merged back to every position (a strategy that reduces for the blocks, not the residual stream: unmerge)
     full_streams: bool = False
+    # with ``full_streams``: the blocks' mixers too read every position, exactly as dense, and only their per-token
+    # MLPs run on the tokens (what unmerge's ``--option mixer=positions`` asks for)
+    exact_mixers: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -212,6 +215,9 @@ class Unmerge:
 
     owner: Tensor  # B L0, the token owning each position (every position has one)
     sizes: Tensor  # B K, positions each token owns
+    # the block's mixer reads every position (exactly as dense) and only its MLP runs on the tokens; the softplus(Δ)
+    # and y it hands to a reduction step are then merged to the tokens (:meth:`tokens_of`)
+    exact_mixer: bool = False
 
     def merge(self, x: Tensor) -> Tensor:
         bsz, length = self.owner.shape
@@ -225,6 +231,10 @@ class Unmerge:
 
     def unmerge(self, y: Tensor) -> Tensor:
         return gather_tokens(y, self.owner)
+
+    def tokens_of(self, y: Tensor, deltas: list[Tensor] | None) -> tuple[Tensor, list[Tensor] | None]:
+        """An exact mixer's y and softplus(Δ) over every position, merged to the tokens a reduction step ranks."""
+        return self.merge(y), None if deltas is None else [self.merge(d) for d in deltas]
 
 
 def _same(x: Tensor) -> Tensor:
@@ -240,4 +250,4 @@ def unmerge_of(state: TokenState) -> Unmerge | None:
     """The merge / un-merge maps of a ``full_streams`` state (None for any other)."""
     if not state.full_streams:
         return None
-    return Unmerge(state.owner, state.sizes.float())
+    return Unmerge(state.owner, state.sizes.float(), state.exact_mixers)

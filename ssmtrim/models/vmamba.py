@@ -361,10 +361,20 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
                 geometry: VMambaGeometry | SubsampledScan | None = None) -> tuple[Tensor, Tensor]:
-        # with an unmerge state x holds every position, and SS2D and the MLP run on the merged tokens
-        merge, unmerge = merge_pair(geometry.unmerge if isinstance(geometry, VMambaGeometry) else None)
-        y = self.op.ssm_output(merge(self.norm(x)), hw, deltas, geometry)
-        x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
+        # with an unmerge state x holds every position, and SS2D and the MLP run on the merged tokens (or, with an
+        # exact mixer, SS2D on every position as dense and the MLP alone on the tokens)
+        u = geometry.unmerge if isinstance(geometry, VMambaGeometry) else None
+        merge, unmerge = merge_pair(u)
+        if u is not None and u.exact_mixer:
+            spent = None if deltas is None else []
+            y = self.op.ssm_output(self.norm(x), hw, spent, None)
+            x = x + self.drop_path(self.op.out_proj(self.op.out_norm(y)))
+            y, spent = u.tokens_of(y, spent)
+            if deltas is not None:
+                deltas.extend(spent)
+        else:
+            y = self.op.ssm_output(merge(self.norm(x)), hw, deltas, geometry)
+            x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
         return x + self.drop_path(unmerge(self.mlp(merge(self.norm2(x))))), y
 
 
@@ -652,7 +662,12 @@ class VMambaFamily:
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so
         a strategy that makes a new sequence without them (keep-order, reorder) is refused."""
-        return frozenset({"delta", "mixer_input", "subsampled_scan", "unmerge"})
+        return frozenset({"delta", "mixer_input", "subsampled_scan", "unmerge", "exact_mixer"})
+
+    def token_mlp(self, model: VMamba, index: int) -> nn.Module:
+        """The part of block ``index`` that acts on each token alone: its MLP."""
+        stage, j = model.config.stage_of(index)
+        return model.layers[stage].blocks[j].mlp
 
     def check_plan(self, plan) -> None:
         if plan.conv != "original":

@@ -295,13 +295,15 @@ def check_provides(model: nn.Module, config: PruneConfig) -> None:
                               f"another score or strategy{hint}.")
 
 
-_CAPABILITIES = frozenset({"condensed", "subsampled_scan", "unmerge"})
+_CAPABILITIES = frozenset({"condensed", "subsampled_scan", "unmerge", "exact_mixer"})
 # what a score or strategy may need from a family, in words
 _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' normed mixer input",
           "bc": "the SSM's B and C from the blocks",
           "cls_attention": "the scans' implicit attention to a class token from the blocks",
           "condensed": "blocks that run the kept tokens as a new sequence without their grid positions",
           "subsampled_scan": "scans that can read a strided part of the grid (as VMamba's cross-scan can)",
+          "exact_mixer": "blocks with per-token MLPs that can run them alone on merged tokens, the mixers on every "
+                         "position",
           "unmerge": "blocks that run their mixer and MLP on merged tokens and un-merge the updates onto the full "
                      "residual stream"}
 

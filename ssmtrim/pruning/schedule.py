@@ -22,6 +22,7 @@ from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of, num_protected_of, stages_of
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.engine import apply_pruning, check_plan_for, kept_count, remove_pruning
+from ssmtrim.pruning.strategies import get_strategy
 
 # candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
 _CANDIDATES = (
@@ -71,23 +72,35 @@ def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float | tu
 
 
 class FlopsModel:
-    """FLOPs of a schedule, estimated from the dense model's per-block counts."""
+    """FLOPs of a schedule, estimated from the dense model's per-block counts. With a ``plan`` whose strategy runs
+    only the blocks' per-token MLPs on fewer tokens (``reduces_mlps_only``), only their FLOPs scale with the tokens:
+    the multiply-adds of the Linear layers of the family's ``token_mlp`` of each block."""
 
-    def __init__(self, model: nn.Module, convention: str = "full") -> None:
+    def __init__(self, model: nn.Module, convention: str = "full", plan: PruneConfig | None = None) -> None:
         from ssmtrim.flops import count_flops
 
         report = count_flops(model, convention=convention)
         self.total = report.total
         family = family_of(model)
         depth = family.depth(model.config)
-        self.blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
         self.dense_tokens = tokens_per_block(model, (), 1.0)
+        if plan is not None and get_strategy(plan.arrangement).reduces_mlps_only(plan):
+            self.blocks = [_linear_macs(family.token_mlp(model, i)) * self.dense_tokens[i] for i in range(depth)]
+        else:
+            self.blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
         self.model = model
 
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
         saved = sum(f * (1 - t / d) for f, t, d in zip(self.blocks, tokens, self.dense_tokens, strict=True))
         return (self.total - saved) / self.total
+
+
+def _linear_macs(module: nn.Module | None) -> int:
+    """Multiply-adds per token of the Linear layers in ``module`` (none: 0)."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float,
@@ -125,7 +138,7 @@ def search_schedule(
     if not 0.0 < target < 1.0:
         raise ConfigError(f"--flops {target} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
     depth = family_of(model).depth(model.config)
-    flops = FlopsModel(model, convention)
+    flops = FlopsModel(model, convention, base)
     candidates: list[Candidate] = []
     seen = set()
     layer_sets = [tuple(base.layers)] + [tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions}))
@@ -144,8 +157,9 @@ def search_schedule(
             candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
     if not candidates:
         least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
+        hint = get_strategy(base.arrangement).reach_hint(base)
         raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
-                          f"{least:.2f} of the dense FLOPs ({convention} convention); ask for more.")
+                          f"{least:.2f} of the dense FLOPs ({convention} convention){hint}; ask for more.")
     dense_logp = F.log_softmax(dense_logits.float(), 1)
 
     def run(cand: Candidate, measure: bool = False) -> None:
@@ -202,7 +216,7 @@ def allocate_keeps(
     import itertools
 
     layers = tuple(base.layers)
-    flops = FlopsModel(model, convention)
+    flops = FlopsModel(model, convention, base)
     common = keep_for(flops, layers, target)
     if common is None:
         raise ConfigError(f"--flops {target} cannot be reached by reducing after blocks {layers}; ask for more.")

@@ -179,3 +179,66 @@ def test_bipartite_matching_keeps_half_or_more_and_auto_takes_it_where_it_can():
         # the two choices differ, so the comparison above says which one auto took
         assert not torch.equal(reduced_forward(model, x, _plan(model, (2,), 0.75, "importance")).logits,
                                reduced_forward(model, x, _plan(model, (2,), 0.75, "bipartite")).logits)
+
+
+def _mlps_silenced(model):
+    """Every block's MLP made to output zero (its last Linear zeroed): what is left of a block is its mixer."""
+    family = family_of(model)
+    for i in range(family.depth(model.config)):
+        mlp = family.token_mlp(model, i)
+        if mlp is not None:
+            last = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)][-1]
+            torch.nn.init.zeros_(last.weight)
+            torch.nn.init.zeros_(last.bias)
+    return model
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[1:])
+def test_with_exact_mixers_only_the_mlps_see_merged_tokens(name, layers, size):
+    """--option mixer=positions: the mixers read every position as dense does, so a model whose MLPs add nothing is
+    its dense self to rounding (with the default, mixers on the merged tokens, it is not); with its MLPs it is
+    reduced."""
+    torch.manual_seed(0)
+    model, x = _model_and_input(name, size)
+    exact = _plan(model, layers, 0.5).replace(options=(("match", "auto"), ("mixer", "positions")))
+    with torch.no_grad():
+        dense = model(x)
+        reduced = reduced_forward(model, x, exact)
+        assert reduced.stats.kept_fraction[0] < 1.0
+        assert float((reduced.logits - dense).abs().max()) > 1e-4 * float(dense.abs().max())
+        _mlps_silenced(model)
+        dense = model(x)
+        torch.testing.assert_close(reduced_forward(model, x, exact).logits, dense, rtol=1e-5, atol=1e-5)
+        merged_mixers = reduced_forward(model, x, _plan(model, layers, 0.5)).logits
+    assert float((merged_mixers - dense).abs().max()) > 1e-3 * float(dense.abs().max())
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[1:])
+def test_the_flops_estimate_of_exact_mixers_scales_the_mlps_alone(name, layers, size):
+    """keep_for on a mixer=positions plan meets the FLOPs it promises when they are counted for real (every other
+    plan's estimate scales whole blocks, which would overshoot here)."""
+    from ssmtrim.flops import count_flops
+    from ssmtrim.pruning.schedule import FlopsModel, keep_for
+
+    model, x = _model_and_input(name, size)
+    plan = _plan(model, layers, 1.0).replace(options=(("match", "auto"), ("mixer", "positions")))
+    estimate = FlopsModel(model, "paper", plan)
+    whole_blocks = FlopsModel(model, "paper")
+    target = (1 + estimate.ratio(plan.layers, 0.01)) / 2  # halfway to the most the MLPs can save
+    keep = keep_for(estimate, plan.layers, target)
+    assert keep is not None and keep_for(whole_blocks, plan.layers, target) > keep
+    apply_pruning(model, plan.replace(keep=(keep,)))
+    measured = count_flops(model, "paper", images=x).total / estimate.total
+    assert abs(measured - estimate.ratio(plan.layers, keep)) < 0.02
+    assert measured <= target + 0.02
+
+
+def test_exact_mixers_need_mlps_and_are_an_unmerge_option():
+    vim = ssmtrim.create_model("vim_test")  # Vim's blocks are mixers alone
+    with pytest.raises(ConfigError, match="per-token MLPs"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
+                                       options={"mixer": "positions"}))
+    vmamba = ssmtrim.create_model("vmamba_test")
+    with pytest.raises(ConfigError, match="option of unmerge"):
+        apply_pruning(vmamba, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge",
+                                          options={"mixer": "positions"}))

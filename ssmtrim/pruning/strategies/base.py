@@ -50,6 +50,15 @@ class Strategy:
                 raise ConfigError(f"{option.flag} is an option of {users}; --arrangement {self.name} does not use it, "
                                   f"so leave {option.flag} out or choose one of those.")
 
+    def reduces_mlps_only(self, plan) -> bool:
+        """True where the plan's later blocks run only their per-token MLPs on fewer tokens (the mixers on every
+        position): the FLOPs estimate then scales the MLPs' FLOPs alone with the tokens (the family's ``token_mlp``)."""
+        return False
+
+    def reach_hint(self, plan) -> str:
+        """Said after "this FLOPs target cannot be reached": what in the plan limits the saving (default nothing)."""
+        return ""
+
     def threshold_count(self, k: int, candidates: int, state: TokenState) -> int:
         """Threshold mode: adjust the number of tokens an image keeps (default: as counted)."""
         return k

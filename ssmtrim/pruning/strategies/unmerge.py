@@ -10,7 +10,9 @@ owns into that token before its mixer and its MLP, runs them on the k tokens (th
 decaying across the gaps, as for ``merge``), and adds each token's update to every position it owns. The owner map
 composes across reduction points; the grid is whole wherever the family needs it (a downsample, the head, a dense
 output) with nothing to restore. What the blocks save is the same as ``merge``'s at the same keep ratio; what the
-residual stream keeps is every position's own value.
+residual stream keeps is every position's own value. With ``--option mixer=positions`` the mixers read every position,
+exactly as dense, and only the MLPs (which act on each token alone) run on the merged tokens: a step then saves the
+MLPs' FLOPs alone, and what it changes is only how each MLP sees a group of similar positions (their mean).
 
 Shapes: B batch, L current tokens, L0 positions of the grid, K staying tokens, R removed.
 """
@@ -37,17 +39,30 @@ MATCH = Option("match", "auto", "how the tokens that leave and their targets are
                "matching between alternate tokens (ToMe for Stable Diffusion's; keep 0.5 or more), auto bipartite "
                "where a step removes at most half of its tokens and importance where it removes more",
                choices=("auto", "importance", "bipartite"))
+MIXER = Option("mixer", "tokens", "what the later blocks' mixers read: tokens the merged tokens, as their MLPs do, or "
+               "positions every position, exactly as dense (only the per-token MLPs run on the merged tokens, so a "
+               "step saves their FLOPs alone, and a family must have MLPs)", choices=("tokens", "positions"))
 
 
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP)
+    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
     def needs(self, plan) -> frozenset[str]:
-        return super().needs(plan) | needs_of_metric(plan.option("metric")) | {"unmerge"}
+        exact = {"exact_mixer"} if plan.option("mixer") == "positions" else set()
+        return super().needs(plan) | needs_of_metric(plan.option("metric")) | {"unmerge"} | exact
+
+    def reduces_mlps_only(self, plan) -> bool:
+        return plan.option("mixer") == "positions"
+
+    def reach_hint(self, plan) -> str:
+        if not self.reduces_mlps_only(plan):
+            return ""
+        return (" (with --option mixer=positions only the MLPs save FLOPs; --option mixer=tokens runs the mixers on "
+                "the merged tokens too and reaches further)")
 
     def check_plan(self, plan) -> None:
         super().check_plan(plan)
@@ -71,7 +86,7 @@ class Unmerge(Strategy):
             src, dst, removed, index = choose_merges(step)
         # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
         _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
-        return step.streams, new.replace(full_streams=True)
+        return step.streams, new.replace(full_streams=True, exact_mixers=self.reduces_mlps_only(step.plan))
 
 
 register_strategy(Unmerge())
