@@ -77,9 +77,11 @@ ROWS = {
                                   "options": {"merge_into": "adjacent", "protect_around": 4}}),
     "unmerge": ("unmerge (ours: merged for the blocks, residual stream whole)", {"arrangement": "unmerge",
                                                                                   "conv": "kept"}),
-    "unmerge-comp": ("unmerge + head compensation (ours, the hierarchical families' default)",
+    "unmerge-comp": ("unmerge + head compensation (ours; the hierarchical families' default where the MLPs alone "
+                     "cannot reach the target)",
                      {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
-    "unmerge-mlp-comp": ("unmerge, the mixers on every position (only the MLPs merged) + head compensation",
+    "unmerge-mlp-comp": ("unmerge, the mixers on every position (only the MLPs merged) + head compensation (ours, "
+                         "the hierarchical families' default)",
                          {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
                           "options": {"mixer": "positions"}}),
     "unmerge-importance": ("unmerge, importance matching at every step + head compensation",
@@ -98,7 +100,10 @@ RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["kee
            "merge + head compensation (ours, the default)": ROWS["merge-comp"][0],
            "merge + head compensation (ours, the flat families' default)": ROWS["merge-comp"][0],
            "merge into a staying neighbour, the class token's neighbours kept, + head compensation (ours, Vim's "
-           "default)": ROWS["merge-adjacent-comp"][0]}
+           "default)": ROWS["merge-adjacent-comp"][0],
+           "unmerge + head compensation (ours, the hierarchical families' default)": ROWS["unmerge-comp"][0],
+           "unmerge, the mixers on every position (only the MLPs merged) + head compensation":
+               ROWS["unmerge-mlp-comp"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
 
 

@@ -37,6 +37,7 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
+from ssmtrim.pruning.strategies import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps); ours-dense:
@@ -44,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # QuarterMap keeps its own rule (a quarter of each later scan): the same plan at every target
 ROWS = {"ours": {}, "ours-dense": {}, "merge": {"arrangement": "merge"},
         "unmerge-importance": {"arrangement": "unmerge", "options": {"match": "importance"}},
+        "unmerge-tokens": {"arrangement": "unmerge", "options": {"mixer": "tokens"}},
+        "unmerge-mlp": {"arrangement": "unmerge", "options": {"mixer": "positions"}},
         "tome": {"arrangement": "tome"},
         "align": {"arrangement": "align"},
         "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
@@ -139,18 +142,28 @@ def main() -> None:
     print(f"dense: mIoU {dense:.2f}  (stage {args.stage} map {tuple(dense_maps.shape[1:])}) "
           f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     layers = tuple(int(v) for v in args.layers.split(","))
-    estimate = FlopsModel(model, "paper")
+    estimates: dict[bool, FlopsModel] = {}  # by whether a plan reduces the MLPs alone (its estimate differs)
+
+    def keep_of(config: PruneConfig, target: float) -> float | None:
+        mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
+        if mlps_only not in estimates:
+            estimates[mlps_only] = FlopsModel(model, "paper", config)
+        return keep_for(estimates[mlps_only], layers, target)
+
     result = {"model": args.model, "stage": args.stage, "layers": layers, "test_mosaics": len(test_x),
               "dense_miou": dense, "rows": {}}
     for target in (float(v) for v in args.targets.split(",")):
-        keep = keep_for(estimate, layers, target)
         for row in args.rows.split(","):
-            fields = {"keep": (keep,), **ROWS[row]}
             if row.startswith("ours"):  # the family's plan for classification, or for dense outputs (--task dense)
                 task = "dense" if row == "ours-dense" else "classify"
-                config = PruneConfig.recommended(model, task=task, layers=layers, keep=(keep,), compensate="none")
+                config = PruneConfig.recommended(model, task=task, layers=layers, keep=(1.0,), compensate="none")
             else:
-                config = PruneConfig(layers=layers, **fields)
+                config = PruneConfig(layers=layers, **{"keep": (1.0,), **ROWS[row]})
+            keep = config.keep[0] if "keep" in ROWS.get(row, {}) else keep_of(config, target)
+            if keep is None:
+                print(f"FLOPs x{target}: {row} unreachable after blocks {layers}", flush=True)
+                continue
+            config = config.replace(keep=(keep,))
             try:
                 pruned = apply_pruning(backbone, config)
             except ConfigError as exc:

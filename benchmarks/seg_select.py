@@ -24,6 +24,7 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
+from ssmtrim.pruning.strategies import get_strategy
 
 
 def main() -> None:
@@ -59,14 +60,24 @@ def main() -> None:
     dense = miou(segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1]), sel_y, classes)
     print(f"{args.model} stage {args.stage}: dense mIoU {dense:.2f} on {len(sel_x)} training mosaics", flush=True)
     layers = tuple(int(v) for v in args.layers.split(","))
-    estimate = FlopsModel(model, "paper")
+    estimates: dict[bool, FlopsModel] = {}  # by whether a plan reduces the MLPs alone (its estimate differs)
     result = {"model": args.model, "stage": args.stage, "layers": layers, "mosaics": len(sel_x), "dense_miou": dense,
               "rows": {}}
     for target in (float(v) for v in args.targets.split(",")):
-        keep = keep_for(estimate, layers, target)
         for strategy in args.strategies.split(","):
-            apply_pruning(backbone, PruneConfig.recommended(backbone, layers=layers, keep=(keep,), compensate="none",
-                                                            arrangement=strategy))
+            # NAME or NAME:OPTION=VALUE (e.g. unmerge:mixer=tokens): the family's plan with that strategy (and option)
+            name, _, option = strategy.partition(":")
+            given = {"options": dict([option.split("=", 1)])} if option else {}
+            config = PruneConfig.recommended(model, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
+                                             **given)
+            mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
+            if mlps_only not in estimates:
+                estimates[mlps_only] = FlopsModel(model, "paper", config)
+            keep = keep_for(estimates[mlps_only], layers, target)
+            if keep is None:
+                print(f"FLOPs x{target}: {strategy} unreachable after blocks {layers}", flush=True)
+                continue
+            apply_pruning(backbone, config.replace(keep=(keep,)))
             value = miou(segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1]), sel_y, classes)
             remove_pruning(backbone)
             result["rows"].setdefault(strategy, []).append({"target": target, "keep": keep, "miou": value})

@@ -101,10 +101,11 @@ def prune_and_save(
     dense_flops = gflops(model) if count_flops else {}
     search = None
     if target is not None and target.keep_layers:
-        from ssmtrim.pruning.schedule import FlopsModel, keep_for
+        from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan
         from ssmtrim.pruning.strategies import get_strategy
 
         config.validate_for(family_of(model).depth(model.config))
+        config = reachable_plan(model, config, target.ratio, target.convention, config.layers)
         keep = keep_for(FlopsModel(model, target.convention, config), config.layers, target.ratio)
         if keep is None:
             hint = get_strategy(config.arrangement).reach_hint(config)
@@ -112,9 +113,10 @@ def prune_and_save(
                               f"{','.join(map(str, config.layers))}{hint}; prune earlier or ask for fewer savings.")
         config = config.replace(keep=(keep,) * len(config.layers))
     elif target is not None:
-        from ssmtrim.pruning.schedule import search_schedule
+        from ssmtrim.pruning.schedule import reachable_plan, search_schedule
 
         n = local_prefix(images.shape[0], target.search_images)  # (this rank's share of) the first search images
+        config = reachable_plan(model, config, target.ratio, target.convention)
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))

@@ -234,7 +234,7 @@ def build_report(
     from ssmtrim.pruning import PruneConfig, is_pruned, reduce_on, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.engine import check_plan_for, check_provides
-    from ssmtrim.pruning.schedule import FlopsModel, keep_for
+    from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan
     from ssmtrim.pruning.strategies import get_strategy
 
     device = str(check_device(device))
@@ -319,9 +319,12 @@ def build_report(
             else x[:local_prefix(len(x), calib_images)]
         estimates: dict[bool, FlopsModel] = {}  # by whether the plan reduces the MLPs alone (its estimate differs)
 
-        def keep_of(value: float, config: PruneConfig) -> float:
+        def with_keep(value: float, config: PruneConfig) -> PruneConfig:
+            """The row's plan at keep ``value``, or at the keep that meets FLOPs ``value`` (as prune --flops: a
+            target the plan cannot reach takes the plan its strategy offers to reach further, said in a note)."""
             if kind == "keep":
-                return value
+                return config.replace(keep=(value,))
+            config = reachable_plan(dense, config, value, "paper", layers)
             mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
             if mlps_only not in estimates:
                 estimates[mlps_only] = FlopsModel(dense, "paper", config)
@@ -330,7 +333,7 @@ def build_report(
                 raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
                                   f"{','.join(map(str, layers))} with --arrangement {config.arrangement}; choose "
                                   "larger targets or --layers.")
-            return keep
+            return config.replace(keep=(keep,))
 
         # every plan checked before any work: a strategy given with --arrangements that cannot run one is refused;
         # by default the sweep leaves out what cannot run on this model (said once)
@@ -339,7 +342,7 @@ def build_report(
             for arrangement in arrangements:
                 config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement, layers=layers,
                                                  keep=(1.0,))
-                config = config.replace(keep=(keep_of(value, config),))
+                config = with_keep(value, config)
                 try:
                     check_plan_for(dense, config, runnable=False)
                 except ConfigError:

@@ -580,7 +580,9 @@ class MambaVisionFamily:
         # unmerge, as VMamba's (README, "The hierarchical test beds": 1.6 points more than merge at -30% FLOPs on
         # 2,000 training images); for dense outputs merge, whose restored maps lost less on a segmentation proxy of
         # training images (benchmarks/seg_select.py)
-        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head",
+        # with the mixers on every position and only the MLPs merged (1.7 points more at -30%;
+        # benchmarks/results/screen_mixer_mv_train.json; a target that needs the mixers' FLOPs runs them merged too)
+        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "options": {"mixer": "positions"},
                 "layers": tuple(b + 1 for b in picks), "dense": {"arrangement": "merge"}}
 
     def provides(self, config) -> frozenset[str]:

@@ -654,10 +654,13 @@ class VMambaFamily:
     def recommended_plan(self, config: VMambaConfig) -> dict:
         # measured on 2,000 training images of CIFAR-10 (README, "The hierarchical test beds"): merging for the blocks
         # and un-merging onto the whole residual stream kept 3.4 points more than merge at -30% FLOPs
+        # and the mixers on every position, only the MLPs merged, 3.7 points more at -30% on the same images
+        # (benchmarks/results/screen_mixer_vm64_train.json; where a FLOPs target needs the mixers' FLOPs too, prune
+        # runs them on the merged tokens: schedule.reachable_plan)
         # for dense outputs merge: its restored maps lost less than unmerge's on a segmentation proxy of training
         # images (benchmarks/seg_select.py)
         return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "layers": (1,),
-                "dense": {"arrangement": "merge"}}
+                "options": {"mixer": "positions"}, "dense": {"arrangement": "merge"}}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so

@@ -96,6 +96,27 @@ class FlopsModel:
         return (self.total - saved) / self.total
 
 
+def reachable_plan(model: nn.Module, base: PruneConfig, target: float, convention: str = "full",
+                   layers: tuple[int, ...] | None = None) -> PruneConfig:
+    """``base``, or where no keep ratio of it reaches ``target`` x dense FLOPs (reducing after ``layers``, default
+    after every block) the plan its strategy offers to reach further (``Strategy.reaching_further``; said in a note).
+    A target that neither reaches is left for the caller to refuse."""
+    further = get_strategy(base.arrangement).reaching_further(base)
+    if further is None:
+        return base
+    layers = layers or tuple(range(1, family_of(model).depth(model.config)))
+    if FlopsModel(model, convention, base).ratio(layers, 0.01) <= target:
+        return base
+    from ssmtrim.notices import notice
+
+    was, now = dict(base.options), dict(further.options)
+    changed = [k for k in now if was.get(k) != now[k]]
+    notice("reach-further", f"--flops {target:g} is out of reach with --option "
+           f"{', '.join(f'{k}={was.get(k)}' for k in changed)}, so the plan runs with --option "
+           f"{', '.join(f'{k}={now[k]}' for k in changed)}.")
+    return further
+
+
 def _linear_macs(module: nn.Module | None) -> int:
     """Multiply-adds per token of the Linear layers in ``module`` (none: 0)."""
     if module is None:

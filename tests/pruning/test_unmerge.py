@@ -34,7 +34,7 @@ def _model_and_input(name: str, size: int | None):
 def _plan(model, layers, keep: float, match: str = "auto") -> PruneConfig:
     fields = {"layers": layers} if layers else {}
     return PruneConfig.recommended(model, arrangement="unmerge", keep=(keep,), compensate="none",
-                                   options={"match": match}, **fields)
+                                   options={"match": match, "mixer": "tokens"}, **fields)
 
 
 def test_merge_averages_the_positions_a_token_owns_and_unmerge_gives_them_its_value():
@@ -242,3 +242,20 @@ def test_exact_mixers_need_mlps_and_are_an_unmerge_option():
     with pytest.raises(ConfigError, match="option of unmerge"):
         apply_pruning(vmamba, PruneConfig(layers=(2,), keep=(0.5,), arrangement="merge",
                                           options={"mixer": "positions"}))
+
+
+def test_a_target_the_mlps_cannot_reach_runs_the_mixers_merged_too(capsys):
+    """schedule.reachable_plan: a FLOPs target within the MLPs' reach keeps the plan; one beyond it takes the plan
+    the strategy offers (the mixers on the merged tokens), said in a note; a plan that reaches anything is kept."""
+    from ssmtrim.pruning.schedule import FlopsModel, reachable_plan
+
+    model, _ = _model_and_input("vmamba_test", 32)
+    plan = _plan(model, (2,), 1.0).replace(options=(("match", "auto"), ("mixer", "positions")))
+    depth = family_of(model).depth(model.config)
+    least = FlopsModel(model, "paper", plan).ratio(tuple(range(1, depth)), 0.01)
+    assert reachable_plan(model, plan, least + 0.01, "paper") == plan
+    further = reachable_plan(model, plan, least - 0.05, "paper")
+    assert further.option("mixer") == "tokens" and further.replace(options=plan.options) == plan
+    assert "runs with --option mixer=tokens" in capsys.readouterr().err
+    merged = _plan(model, (2,), 1.0)
+    assert reachable_plan(model, merged, 0.01, "paper") is merged

@@ -55,6 +55,10 @@ class Strategy:
         position): the FLOPs estimate then scales the MLPs' FLOPs alone with the tokens (the family's ``token_mlp``)."""
         return False
 
+    def reaching_further(self, plan):
+        """A plan like ``plan`` that can save more FLOPs, for a FLOPs target ``plan`` cannot reach (None: none)."""
+        return None
+
     def reach_hint(self, plan) -> str:
         """Said after "this FLOPs target cannot be reached": what in the plan limits the saving (default nothing)."""
         return ""

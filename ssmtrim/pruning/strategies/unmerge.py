@@ -58,6 +58,11 @@ class Unmerge(Strategy):
     def reduces_mlps_only(self, plan) -> bool:
         return plan.option("mixer") == "positions"
 
+    def reaching_further(self, plan):
+        if not self.reduces_mlps_only(plan):
+            return None
+        return plan.replace(options={**dict(plan.options), "mixer": "tokens"})
+
     def reach_hint(self, plan) -> str:
         if not self.reduces_mlps_only(plan):
             return ""
