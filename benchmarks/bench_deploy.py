@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--arrangement", help="the strategy (default: each family's recommended one)")
     ap.add_argument("--layers", help="reduce after these blocks, 1-based (default: the family's recommended ones)")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=V",
+                    help="a plug-in option laid over the family's (repeatable), e.g. --option mixer=tokens")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True, dynamic=False)")
@@ -79,7 +81,8 @@ def main() -> None:
         size = data_config_of(dense).input_size
         x_many, x_one = torch.randn(args.batch, *size), torch.randn(1, *size)
         given = {"arrangement": args.arrangement,
-                 "layers": tuple(int(v) for v in args.layers.split(",")) if args.layers else None}
+                 "layers": tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
+                 "options": dict(o.split("=", 1) for o in args.option) or None}
         reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none",
                                                                     **given))
         flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
