@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of, num_protected_of, stages_of
 from ssmtrim.pruning.config import PruneConfig
-from ssmtrim.pruning.engine import apply_pruning, check_plan_for, kept_count, remove_pruning
+from ssmtrim.pruning.engine import apply_pruning, check_plan_for, check_provides, kept_count, remove_pruning
 from ssmtrim.pruning.strategies import get_strategy
 
 # candidate pruning positions as fractions of the depth (Vim-S's released 5, 10, 15 of 24 is about .2 .4 .6)
@@ -85,6 +85,7 @@ class FlopsModel:
         depth = family.depth(model.config)
         self.dense_tokens = tokens_per_block(model, (), 1.0)
         if plan is not None and get_strategy(plan.arrangement).reduces_mlps_only(plan):
+            check_provides(model, plan)  # a family without per-token MLPs (token_mlp) refuses it in one sentence
             self.blocks = [_linear_macs(family.token_mlp(model, i)) * self.dense_tokens[i] for i in range(depth)]
         else:
             self.blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]

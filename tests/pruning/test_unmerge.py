@@ -259,3 +259,22 @@ def test_a_target_the_mlps_cannot_reach_runs_the_mixers_merged_too(capsys):
     assert "runs with --option mixer=tokens" in capsys.readouterr().err
     merged = _plan(model, (2,), 1.0)
     assert reachable_plan(model, merged, 0.01, "paper") is merged
+
+
+def test_exact_mixers_save_reload_and_refuse_a_family_without_mlps(tmp_path):
+    from ssmtrim.pruning.schedule import FlopsModel
+
+    torch.manual_seed(0)
+    model, x = _model_and_input("mambavision_test", None)
+    plan = _plan(model, None, 0.5).replace(options=(("match", "auto"), ("mixer", "positions")))
+    apply_pruning(model, plan)
+    with torch.no_grad():
+        logits = model(x)
+    again = ssmtrim.load_model(ssmtrim.save_model(model, tmp_path / "reduced"))
+    assert again.prune_config.option("mixer") == "positions"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), logits, rtol=1e-5, atol=1e-6)
+    vim = ssmtrim.create_model("vim_test")
+    with pytest.raises(ConfigError, match="per-token MLPs"):
+        FlopsModel(vim, "paper", PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
+                                             options={"mixer": "positions"}))

@@ -52,7 +52,7 @@ class Unmerge(Strategy):
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
     def needs(self, plan) -> frozenset[str]:
-        exact = {"exact_mixer"} if plan.option("mixer") == "positions" else set()
+        exact = {"exact_mixer"} if self.reduces_mlps_only(plan) else set()
         return super().needs(plan) | needs_of_metric(plan.option("metric")) | {"unmerge"} | exact
 
     def reduces_mlps_only(self, plan) -> bool:
