@@ -44,12 +44,15 @@ def prune_and_save(
     model family's recommended plan once the model is loaded (for the dict's optional ``"task"``: "classify", the
     default, or "dense"; see :meth:`PruneConfig.recommended`). With a FLOPs ``target`` the plan's layers and keep
     ratio are replaced by the schedule :func:`ssmtrim.pruning.schedule.search_schedule` finds (or, with
-    ``target.keep_layers``, only the keep ratio is solved for). With ``eval_data`` (a labelled folder) dense and
-    pruned are also evaluated there (``summary["evaluation"]``). A model that records its class names has the class
-    folders of ``data`` and ``eval_data`` matched by name (``skip_unknown_classes``: leave out the folders that are
-    not among them instead of refusing). Inside :func:`ssmtrim.distributed.sharded` each
-    rank reads and runs its block of the images, every rank gets the one-process summary, and rank 0 alone writes.
-    ``img_size`` (N or (H, W)) prunes the model loaded for that input size (see :func:`ssmtrim.load_model`)."""
+    ``target.keep_layers``, only the keep ratio is solved for); a target the plan cannot reach takes the plan its
+    strategy offers to reach further (:func:`ssmtrim.pruning.schedule.reachable_plan`, said in a note) unless that
+    changes an option the user set (the dict's ``"options"``, or every option of a PruneConfig given). With
+    ``eval_data`` (a labelled folder) dense and pruned are also evaluated there (``summary["evaluation"]``). A model
+    that records its class names has the class folders of ``data`` and ``eval_data`` matched by name
+    (``skip_unknown_classes``: leave out the folders that are not among them instead of refusing). Inside
+    :func:`ssmtrim.distributed.sharded` each rank reads and runs its block of the images, every rank gets the
+    one-process summary, and rank 0 alone writes. ``img_size`` (N or (H, W)) prunes the model loaded for that input
+    size (see :func:`ssmtrim.load_model`)."""
     from ssmtrim.checkpoint import check_output, load_model, save_pruned
     from ssmtrim.data import check_eval_data, map_to_classes, scan_folder
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
@@ -83,6 +86,8 @@ def prune_and_save(
     if eval_data is not None:  # a bad --eval-data is one sentence now, not after the calibration
         check_eval_data(eval_data, lambda images: label_images(images, model.config.num_classes, None, classes,
                                                                 skip_unknown_classes))
+    # the options the user set are held as given (a FLOPs target they cannot reach is refused, not worked around)
+    held = set(dict(config.get("options") or {})) if isinstance(config, dict) else set(dict(config.options))
     if isinstance(config, dict):
         config = PruneConfig.recommended(model, **config)
     if target is None or target.keep_layers:
@@ -105,7 +110,7 @@ def prune_and_save(
         from ssmtrim.pruning.strategies import get_strategy
 
         config.validate_for(family_of(model).depth(model.config))
-        config = reachable_plan(model, config, target.ratio, target.convention, config.layers)
+        config = reachable_plan(model, config, target.ratio, target.convention, config.layers, held)
         keep = keep_for(FlopsModel(model, target.convention, config), config.layers, target.ratio)
         if keep is None:
             hint = get_strategy(config.arrangement).reach_hint(config)
@@ -116,7 +121,7 @@ def prune_and_save(
         from ssmtrim.pruning.schedule import reachable_plan, search_schedule
 
         n = local_prefix(images.shape[0], target.search_images)  # (this rank's share of) the first search images
-        config = reachable_plan(model, config, target.ratio, target.convention)
+        config = reachable_plan(model, config, target.ratio, target.convention, held=held)
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))

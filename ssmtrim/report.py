@@ -318,13 +318,14 @@ def build_report(
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
             else x[:local_prefix(len(x), calib_images)]
         estimates: dict[bool, FlopsModel] = {}  # by whether the plan reduces the MLPs alone (its estimate differs)
+        given_options = set(dict((strategy or {}).get("options") or {}))  # held as given, never worked around
 
         def with_keep(value: float, config: PruneConfig) -> PruneConfig:
             """The row's plan at keep ``value``, or at the keep that meets FLOPs ``value`` (as prune --flops: a
             target the plan cannot reach takes the plan its strategy offers to reach further, said in a note)."""
             if kind == "keep":
                 return config.replace(keep=(value,))
-            config = reachable_plan(dense, config, value, "paper", layers)
+            config = reachable_plan(dense, config, value, "paper", layers, held=given_options)
             mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
             if mlps_only not in estimates:
                 estimates[mlps_only] = FlopsModel(dense, "paper", config)

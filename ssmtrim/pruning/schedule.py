@@ -11,7 +11,7 @@ one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -98,12 +98,13 @@ class FlopsModel:
 
 
 def reachable_plan(model: nn.Module, base: PruneConfig, target: float, convention: str = "full",
-                   layers: tuple[int, ...] | None = None) -> PruneConfig:
+                   layers: tuple[int, ...] | None = None, held: Collection[str] = ()) -> PruneConfig:
     """``base``, or where no keep ratio of it reaches ``target`` x dense FLOPs (reducing after ``layers``, default
-    after every block) the plan its strategy offers to reach further (``Strategy.reaching_further``; said in a note).
-    A target that neither reaches is left for the caller to refuse."""
+    after every block) the plan its strategy offers to reach further (``Strategy.reaching_further``; said in a note),
+    unless that changes an option in ``held`` (the ones the user set: never overridden). A target that is not reached
+    is left for the caller to refuse."""
     further = get_strategy(base.arrangement).reaching_further(base)
-    if further is None:
+    if further is None or any(dict(further.options).get(k) != dict(base.options).get(k) for k in held):
         return base
     layers = layers or tuple(range(1, family_of(model).depth(model.config)))
     if FlopsModel(model, convention, base).ratio(layers, 0.01) <= target:

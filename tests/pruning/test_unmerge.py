@@ -278,3 +278,24 @@ def test_exact_mixers_save_reload_and_refuse_a_family_without_mlps(tmp_path):
     with pytest.raises(ConfigError, match="per-token MLPs"):
         FlopsModel(vim, "paper", PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
                                              options={"mixer": "positions"}))
+
+
+def test_an_option_the_user_set_is_held_and_the_target_refused(tmp_path):
+    """prune --flops beyond the MLPs' reach: with the family's mixers-whole plan it runs the mixers merged (a note);
+    with --option mixer=positions given by the user it is refused in one sentence that says what limits it."""
+    from ssmtrim.pruning.schedule import FlopsModel, reachable_plan
+
+    model, _ = _model_and_input("vmamba_test", 32)
+    plan = _plan(model, (2,), 1.0).replace(options=(("match", "auto"), ("mixer", "positions")))
+    depth = family_of(model).depth(model.config)
+    beyond = FlopsModel(model, "paper", plan).ratio(tuple(range(1, depth)), 0.01) - 0.05
+    assert reachable_plan(model, plan, beyond, "paper", held={"mixer"}) is plan
+    assert reachable_plan(model, plan, beyond, "paper", held={"match"}).option("mixer") == "tokens"
+    folder = tmp_path / "calib"
+    for i in range(4):
+        (folder / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(folder / "a" / f"{i}.png")
+    source = ssmtrim.save_model(model, tmp_path / "dense")
+    with pytest.raises(ConfigError, match="only the MLPs save FLOPs"):
+        ssmtrim.prune_and_save(source, {"arrangement": "unmerge", "options": {"mixer": "positions"}}, folder,
+                               target=ssmtrim.pruning.config.FlopsTarget(beyond, "paper"), count_flops=False)

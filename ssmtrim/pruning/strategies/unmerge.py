@@ -66,7 +66,7 @@ class Unmerge(Strategy):
     def reach_hint(self, plan) -> str:
         if not self.reduces_mlps_only(plan):
             return ""
-        return (" (with --option mixer=positions only the MLPs save FLOPs; --option mixer=tokens runs the mixers on "
+        return ("; with --option mixer=positions only the MLPs save FLOPs (--option mixer=tokens runs the mixers on "
                 "the merged tokens too and reaches further)")
 
     def check_plan(self, plan) -> None:
