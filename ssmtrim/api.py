@@ -93,6 +93,22 @@ def prune_and_save(
     if target is None or target.keep_layers:
         config.validate_for(family_of(model).depth(model.config))
     check_plan_for(model, config, runnable=False)  # what the plan asks of the model: one sentence before the work
+    if target is not None:  # a FLOPs target the plan cannot reach: one sentence before the work too
+        from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan, refuse_unreachable
+        from ssmtrim.pruning.strategies import get_strategy
+
+        config = reachable_plan(model, config, target.ratio, target.convention,
+                                config.layers if target.keep_layers else None, held)
+        estimate = FlopsModel(model, target.convention, config)
+        if target.keep_layers:
+            keep = keep_for(estimate, config.layers, target.ratio)
+            if keep is None:
+                hint = get_strategy(config.arrangement).reach_hint(config)
+                raise ConfigError(f"--flops {target.ratio:g} cannot be reached by pruning after blocks "
+                                  f"{','.join(map(str, config.layers))}{hint}; prune earlier or ask for fewer savings.")
+            config = config.replace(keep=(keep,) * len(config.layers))
+        else:
+            refuse_unreachable(estimate, config, target.ratio, target.convention)
     images, labels, unreadable = load_images(shard_images(images_set), data_config_of(model), batch_size, progress,
                                              calibration.workers)
     unreadable = sum_counts(unreadable)[0]
@@ -105,23 +121,10 @@ def prune_and_save(
     dense_logits = predict(model, images, batch_size, progress, "dense forward")
     dense_flops = gflops(model) if count_flops else {}
     search = None
-    if target is not None and target.keep_layers:
-        from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan
-        from ssmtrim.pruning.strategies import get_strategy
-
-        config.validate_for(family_of(model).depth(model.config))
-        config = reachable_plan(model, config, target.ratio, target.convention, config.layers, held)
-        keep = keep_for(FlopsModel(model, target.convention, config), config.layers, target.ratio)
-        if keep is None:
-            hint = get_strategy(config.arrangement).reach_hint(config)
-            raise ConfigError(f"--flops {target.ratio:g} cannot be reached by pruning after blocks "
-                              f"{','.join(map(str, config.layers))}{hint}; prune earlier or ask for fewer savings.")
-        config = config.replace(keep=(keep,) * len(config.layers))
-    elif target is not None:
-        from ssmtrim.pruning.schedule import reachable_plan, search_schedule
+    if target is not None and not target.keep_layers:
+        from ssmtrim.pruning.schedule import search_schedule
 
         n = local_prefix(images.shape[0], target.search_images)  # (this rank's share of) the first search images
-        config = reachable_plan(model, config, target.ratio, target.convention, held=held)
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
                                  batch_size, progress)
         config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))

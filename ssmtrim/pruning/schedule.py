@@ -119,6 +119,19 @@ def reachable_plan(model: nn.Module, base: PruneConfig, target: float, conventio
     return further
 
 
+def refuse_unreachable(flops: FlopsModel, plan: PruneConfig, target: float, convention: str,
+                       always: bool = False) -> None:
+    """One sentence for a FLOPs target that no schedule of ``plan`` reaches on the estimate ``flops`` (the widest the
+    search tries: a step after every block, or one after the first), before any work is done; ``always``: the search
+    found no candidate, so say it whatever the estimate."""
+    depth = family_of(flops.model).depth(flops.model.config)
+    least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
+    if always or least > target:
+        hint = get_strategy(plan.arrangement).reach_hint(plan)
+        raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
+                          f"{least:.2f} of the dense FLOPs ({convention} convention){hint}; ask for more.")
+
+
 def _linear_macs(module: nn.Module | None) -> int:
     """Multiply-adds per token of the Linear layers in ``module`` (none: 0)."""
     if module is None:
@@ -179,10 +192,7 @@ def search_schedule(
                 continue
             candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
     if not candidates:
-        least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
-        hint = get_strategy(base.arrangement).reach_hint(base)
-        raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
-                          f"{least:.2f} of the dense FLOPs ({convention} convention){hint}; ask for more.")
+        refuse_unreachable(flops, base, target, convention, always=True)
     dense_logp = F.log_softmax(dense_logits.float(), 1)
 
     def run(cand: Candidate, measure: bool = False) -> None:
