@@ -43,7 +43,6 @@ from ssmtrim.pruning import PruneConfig, apply_pruning, dense_prefix, reduced_fo
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.compensation import compensate
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
-from ssmtrim.pruning.strategies import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 # id: (label, PruneConfig fields); "conv" = "kept" is Vim's only: rows that ask for it are skipped on other families,
@@ -171,14 +170,12 @@ def main() -> None:
     print(f"dense: top-1 {dense_top1:.2f}%  GFLOPs paper {dense_flops['paper']:.4f} full {dense_flops['full']:.4f}",
           flush=True)
     family = family_of(model)
-    estimates: dict[bool, FlopsModel] = {}  # by whether a row's plan reduces the MLPs alone (its estimate differs)
+    dense_estimate = FlopsModel(model, "paper")
 
     def keep_of(row: str, target: float) -> tuple[float | None, FlopsModel]:
         probe = row_config(row, family, model.config, layers, 1.0)
-        mlps_only = probe is not None and get_strategy(probe.arrangement).reduces_mlps_only(probe)
-        if mlps_only not in estimates:
-            estimates[mlps_only] = FlopsModel(model, "paper", probe if mlps_only else None)
-        return keep_for(estimates[mlps_only], layers, target), estimates[mlps_only]
+        estimate = dense_estimate if probe is None else dense_estimate.for_plan(probe)
+        return keep_for(estimate, layers, target), estimate
     fresh: dict[str, list] = {}
     x_calib = None
     results = {"model": args.model, "test": args.test, "num_test": len(y_test), "mode": "count",

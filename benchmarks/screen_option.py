@@ -27,7 +27,6 @@ from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.config import declared_options
 from ssmtrim.pruning.options import parse_option
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
-from ssmtrim.pruning.strategies import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_CHOICES = ("score", "arrangement")  # fields of the plan screened as an option is
@@ -67,7 +66,7 @@ def main() -> None:
     if fixed:  # an option kept as a field of the plan (gap, metric, ...) is set as one; the others in ``options``
         base = base.replace(options={**dict(base.options), **{k: v for k, v in fixed.items() if k not in plan_fields}},
                             **{k: v for k, v in fixed.items() if k in plan_fields})
-    estimates: dict[bool, FlopsModel] = {}  # by whether the plan reduces the MLPs alone (its estimate differs)
+    dense_estimate = FlopsModel(model, "paper")
     print(f"{args.model}: {x.shape[0]} test images, layers {base.layers}, {name} in {values}"
           + (f", with {fixed}" if fixed else ""), flush=True)
     rows = []
@@ -77,10 +76,7 @@ def main() -> None:
             # an option kept as a field of the plan (metric, gap, ...) is set as one; the others in ``options``
             setting = {name: value} if name in plan_fields else {"options": {**dict(base.options), name: value}}
             config = base.replace(**setting)
-            mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
-            if mlps_only not in estimates:
-                estimates[mlps_only] = FlopsModel(model, "paper", config)
-            keep = keep_for(estimates[mlps_only], base.layers, target)
+            keep = keep_for(dense_estimate.for_plan(config), base.layers, target)
             if keep is None:
                 print(f"FLOPs x{target:g} {name}={value}: unreachable after blocks {base.layers}", flush=True)
                 continue

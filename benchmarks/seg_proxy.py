@@ -37,7 +37,6 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
-from ssmtrim.pruning.strategies import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps); ours-dense:
@@ -142,13 +141,10 @@ def main() -> None:
     print(f"dense: mIoU {dense:.2f}  (stage {args.stage} map {tuple(dense_maps.shape[1:])}) "
           f"[{time.perf_counter() - t0:.0f} s]", flush=True)
     layers = tuple(int(v) for v in args.layers.split(","))
-    estimates: dict[bool, FlopsModel] = {}  # by whether a plan reduces the MLPs alone (its estimate differs)
+    dense_estimate = FlopsModel(model, "paper")
 
     def keep_of(config: PruneConfig, target: float) -> float | None:
-        mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
-        if mlps_only not in estimates:
-            estimates[mlps_only] = FlopsModel(model, "paper", config)
-        return keep_for(estimates[mlps_only], layers, target)
+        return keep_for(dense_estimate.for_plan(config), layers, target)
 
     result = {"model": args.model, "stage": args.stage, "layers": layers, "test_mosaics": len(test_x),
               "dense_miou": dense, "rows": {}}

@@ -24,7 +24,6 @@ from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
-from ssmtrim.pruning.strategies import get_strategy
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
     dense = miou(segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1]), sel_y, classes)
     print(f"{args.model} stage {args.stage}: dense mIoU {dense:.2f} on {len(sel_x)} training mosaics", flush=True)
     layers = tuple(int(v) for v in args.layers.split(","))
-    estimates: dict[bool, FlopsModel] = {}  # by whether a plan reduces the MLPs alone (its estimate differs)
+    dense_estimate = FlopsModel(model, "paper")
     result = {"model": args.model, "stage": args.stage, "layers": layers, "mosaics": len(sel_x), "dense_miou": dense,
               "rows": {}}
     for target in (float(v) for v in args.targets.split(",")):
@@ -70,10 +69,7 @@ def main() -> None:
             given = {"options": dict([option.split("=", 1)])} if option else {}
             config = PruneConfig.recommended(model, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
                                              **given)
-            mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
-            if mlps_only not in estimates:
-                estimates[mlps_only] = FlopsModel(model, "paper", config)
-            keep = keep_for(estimates[mlps_only], layers, target)
+            keep = keep_for(dense_estimate.for_plan(config), layers, target)
             if keep is None:
                 print(f"FLOPs x{target}: {strategy} unreachable after blocks {layers}", flush=True)
                 continue

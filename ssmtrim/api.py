@@ -97,9 +97,10 @@ def prune_and_save(
         from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan, refuse_unreachable
         from ssmtrim.pruning.strategies import get_strategy
 
+        dense_estimate = FlopsModel(model, target.convention)
         config = reachable_plan(model, config, target.ratio, target.convention,
-                                config.layers if target.keep_layers else None, held)
-        estimate = FlopsModel(model, target.convention, config)
+                                config.layers if target.keep_layers else None, held, dense_estimate)
+        estimate = dense_estimate.for_plan(config)
         if target.keep_layers:
             keep = keep_for(estimate, config.layers, target.ratio)
             if keep is None:

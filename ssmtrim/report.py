@@ -235,7 +235,6 @@ def build_report(
     from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.engine import check_plan_for, check_provides
     from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan
-    from ssmtrim.pruning.strategies import get_strategy
 
     device = str(check_device(device))
     if is_pruned(dense):
@@ -317,7 +316,7 @@ def build_report(
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
             else x[:local_prefix(len(x), calib_images)]
-        estimates: dict[bool, FlopsModel] = {}  # by whether the plan reduces the MLPs alone (its estimate differs)
+        estimate = FlopsModel(dense, "paper") if kind == "flops" else None
         given_options = set(dict((strategy or {}).get("options") or {}))  # held as given, never worked around
 
         def with_keep(value: float, config: PruneConfig) -> PruneConfig:
@@ -325,11 +324,8 @@ def build_report(
             target the plan cannot reach takes the plan its strategy offers to reach further, said in a note)."""
             if kind == "keep":
                 return config.replace(keep=(value,))
-            config = reachable_plan(dense, config, value, "paper", layers, held=given_options)
-            mlps_only = get_strategy(config.arrangement).reduces_mlps_only(config)
-            if mlps_only not in estimates:
-                estimates[mlps_only] = FlopsModel(dense, "paper", config)
-            keep = keep_for(estimates[mlps_only], layers, value)
+            config = reachable_plan(dense, config, value, "paper", layers, held=given_options, estimate=estimate)
+            keep = keep_for(estimate.for_plan(config), layers, value)
             if keep is None:
                 raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
                                   f"{','.join(map(str, layers))} with --arrangement {config.arrangement}; choose "

@@ -10,6 +10,7 @@ one with the smallest KL(dense || pruned) of the logits wins. The winner's FLOPs
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
@@ -84,12 +85,28 @@ class FlopsModel:
         family = family_of(model)
         depth = family.depth(model.config)
         self.dense_tokens = tokens_per_block(model, (), 1.0)
-        if plan is not None and get_strategy(plan.arrangement).reduces_mlps_only(plan):
-            check_provides(model, plan)  # a family without per-token MLPs (token_mlp) refuses it in one sentence
-            self.blocks = [_linear_macs(family.token_mlp(model, i)) * self.dense_tokens[i] for i in range(depth)]
-        else:
-            self.blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
+        self.whole_blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
         self.model = model
+        self._mlp_blocks: list[int] | None = None  # the blocks' MLP FLOPs, made when a plan first needs them
+        self.blocks = self.for_plan(plan).blocks if plan is not None else self.whole_blocks
+
+    def for_plan(self, plan: PruneConfig) -> FlopsModel:
+        """This estimate for ``plan`` from the same dense count (no second trace): the whole blocks' FLOPs scale with
+        the tokens, or only the MLPs' for a plan that runs only them on fewer tokens."""
+        if get_strategy(plan.arrangement).reduces_mlps_only(plan):
+            if self._mlp_blocks is None:
+                check_provides(self.model, plan)  # a family without per-token MLPs (token_mlp): one sentence
+                family = family_of(self.model)
+                self._mlp_blocks = [_linear_macs(family.token_mlp(self.model, i)) * tokens
+                                    for i, tokens in enumerate(self.dense_tokens)]
+            blocks = self._mlp_blocks
+        else:
+            blocks = self.whole_blocks
+        if getattr(self, "blocks", None) is blocks:
+            return self
+        view = copy.copy(self)
+        view.blocks = blocks
+        return view
 
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
@@ -98,16 +115,19 @@ class FlopsModel:
 
 
 def reachable_plan(model: nn.Module, base: PruneConfig, target: float, convention: str = "full",
-                   layers: tuple[int, ...] | None = None, held: Collection[str] = ()) -> PruneConfig:
+                   layers: tuple[int, ...] | None = None, held: Collection[str] = (),
+                   estimate: FlopsModel | None = None) -> PruneConfig:
     """``base``, or where no keep ratio of it reaches ``target`` x dense FLOPs (reducing after ``layers``, default
     after every block) the plan its strategy offers to reach further (``Strategy.reaching_further``; said in a note),
     unless that changes an option in ``held`` (the ones the user set: never overridden). A target that is not reached
-    is left for the caller to refuse."""
+    is left for the caller to refuse. ``estimate``: the model's FlopsModel in ``convention`` when the caller has one
+    (else counted here, where a plan could reach further)."""
     further = get_strategy(base.arrangement).reaching_further(base)
     if further is None or any(dict(further.options).get(k) != dict(base.options).get(k) for k in held):
         return base
     layers = layers or tuple(range(1, family_of(model).depth(model.config)))
-    if FlopsModel(model, convention, base).ratio(layers, 0.01) <= target:
+    estimate = estimate if estimate is not None else FlopsModel(model, convention)
+    if estimate.for_plan(base).ratio(layers, 0.01) <= target:
         return base
     from ssmtrim.notices import notice
 
@@ -119,17 +139,24 @@ def reachable_plan(model: nn.Module, base: PruneConfig, target: float, conventio
     return further
 
 
-def refuse_unreachable(flops: FlopsModel, plan: PruneConfig, target: float, convention: str,
-                       always: bool = False) -> None:
-    """One sentence for a FLOPs target that no schedule of ``plan`` reaches on the estimate ``flops`` (the widest the
-    search tries: a step after every block, or one after the first), before any work is done; ``always``: the search
-    found no candidate, so say it whatever the estimate."""
+def refuse_unreachable(flops: FlopsModel, plan: PruneConfig, target: float, convention: str) -> None:
+    """One sentence, before any work, for a FLOPs target that no schedule of ``plan`` reaches on the estimate
+    ``flops`` (the widest the search tries: a step after every block, or one after the first)."""
+    error = _unreachable(flops, plan, target, convention)
+    if error is not None:
+        raise error
+
+
+def _unreachable(flops: FlopsModel, plan: PruneConfig, target: float, convention: str,
+                 found_none: bool = False) -> ConfigError | None:
+    """The sentence for a target out of reach (or whatever the estimate, when the search ``found_none``)."""
     depth = family_of(flops.model).depth(flops.model.config)
     least = min(flops.ratio(tuple(range(1, depth)), 0.01), flops.ratio((1,), 0.01))
-    if always or least > target:
-        hint = get_strategy(plan.arrangement).reach_hint(plan)
-        raise ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
-                          f"{least:.2f} of the dense FLOPs ({convention} convention){hint}; ask for more.")
+    if least <= target and not found_none:
+        return None
+    hint = get_strategy(plan.arrangement).reach_hint(plan)
+    return ConfigError(f"--flops {target} is unreachable for this model: token pruning gets down to about "
+                       f"{least:.2f} of the dense FLOPs ({convention} convention){hint}; ask for more.")
 
 
 def _linear_macs(module: nn.Module | None) -> int:
@@ -192,7 +219,7 @@ def search_schedule(
                 continue
             candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
     if not candidates:
-        refuse_unreachable(flops, base, target, convention, always=True)
+        raise _unreachable(flops, base, target, convention, found_none=True)
     dense_logp = F.log_softmax(dense_logits.float(), 1)
 
     def run(cand: Candidate, measure: bool = False) -> None:
