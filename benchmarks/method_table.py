@@ -80,9 +80,14 @@ ROWS = {
                      "cannot reach the target)",
                      {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
     "unmerge-mlp-comp": ("unmerge, the mixers on every position (only the MLPs merged) + head compensation (ours, "
-                         "the hierarchical families' default)",
+                         "VMamba's default)",
                          {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
                           "options": {"mixer": "positions"}}),
+    "unmerge-mlp-regroup-comp": ("unmerge, the mixers on every position, each block's MLP regrouping the positions by "
+                                 "its input (--option mlp_groups=block) + head compensation (ours, "
+                                 "MambaVision's default)",
+                                 {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
+                                  "options": {"mixer": "positions", "mlp_groups": "block"}}),
     "unmerge-importance": ("unmerge, importance matching at every step + head compensation",
                            {"arrangement": "unmerge", "conv": "kept", "options": {"match": "importance"},
                             "compensate": "head"}),
@@ -102,7 +107,11 @@ RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["kee
            "default)": ROWS["merge-adjacent-comp"][0],
            "unmerge + head compensation (ours, the hierarchical families' default)": ROWS["unmerge-comp"][0],
            "unmerge, the mixers on every position (only the MLPs merged) + head compensation":
-               ROWS["unmerge-mlp-comp"][0]}
+               ROWS["unmerge-mlp-comp"][0],
+           "unmerge, the mixers on every position (only the MLPs merged) + head compensation (ours, the hierarchical "
+           "families' default)": ROWS["unmerge-mlp-comp"][0],
+           "unmerge, the mixers on every position, each block's MLP regrouping the positions by its input (--option "
+           "mlp_groups=block) + head compensation (ours)": ROWS["unmerge-mlp-regroup-comp"][0]}
 GAP_ROWS, GAP_TARGETS = ("align-gap-mean", "align-gap-zero"), (0.7, 0.5)  # the Δ̃ ablation at two budgets
 
 

@@ -375,7 +375,9 @@ class VSSBlock(nn.Module):
         else:
             y = self.op.ssm_output(merge(self.norm(x)), hw, deltas, geometry)
             x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
-        return x + self.drop_path(unmerge(self.mlp(merge(self.norm2(x))))), y
+        z = self.norm2(x)
+        merge, unmerge = merge_pair(None if u is None else u.for_mlp(z))
+        return x + self.drop_path(unmerge(self.mlp(merge(z)))), y
 
 
 class Downsample(nn.Module):

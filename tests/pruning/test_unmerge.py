@@ -15,7 +15,7 @@ from ssmtrim.cli.app import app
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of
 from ssmtrim.models.tokens import Unmerge
-from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
+from ssmtrim.pruning import PruneConfig, apply_pruning, dense_of, feature_maps, remove_pruning
 from ssmtrim.pruning.engine import check_plan_for, reduced_forward
 
 from ..conftest import randomize
@@ -34,7 +34,7 @@ def _model_and_input(name: str, size: int | None):
 def _plan(model, layers, keep: float, match: str = "auto") -> PruneConfig:
     fields = {"layers": layers} if layers else {}
     return PruneConfig.recommended(model, arrangement="unmerge", keep=(keep,), compensate="none",
-                                   options={"match": match, "mixer": "tokens"}, **fields)
+                                   options={"match": match, "mixer": "tokens", "mlp_groups": "step"}, **fields)
 
 
 def test_merge_averages_the_positions_a_token_owns_and_unmerge_gives_them_its_value():
@@ -299,3 +299,64 @@ def test_an_option_the_user_set_is_held_and_the_target_refused(tmp_path):
     with pytest.raises(ConfigError, match="only the MLPs save FLOPs"):
         ssmtrim.prune_and_save(source, {"arrangement": "unmerge", "options": {"mixer": "positions"}}, folder,
                                target=ssmtrim.pruning.config.FlopsTarget(beyond, "paper"), count_flops=False)
+
+
+def test_regrouping_puts_each_position_with_the_token_its_mlp_input_is_like():
+    """Unmerge.for_mlp: positions whose MLP inputs form clusters around the tokens are grouped by those clusters,
+    whatever groups the reduction step chose; every token keeps its own position, a protected token takes no other,
+    and the groups cover every position once."""
+    gen = torch.Generator().manual_seed(0)
+    bsz, length, k, dim = 2, 12, 3, 8
+    anchors = torch.tensor([[0, 5, 9], [2, 3, 11]])
+    truth = torch.randint(0, k, (bsz, length), generator=gen).scatter(1, anchors, torch.arange(k).expand(bsz, -1))
+    centres = torch.randn(bsz, k, dim, generator=gen) * 3
+    z = centres.gather(1, truth[..., None].expand(-1, -1, dim)) + 0.05 * torch.randn(bsz, length, dim, generator=gen)
+    step_owner = torch.roll(truth, 1, dims=1).scatter(1, anchors, torch.arange(k).expand(bsz, -1))  # other groups
+    sizes = torch.stack([torch.bincount(o, minlength=k) for o in step_owner]).float()
+    fixed = Unmerge(step_owner, sizes)
+    assert fixed.for_mlp(z) is fixed  # without anchors the MLP runs on the step's groups
+    groups = Unmerge(step_owner, sizes, anchors=anchors).for_mlp(z)
+    assert torch.equal(groups.owner, truth)
+    assert torch.equal(groups.sizes, torch.stack([torch.bincount(o, minlength=k) for o in truth]).float())
+    torch.testing.assert_close(groups.merge(z), centres, atol=0.25, rtol=0)  # each group is its cluster
+    alone = torch.zeros(bsz, k, dtype=torch.bool)
+    alone[:, 1] = True
+    lone = Unmerge(step_owner, sizes, anchors=anchors, alone=alone).for_mlp(z)
+    assert torch.equal(lone.owner == 1, torch.zeros_like(truth, dtype=torch.bool).scatter(1, anchors[:, 1:2], True))
+    assert torch.equal(lone.sizes.sum(1), torch.full((bsz,), float(length)))
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[1:])
+def test_mlp_groups_by_block_regroup_the_mlps_alone(name, layers, size, tmp_path):
+    """--option mlp_groups=block: each later block's MLP runs on its own groups, so the logits differ from the step's
+    groups; with the MLPs silenced both are dense (the mixers read every position); the FLOPs counted for real are
+    the estimate's (the regrouping is no Linear layer); a saved folder reloads to the same logits."""
+    from ssmtrim.flops import count_flops
+    from ssmtrim.pruning.schedule import FlopsModel
+
+    torch.manual_seed(0)
+    model, x = _model_and_input(name, size)
+    step = _plan(model, layers, 0.5).replace(options=(("match", "auto"), ("mixer", "positions")))
+    block = step.replace(options=(*step.options, ("mlp_groups", "block")))
+    with torch.no_grad():
+        dense = model(x)
+        by_block = reduced_forward(model, x, block).logits
+        by_step = reduced_forward(model, x, step).logits
+        assert float((by_block - by_step).abs().max()) > 1e-5 * float(dense.abs().max())
+    estimate = FlopsModel(model, "paper", block)
+    apply_pruning(model, block)
+    assert abs(count_flops(model, "paper", images=x).total / estimate.total
+               - estimate.ratio(block.layers, 0.5)) < 0.02
+    again = ssmtrim.load_model(ssmtrim.save_model(model, tmp_path / "reduced"))
+    assert again.prune_config.option("mlp_groups") == "block"
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), by_block, rtol=1e-5, atol=1e-5)
+        _mlps_silenced(model)
+        torch.testing.assert_close(model(x), dense_of(model)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_groups_need_mlps():
+    vim = ssmtrim.create_model("vim_test")  # Vim's blocks are mixers alone
+    with pytest.raises(ConfigError, match="per-token MLPs"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
+                                       options={"mlp_groups": "block"}))

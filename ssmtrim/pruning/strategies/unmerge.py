@@ -43,16 +43,21 @@ MIXER = Option("mixer", "tokens", "what the later blocks' mixers read: tokens th
                "positions every position, exactly as dense (only the per-token MLPs run on the merged tokens, so a "
                "step saves their FLOPs alone, and a family must have MLPs)", choices=("tokens", "positions"))
 
+MLP_GROUPS = Option("mlp_groups", "step", "the groups of positions the later blocks' MLPs run on: step those chosen at "
+                    "the reduction step, block regrouped by each block around the same tokens by the MLP's own input "
+                    "(nearest token, then k-means rounds; a family must have MLPs)", choices=("step", "block"))
+
 
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER)
+    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER, MLP_GROUPS)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
     def needs(self, plan) -> frozenset[str]:
-        exact = {"exact_mixer"} if self.reduces_mlps_only(plan) else set()
+        mlps = self.reduces_mlps_only(plan) or plan.option("mlp_groups") == "block"
+        exact = {"exact_mixer"} if mlps else set()  # blocks with per-token MLPs
         return super().needs(plan) | needs_of_metric(plan.option("metric")) | {"unmerge"} | exact
 
     def reduces_mlps_only(self, plan) -> bool:
@@ -91,7 +96,8 @@ class Unmerge(Strategy):
             src, dst, removed, index = choose_merges(step)
         # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
         _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
-        return step.streams, new.replace(full_streams=True, exact_mixers=self.reduces_mlps_only(step.plan))
+        return step.streams, new.replace(full_streams=True, exact_mixers=self.reduces_mlps_only(step.plan),
+                                         regroup_mlps=step.plan.option("mlp_groups") == "block")
 
 
 register_strategy(Unmerge())
