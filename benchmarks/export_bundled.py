@@ -36,7 +36,7 @@ from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig
 from ssmtrim.pruning.calibrate import load_images
-from ssmtrim.pruning.schedule import search_schedule
+from ssmtrim.pruning.schedule import reachable_plan, search_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = "vim_cifar,vim_cifar256,plainmamba_cifar,vmamba_cifar,vmamba_cifar64,mambavision_cifar"
@@ -76,8 +76,8 @@ def main() -> None:
             xc = load_images(scan_folder(calibration_images()), data_config_of(dense))[0]
             plan = PruneConfig.recommended(dense, keep=(args.keep,))
             if args.flops is not None:  # what prune --flops F --flops-convention paper does
-                found = search_schedule(dense, plan, args.flops, xc, predict(dense, xc, 50), "paper", 50).chosen
-                plan = plan.replace(layers=found.layers, keep=(found.keep,))
+                plan = reachable_plan(dense, plan, args.flops, "paper")
+                plan = search_schedule(dense, plan, args.flops, xc, predict(dense, xc, 50), "paper", 50).plan(plan)
             reduced = ssmtrim.prune(ssmtrim.load_model(ROOT / "examples" / name), plan, xc).model
             flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
             row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}

@@ -76,8 +76,7 @@ ROWS = {
                                   "options": {"merge_into": "adjacent", "protect_around": 4}}),
     "unmerge": ("unmerge (ours: merged for the blocks, residual stream whole)", {"arrangement": "unmerge",
                                                                                   "conv": "kept"}),
-    "unmerge-comp": ("unmerge + head compensation (ours; the hierarchical families' default where the MLPs alone "
-                     "cannot reach the target)",
+    "unmerge-comp": ("unmerge + head compensation (ours)",
                      {"arrangement": "unmerge", "conv": "kept", "compensate": "head"}),
     "unmerge-mlp-comp": ("unmerge, the mixers on every position (only the MLPs merged) + head compensation (ours, "
                          "VMamba's default)",
@@ -88,6 +87,11 @@ ROWS = {
                                  "MambaVision's default)",
                                  {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
                                   "options": {"mixer": "positions", "mlp_groups": "block"}}),
+    "unmerge-share-comp": ("unmerge, the mixers on the merged tokens, the MLPs regrouped around a tenth of them "
+                           "(--option mlp_share=0.1) + head compensation (ours; the hierarchical families' plan past "
+                           "the MLPs' reach, and the schedule search's choice where it is closer to dense)",
+                           {"arrangement": "unmerge", "conv": "kept", "compensate": "head",
+                            "options": {"mixer": "tokens", "mlp_share": 0.1}}),
     "unmerge-importance": ("unmerge, importance matching at every step + head compensation",
                            {"arrangement": "unmerge", "conv": "kept", "options": {"match": "importance"},
                             "compensate": "head"}),
@@ -106,6 +110,11 @@ RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["kee
            "merge into a staying neighbour, the class token's neighbours kept, + head compensation (ours, Vim's "
            "default)": ROWS["merge-adjacent-comp"][0],
            "unmerge + head compensation (ours, the hierarchical families' default)": ROWS["unmerge-comp"][0],
+           "unmerge + head compensation (ours; the hierarchical families' default where the MLPs alone cannot reach "
+           "the target)": ROWS["unmerge-comp"][0],
+           "unmerge, the mixers on the merged tokens, the MLPs regrouped around a tenth of them (--option "
+           "mlp_share=0.1) + head compensation (ours, the hierarchical families' default where the MLPs alone cannot "
+           "reach the target)": ROWS["unmerge-share-comp"][0],
            "unmerge, the mixers on every position (only the MLPs merged) + head compensation":
                ROWS["unmerge-mlp-comp"][0],
            "unmerge, the mixers on every position (only the MLPs merged) + head compensation (ours, the hierarchical "

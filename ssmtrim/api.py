@@ -127,8 +127,8 @@ def prune_and_save(
 
         n = local_prefix(images.shape[0], target.search_images)  # (this rank's share of) the first search images
         search = search_schedule(model, config, target.ratio, images[:n], dense_logits[:n], target.convention,
-                                 batch_size, progress)
-        config = config.replace(layers=search.chosen.layers, keep=(search.chosen.keep,))
+                                 batch_size, progress, held)
+        config = search.plan(config)
     allocation = None
     if target is not None and target.allocate and len(config.layers) > 1:
         from ssmtrim.pruning.schedule import allocate_keeps

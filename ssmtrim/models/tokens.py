@@ -19,7 +19,7 @@ from torch import Tensor
 from ssmtrim.ops.selective_scan import tracing
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
-           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "merge_pair", "unmerge_of"]
+           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "merge_pair", "mlp_tokens", "unmerge_of"]
 
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
@@ -54,9 +54,10 @@ class TokenState:
     # with ``full_streams``: the blocks' mixers too read every position, exactly as dense, and only their per-token
     # MLPs run on the tokens (what unmerge's ``--option mixer=positions`` asks for)
     exact_mixers: bool = False
-    # with ``full_streams``: each later block's MLP regroups the positions around the tokens by its own input
-    # (:meth:`Unmerge.for_mlp`; what unmerge's ``--option mlp_groups=block`` asks for)
-    regroup_mlps: bool = False
+    # with ``full_streams``: each later block's MLP regroups the positions by its own input around this share of the
+    # tokens (1.0 all of them; :meth:`Unmerge.for_mlp`, what unmerge's ``--option mlp_groups=block`` and ``mlp_share``
+    # ask for); None: the MLPs run on the tokens' own groups
+    mlp_share: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -225,6 +226,7 @@ class Unmerge:
     # its own input (:meth:`for_mlp`); None: the MLPs run on these groups
     anchors: Tensor | None = None
     alone: Tensor | None = None  # B K bool, tokens that stand for themselves alone when regrouping (a class token)
+    share: float = 1.0  # regroup around this share of the tokens (:func:`mlp_tokens` of them, the largest groups)
 
     def merge(self, x: Tensor) -> Tensor:
         bsz, length = self.owner.shape
@@ -241,21 +243,28 @@ class Unmerge:
 
     def for_mlp(self, z: Tensor) -> Unmerge:
         """The groups a block's MLP runs on, given its input z (B L0 D): these, or with ``anchors`` the positions
-        regrouped around the same tokens by z itself. Each position joins the token whose input is most like its own
+        regrouped around the same tokens (with ``share`` below 1, around that share of them, the largest groups) by z
+        itself. Each position joins the token whose input is most like its own
         (cosine), then REGROUP_ROUNDS rounds of k-means move each position to the nearest group mean, every token's
         own position staying in its group (no group is empty): a group's mean, which the MLP reads, then stands
         closer for each of its positions than the groups fixed at the reduction step do. Costs (1 + rounds) L0 K D
         multiply-adds a row."""
         if self.anchors is None:
             return self
+        anchors, alone = self.anchors, self.alone
+        count = mlp_tokens(int(anchors.shape[1]), self.share)
+        if count < anchors.shape[1]:  # around the largest groups (a protected token first: it stays alone)
+            rank = self.sizes if alone is None else self.sizes + alone.float() * (self.owner.shape[1] + 1)
+            pick = torch.sort(-rank, dim=1, stable=True).indices[:, :count].sort(1).values
+            anchors, alone = anchors.gather(1, pick), None if alone is None else alone.gather(1, pick)
         unit = torch.nn.functional.normalize(z.float(), dim=-1)
-        centres = gather_tokens(unit, self.anchors)  # B K D
-        slots = torch.arange(self.anchors.shape[1], device=z.device).expand_as(self.anchors)
+        centres = gather_tokens(unit, anchors)  # B K D
+        slots = torch.arange(anchors.shape[1], device=z.device).expand_as(anchors)
         for round_ in range(REGROUP_ROUNDS + 1):
             likeness = unit @ centres.transpose(1, 2)  # B L0 K
-            if self.alone is not None:  # below any cosine: a protected token takes no other position
-                likeness = likeness.masked_fill(self.alone[:, None, :], -2.0)
-            owner = likeness.argmax(-1).scatter(1, self.anchors, slots)
+            if alone is not None:  # below any cosine: a protected token takes no other position
+                likeness = likeness.masked_fill(alone[:, None, :], -2.0)
+            owner = likeness.argmax(-1).scatter(1, anchors, slots)
             groups = Unmerge(owner, torch.zeros_like(slots, dtype=torch.float32).scatter_add(
                 1, owner, torch.ones_like(owner, dtype=torch.float32)))
             if round_ < REGROUP_ROUNDS:
@@ -272,6 +281,11 @@ class Unmerge:
 REGROUP_ROUNDS = 2
 
 
+def mlp_tokens(tokens: int, share: float) -> int:
+    """Tokens an MLP regrouped around ``share`` of ``tokens`` runs on (at least one)."""
+    return tokens if share >= 1.0 else max(1, int(tokens * share + 1e-9))
+
+
 def _same(x: Tensor) -> Tensor:
     return x
 
@@ -285,6 +299,7 @@ def unmerge_of(state: TokenState) -> Unmerge | None:
     """The merge / un-merge maps of a ``full_streams`` state (None for any other)."""
     if not state.full_streams:
         return None
-    regroup = state.regroup_mlps
+    share = state.mlp_share
+    regroup = share is not None
     return Unmerge(state.owner, state.sizes.float(), state.exact_mixers, state.positions if regroup else None,
-                   state.protected() if regroup and state.cls_index is not None else None)
+                   state.protected() if regroup and state.cls_index is not None else None, share or 1.0)

@@ -302,8 +302,8 @@ _NEEDS = {"delta": "softplus(Δ) from the blocks", "mixer_input": "the blocks' n
           "cls_attention": "the scans' implicit attention to a class token from the blocks",
           "condensed": "blocks that run the kept tokens as a new sequence without their grid positions",
           "subsampled_scan": "scans that can read a strided part of the grid (as VMamba's cross-scan can)",
-          "exact_mixer": "blocks with per-token MLPs that can run them alone on merged tokens, the mixers on every "
-                         "position",
+          "exact_mixer": "blocks with per-token MLPs that can run them alone on merged tokens (apart from the mixers, "
+                         "which may read every position)",
           "unmerge": "blocks that run their mixer and MLP on merged tokens and un-merge the updates onto the full "
                      "residual stream"}
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.registry import family_of, num_protected_of, stages_of
+from ssmtrim.models.tokens import mlp_tokens
 from ssmtrim.pruning.config import PruneConfig
 from ssmtrim.pruning.engine import apply_pruning, check_plan_for, check_provides, kept_count, remove_pruning
 from ssmtrim.pruning.strategies import get_strategy
@@ -42,6 +43,9 @@ class Candidate:
     estimated_ratio: float  # estimated FLOPs / dense FLOPs
     kl: float | None = None
     measured_ratio: float | None = None  # counted on the pruned model (the chosen candidate only)
+    # the plan's options where the candidate runs the plan its strategy offers to reach further (reaching_further)
+    # instead of the base plan; None: the base plan's
+    options: dict | None = None
 
 
 @dataclass
@@ -53,6 +57,11 @@ class ScheduleSearch:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def plan(self, base: PruneConfig) -> PruneConfig:
+        """``base`` with the chosen schedule (and the chosen plan's options)."""
+        chosen = base if self.chosen.options is None else base.replace(options=self.chosen.options)
+        return chosen.replace(layers=self.chosen.layers, keep=(self.chosen.keep,))
 
 
 def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> list[int]:
@@ -73,9 +82,11 @@ def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float | tu
 
 
 class FlopsModel:
-    """FLOPs of a schedule, estimated from the dense model's per-block counts. With a ``plan`` whose strategy runs
-    only the blocks' per-token MLPs on fewer tokens (``reduces_mlps_only``), only their FLOPs scale with the tokens:
-    the multiply-adds of the Linear layers of the family's ``token_mlp`` of each block."""
+    """FLOPs of a schedule, estimated from the dense model's per-block counts. Each block's FLOPs scale with the tokens
+    it runs on; with a ``plan`` whose strategy runs the blocks' per-token MLPs on other tokens than their mixers
+    (``reduces_mlps_only``: the mixers on every position; ``mlp_share`` below 1: the MLPs on a share of the step's
+    tokens), the MLPs' part (the multiply-adds of the Linear layers of the family's ``token_mlp`` of each block) scales
+    with the MLPs' tokens and the rest with the mixers'."""
 
     def __init__(self, model: nn.Module, convention: str = "full", plan: PruneConfig | None = None) -> None:
         from ssmtrim.flops import count_flops
@@ -88,30 +99,52 @@ class FlopsModel:
         self.whole_blocks = [report.by_module.get(family.block_name(model.config, i), 0) for i in range(depth)]
         self.model = model
         self._mlp_blocks: list[int] | None = None  # the blocks' MLP FLOPs, made when a plan first needs them
-        self.blocks = self.for_plan(plan).blocks if plan is not None else self.whole_blocks
+        self.mlp_blocks = [0] * depth  # the MLPs' FLOPs where they scale apart from the mixers (else 0)
+        self.mixers_whole = False  # the mixers run on every position
+        self.mlp_share = 1.0
+        if plan is not None:
+            view = self.for_plan(plan)
+            self.mlp_blocks, self.mixers_whole, self.mlp_share = view.mlp_blocks, view.mixers_whole, view.mlp_share
 
     def for_plan(self, plan: PruneConfig) -> FlopsModel:
-        """This estimate for ``plan`` from the same dense count (no second trace): the whole blocks' FLOPs scale with
-        the tokens, or only the MLPs' for a plan that runs only them on fewer tokens."""
-        if get_strategy(plan.arrangement).reduces_mlps_only(plan):
+        """This estimate for ``plan`` from the same dense count (no second trace)."""
+        strategy = get_strategy(plan.arrangement)
+        whole, share = strategy.reduces_mlps_only(plan), strategy.mlp_share(plan)
+        if (whole, share) == (self.mixers_whole, self.mlp_share):
+            return self
+        view = copy.copy(self)
+        view.mixers_whole, view.mlp_share = whole, share
+        if whole or share < 1.0:
             if self._mlp_blocks is None:
                 check_provides(self.model, plan)  # a family without per-token MLPs (token_mlp): one sentence
                 family = family_of(self.model)
                 self._mlp_blocks = [_linear_macs(family.token_mlp(self.model, i)) * tokens
                                     for i, tokens in enumerate(self.dense_tokens)]
-            blocks = self._mlp_blocks
+                view._mlp_blocks = self._mlp_blocks
+            view.mlp_blocks = self._mlp_blocks
         else:
-            blocks = self.whole_blocks
-        if getattr(self, "blocks", None) is blocks:
-            return self
-        view = copy.copy(self)
-        view.blocks = blocks
+            view.mlp_blocks = [0] * len(self.whole_blocks)
         return view
 
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
-        saved = sum(f * (1 - t / d) for f, t, d in zip(self.blocks, tokens, self.dense_tokens, strict=True))
+        saved = 0.0
+        for whole, mlp, t, d, after_step in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens,
+                                                self._after_step(layers), strict=True):
+            mixers = d if self.mixers_whole else t
+            mlps = mlp_tokens(t, self.mlp_share) if after_step else t
+            saved += (whole - mlp) * (1 - mixers / d) + mlp * (1 - mlps / d)
         return (self.total - saved) / self.total
+
+    def _after_step(self, layers: tuple[int, ...]) -> list[bool]:
+        """Per block: whether a reduction step of ``layers`` comes before it in its stage (its tokens are a step's)."""
+        starts = {start for start, _ in stages_of(family_of(self.model), self.model.config)}
+        out, reduced = [], False
+        for block in range(len(self.whole_blocks)):
+            reduced = reduced and block not in starts
+            out.append(reduced)
+            reduced = reduced or block + 1 in layers
+        return out
 
 
 def reachable_plan(model: nn.Module, base: PruneConfig, target: float, convention: str = "full",
@@ -134,7 +167,7 @@ def reachable_plan(model: nn.Module, base: PruneConfig, target: float, conventio
     was, now = dict(base.options), dict(further.options)
     changed = [k for k in now if was.get(k) != now[k]]
     notice("reach-further", f"--flops {target:g} is out of reach with --option "
-           f"{', '.join(f'{k}={was.get(k)}' for k in changed)}, so the plan runs with --option "
+           f"{', '.join(f'{k}={base.option(k)}' for k in changed)}, so the plan runs with --option "
            f"{', '.join(f'{k}={now[k]}' for k in changed)}.")
     return further
 
@@ -193,42 +226,52 @@ def search_schedule(
     convention: str = "full",
     batch_size: int = 32,
     progress=None,
+    held: Collection[str] = (),
 ) -> ScheduleSearch:
     """Best schedule reaching ``target`` x dense FLOPs; ``base`` gives how tokens are reduced, and its layers (e.g.
     the family's hand-set schedule) are always a candidate, so the search never picks a schedule farther from dense
-    on these images than that one. Inside :func:`ssmtrim.distributed.sharded`, ``images`` and ``dense_logits`` are
-    this rank's share (possibly none)."""
+    on these images than that one. Where the strategy offers a plan that reaches further (``reaching_further``: e.g.
+    unmerge's mixers merged gently and the MLPs on a tenth of the tokens, for the mixers-whole plan), its schedules are
+    candidates too, unless it changes an option in ``held`` (the user's). Inside
+    :func:`ssmtrim.distributed.sharded`, ``images`` and ``dense_logits`` are this rank's share (possibly none)."""
     if not 0.0 < target < 1.0:
         raise ConfigError(f"--flops {target} must be a fraction of the dense FLOPs in (0, 1), e.g. 0.7.")
     depth = family_of(model).depth(model.config)
     flops = FlopsModel(model, convention, base)
+    further = get_strategy(base.arrangement).reaching_further(base)
+    plans = [base]
+    if further is not None and all(dict(further.options).get(k) == dict(base.options).get(k) for k in held):
+        plans.append(further)
     candidates: list[Candidate] = []
-    seen = set()
-    layer_sets = [tuple(base.layers)] + [tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions}))
-                                         for fractions in _CANDIDATES]
-    for layers in layer_sets:
-        if layers in seen:
-            continue
-        seen.add(layers)
-        keep = keep_for(flops, layers, target)
-        if keep is not None:
+    layer_sets = list(dict.fromkeys([tuple(base.layers)] + [
+        tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions})) for fractions in _CANDIDATES]))
+    for plan in plans:
+        estimate = flops.for_plan(plan)
+        options = None if plan is base else dict(plan.options)
+        for layers in layer_sets:
+            keep = keep_for(estimate, layers, target)
+            if keep is None:
+                continue
             keep = math.floor(keep * 1e4) / 1e4  # round down: rounding up can cross a token-count step
             try:  # a plan the strategy cannot run as asked (ToMe below keep 0.5, a step below its least count)
-                check_plan_for(model, base.replace(layers=layers, keep=(keep,), mode="count", thresholds=None))
+                check_plan_for(model, plan.replace(layers=layers, keep=(keep,), mode="count", thresholds=None))
             except ConfigError:
                 continue
-            candidates.append(Candidate(layers, keep, flops.ratio(layers, keep)))
+            candidates.append(Candidate(layers, keep, estimate.ratio(layers, keep), options=options))
     if not candidates:
         raise _unreachable(flops, base, target, convention, found_none=True)
     dense_logp = F.log_softmax(dense_logits.float(), 1)
 
+    def plan_of(cand: Candidate) -> PruneConfig:
+        return base if cand.options is None else base.replace(options=cand.options)
+
     def run(cand: Candidate, measure: bool = False) -> None:
-        config = base.replace(layers=cand.layers, keep=(cand.keep,), mode="count", thresholds=None)
+        config = plan_of(cand).replace(layers=cand.layers, keep=(cand.keep,), mode="count", thresholds=None)
 
         def count(pruned: nn.Module) -> None:
             from ssmtrim.flops import count_flops
 
-            cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
+            cand.measured_ratio = count_flops(pruned, convention=convention).total / estimate.total
 
         cand.kl = _kl_to_dense(model, config, images, dense_logp, batch_size, count if measure else None)
 
@@ -239,20 +282,29 @@ def search_schedule(
     chosen = min(candidates, key=lambda c: c.kl)
     # the estimate leaves out the pruning's own bookkeeping; count the winner and tighten its keep if it overshoots
     run(chosen, measure=True)
+    estimate = flops.for_plan(plan_of(chosen))
     for _ in range(3):
         if chosen.measured_ratio <= target + 0.005:
             break
-        keep = keep_for(flops, chosen.layers, target - (chosen.measured_ratio - chosen.estimated_ratio))
+        keep = keep_for(estimate, chosen.layers, target - (chosen.measured_ratio - chosen.estimated_ratio))
         if keep is None:
             break
         keep = math.floor(keep * 1e4) / 1e4
         try:
-            check_plan_for(model, base.replace(layers=chosen.layers, keep=(keep,), mode="count", thresholds=None))
+            check_plan_for(model, plan_of(chosen).replace(layers=chosen.layers, keep=(keep,), mode="count",
+                                                          thresholds=None))
         except ConfigError:
             break
-        chosen = Candidate(chosen.layers, keep, flops.ratio(chosen.layers, keep))
+        chosen = Candidate(chosen.layers, keep, estimate.ratio(chosen.layers, keep), options=chosen.options)
         run(chosen, measure=True)
         candidates.append(chosen)
+    if chosen.options is not None:
+        from ssmtrim.notices import notice
+
+        was = dict(base.options)
+        changed = ", ".join(f"{k}={v}" for k, v in chosen.options.items() if was.get(k) != v)
+        notice("search-further", f"the schedule search chose --option {changed} (closer to dense on the calibration "
+               "images than the plan's own options at this target).")
     return ScheduleSearch(target, convention, chosen, candidates)
 
 

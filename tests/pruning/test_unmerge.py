@@ -360,3 +360,78 @@ def test_mlp_groups_need_mlps():
     with pytest.raises(ConfigError, match="per-token MLPs"):
         apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge",
                                        options={"mlp_groups": "block"}))
+
+
+def test_a_share_regroups_around_the_largest_groups():
+    """Unmerge.for_mlp with share < 1: the MLP runs on mlp_tokens(K, share) groups, formed around the tokens of the
+    step's largest groups (each keeps its own position), and every position belongs to one of them."""
+    from ssmtrim.models.tokens import mlp_tokens
+
+    gen = torch.Generator().manual_seed(1)
+    anchors = torch.tensor([[0, 3, 6, 9]])
+    step_owner = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 3, 3, 3]])  # sizes 2, 4, 1, 3: the largest are tokens 1 and 3
+    sizes = torch.bincount(step_owner[0], minlength=4).float()[None]
+    z = torch.randn(1, 10, 6, generator=gen)
+    assert mlp_tokens(4, 0.5) == 2 and mlp_tokens(4, 0.1) == 1 and mlp_tokens(4, 1.0) == 4
+    groups = Unmerge(step_owner, sizes, anchors=anchors, share=0.5).for_mlp(z)
+    assert groups.sizes.shape == (1, 2) and float(groups.sizes.sum()) == 10
+    assert groups.owner[0, 3] == 0 and groups.owner[0, 9] == 1  # the largest groups' tokens, in sequence order
+    alone = torch.tensor([[False, False, True, False]])  # a protected token is kept first, and alone
+    lone = Unmerge(step_owner, sizes, anchors=anchors, alone=alone, share=0.5).for_mlp(z)
+    assert lone.owner[0, 3] == 0 and lone.owner[0, 6] == 1 and int((lone.owner == 1).sum()) == 1
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[1:])
+@pytest.mark.parametrize("mixer,share", [("tokens", 0.25), ("positions", 0.5)])
+def test_the_flops_estimate_of_an_mlp_share_is_what_runs(name, layers, size, mixer, share):
+    """--option mlp_share: the MLPs after a step run on that share of its tokens (mixers merged or whole); the FLOPs
+    estimate behind --flops is what fvcore counts on the reduced model, and less than without the share."""
+    from ssmtrim.flops import count_flops
+    from ssmtrim.pruning.schedule import FlopsModel
+
+    model, x = _model_and_input(name, size)
+    plan = _plan(model, layers, 0.75).replace(options=(("mixer", mixer), ("mlp_share", share)))
+    estimate = FlopsModel(model, "paper", plan)
+    whole = FlopsModel(model, "paper", plan.replace(options=(("mixer", mixer),)))
+    assert estimate.ratio(plan.layers, 0.75) < whole.ratio(plan.layers, 0.75)
+    dense = count_flops(model, "paper", images=x).total
+    apply_pruning(model, plan)
+    assert count_flops(model, "paper", images=x).total / dense == pytest.approx(estimate.ratio(plan.layers, 0.75),
+                                                                               abs=1e-3)
+
+
+def test_an_mlp_share_needs_mlps():
+    vim = ssmtrim.create_model("vim_test")
+    with pytest.raises(ConfigError, match="per-token MLPs"):
+        apply_pruning(vim, PruneConfig(layers=(1,), keep=(0.5,), arrangement="unmerge", options={"mlp_share": 0.5}))
+
+
+def test_the_search_also_tries_the_plan_that_reaches_further(capsys):
+    """search_schedule with the mixers-whole plan: the plan reaching_further offers (mixers merged, the MLPs on a tenth
+    of the tokens) gives candidates too; the chosen one is the closest to dense of all, search.plan carries its
+    options (said in a note when they are the other plan's), and an option the user set holds the search to the
+    base plan."""
+    from ssmtrim.pruning.schedule import search_schedule
+
+    torch.manual_seed(0)
+    model, x = _model_and_input("vmamba_test", 32)
+    images = torch.cat([x, torch.randn(6, *x.shape[1:], generator=torch.Generator().manual_seed(5))])
+    with torch.no_grad():
+        dense = model(images)
+    base = _plan(model, (2,), 1.0).replace(options=(("match", "auto"), ("mixer", "positions")))
+    target = 0.9
+    found = search_schedule(model, base, target, images, dense, "paper")
+    kinds = {c.options is None for c in found.candidates}
+    assert kinds == {True, False}
+    further = [c for c in found.candidates if c.options is not None]
+    assert all(c.options["mixer"] == "tokens" and c.options["mlp_share"] == 0.1 for c in further)
+    seen: set = set()  # the first round: one candidate per plan and layers (a tightened keep comes after)
+    first = [c for c in found.candidates
+             if (key := (c.layers, str(c.options))) not in seen and not seen.add(key)]
+    winner = min(first, key=lambda c: c.kl)
+    assert (winner.layers, winner.options) == (found.chosen.layers, found.chosen.options)
+    chosen_plan = found.plan(base)
+    assert chosen_plan.layers == found.chosen.layers and chosen_plan.keep == (found.chosen.keep,)
+    assert chosen_plan.option("mixer") == ("positions" if found.chosen.options is None else "tokens")
+    held = search_schedule(model, base, target, images, dense, "paper", held={"mixer"})
+    assert all(c.options is None for c in held.candidates)

@@ -55,6 +55,11 @@ class Strategy:
         position): the FLOPs estimate then scales the MLPs' FLOPs alone with the tokens (the family's ``token_mlp``)."""
         return False
 
+    def mlp_share(self, plan) -> float:
+        """The share of a step's tokens the later blocks' per-token MLPs run on (1.0: all of them, as the mixers); the
+        FLOPs estimate scales the MLPs' FLOPs by it, in the blocks after a step."""
+        return 1.0
+
     def reaching_further(self, plan):
         """A plan like ``plan`` that can save more FLOPs, for a FLOPs target ``plan`` cannot reach (None: none)."""
         return None

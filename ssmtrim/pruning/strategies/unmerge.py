@@ -12,7 +12,10 @@ composes across reduction points; the grid is whole wherever the family needs it
 output) with nothing to restore. What the blocks save is the same as ``merge``'s at the same keep ratio; what the
 residual stream keeps is every position's own value. With ``--option mixer=positions`` the mixers read every position,
 exactly as dense, and only the MLPs (which act on each token alone) run on the merged tokens: a step then saves the
-MLPs' FLOPs alone, and what it changes is only how each MLP sees a group of similar positions (their mean).
+MLPs' FLOPs alone, and what it changes is only how each MLP sees a group of similar positions (their mean). With
+``--option mlp_groups=block`` each later block's MLP regroups the positions around the step's tokens by its own input;
+``--option mlp_share=S`` around a share S of them, so that the MLPs can run on fewer tokens than the mixers (a target
+past the MLPs' reach with the mixers whole runs the mixers merged, gently, and the MLPs on a tenth of the tokens).
 
 Shapes: B batch, L current tokens, L0 positions of the grid, K staying tokens, R removed.
 """
@@ -46,33 +49,51 @@ MIXER = Option("mixer", "tokens", "what the later blocks' mixers read: tokens th
 MLP_GROUPS = Option("mlp_groups", "step", "the groups of positions the later blocks' MLPs run on: step those chosen at "
                     "the reduction step, block regrouped by each block around the same tokens by the MLP's own input "
                     "(nearest token, then k-means rounds; a family must have MLPs)", choices=("step", "block"))
+MLP_SHARE = Option("mlp_share", 1.0, "the share of a step's tokens the later blocks' MLPs run on: below 1, each "
+                   "block's MLP regroups the positions around that share of the tokens (the largest groups) by its own "
+                   "input, as mlp_groups=block does, so a step can merge gently for the mixers and harder for the MLPs "
+                   "(a family must have MLPs)", low=0.01, high=1.0)
+
+# the MLPs' share of a step's tokens where a target is past the MLPs' reach (reaching_further): on 2,000 training images
+# at -40% FLOPs (benchmarks/results/screen_mlp_share_{mv,vm64}_train.json) shares 1 / 0.25 / 0.1 / 0.05 kept 69.25 /
+# 73.15 / 74.15 / 72.80 (mambavision_cifar) and 62.45 / 69.75 / 71.65 / 71.90 (vmamba_cifar64): 0.1, best on average
+REACH_SHARE = 0.1
 
 
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER, MLP_GROUPS)
+    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER, MLP_GROUPS, MLP_SHARE)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
     def needs(self, plan) -> frozenset[str]:
-        mlps = self.reduces_mlps_only(plan) or plan.option("mlp_groups") == "block"
+        mlps = self.reduces_mlps_only(plan) or self._regroups(plan)
         exact = {"exact_mixer"} if mlps else set()  # blocks with per-token MLPs
         return super().needs(plan) | needs_of_metric(plan.option("metric")) | {"unmerge"} | exact
 
     def reduces_mlps_only(self, plan) -> bool:
         return plan.option("mixer") == "positions"
 
+    def mlp_share(self, plan) -> float:
+        return float(plan.option("mlp_share"))
+
+    def _regroups(self, plan) -> bool:
+        return plan.option("mlp_groups") == "block" or self.mlp_share(plan) < 1.0
+
     def reaching_further(self, plan):
+        """Past the MLPs' reach: the mixers on the merged tokens too, as gently as the target allows, and the MLPs on
+        a tenth of a step's tokens (unless the plan sets its own share)."""
         if not self.reduces_mlps_only(plan):
             return None
-        return plan.replace(options={**dict(plan.options), "mixer": "tokens"})
+        share = self.mlp_share(plan) if self.mlp_share(plan) < 1.0 else REACH_SHARE
+        return plan.replace(options={**dict(plan.options), "mixer": "tokens", "mlp_share": share})
 
     def reach_hint(self, plan) -> str:
         if not self.reduces_mlps_only(plan):
             return ""
         return ("; with --option mixer=positions only the MLPs save FLOPs (--option mixer=tokens runs the mixers on "
-                "the merged tokens too and reaches further)")
+                "the merged tokens too and reaches further, with --option mlp_share=0.1 the MLPs on a tenth of them)")
 
     def check_plan(self, plan) -> None:
         super().check_plan(plan)
@@ -96,8 +117,9 @@ class Unmerge(Strategy):
             src, dst, removed, index = choose_merges(step)
         # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
         _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
+        share = self.mlp_share(step.plan) if self._regroups(step.plan) else None
         return step.streams, new.replace(full_streams=True, exact_mixers=self.reduces_mlps_only(step.plan),
-                                         regroup_mlps=step.plan.option("mlp_groups") == "block")
+                                         mlp_share=share)
 
 
 register_strategy(Unmerge())
