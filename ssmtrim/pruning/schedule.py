@@ -129,22 +129,11 @@ class FlopsModel:
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
         saved = 0.0
-        for whole, mlp, t, d, after_step in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens,
-                                                self._after_step(layers), strict=True):
+        for whole, mlp, t, d in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens, strict=True):
             mixers = d if self.mixers_whole else t
-            mlps = mlp_tokens(t, self.mlp_share) if after_step else t
+            mlps = mlp_tokens(t, self.mlp_share) if t < d else t  # a block after a step that removed tokens
             saved += (whole - mlp) * (1 - mixers / d) + mlp * (1 - mlps / d)
         return (self.total - saved) / self.total
-
-    def _after_step(self, layers: tuple[int, ...]) -> list[bool]:
-        """Per block: whether a reduction step of ``layers`` comes before it in its stage (its tokens are a step's)."""
-        starts = {start for start, _ in stages_of(family_of(self.model), self.model.config)}
-        out, reduced = [], False
-        for block in range(len(self.whole_blocks)):
-            reduced = reduced and block not in starts
-            out.append(reduced)
-            reduced = reduced or block + 1 in layers
-        return out
 
 
 def reachable_plan(model: nn.Module, base: PruneConfig, target: float, convention: str = "full",

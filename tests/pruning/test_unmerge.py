@@ -394,6 +394,7 @@ def test_the_flops_estimate_of_an_mlp_share_is_what_runs(name, layers, size, mix
     estimate = FlopsModel(model, "paper", plan)
     whole = FlopsModel(model, "paper", plan.replace(options=(("mixer", mixer),)))
     assert estimate.ratio(plan.layers, 0.75) < whole.ratio(plan.layers, 0.75)
+    assert estimate.ratio(plan.layers, 1.0) == 1.0  # a step that removes nothing is no step: the MLPs run whole
     dense = count_flops(model, "paper", images=x).total
     apply_pruning(model, plan)
     assert count_flops(model, "paper", images=x).total / dense == pytest.approx(estimate.ratio(plan.layers, 0.75),
