@@ -260,7 +260,7 @@ def search_schedule(
         def count(pruned: nn.Module) -> None:
             from ssmtrim.flops import count_flops
 
-            cand.measured_ratio = count_flops(pruned, convention=convention).total / estimate.total
+            cand.measured_ratio = count_flops(pruned, convention=convention).total / flops.total
 
         cand.kl = _kl_to_dense(model, config, images, dense_logp, batch_size, count if measure else None)
 
