@@ -243,12 +243,12 @@ class Unmerge:
 
     def for_mlp(self, z: Tensor) -> Unmerge:
         """The groups a block's MLP runs on, given its input z (B L0 D): these, or with ``anchors`` the positions
-        regrouped around the same tokens (with ``share`` below 1, around that share of them, the largest groups) by z
-        itself. Each position joins the token whose input is most like its own
-        (cosine), then REGROUP_ROUNDS rounds of k-means move each position to the nearest group mean, every token's
-        own position staying in its group (no group is empty): a group's mean, which the MLP reads, then stands
-        closer for each of its positions than the groups fixed at the reduction step do. Costs (1 + rounds) L0 K D
-        multiply-adds a row."""
+        regrouped by z itself around the same tokens (with ``share`` below 1, around that share of them: the tokens of
+        the largest groups). Each position joins the token whose input is most like its own (cosine), then
+        REGROUP_ROUNDS rounds of k-means move each position to the nearest group mean, every token's own position
+        staying in its group (no group is empty): a group's mean, which the MLP reads, then stands closer for each of
+        its positions than the groups fixed at the reduction step do. Costs (1 + rounds) L0 K D multiply-adds a row,
+        which the paper convention leaves out (no Linear layer) and the full one counts."""
         if self.anchors is None:
             return self
         anchors, alone = self.anchors, self.alone
