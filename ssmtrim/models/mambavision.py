@@ -583,7 +583,8 @@ class MambaVisionFamily:
         # 2,000 training images); for dense outputs merge, whose restored maps lost less on a segmentation proxy of
         # training images (benchmarks/seg_select.py)
         # with the mixers on every position and only the MLPs merged (1.7 points more at -30%;
-        # benchmarks/results/screen_mixer_mv_train.json; a target that needs the mixers' FLOPs runs them merged too),
+        # benchmarks/results/screen_mixer_mv_train.json; a target that needs the mixers' FLOPs runs them merged too,
+        # the MLPs on a tenth of the tokens, a plan the schedule search also tries: unmerge's reaching_further),
         # each block's MLP regrouping the positions by its own input (+0.2 / +0.6 at -20 / -30%, agreement with dense
         # +1.1 / +0.9; benchmarks/results/screen_mlp_groups_mv_train.json; VMamba's screens gained nothing, and kept
         # the groups of the step)

@@ -658,7 +658,8 @@ class VMambaFamily:
         # and un-merging onto the whole residual stream kept 3.4 points more than merge at -30% FLOPs
         # and the mixers on every position, only the MLPs merged, 3.7 points more at -30% on the same images
         # (benchmarks/results/screen_mixer_vm64_train.json; where a FLOPs target needs the mixers' FLOPs too, prune
-        # runs them on the merged tokens: schedule.reachable_plan)
+        # runs them on the merged tokens and the MLPs on a tenth of them, a plan the schedule search also tries:
+        # unmerge's reaching_further)
         # for dense outputs merge: its restored maps lost less than unmerge's on a segmentation proxy of training
         # images (benchmarks/seg_select.py)
         return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "layers": (1,),
