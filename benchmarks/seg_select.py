@@ -64,9 +64,10 @@ def main() -> None:
               "rows": {}}
     for target in (float(v) for v in args.targets.split(",")):
         for strategy in args.strategies.split(","):
-            # NAME or NAME:OPTION=VALUE (e.g. unmerge:mixer=tokens): the family's plan with that strategy (and option)
-            name, _, option = strategy.partition(":")
-            given = {"options": dict([option.split("=", 1)])} if option else {}
+            # NAME or NAME:OPTION=VALUE[:OPTION=VALUE...] (e.g. unmerge:mixer=tokens:mlp_share=0.1): the family's
+            # plan with that strategy (and options)
+            name, *options = strategy.split(":")
+            given = {"options": dict(o.split("=", 1) for o in options)} if options else {}
             config = PruneConfig.recommended(model, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
                                              **given)
             keep = keep_for(dense_estimate.for_plan(config), layers, target)
