@@ -30,6 +30,8 @@ import ssmtrim
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning.config import declared_options
+from ssmtrim.pruning.options import parse_option
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +84,7 @@ def main() -> None:
         x_many, x_one = torch.randn(args.batch, *size), torch.randn(1, *size)
         given = {"arrangement": args.arrangement,
                  "layers": tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
-                 "options": dict(o.split("=", 1) for o in args.option) or None}
+                 "options": dict(parse_option(o, declared_options()) for o in args.option) or None}
         reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none",
                                                                     **given))
         flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]

@@ -23,6 +23,8 @@ from ssmtrim.evaluate import label_images
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
+from ssmtrim.pruning.config import declared_options
+from ssmtrim.pruning.options import parse_option
 from ssmtrim.pruning.schedule import FlopsModel, keep_for
 
 
@@ -67,7 +69,7 @@ def main() -> None:
             # NAME or NAME:OPTION=VALUE[:OPTION=VALUE...] (e.g. unmerge:mixer=tokens:mlp_share=0.1): the family's
             # plan with that strategy (and options)
             name, *options = strategy.split(":")
-            given = {"options": dict(o.split("=", 1) for o in options)} if options else {}
+            given = {"options": dict(parse_option(o, declared_options()) for o in options)} if options else {}
             config = PruneConfig.recommended(model, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
                                              **given)
             keep = keep_for(dense_estimate.for_plan(config), layers, target)
