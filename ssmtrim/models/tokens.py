@@ -139,8 +139,11 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x (B L ...) , index (B K) -> x[b, index[b]] (B K ...)."""
     if x.shape[0] == 1 and index.shape[0] == 1:  # one image: one index_select, about 10x faster than a gather
         return x.index_select(1, index[0])
-    if x.dim() > 2:  # rows of features: advanced indexing copies whole rows, about 2x faster than an expanded gather
-        return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    if x.dim() > 2:  # rows of features: one index_select of whole rows of the flattened batch (B L0 D float rows, one
+        # thread: about 2x faster than advanced indexing, 3x faster than an expanded gather)
+        bsz, length = x.shape[:2]
+        rows = index + torch.arange(bsz, device=x.device)[:, None] * length
+        return x.reshape(bsz * length, *x.shape[2:]).index_select(0, rows.reshape(-1)).view(*rows.shape, *x.shape[2:])
     shape = index.shape + x.shape[2:]
     idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(shape)
     return x.gather(1, idx)
