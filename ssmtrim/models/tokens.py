@@ -19,11 +19,27 @@ from torch import Tensor
 from ssmtrim.ops.selective_scan import tracing
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
-           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "merge_pair", "mlp_tokens", "unmerge_of"]
+           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "WholeStreams", "merge_pair", "mlp_tokens",
+           "unmerge_of"]
 
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
 Streams = tuple[Tensor | None, ...]
+
+
+@dataclass(frozen=True)
+class WholeStreams:
+    """How the blocks run when the streams still hold every original position of the grid (B L0 ...): the tokens of
+    the state (positions, sizes, owner) are what the blocks' mixers and MLPs run on, each the mean of the positions it
+    owns, and their updates are un-merged back to every position (:class:`Unmerge`)."""
+
+    # the blocks' mixers too read every position, exactly as dense, and only their per-token MLPs run on the tokens
+    # (what unmerge's ``--option mixer=positions`` asks for)
+    exact_mixers: bool = False
+    # each later block's MLP regroups the positions by its own input around this share of the tokens (1.0 all of
+    # them; :meth:`Unmerge.for_mlp`, what unmerge's ``--option mlp_groups=block`` and ``mlp_share`` ask for); None:
+    # the MLPs run on the tokens' own groups
+    mlp_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,17 +63,14 @@ class TokenState:
     # their outputs are spread back to every position by nearest neighbour, the tokens themselves untouched (a
     # strategy that thins the scan, not the sequence: QuarterMap); None: the scans read every token
     scan_stride: tuple[int, int] | None = None
-    # the streams still hold every original position of the grid (B L0 ...): the tokens above (positions, sizes,
-    # owner) are what the blocks' mixers and MLPs run on, each the mean of the positions it owns, and their updates
-    # are un-merged back to every position (a strategy that reduces for the blocks, not the residual stream: unmerge)
-    full_streams: bool = False
-    # with ``full_streams``: the blocks' mixers too read every position, exactly as dense, and only their per-token
-    # MLPs run on the tokens (what unmerge's ``--option mixer=positions`` asks for)
-    exact_mixers: bool = False
-    # with ``full_streams``: each later block's MLP regroups the positions by its own input around this share of the
-    # tokens (1.0 all of them; :meth:`Unmerge.for_mlp`, what unmerge's ``--option mlp_groups=block`` and ``mlp_share``
-    # ask for); None: the MLPs run on the tokens' own groups
-    mlp_share: float | None = None
+    # the streams still hold every original position of the grid (B L0 ...), and how the blocks then run (a strategy
+    # that reduces for the blocks, not the residual stream: unmerge); None: the streams hold the tokens
+    whole: WholeStreams | None = None
+
+    @property
+    def full_streams(self) -> bool:
+        """The streams hold every original position (``whole`` is set): the tokens are what the blocks run on."""
+        return self.whole is not None
 
     @property
     def num_tokens(self) -> int:
@@ -302,7 +315,7 @@ def unmerge_of(state: TokenState) -> Unmerge | None:
     """The merge / un-merge maps of a ``full_streams`` state (None for any other)."""
     if not state.full_streams:
         return None
-    share = state.mlp_share
+    share = state.whole.mlp_share
     regroup = share is not None
-    return Unmerge(state.owner, state.sizes.float(), state.exact_mixers, state.positions if regroup else None,
+    return Unmerge(state.owner, state.sizes.float(), state.whole.exact_mixers, state.positions if regroup else None,
                    state.protected() if regroup and state.cls_index is not None else None, share or 1.0)

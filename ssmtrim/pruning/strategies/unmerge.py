@@ -23,6 +23,7 @@ Shapes: B batch, L current tokens, L0 positions of the grid, K staying tokens, R
 from __future__ import annotations
 
 from ssmtrim.errors import ConfigError
+from ssmtrim.models.tokens import WholeStreams
 from ssmtrim.pruning.options import Option
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
@@ -118,8 +119,7 @@ class Unmerge(Strategy):
         # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
         _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
         share = self.mlp_share(step.plan) if self._regroups(step.plan) else None
-        return step.streams, new.replace(full_streams=True, exact_mixers=self.reduces_mlps_only(step.plan),
-                                         mlp_share=share)
+        return step.streams, new.replace(whole=WholeStreams(self.reduces_mlps_only(step.plan), share))
 
 
 register_strategy(Unmerge())
