@@ -94,7 +94,7 @@ def prune_and_save(
         config.validate_for(family_of(model).depth(model.config))
     check_plan_for(model, config, runnable=False)  # what the plan asks of the model: one sentence before the work
     if target is not None:  # a FLOPs target the plan cannot reach: one sentence before the work too
-        from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan, refuse_unreachable
+        from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for, reachable_plan, refuse_unreachable
         from ssmtrim.pruning.strategies import get_strategy
 
         dense_estimate = FlopsModel(model, target.convention)
@@ -107,6 +107,7 @@ def prune_and_save(
                 hint = get_strategy(config.arrangement).reach_hint(config)
                 raise ConfigError(f"--flops {target.ratio:g} cannot be reached by pruning after blocks "
                                   f"{','.join(map(str, config.layers))}{hint}; prune earlier or ask for fewer savings.")
+            config = fitted_plan(dense_estimate, config, config.layers, keep, target.ratio, held)
             config = config.replace(keep=(keep,) * len(config.layers))
         else:
             refuse_unreachable(estimate, config, target.ratio, target.convention)

@@ -234,7 +234,7 @@ def build_report(
     from ssmtrim.pruning import PruneConfig, is_pruned, reduce_on, remove_pruning, strategy_names
     from ssmtrim.pruning.calibrate import load_images
     from ssmtrim.pruning.engine import check_plan_for, check_provides
-    from ssmtrim.pruning.schedule import FlopsModel, keep_for, reachable_plan
+    from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for, reachable_plan
 
     device = str(check_device(device))
     if is_pruned(dense):
@@ -330,6 +330,7 @@ def build_report(
                 raise ConfigError(f"--sweep flops={value:g} cannot be reached by pruning after blocks "
                                   f"{','.join(map(str, layers))} with --arrangement {config.arrangement}; choose "
                                   "larger targets or --layers.")
+            config = fitted_plan(estimate, config, layers, keep, value, given_options)
             return config.replace(keep=(keep,))
 
         # every plan checked before any work: a strategy given with --arrangements that cannot run one is refused;

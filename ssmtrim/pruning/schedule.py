@@ -161,6 +161,24 @@ def reachable_plan(model: nn.Module, base: PruneConfig, target: float, conventio
     return further
 
 
+# a keep whose FLOPs estimate is this far below the target leaves the plan's strategy to fit the target more closely
+FIT_SLACK = 0.005
+
+
+def fitted_plan(flops: FlopsModel, plan: PruneConfig, layers: tuple[int, ...], keep: float, target: float,
+                held: Collection[str] = ()) -> PruneConfig:
+    """``plan``, or where its estimate at ``keep`` after ``layers`` saves clearly more than ``target`` asks (a keep
+    cannot fit it: the FLOPs jump at the first token a step removes), the plan its strategy fits to the target
+    (``Strategy.fit_target``: e.g. unmerge's MLPs on a larger share of the tokens), unless that changes an option in
+    ``held`` (the user's)."""
+    if flops.for_plan(plan).ratio(layers, keep) >= target - FIT_SLACK:
+        return plan
+    fitted = get_strategy(plan.arrangement).fit_target(
+        plan, lambda p: flops.for_plan(p).ratio(layers, keep) <= target)
+    was, now = dict(plan.options), dict(fitted.options)
+    return plan if any(was.get(k) != now.get(k) for k in held) else fitted
+
+
 def refuse_unreachable(flops: FlopsModel, plan: PruneConfig, target: float, convention: str) -> None:
     """One sentence, before any work, for a FLOPs target that no schedule of ``plan`` reaches on the estimate
     ``flops`` (the widest the search tries: a step after every block, or one after the first)."""
@@ -236,17 +254,18 @@ def search_schedule(
         tuple(sorted({min(depth - 1, max(1, round(f * depth))) for f in fractions})) for fractions in _CANDIDATES]))
     for plan in plans:
         estimate = flops.for_plan(plan)
-        options = None if plan is base else dict(plan.options)
         for layers in layer_sets:
             keep = keep_for(estimate, layers, target)
             if keep is None:
                 continue
             keep = math.floor(keep * 1e4) / 1e4  # round down: rounding up can cross a token-count step
+            fitted = fitted_plan(flops, plan, layers, keep, target, held)
             try:  # a plan the strategy cannot run as asked (ToMe below keep 0.5, a step below its least count)
-                check_plan_for(model, plan.replace(layers=layers, keep=(keep,), mode="count", thresholds=None))
+                check_plan_for(model, fitted.replace(layers=layers, keep=(keep,), mode="count", thresholds=None))
             except ConfigError:
                 continue
-            candidates.append(Candidate(layers, keep, estimate.ratio(layers, keep), options=options))
+            options = None if fitted is base else dict(fitted.options)
+            candidates.append(Candidate(layers, keep, flops.for_plan(fitted).ratio(layers, keep), options=options))
     if not candidates:
         raise _unreachable(flops, base, target, convention, found_none=True)
     dense_logp = F.log_softmax(dense_logits.float(), 1)

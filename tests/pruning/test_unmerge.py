@@ -412,7 +412,7 @@ def test_the_search_also_tries_the_plan_that_reaches_further(capsys):
     of the tokens) gives candidates too; the chosen one is the closest to dense of all, search.plan carries its
     options (said in a note when they are the other plan's), and an option the user set holds the search to the
     base plan."""
-    from ssmtrim.pruning.schedule import search_schedule
+    from ssmtrim.pruning.schedule import FIT_SLACK, search_schedule
 
     torch.manual_seed(0)
     model, x = _model_and_input("vmamba_test", 32)
@@ -425,7 +425,10 @@ def test_the_search_also_tries_the_plan_that_reaches_further(capsys):
     kinds = {c.options is None for c in found.candidates}
     assert kinds == {True, False}
     further = [c for c in found.candidates if c.options is not None]
-    assert all(c.options["mixer"] == "tokens" and c.options["mlp_share"] == 0.1 for c in further)
+    assert all(c.options["mixer"] == "tokens" and c.options["mlp_share"] >= 0.1 for c in further)
+    # where even keep ~1 saves more than asked, the share is fitted to the target (fitted_plan)
+    assert any(c.options["mlp_share"] > 0.1 and c.estimated_ratio >= target - FIT_SLACK for c in further)
+    assert all(c.estimated_ratio <= target for c in found.candidates)
     seen: set = set()  # the first round: one candidate per plan and layers (a tightened keep comes after)
     first = [c for c in found.candidates
              if (key := (c.layers, str(c.options))) not in seen and not seen.add(key)]
@@ -436,3 +439,33 @@ def test_the_search_also_tries_the_plan_that_reaches_further(capsys):
     assert chosen_plan.option("mixer") == ("positions" if found.chosen.options is None else "tokens")
     held = search_schedule(model, base, target, images, dense, "paper", held={"mixer"})
     assert all(c.options is None for c in held.candidates)
+
+
+@pytest.mark.parametrize("name,layers,size", CASES[1:])
+def test_a_share_fitted_to_the_target_where_the_keep_cannot_fit_it(name, layers, size):
+    """Where even keep ~1 saves more than a target asks (a step removing one token already runs the MLPs on their
+    share), fitted_plan raises the MLPs' share to the largest that still meets it: the estimate then sits just under
+    the target, fvcore counts what it says, and a share the user set, or a plan without a share, is left alone."""
+    from ssmtrim.flops import count_flops
+    from ssmtrim.pruning.schedule import FIT_SLACK, FlopsModel, fitted_plan
+
+    model, x = _model_and_input(name, size)
+    plan = _plan(model, layers, 1.0).replace(options=(("mixer", "tokens"), ("mlp_share", 0.1)))
+    layers, flops, keep = plan.layers, FlopsModel(model, "paper"), 0.9
+    least = flops.for_plan(plan).ratio(layers, keep)
+    assert least < 0.95  # the step removes tokens: the MLPs after it run on a tenth
+    target = least + 0.05
+    fitted = fitted_plan(flops, plan, layers, keep, target)
+    share = fitted.option("mlp_share")
+    assert 0.1 < share < 1.0
+    assert target - FIT_SLACK <= flops.for_plan(fitted).ratio(layers, keep) <= target
+    assert flops.for_plan(fitted.replace(options={**dict(fitted.options), "mlp_share": share + 0.002})).ratio(
+        layers, keep) > target  # the largest such share, to 1e-3
+    assert fitted_plan(flops, plan, layers, keep, target, held={"mlp_share"}) is plan
+    assert fitted_plan(flops, plan, layers, keep, least + 0.001) is plan  # close enough already
+    whole = plan.replace(options=(("mixer", "positions"),))
+    assert fitted_plan(flops, whole, layers, keep, target) is whole
+    dense = count_flops(model, "paper", images=x).total
+    apply_pruning(model, fitted.replace(keep=(keep,) * len(layers)))
+    assert count_flops(model, "paper", images=x).total / dense == pytest.approx(
+        flops.for_plan(fitted).ratio(layers, keep), abs=1e-3)

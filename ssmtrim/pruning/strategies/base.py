@@ -64,6 +64,12 @@ class Strategy:
         """A plan like ``plan`` that can save more FLOPs, for a FLOPs target ``plan`` cannot reach (None: none)."""
         return None
 
+    def fit_target(self, plan, meets):
+        """Where a plan's keep ratio cannot bring its FLOPs close to a target (they jump at the first token a step
+        removes), a plan nearer dense whose estimate still ``meets`` the target (``meets(plan) -> bool``, at the same
+        layers and keep); default ``plan`` itself."""
+        return plan
+
     def reach_hint(self, plan) -> str:
         """Said after "this FLOPs target cannot be reached": what in the plan limits the saving (default nothing)."""
         return ""
