@@ -337,3 +337,41 @@ def test_merge_into_adjacent_takes_the_more_similar_staying_neighbour(kernels, m
     assert torch.equal(dst, _adjacent_by_hand(features, protected, src, index))
     assert not protected.gather(1, dst).any()
     assert not torch.equal(dst, dst_s)  # a different rule from the default's on these tokens
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_rescale_norm_gives_a_merged_token_the_mean_norm_of_its_tokens(kernels, monkeypatch):
+    """``--option rescale=norm``: a token others were merged into keeps the direction of its size-weighted average and
+    takes the size-weighted mean of their norms, in every stream; a token nothing was merged into keeps its bits; the
+    same with the backend's merge kernels and in PyTorch ops."""
+    if not kernels:
+        import ssmtrim.pruning.strategies.merge as merge_module
+
+        monkeypatch.setattr(merge_module, "merge_kernels", lambda *t: None)
+    torch.manual_seed(0)
+    bsz, length, dim = 2, 11, 6
+    streams = (torch.randn(bsz, length, dim), torch.randn(bsz, length, dim) * 3)
+    features = torch.randn(bsz, length, 4)
+    scores = torch.randn(bsz, length)
+    sizes = torch.randint(1, 4, (bsz, length)).float()
+    state = TokenState(torch.arange(length).expand(bsz, -1), torch.tensor([5, 5]), length, (1, length), True,
+                       sizes=sizes, track_owner=True)
+    output = BlockOutput((), features, mixer_input=features)
+
+    def step(rescale: str):
+        plan = PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", options={"rescale": rescale})
+        return get_strategy("merge").reduce(ReductionStep(0, scores, 5, streams, state, output, plan))
+
+    (plain_streams, plain), (scaled_streams, scaled) = step("none"), step("norm")
+    assert torch.equal(plain.positions, scaled.positions) and torch.equal(plain.sizes, scaled.sizes)
+    for before, avg, out in zip(streams, plain_streams, scaled_streams, strict=True):
+        for b in range(bsz):
+            for n, pos in enumerate(plain.positions[b].tolist()):
+                members = (plain.owner[b] == n).nonzero().flatten().tolist()  # the original tokens it stands for
+                if members == [pos]:  # nothing merged into it: the same bits
+                    assert torch.equal(out[b, n], avg[b, n])
+                    continue
+                norms = before[b, members].norm(dim=-1)
+                goal = float((norms * sizes[b, members]).sum() / sizes[b, members].sum())
+                assert float(out[b, n].norm()) == pytest.approx(goal, rel=1e-5)
+                torch.testing.assert_close(F.normalize(out[b, n], dim=0), F.normalize(avg[b, n], dim=0))

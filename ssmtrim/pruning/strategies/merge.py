@@ -44,6 +44,10 @@ MERGE_INTO = Option("merge_into", "similar", "which staying token a removed toke
                     "before and after it in the sequence (after STM's bidirectional nearest-neighbour merging)",
                     choices=("similar", "adjacent"))
 
+RESCALE = Option("rescale", "none", "a token others were merged into: none their size-weighted average, norm that "
+                 "average rescaled to the size-weighted mean of their norms (averaging tokens that differ shrinks the "
+                 "norm), in every stream", choices=("none", "norm"))
+
 
 def needs_of_metric(metric: str) -> frozenset[str]:
     """What the family must hand over for ``metric``."""
@@ -59,19 +63,23 @@ def similarity_features(output: BlockOutput, metric: str) -> Tensor:
 
 
 def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tensor, dst: Tensor,
-                   removed: Tensor, index: Tensor | None = None) -> tuple[Streams, TokenState]:
+                   removed: Tensor, index: Tensor | None = None, rescale: bool = False) -> tuple[Streams, TokenState]:
     """The tokens that stay (all but ``removed`` (B R'), in their order), with the tokens ``src`` (B R, among the
     removed) averaged into ``dst`` (B R, current indices of staying tokens), size-weighted: a staying token becomes
     (its value x its size + the sum of its merged tokens' values x their sizes) / the sum of the sizes, and that sum is
     its new size. Removed tokens not in ``src`` are dropped. Only the staying tokens are computed. ``index`` (B K),
-    when the caller has it: the staying tokens' current indices in increasing order (else found from ``removed``)."""
+    when the caller has it: the staying tokens' current indices in increasing order (else found from ``removed``).
+    With ``rescale`` each token that others were merged into is then rescaled to the size-weighted mean of their
+    norms (:func:`rescaled`)."""
     bsz, length = sizes.shape
     device = sizes.device
     staying = int(length) - removed.shape[1]
     kernels = merge_kernels(sizes, *streams) if index is not None else None
     if kernels is not None:  # the same, in two C calls (ssmtrim.ops.tokens)
-        streams, kept_sizes, slot_of = kernels.keep(index, src, dst, sizes, streams)
-        return _placed(state, streams, kept_sizes, slot_of, index, src, dst)
+        merged, kept_sizes, slot_of = kernels.keep(index, src, dst, sizes, streams)
+        if rescale:
+            merged = rescaled(streams, merged, sizes, kept_sizes, slot_of, index, src, dst)
+        return _placed(state, merged, kept_sizes, slot_of, index, src, dst)
     if index is None:
         keep = torch.ones(bsz, length, dtype=torch.bool, device=device).scatter(
             1, removed, torch.zeros_like(removed, dtype=torch.bool))
@@ -99,10 +107,37 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
             acc = (gather_tokens(t, index).float() * kept_sizes[..., None]).reshape(bsz * staying, *rows)
             acc = acc.index_add_(0, flat_to, (gather_tokens(t, src).float() * w_src[..., None]).reshape(-1, *rows))
             merged.append((acc.view(bsz, staying, *rows) / total[..., None]).to(t.dtype))
+        merged = rescaled(streams, tuple(merged), sizes, total, slot_of, index, src, dst) if rescale else merged
         streams, kept_sizes = tuple(merged), total
     else:
         streams = tuple(None if t is None else gather_tokens(t, index) for t in streams)
     return _placed(state, streams, kept_sizes, slot_of, index, src, dst)
+
+
+def rescaled(before: Streams, after: Streams, sizes: Tensor, total: Tensor, slot_of: Tensor, index: Tensor,
+             src: Tensor, dst: Tensor) -> Streams:
+    """The merged streams ``after`` (B K ...) with each token that others were merged into rescaled so that its norm
+    (over each row's features) is the size-weighted mean of the norms its tokens had in ``before`` (B L ...); a token
+    nothing was merged into is left as it is. ``sizes`` (B L) before, ``total`` (B K) after; ``slot_of`` (B L) each
+    current token's slot among the staying ``index`` (B K); ``src`` merged into ``dst`` (B R)."""
+    if not src.shape[1]:
+        return after
+    bsz, staying = total.shape
+    flat_to = (slot_of.gather(1, dst) + torch.arange(bsz, device=total.device)[:, None] * staying).reshape(-1)
+    received = torch.zeros(bsz * staying, device=total.device).index_add_(
+        0, flat_to, torch.ones_like(flat_to, dtype=torch.float32)).view(bsz, staying) > 0
+    out = []
+    for t, m in zip(before, after, strict=True):
+        if t is None or m is None:
+            out.append(m)
+            continue
+        weighted = torch.linalg.vector_norm(t.float().flatten(2), dim=-1) * sizes  # B L
+        goal = gather_tokens(weighted, index).reshape(-1).index_add(
+            0, flat_to, gather_tokens(weighted, src).reshape(-1)).view(bsz, staying) / total
+        now = torch.linalg.vector_norm(m.float().flatten(2), dim=-1).clamp_min(1e-12)
+        scale = torch.where(received, goal / now, torch.ones_like(now))  # x 1.0 leaves a row's bits as they are
+        out.append((m.float() * scale.view(bsz, staying, *([1] * (m.dim() - 2)))).to(m.dtype))
+    return tuple(out)
 
 
 def _placed(state: TokenState, streams: Streams, kept_sizes: Tensor, slot_of: Tensor, index: Tensor, src: Tensor,
@@ -130,7 +165,7 @@ def sizes_of(state: TokenState) -> Tensor:
 class Merge(Strategy):
     name = "merge"
     keeps_positions = True
-    options = (METRIC, DROP_FRACTION, REDUNDANCY, PROTECT_AROUND, MERGE_INTO, GAP)
+    options = (METRIC, DROP_FRACTION, REDUNDANCY, PROTECT_AROUND, MERGE_INTO, RESCALE, GAP)
     description = ("removed tokens averaged into their most similar kept token (or kept neighbour), size-weighted, "
                    "original order")
 
@@ -139,7 +174,8 @@ class Merge(Strategy):
 
     def reduce(self, step: ReductionStep):
         src, dst, removed, index = choose_merges(step)
-        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, removed, index)
+        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, removed, index,
+                              step.plan.option("rescale") == "norm")
 
 
 def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
