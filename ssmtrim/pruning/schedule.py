@@ -311,8 +311,9 @@ def search_schedule(
 
         was = dict(base.options)
         changed = ", ".join(f"{k}={v}" for k, v in chosen.options.items() if was.get(k) != v)
-        notice("search-further", f"the schedule search chose --option {changed} (closer to dense on the calibration "
-               "images than the plan's own options at this target).")
+        # keyed by the choice: a later search in the same process that chooses other options says so too
+        notice(f"search-further {changed}", f"the schedule search chose --option {changed} (closer to dense on the "
+               "calibration images than the plan's own options at this target).")
     return ScheduleSearch(target, convention, chosen, candidates)
 
 
