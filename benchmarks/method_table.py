@@ -64,16 +64,26 @@ ROWS = {
                                                                 **CONDENSED}),
     "mtr": ("MTR-style (Δ importance, merged)", {"arrangement": "merge", "score": "delta", **CONDENSED}),
     "merge": ("merge (ours, no compensation)", {"arrangement": "merge", "conv": "kept"}),
-    "merge-comp": ("merge + head compensation (ours, PlainMamba's default; Vim's before merging into neighbours)",
-                   {"arrangement": "merge", "conv": "kept", "compensate": "head"}),
+    "merge-comp": ("merge + head compensation (ours, PlainMamba's default before rescaling; Vim's before merging into "
+                   "neighbours)", {"arrangement": "merge", "conv": "kept", "compensate": "head"}),
+    "merge-norm-comp": ("merge, a merged token rescaled to its tokens' mean norm, + head compensation (ours, "
+                        "PlainMamba's default)", {"arrangement": "merge", "conv": "kept", "compensate": "head",
+                                                  "options": {"rescale": "norm"}}),
     "merge-adjacent-comp": ("merge into a staying neighbour, the class token's neighbours kept, + head compensation "
                             "(ours, Vim's default before Δ̃ = 0)",
                             {"arrangement": "merge", "conv": "kept", "compensate": "head",
                              "options": {"merge_into": "adjacent", "protect_around": 4}}),
     "merge-adjacent-zero-comp": ("merge into a staying neighbour, no decay across the merged positions (Δ̃ = 0), the "
-                                 "class token's neighbours kept, + head compensation (ours, Vim's default)",
+                                 "class token's neighbours kept, + head compensation (ours, Vim's default before "
+                                 "rescaling)",
                                  {"arrangement": "merge", "conv": "kept", "gap": "zero", "compensate": "head",
                                   "options": {"merge_into": "adjacent", "protect_around": 4}}),
+    "merge-adjacent-zero-norm-comp": ("merge into a staying neighbour, Δ̃ = 0, the class token's neighbours kept, a "
+                                      "merged token rescaled to its tokens' mean norm, + head compensation (ours, "
+                                      "Vim's default)",
+                                      {"arrangement": "merge", "conv": "kept", "gap": "zero", "compensate": "head",
+                                       "options": {"merge_into": "adjacent", "protect_around": 4,
+                                                   "rescale": "norm"}}),
     "unmerge": ("unmerge (ours: merged for the blocks, residual stream whole)", {"arrangement": "unmerge",
                                                                                   "conv": "kept"}),
     "unmerge-comp": ("unmerge + head compensation (ours)",
@@ -107,8 +117,12 @@ RENAMED = {"align, clipped (default)": ROWS["align"][0], "keep-order": ROWS["kee
            "merge (ours, the default)": ROWS["merge"][0],
            "merge + head compensation (ours, the default)": ROWS["merge-comp"][0],
            "merge + head compensation (ours, the flat families' default)": ROWS["merge-comp"][0],
+           "merge + head compensation (ours, PlainMamba's default; Vim's before merging into neighbours)":
+               ROWS["merge-comp"][0],
            "merge into a staying neighbour, the class token's neighbours kept, + head compensation (ours, Vim's "
            "default)": ROWS["merge-adjacent-comp"][0],
+           "merge into a staying neighbour, no decay across the merged positions (Δ̃ = 0), the class token's "
+           "neighbours kept, + head compensation (ours, Vim's default)": ROWS["merge-adjacent-zero-comp"][0],
            "unmerge + head compensation (ours, the hierarchical families' default)": ROWS["unmerge-comp"][0],
            "unmerge + head compensation (ours; the hierarchical families' default where the MLPs alone cannot reach "
            "the target)": ROWS["unmerge-comp"][0],

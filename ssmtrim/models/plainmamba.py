@@ -518,11 +518,11 @@ class PlainMambaFamily:
 
     def recommended_plan(self, config: PlainMambaConfig) -> dict:
         # measured best at -30% FLOPs on the project's CIFAR-10 PlainMamba (README, "The method, measured"): merging
-        # into the most similar kept token (normed mixer input); the head then averages tokens by size; and the
-        # head compensation
+        # into the most similar kept token (normed mixer input), a merged token rescaled to its tokens' mean norm
+        # (README "Levers at 256 tokens"); the head then averages tokens by size; and the head compensation
         layers = tuple(sorted({max(1, min(config.depth - 1, round(config.depth * f))) for f in (1 / 3, 2 / 3)}))
         return {"arrangement": "merge", "score": "clipped", "metric": "input", "conv": "original", "gap": "bias",
-                "compensate": "head", "layers": layers}
+                "compensate": "head", "layers": layers, "options": {"rescale": "norm"}}
 
     def resize_state_dict(self, config, state_dict: dict[str, Tensor], img_size: ImgSize):
         """(config at ``img_size`` (N or (H, W)), state dict with the position embedding interpolated to its token

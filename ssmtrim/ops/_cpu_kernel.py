@@ -154,7 +154,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_scan_bi_tok.restype = None
     lib.ssm_merge_choose.argtypes = [p, p, p, lng, lng, lng, lng, lng, lng, lng, p, p, p, i, i]
     lib.ssm_merge_choose.restype = None
-    lib.ssm_merge_keep.argtypes = [lng, lng, lng, lng, p, p, p, p, i, p, p, p, p, p, p, i]
+    lib.ssm_merge_keep.argtypes = [lng, lng, lng, lng, p, p, p, p, i, p, p, p, p, p, p, i, i]
     lib.ssm_merge_keep.restype = None
 
 

@@ -25,8 +25,9 @@ it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::
 - ``choose(keys, protected, features, removed, n_drop)``: the ``removed`` tokens of lowest key leave (a stable sort:
   ties by position), ``(src_all, index, dst)`` as ``choose_merges`` returns them, each merged token's target found by
   the cosine similarity of ``features`` (the first on a tie);
-- ``keep(index, src, dst, sizes, streams)``: the staying rows with the merged ones averaged in by size (summed in
-  the reference's order), the new sizes, and each current token's slot.
+- ``keep(index, src, dst, sizes, streams, rescale=False)``: the staying rows with the merged ones averaged in by
+  size (summed in the reference's order), the new sizes, and each current token's slot; with ``rescale`` each row
+  that others were merged into rescaled to the size-weighted mean of their norms (norms summed in double).
 
 The choice is the reference's; the similarities and sums are computed in another order than PyTorch's, so values
 agree to rounding (the tests check 1e-6 of the largest value) and a merge target can differ only where two staying

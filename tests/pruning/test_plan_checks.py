@@ -73,13 +73,15 @@ def test_the_familys_option_fields_hold_for_its_own_arrangement_only():
 
 
 def test_the_familys_options_meet_what_the_user_gives():
-    """The recommended plan's options (Vim: merging into neighbours, the class token's neighbours kept) stay under
+    """The recommended plan's options (Vim: merging into neighbours, the class token's neighbours kept, merged tokens
+    rescaled; unmerge reads the first two only) stay under
     options the user gives, lapse for another strategy that does not read them (so ``--arrangement tome`` runs), and
     an option given for a strategy that does not read it is still refused."""
     vim = ssmtrim.create_model("vim_test")
-    assert dict(PruneConfig.recommended(vim).options) == {"merge_into": "adjacent", "protect_around": 4}
+    assert dict(PruneConfig.recommended(vim).options) == {"merge_into": "adjacent", "protect_around": 4,
+                                                          "rescale": "norm"}
     given = PruneConfig.recommended(vim, options={"merge_into": "similar"})
-    assert dict(given.options) == {"merge_into": "similar", "protect_around": 4}
+    assert dict(given.options) == {"merge_into": "similar", "protect_around": 4, "rescale": "norm"}
     assert dict(PruneConfig.recommended(vim, arrangement="unmerge").options) == {"merge_into": "adjacent",
                                                                                   "protect_around": 4}
     for arrangement in ("tome", "align", "keep-order"):
@@ -90,4 +92,5 @@ def test_the_familys_options_meet_what_the_user_gives():
     with pytest.raises(ConfigError, match="--protect-around is an option of merge, unmerge"):
         apply_pruning(vim, PruneConfig.recommended(vim, arrangement="tome", options={"protect_around": 2}))
     # Mamba®'s registers are spread through the sequence: no protection of their neighbours by default
-    assert dict(PruneConfig.recommended(ssmtrim.create_model("mambar_test")).options) == {"merge_into": "adjacent"}
+    assert dict(PruneConfig.recommended(ssmtrim.create_model("mambar_test")).options) == {"merge_into": "adjacent",
+                                                                                          "rescale": "norm"}

@@ -58,8 +58,8 @@ class MergeKernels(NamedTuple):
 
     ``accepts(x)`` says whether they take tensors like x; ``choose(keys, protected, features, removed, n_drop,
     adjacent)`` -> (src_all, index, dst) (``adjacent``: each merged token to the more similar of its staying
-    neighbours, else to the most similar staying token); ``keep(index, src, dst, sizes, streams)`` -> (merged
-    streams, new sizes, slot_of)."""
+    neighbours, else to the most similar staying token); ``keep(index, src, dst, sizes, streams, rescale=False)`` ->
+    (merged streams, new sizes, slot_of) (``rescale``: as :func:`ssmtrim.pruning.strategies.merge.rescaled`)."""
 
     accepts: Callable[[Tensor], bool]
     choose: Callable[..., tuple[Tensor, Tensor, Tensor]]

@@ -393,22 +393,24 @@ def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: i
     return src_all, index, dst
 
 
-def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor,
-               streams: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor]:
+def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, streams: tuple[Tensor | None, ...],
+               rescale: bool = False) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor]:
     """``ssm_merge_keep``: the staying tokens ``index`` (B K) of each stream (B L ..., fp32; None stays None), with
     ``src`` (B M) averaged into ``dst`` (B M) by size -> (merged streams (B K ...), new sizes (B K), slot_of (B L):
-    each current token's slot among the staying ones, -1 where it leaves). In a graph that ``torch.compile`` makes,
-    the registered op ``ssmtrim::merge_keep``."""
+    each current token's slot among the staying ones, -1 where it leaves); with ``rescale`` each staying row that
+    others were merged into rescaled to the size-weighted mean of their norms (merge's ``--option rescale=norm``). In
+    a graph that ``torch.compile`` makes, the registered op ``ssmtrim::merge_keep``."""
     present = [t for t in streams if t is not None]
     if torch.compiler.is_compiling():
-        *outs, new_sizes, slot_of = torch.ops.ssmtrim.merge_keep(index, src, dst, sizes, present)
+        *outs, new_sizes, slot_of = torch.ops.ssmtrim.merge_keep(index, src, dst, sizes, present, rescale)
     else:
-        *outs, new_sizes, slot_of = _keep(index, src, dst, sizes, present)
+        *outs, new_sizes, slot_of = _keep(index, src, dst, sizes, present, rescale)
     merged = iter(outs)
     return tuple(None if t is None else next(merged) for t in streams), new_sizes, slot_of
 
 
-def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[Tensor]) -> list[Tensor]:
+def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[Tensor],
+          rescale: bool = False) -> list[Tensor]:
     """:func:`merge_keep` over the streams that are there: [their merged rows..., new sizes, slot_of]."""
     lib = _cpu_kernel.load()
     bsz, length = sizes.shape
@@ -426,7 +428,7 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
                        (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
                        (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
                        (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), _ptr(new_sizes), _ptr(slot_of),
-                       torch.get_num_threads())
+                       int(rescale), torch.get_num_threads())
     return [*outs, new_sizes, slot_of]
 
 
@@ -434,7 +436,8 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
 _INFERENCE_OPS.define("merge_choose(Tensor keys, Tensor protected, Tensor? features, int removed, int n_drop, "
                       "bool adjacent=False) -> (Tensor, Tensor, Tensor)")
 _INFERENCE_OPS.impl("merge_choose", _choose, "CPU")
-_INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present) -> Tensor[]")
+_INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present, "
+                      "bool rescale=False) -> Tensor[]")
 _INFERENCE_OPS.impl("merge_keep", _keep, "CPU")
 
 
@@ -446,7 +449,7 @@ def _choose_fake(keys, protected, features, removed, n_drop, adjacent=False):
 
 
 @torch.library.register_fake("ssmtrim::merge_keep")
-def _keep_fake(index, src, dst, sizes, present):
+def _keep_fake(index, src, dst, sizes, present, rescale=False):
     bsz, k = index.shape
     return [*(t.new_empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present),
             sizes.new_empty(bsz, k, dtype=torch.float32), index.new_empty(bsz, sizes.shape[1])]

@@ -854,11 +854,13 @@ void ssm_merge_choose(const float *keys, const unsigned char *prot, const float 
  * staying ones (-1: leaves). outs (B, K, D_i) contiguous. */
 void ssm_merge_keep(long Bn, long Ln, long K, long M, const long *index, const long *src, const long *dst,
                     const float *sizes, int nstreams, const float *const *streams, const long *rows, const long *strides,
-                    float *const *outs, float *new_sizes, long *slot_of, int nthreads) {
+                    float *const *outs, float *new_sizes, long *slot_of, int rescale, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long b = 0; b < Bn; b++) {
         long *slot = slot_of + b * Ln;
         float *total = new_sizes + b * K;
+        /* rescale: a staying row that others were merged into takes the size-weighted mean of their norms */
+        float *norm_sum = (rescale && M > 0) ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
         for (long l = 0; l < Ln; l++) slot[l] = -1;
         for (long k = 0; k < K; k++) {
             slot[index[b * K + k]] = k;
@@ -879,20 +881,41 @@ void ssm_merge_keep(long Bn, long Ln, long K, long M, const long *index, const l
                 }
                 const float w = sizes[b * Ln + index[b * K + k]];
                 for (long d = 0; d < D; d++) orow[d] = xr[d] * w;
+                if (norm_sum) norm_sum[k] = -1.0f; /* nothing merged in yet */
             }
             if (M == 0) continue;
             for (long m = 0; m < M; m++) {
                 const long s = src[b * M + m];
                 const float w = sizes[b * Ln + s];
                 const float *xr = x + s * sl;
-                float *orow = o + slot[dst[b * M + m]] * D;
+                const long k = slot[dst[b * M + m]];
+                float *orow = o + k * D;
                 for (long d = 0; d < D; d++) orow[d] += xr[d] * w;
+                if (norm_sum) {
+                    if (norm_sum[k] < 0.0f) { /* the staying row's own norm, weighted, first */
+                        const float *kr = x + index[b * K + k] * sl;
+                        double sq = 0.0;
+                        for (long d = 0; d < D; d++) sq += (double)kr[d] * kr[d];
+                        norm_sum[k] = (float)sqrt(sq) * sizes[b * Ln + index[b * K + k]];
+                    }
+                    double sq = 0.0;
+                    for (long d = 0; d < D; d++) sq += (double)xr[d] * xr[d];
+                    norm_sum[k] += (float)sqrt(sq) * w;
+                }
             }
             for (long k = 0; k < K; k++) {
                 float *orow = o + k * D;
                 const float t = total[k];
                 for (long d = 0; d < D; d++) orow[d] /= t;
+                if (norm_sum && norm_sum[k] >= 0.0f) {
+                    double sq = 0.0;
+                    for (long d = 0; d < D; d++) sq += (double)orow[d] * orow[d];
+                    const float now = (float)sqrt(sq);
+                    const float scale = (norm_sum[k] / t) / (now > 1e-12f ? now : 1e-12f);
+                    for (long d = 0; d < D; d++) orow[d] *= scale;
+                }
             }
         }
+        free(norm_sum);
     }
 }

@@ -76,10 +76,8 @@ def merge_and_keep(state: TokenState, streams: Streams, sizes: Tensor, src: Tens
     staying = int(length) - removed.shape[1]
     kernels = merge_kernels(sizes, *streams) if index is not None else None
     if kernels is not None:  # the same, in two C calls (ssmtrim.ops.tokens)
-        merged, kept_sizes, slot_of = kernels.keep(index, src, dst, sizes, streams)
-        if rescale:
-            merged = rescaled(streams, merged, sizes, kept_sizes, slot_of, index, src, dst)
-        return _placed(state, merged, kept_sizes, slot_of, index, src, dst)
+        streams, kept_sizes, slot_of = kernels.keep(index, src, dst, sizes, streams, rescale)
+        return _placed(state, streams, kept_sizes, slot_of, index, src, dst)
     if index is None:
         keep = torch.ones(bsz, length, dtype=torch.bool, device=device).scatter(
             1, removed, torch.zeros_like(removed, dtype=torch.bool))
