@@ -122,8 +122,7 @@ def rescaled(before: Streams, after: Streams, sizes: Tensor, total: Tensor, slot
         return after
     bsz, staying = total.shape
     flat_to = (slot_of.gather(1, dst) + torch.arange(bsz, device=total.device)[:, None] * staying).reshape(-1)
-    received = torch.zeros(bsz * staying, device=total.device).index_add_(
-        0, flat_to, torch.ones_like(flat_to, dtype=torch.float32)).view(bsz, staying) > 0
+    received = total > gather_tokens(sizes, index)  # sizes are positive: a token that took others grew
     out = []
     for t, m in zip(before, after, strict=True):
         if t is None or m is None:
