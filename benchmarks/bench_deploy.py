@@ -44,6 +44,21 @@ def load(name: str) -> torch.nn.Module:
     return ssmtrim.create_model(name).eval()
 
 
+def without_group_kernels(model):
+    """``model``'s forward with unmerge's group kernels off: its groups' means and regroupings in PyTorch ops (the
+    reference the kernels replace; ssmtrim.models.tokens looks the kernels up by this name at each call)."""
+    import ssmtrim.models.tokens as tokens
+
+    def call(x):
+        kernels, tokens.group_kernels = tokens.group_kernels, lambda *t: None
+        try:
+            return model(x)
+        finally:
+            tokens.group_kernels = kernels
+
+    return call
+
+
 def rates(calls, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> list[float]:
     """Images/s of each of ``calls`` on x, median of ``repeats`` timings of ``iters`` calls, the calls taking turns
     (dense, reduced, dense, ...) so that a slow spell of a shared machine falls on both."""
@@ -74,6 +89,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True, dynamic=False)")
     ap.add_argument("--onnx", action="store_true", help="also onnxruntime (exported and checked first)")
+    ap.add_argument("--group-ops", action="store_true",
+                    help="also the reduced model eager with unmerge's group kernels off (its groups in PyTorch ops), "
+                    "timed in the same turns")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
@@ -98,9 +116,13 @@ def main() -> None:
             for runtime, (d, r) in runtimes.items():
                 for label, batch in (("batch", x_many), ("one", x_one)):
                     n = 1 if label == "batch" else 5
-                    rd, rr = rates((d, r), batch, 1, args.iters * n, args.repeats)
+                    calls = (d, r, without_group_kernels(r)) if args.group_ops and runtime == "eager" else (d, r)
+                    rd, rr, *ro = rates(calls, batch, 1, args.iters * n, args.repeats)
                     row[f"{runtime}_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
                                                  "realised": rr / rd / row["flops_ratio"]}
+                    if ro:
+                        row[f"{runtime}_group_ops_{label}"] = {"dense": rd, "reduced": ro[0], "speedup": ro[0] / rd,
+                                                               "realised": ro[0] / rd / row["flops_ratio"]}
             if args.onnx:
                 from ssmtrim.export import OnnxModel, export_onnx
 

@@ -60,3 +60,26 @@ def test_quartermap_on_vmamba_compiles_as_one_graph():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
+def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
+    """unmerge with the mixers whole and the MLPs regrouped around a share of the tokens: the group kernels run in the
+    graph as the registered ops ``ssmtrim::group_mean`` and ``ssmtrim::regroup``, with the eager logits."""
+    from ssmtrim.ops._cpu_kernel import status
+
+    if not status().available:
+        pytest.skip("fast CPU kernel unavailable (no compiler)")
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vmamba_test")).eval()
+    apply_pruning(model, PruneConfig.recommended(model, layers=(2,), keep=(0.9,), compensate="none",
+                                                 options={"mixer": "positions", "mlp_share": 0.5}))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model(x)
+        compiled_model = torch.compile(model, fullgraph=True)
+        compiled = compiled_model(x)
+        with torch.profiler.profile() as prof:
+            compiled_model(x)
+    ran = {event.key for event in prof.key_averages()}
+    assert {"ssmtrim::group_mean", "ssmtrim::regroup"} <= ran
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())

@@ -1,5 +1,5 @@
-"""Small layers and initialisations the model families share: stochastic depth, the GELU MLP of a pre-norm block, and
-Mamba's initial dt bias."""
+"""Small layers and initialisations the model families share: stochastic depth, the GELU MLP of a pre-norm block,
+Mamba's initial dt bias, and attention over a reduced sequence."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class DropPath(nn.Module):
@@ -42,3 +43,25 @@ def initial_dt_bias(shape: int | tuple[int, ...], dt_min: float = 1e-3, dt_max: 
     """Mamba's dt bias: softplus(bias) log-uniform in [dt_min, dt_max] (at least dt_floor), as its inverse."""
     dt = torch.exp(torch.rand(shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(dt_floor)
     return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
+
+# the CPU's fused attention runs a sequence whose length is a multiple of this at up to twice the speed of one a few
+# tokens shorter (benchmarks/bench_attention.py): a reduced window or grid is padded to it, the padding masked out
+ATTENTION_MULTIPLE = 16
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` for q, k, v (B H L hd) and bias (B 1 1 L) or
+    None. On the CPU, outside a trace, export or FLOP count, a length that is not a multiple of
+    ATTENTION_MULTIPLE is padded to one, the padded keys masked out (weight exactly 0) and the padded queries' rows
+    dropped: the same values to rounding, faster."""
+    from ssmtrim.ops.tokens import standard_ops_only
+
+    length = q.shape[-2]
+    pad = -length % ATTENTION_MULTIPLE
+    if pad == 0 or q.device.type != "cpu" or standard_ops_only() or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    mask = q.new_zeros(q.shape[0], 1, 1, length) if bias is None else bias.to(q.dtype).expand(q.shape[0], 1, 1, length)
+    mask = F.pad(mask, (0, pad), value=float("-inf"))
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[..., :length, :]

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
-from ssmtrim.models.layers import DropPath, Mlp, initial_dt_bias
+from ssmtrim.models.layers import DropPath, Mlp, attention, initial_dt_bias
 from ssmtrim.models.registry import (
     ArchConfig,
     DataConfig,
@@ -234,7 +234,7 @@ class Attention(nn.Module):
         bias = None
         if geometry is not None and geometry.log_sizes is not None:
             bias = geometry.log_sizes[:, None, None, :].to(qkv.dtype)  # B' 1 1 K, added to the logits
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
+        out = attention(qkv[0], qkv[1], qkv[2], bias)
         return self.proj(out.transpose(1, 2).reshape(bsz, length, dim)), None
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ssmtrim.ops.selective_scan import tracing
+from ssmtrim.ops.tokens import group_kernels
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
            "restore_tokens", "topk_sorted", "tracing", "Unmerge", "WholeStreams", "merge_pair", "mlp_tokens",
@@ -245,6 +246,9 @@ class Unmerge:
     share: float = 1.0  # regroup around this share of the tokens (:func:`mlp_tokens` of them, the largest groups)
 
     def merge(self, x: Tensor) -> Tensor:
+        kernels = group_kernels(x)
+        if kernels is not None:  # one C call (ssmtrim.ops.tokens)
+            return kernels.mean(x, self.owner, self.sizes)
         bsz, length = self.owner.shape
         k = self.sizes.shape[1]
         rows = x.shape[2:]
@@ -269,6 +273,9 @@ class Unmerge:
             return self
         anchors, alone = self.anchors, self.alone
         count = mlp_tokens(int(anchors.shape[1]), self.share)
+        kernels = group_kernels(z)
+        if kernels is not None:  # one C call (ssmtrim.ops.tokens), the same groups
+            return Unmerge(*kernels.regroup(z, anchors, self.sizes, alone, count, REGROUP_ROUNDS))
         if count < anchors.shape[1]:  # around the largest groups (a protected token first: it stays alone)
             rank = self.sizes if alone is None else self.sizes + alone.float() * (self.owner.shape[1] + 1)
             pick = torch.sort(-rank, dim=1, stable=True).indices[:, :count].sort(1).values

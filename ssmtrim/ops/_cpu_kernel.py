@@ -156,6 +156,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_merge_choose.restype = None
     lib.ssm_merge_keep.argtypes = [lng, lng, lng, lng, p, p, p, p, i, p, p, p, p, p, p, i, i]
     lib.ssm_merge_keep.restype = None
+    lib.ssm_group_mean.argtypes = [p, lng, lng, lng, lng, lng, lng, p, p, p, i]
+    lib.ssm_group_mean.restype = None
+    lib.ssm_regroup.argtypes = [p, lng, lng, lng, lng, lng, lng, lng, p, p, p, i, p, p, i]
+    lib.ssm_regroup.restype = None
 
 
 def load() -> ctypes.CDLL | None:

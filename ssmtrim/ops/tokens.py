@@ -29,6 +29,16 @@ it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::
   size (summed in the reference's order), the new sizes, and each current token's slot; with ``rescale`` each row
   that others were merged into rescaled to the size-weighted mean of their norms (norms summed in double).
 
+Unmerge's blocks (``ssmtrim.models.tokens.Unmerge``) average the positions each token owns before a block's mixer or
+MLP, and regroup the positions by each MLP's input (a few k-means rounds): where the backend has
+:class:`GroupKernels` (the ``cpu`` backend) and nothing needs a gradient, each is one C call
+(registered ops ``ssmtrim::group_mean``, ``ssmtrim::regroup``), :func:`group_kernels` saying when:
+
+- ``mean(x, owner, sizes)``: each group's rows summed in row order, then divided by its size;
+- ``regroup(z, anchors, sizes, alone, count, rounds)``: the reference's regrouping (``Unmerge.for_mlp``), its
+  similarities summed in another order, so that a position can join another group only where two groups are
+  equally like it to rounding.
+
 The choice is the reference's; the similarities and sums are computed in another order than PyTorch's, so values
 agree to rounding (the tests check 1e-6 of the largest value) and a merge target can differ only where two staying
 tokens are equally similar to rounding.
@@ -44,13 +54,13 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops.backend import backend_for
-from ssmtrim.ops.backends.base import MergeKernels, TokenKernels
+from ssmtrim.ops.backends.base import GroupKernels, MergeKernels, TokenKernels
 from ssmtrim.ops.selective_scan import single_op_requested
 
-__all__ = ["MergeKernels", "TokenKernels", "merge_kernels", "token_kernels"]
+__all__ = ["GroupKernels", "MergeKernels", "TokenKernels", "group_kernels", "merge_kernels", "token_kernels"]
 
 
-def _standard_ops_only() -> bool:
+def standard_ops_only() -> bool:
     """An export, a jit trace or a FLOP count is watching: the file or the count holds standard ops only (a graph
     ``torch.compile`` makes takes the kernels as registered ops)."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or single_op_requested()
@@ -69,7 +79,7 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
     ``ssmtrim::tokens_scan``), Vim's causal depth-wise convs; else None (the general path)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mixer.parameters())):
         return None
-    if _standard_ops_only():
+    if standard_ops_only():
         return None
     if not all(_plain_causal(conv, conv.in_channels) and conv.weight.dtype == x.dtype for conv in convs):
         return None
@@ -82,9 +92,22 @@ def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
     step): no gradient wanted, no export or FLOP count watching (``torch.compile`` takes them as the registered ops
     ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype they accept; else None."""
     present = [t for t in tensors if t is not None]
-    if not present or _standard_ops_only():
+    if not present or standard_ops_only():
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return None
     kernels = backend_for(present[0].device).merge
+    return kernels if kernels is not None and all(kernels.accepts(t) for t in present) else None
+
+
+def group_kernels(*tensors: Tensor | None) -> GroupKernels | None:
+    """The chosen backend's group kernels when they may take ``tensors``: no gradient wanted, no export or FLOP count
+    watching (``torch.compile`` takes them as the registered ops ``ssmtrim::group_mean`` and ``ssmtrim::regroup``),
+    all on a device and in a dtype they accept; else None."""
+    present = [t for t in tensors if t is not None]
+    if not present or standard_ops_only():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return None
+    kernels = backend_for(present[0].device).group
     return kernels if kernels is not None and all(kernels.accepts(t) for t in present) else None

@@ -66,6 +66,19 @@ class MergeKernels(NamedTuple):
     keep: Callable[..., tuple[tuple[Tensor, ...], Tensor, Tensor]]
 
 
+class GroupKernels(NamedTuple):
+    """Inference kernels for the groups of positions unmerge's blocks run on (see :mod:`ssmtrim.ops.tokens`): the
+    mean of each group's rows, and the regrouping of the positions by a block's input, each one C call in place of
+    many small PyTorch ops.
+
+    ``accepts(x)`` says whether they take tensors like x; ``mean(x, owner, sizes)`` -> (B K ...);
+    ``regroup(z, anchors, sizes, alone, count, rounds)`` -> (owner, counts)."""
+
+    accepts: Callable[[Tensor], bool]
+    mean: Callable[..., Tensor]
+    regroup: Callable[..., tuple[Tensor, Tensor]]
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way to run the selective scan.
@@ -79,7 +92,8 @@ class Backend:
       passes it over there (``available`` said no), the log line says why with ``note()``;
     - ``describe()``: extra rows for ``ssmtrim info`` (what is installed, and where);
     - ``tokens``: token-major inference kernels, or None (the mixer runs the general path);
-    - ``merge``: a merge step's inference kernels, or None (the merge runs in PyTorch ops).
+    - ``merge``: a merge step's inference kernels, or None (the merge runs in PyTorch ops);
+    - ``group``: unmerge's group kernels, or None (PyTorch ops).
     """
 
     name: str
@@ -92,3 +106,4 @@ class Backend:
     describe: Callable[[], dict[str, str]] | None = None
     tokens: TokenKernels | None = None
     merge: MergeKernels | None = None
+    group: GroupKernels | None = None

@@ -17,7 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
-from ssmtrim.ops.backends.base import Backend, ConvKernel, MergeKernels, TokenKernels, constant_when_compiled
+from ssmtrim.ops.backends.base import (
+    Backend,
+    ConvKernel,
+    GroupKernels,
+    MergeKernels,
+    TokenKernels,
+    constant_when_compiled,
+)
 from ssmtrim.ops.backends.ref import selective_scan_ref
 
 _VECTOR = 16  # channels per vector in csrc/selective_scan.c (W)
@@ -456,6 +463,81 @@ def _keep_fake(index, src, dst, sizes, present, rescale=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# groups of positions (unmerge's blocks; ssmtrim/models/tokens.py's Unmerge is the reference)
+
+
+def group_mean(x: Tensor, owner: Tensor, sizes: Tensor) -> Tensor:
+    """``ssm_group_mean``: x (B L ..., fp32), owner (B L) in [0, K), sizes (B K) -> (B K ...) the mean of the rows
+    each group owns. In a graph that ``torch.compile`` makes, the registered op ``ssmtrim::group_mean``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ssmtrim.group_mean(x, owner, sizes)
+    return _group_mean(x, owner, sizes)
+
+
+def _group_mean(x: Tensor, owner: Tensor, sizes: Tensor) -> Tensor:
+    lib = _cpu_kernel.load()
+    bsz, length = owner.shape
+    k = sizes.shape[1]
+    rows = x.detach().reshape(bsz, length, math.prod(x.shape[2:]))
+    rows = rows if rows.stride(2) == 1 else rows.contiguous()
+    out = torch.empty(bsz, k, *x.shape[2:], dtype=torch.float32)
+    owner, sizes = owner.to(torch.long).contiguous(), _f32(sizes)
+    lib.ssm_group_mean(_ptr(rows), rows.stride(0), rows.stride(1), bsz, length, k, rows.shape[2], _ptr(owner),
+                       _ptr(sizes), _ptr(out), torch.get_num_threads())
+    return out
+
+
+def regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, count: int,
+            rounds: int) -> tuple[Tensor, Tensor]:
+    """``ssm_regroup``: the positions of z (B L D, fp32) grouped around ``count`` of the tokens at ``anchors`` (B K;
+    the largest by ``sizes`` (B K), an ``alone`` (B K bool) token first) by cosine, then ``rounds`` rounds of
+    k-means -> (owner (B L) in [0, count), counts (B count) fp32). In a graph that ``torch.compile`` makes, the
+    registered op ``ssmtrim::regroup``."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.ops.ssmtrim.regroup(z, anchors, sizes, alone, count, rounds))
+    return _regroup(z, anchors, sizes, alone, count, rounds)
+
+
+def _regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, count: int,
+             rounds: int) -> tuple[Tensor, Tensor]:
+    lib = _cpu_kernel.load()
+    bsz, length, width = z.shape
+    k = anchors.shape[1]
+    z = z.detach()
+    z = z if z.stride(2) == 1 else z.contiguous()
+    anchors, sizes = anchors.to(torch.long).contiguous(), _f32(sizes)
+    solo = None if alone is None else alone.to(torch.uint8).contiguous()
+    owner = torch.empty(bsz, length, dtype=torch.long)
+    counts = torch.empty(bsz, count, dtype=torch.float32)
+    lib.ssm_regroup(_ptr(z), z.stride(0), z.stride(1), bsz, length, width, k, count, _ptr(anchors), _ptr(sizes),
+                    _ptr(solo), rounds, _ptr(owner), _ptr(counts), torch.get_num_threads())
+    return owner, counts
+
+
+def group_accepts(x: Tensor) -> bool:
+    """fp32 CPU tensors, with the kernel built."""
+    return merge_accepts(x)
+
+
+_INFERENCE_OPS.define("group_mean(Tensor x, Tensor owner, Tensor sizes) -> Tensor")
+_INFERENCE_OPS.impl("group_mean", _group_mean, "CPU")
+_INFERENCE_OPS.define("regroup(Tensor z, Tensor anchors, Tensor sizes, Tensor? alone, int count, int rounds) "
+                      "-> (Tensor, Tensor)")
+_INFERENCE_OPS.impl("regroup", _regroup, "CPU")
+
+
+@torch.library.register_fake("ssmtrim::group_mean")
+def _group_mean_fake(x, owner, sizes):
+    return x.new_empty(owner.shape[0], sizes.shape[1], *x.shape[2:], dtype=torch.float32)
+
+
+@torch.library.register_fake("ssmtrim::regroup")
+def _regroup_fake(z, anchors, sizes, alone, count, rounds):
+    bsz, length = z.shape[:2]
+    return anchors.new_empty(bsz, length, dtype=torch.long), z.new_empty(bsz, count, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the backend
 
 
@@ -485,4 +567,5 @@ BACKEND = Backend(
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
     merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep),
+    group=GroupKernels(accepts=group_accepts, mean=group_mean, regroup=regroup),
 )

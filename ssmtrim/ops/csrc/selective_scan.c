@@ -919,3 +919,141 @@ void ssm_merge_keep(long Bn, long Ln, long K, long M, const long *index, const l
         free(norm_sum);
     }
 }
+
+/* ---- groups of positions (unmerge's blocks: ssmtrim/models/tokens.py's Unmerge is the reference) ---- */
+
+/* x (B, L, D) through strides (sxb, sxl; unit stride within a row), owner (B, L) in [0, K), sizes (B, K) -> out
+ * (B, K, D) contiguous: each group's rows summed in row order, then divided by its size (as index_add_ then a
+ * division). */
+void ssm_group_mean(const float *x, long sxb, long sxl, long Bn, long Ln, long K, long D, const long *owner,
+                    const float *sizes, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        float *o = out + b * K * D;
+        memset(o, 0, sizeof(float) * (size_t)(K * D));
+        for (long l = 0; l < Ln; l++) {
+            const float *xr = x + b * sxb + l * sxl;
+            float *orow = o + owner[b * Ln + l] * D;
+            for (long d = 0; d < D; d++) orow[d] += xr[d];
+        }
+        for (long k = 0; k < K; k++) {
+            const float s = sizes[b * K + k];
+            float *orow = o + k * D;
+            for (long d = 0; d < D; d++) orow[d] /= s;
+        }
+    }
+}
+
+#define RROWS 4 /* rows whose similarities are summed at once */
+
+typedef struct {
+    float rank;
+    long at;
+} Picked;
+
+/* Descending rank, ties by position: torch.sort(-rank, stable=True)'s order. */
+static int picked_cmp(const void *pa, const void *pb) {
+    const Picked *a = (const Picked *)pa, *b = (const Picked *)pb;
+    if (a->rank != b->rank) return a->rank > b->rank ? -1 : 1;
+    return a->at < b->at ? -1 : (a->at > b->at);
+}
+
+/* z (B, L, D) through strides (szb, szl; unit stride within a row); anchors (B, K) the positions of the tokens,
+ * sizes (B, K) the positions each owns, alone (B, K) bytes or NULL (a token that stands for itself alone). Around
+ * the C tokens of largest size (C < K; an alone token first; ties by token order; in token order), each position
+ * joins the token whose unit z is most like its own (cosine; the first on a tie; an alone token takes none), every
+ * token's own position staying with it; then `rounds` rounds of k-means move each position to the group whose mean
+ * unit z, normed, is most like its own. -> owner (B, L) in [0, C), counts (B, C). */
+void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, long K, long C, const long *anchors,
+                 const float *sizes, const unsigned char *alone, int rounds, long *owner, float *counts,
+                 int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        const long Cp = (C + VLEN - 1) / VLEN * VLEN; /* C padded with zero columns */
+        float *unit = (float *)malloc(sizeof(float) * (size_t)(Ln * D + C * D + D * Cp + RROWS * Cp));
+        float *centre = unit + Ln * D, *ct = centre + C * D, *sim = ct + D * Cp;
+        Picked *pick = (Picked *)malloc(sizeof(Picked) * (size_t)K);
+        long *anc = (long *)malloc(sizeof(long) * (size_t)C);
+        unsigned char *solo = (unsigned char *)malloc((size_t)C);
+#pragma omp for schedule(static)
+        for (long b = 0; b < Bn; b++) {
+            for (long l = 0; l < Ln; l++) unit_row(z + b * szb + l * szl, D, unit + l * D);
+            if (C < K) {
+                for (long k = 0; k < K; k++) {
+                    pick[k].rank = sizes[b * K + k] + (alone && alone[b * K + k] ? (float)(Ln + 1) : 0.f);
+                    pick[k].at = k;
+                }
+                qsort(pick, K, sizeof(Picked), picked_cmp);
+                /* the first C in token order */
+                for (long c = 0; c < C; c++) {
+                    long at = pick[c].at, j = c;
+                    while (j > 0 && anc[j - 1] > at) { /* insertion by token index, kept in anc for now */
+                        anc[j] = anc[j - 1];
+                        j--;
+                    }
+                    anc[j] = at;
+                }
+                for (long c = 0; c < C; c++) {
+                    solo[c] = alone ? alone[b * K + anc[c]] : 0;
+                    anc[c] = anchors[b * K + anc[c]];
+                }
+            } else {
+                for (long c = 0; c < C; c++) {
+                    anc[c] = anchors[b * K + c];
+                    solo[c] = alone ? alone[b * K + c] : 0;
+                }
+            }
+            for (long c = 0; c < C; c++) memcpy(centre + c * D, unit + anc[c] * D, sizeof(float) * (size_t)D);
+            long *own = owner + b * Ln;
+            float *cnt = counts + b * C;
+            for (int round = 0; round <= rounds; round++) {
+                for (long d = 0; d < D; d++) /* the centres feature-major (D, Cp): one vector holds VLEN of them */
+                    for (long c = 0; c < Cp; c++) ct[d * Cp + c] = c < C ? centre[c * D + d] : 0.f;
+                for (long l0 = 0; l0 < Ln; l0 += RROWS) { /* RROWS rows at once: independent sums */
+                    const float *u[RROWS];
+                    for (int r = 0; r < RROWS; r++) u[r] = unit + (l0 + r < Ln ? l0 + r : l0) * D;
+                    for (long c0 = 0; c0 < Cp; c0 += VLEN) {
+                        vecV acc[RROWS] = {{0}};
+                        for (long d = 0; d < D; d++) {
+                            vecV x;
+                            memcpy(&x, ct + d * Cp + c0, sizeof x);
+                            for (int r = 0; r < RROWS; r++) acc[r] += u[r][d] * x;
+                        }
+                        for (int r = 0; r < RROWS; r++) memcpy(sim + r * Cp + c0, acc + r, sizeof(vecV));
+                    }
+                    for (long r = 0; r < RROWS && l0 + r < Ln; r++) {
+                        long best = 0;
+                        float top = 0.f;
+                        for (long c = 0; c < C; c++) {
+                            const float s = solo[c] ? -2.f /* below any cosine */ : sim[r * Cp + c];
+                            if (c == 0 || s > top) {
+                                top = s;
+                                best = c;
+                            }
+                        }
+                        own[l0 + r] = best;
+                    }
+                }
+                for (long c = 0; c < C; c++) own[anc[c]] = c;
+                for (long c = 0; c < C; c++) cnt[c] = 0.f;
+                for (long l = 0; l < Ln; l++) cnt[own[l]] += 1.f;
+                if (round == rounds) break;
+                memset(centre, 0, sizeof(float) * (size_t)(C * D));
+                for (long l = 0; l < Ln; l++) {
+                    float *cr = centre + own[l] * D;
+                    const float *u = unit + l * D;
+                    for (long d = 0; d < D; d++) cr[d] += u[d];
+                }
+                for (long c = 0; c < C; c++) {
+                    float *cr = centre + c * D;
+                    for (long d = 0; d < D; d++) cr[d] /= cnt[c];
+                    unit_row(cr, D, cr);
+                }
+            }
+        }
+        free(unit);
+        free(pick);
+        free(anc);
+        free(solo);
+    }
+}

@@ -1,0 +1,95 @@
+"""Unmerge's group kernels (:mod:`ssmtrim.ops.tokens`, ``GroupKernels``): the PyTorch reference's groups and means
+(``ssmtrim.models.tokens.Unmerge`` with the kernels off), and taken only where they may run. Groups are compared
+exactly on inputs whose similarities have no near ties (the kernel sums them in its own order); means to the
+tolerance that holds across CPUs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmtrim.models.tokens as tokens
+from ssmtrim.models.tokens import REGROUP_ROUNDS, Unmerge
+from ssmtrim.ops._cpu_kernel import status as kernel_status
+from ssmtrim.ops.backends import cpu
+from ssmtrim.ops.tokens import group_kernels
+from tests.tolerance import assert_close_across_cpus
+
+requires_kernel = pytest.mark.skipif(not kernel_status().available, reason="fast CPU kernel unavailable (no compiler)")
+
+
+def _groups(seed, bsz=3, length=37, tokens_=9, width=16, alone=True):
+    """An Unmerge over a random owner map (every token owns its own anchor position), and clustered inputs z (each
+    position near one of a few directions, so that no position is equally like two groups)."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.stack([torch.randperm(length, generator=g)[:tokens_].sort().values for _ in range(bsz)])
+    owner = torch.randint(0, tokens_, (bsz, length), generator=g)
+    owner = owner.scatter(1, anchors, torch.arange(tokens_).expand(bsz, -1).contiguous())
+    sizes = torch.zeros(bsz, tokens_).scatter_add(1, owner, torch.ones(bsz, length))
+    solo = None
+    if alone:
+        solo = torch.zeros(bsz, tokens_, dtype=torch.bool)
+        solo[:, 2] = True
+    centres = torch.randn(5, width, generator=g) * 4
+    z = centres[torch.randint(0, 5, (bsz, length), generator=g)] + 0.3 * torch.randn(bsz, length, width, generator=g)
+    return Unmerge(owner, sizes, True, anchors, solo), z
+
+
+def _reference(monkeypatch):
+    monkeypatch.setattr(tokens, "group_kernels", lambda *t: None)
+
+
+@requires_kernel
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.25])
+@pytest.mark.parametrize("alone", [True, False])
+def test_regroup_is_the_reference_regrouping(monkeypatch, share, alone):
+    for seed in range(3):
+        groups, z = _groups(seed, alone=alone)
+        groups = Unmerge(groups.owner, groups.sizes, True, groups.anchors, groups.alone, share)
+        with torch.no_grad():
+            got = groups.for_mlp(z)
+            with monkeypatch.context() as m:
+                _reference(m)
+                want = groups.for_mlp(z)
+        assert torch.equal(got.owner, want.owner)
+        assert torch.equal(got.sizes, want.sizes)
+        assert got.sizes.shape[1] == tokens.mlp_tokens(9, share)
+
+
+@requires_kernel
+def test_regroup_keeps_each_anchor_in_its_group_and_an_alone_token_alone():
+    groups, z = _groups(7)
+    with torch.no_grad():
+        owner, counts = cpu.regroup(z, groups.anchors, groups.sizes, groups.alone, 9, REGROUP_ROUNDS)
+    assert torch.equal(owner.gather(1, groups.anchors), torch.arange(9).expand(3, -1))
+    assert torch.equal(counts[:, 2], torch.ones(3))  # alone: its own position only
+    assert torch.equal(counts.sum(1), torch.full((3,), 37.0))
+
+
+@requires_kernel
+@pytest.mark.parametrize("shape", [(16,), (4, 6)])
+def test_group_mean_is_the_reference_mean(monkeypatch, shape):
+    groups, _ = _groups(3)
+    x = torch.randn(3, 37, *shape, generator=torch.Generator().manual_seed(1))
+    strided = torch.randn(3, 37, 2 * shape[0], *shape[1:])[:, :, : shape[0]]  # rows of unit stride, not contiguous
+    strided.copy_(x)
+    with torch.no_grad():
+        got, got_strided = groups.merge(x), groups.merge(strided)
+        with monkeypatch.context() as m:
+            _reference(m)
+            want = groups.merge(x)
+    assert got.shape == want.shape == (3, 9, *shape)
+    assert_close_across_cpus(got, want)
+    assert_close_across_cpus(got_strided, want)
+
+
+@requires_kernel
+def test_group_kernels_only_where_they_may_run():
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        assert group_kernels(x) is not None
+        assert group_kernels(x.double()) is None
+    leaf = x.clone().requires_grad_()
+    assert group_kernels(leaf) is None  # a gradient is wanted: PyTorch ops
+    with torch.no_grad():
+        assert group_kernels(leaf) is not None
