@@ -44,17 +44,20 @@ def load(name: str) -> torch.nn.Module:
     return ssmtrim.create_model(name).eval()
 
 
-def without_group_kernels(model):
-    """``model``'s forward with unmerge's group kernels off: its groups' means and regroupings in PyTorch ops (the
-    reference the kernels replace; ssmtrim.models.tokens looks the kernels up by this name at each call)."""
+def with_reference_ops(model):
+    """``model``'s forward with the kernels of unmerge's groups and of ToMe's choice off: the groups' means and
+    regroupings and the bipartite choice in PyTorch ops (the references those kernels replace; ssmtrim.models.tokens and
+    ssmtrim.pruning.strategies.tome look the kernels up by these names at each call)."""
     import ssmtrim.models.tokens as tokens
+    import ssmtrim.pruning.strategies.tome as tome
 
     def call(x):
-        kernels, tokens.group_kernels = tokens.group_kernels, lambda *t: None
+        saved = tokens.group_kernels, tome.merge_kernels
+        tokens.group_kernels = tome.merge_kernels = lambda *t: None
         try:
             return model(x)
         finally:
-            tokens.group_kernels = kernels
+            tokens.group_kernels, tome.merge_kernels = saved
 
     return call
 
@@ -89,9 +92,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(fullgraph=True, dynamic=False)")
     ap.add_argument("--onnx", action="store_true", help="also onnxruntime (exported and checked first)")
-    ap.add_argument("--group-ops", action="store_true",
-                    help="also the reduced model eager with unmerge's group kernels off (its groups in PyTorch ops), "
-                    "timed in the same turns")
+    ap.add_argument("--reference-ops", action="store_true",
+                    help="also the reduced model eager with the kernels of unmerge's groups and of ToMe's choice off "
+                    "(in PyTorch ops), timed in the same turns")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
@@ -116,12 +119,12 @@ def main() -> None:
             for runtime, (d, r) in runtimes.items():
                 for label, batch in (("batch", x_many), ("one", x_one)):
                     n = 1 if label == "batch" else 5
-                    calls = (d, r, without_group_kernels(r)) if args.group_ops and runtime == "eager" else (d, r)
+                    calls = (d, r, with_reference_ops(r)) if args.reference_ops and runtime == "eager" else (d, r)
                     rd, rr, *ro = rates(calls, batch, 1, args.iters * n, args.repeats)
                     row[f"{runtime}_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
                                                  "realised": rr / rd / row["flops_ratio"]}
                     if ro:
-                        row[f"{runtime}_group_ops_{label}"] = {"dense": rd, "reduced": ro[0], "speedup": ro[0] / rd,
+                        row[f"{runtime}_reference_ops_{label}"] = {"dense": rd, "reduced": ro[0], "speedup": ro[0] / rd,
                                                                "realised": ro[0] / rd / row["flops_ratio"]}
             if args.onnx:
                 from ssmtrim.export import OnnxModel, export_onnx

@@ -36,7 +36,7 @@ from ssmtrim.evaluate import label_images
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
-from ssmtrim.pruning.schedule import FlopsModel, keep_for
+from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # ours: the family's recommended plan (its head compensation changes the classifier only, not the maps); ours-dense:
@@ -46,6 +46,9 @@ ROWS = {"ours": {}, "ours-dense": {}, "merge": {"arrangement": "merge"},
         "unmerge-importance": {"arrangement": "unmerge", "options": {"match": "importance"}},
         "unmerge-tokens": {"arrangement": "unmerge", "options": {"mixer": "tokens"}},
         "unmerge-mlp": {"arrangement": "unmerge", "options": {"mixer": "positions"}},
+        # the plan the schedule search picks at -30% on both test beds: the mixers merged gently, the MLPs on a tenth
+        # of the tokens (the share raised to meet the target where a keep cannot: schedule.fitted_plan)
+        "unmerge-share": {"arrangement": "unmerge", "options": {"mixer": "tokens", "mlp_share": 0.1}},
         "tome": {"arrangement": "tome"},
         "align": {"arrangement": "align"},
         "quartermap": {"arrangement": "quartermap", "keep": (0.25,)}}
@@ -159,7 +162,8 @@ def main() -> None:
             if keep is None:
                 print(f"FLOPs x{target}: {row} unreachable after blocks {layers}", flush=True)
                 continue
-            config = config.replace(keep=(keep,))
+            # a share fitted to the target where the keep cannot fit it (the other rows' plans stay as they are)
+            config = fitted_plan(dense_estimate, config, layers, keep, target).replace(keep=(keep,))
             try:
                 pruned = apply_pruning(backbone, config)
             except ConfigError as exc:

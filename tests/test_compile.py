@@ -63,8 +63,9 @@ def test_quartermap_on_vmamba_compiles_as_one_graph():
 
 
 def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
-    """unmerge with the mixers whole and the MLPs regrouped around a share of the tokens: the group kernels run in the
-    graph as the registered ops ``ssmtrim::group_mean`` and ``ssmtrim::regroup``, with the eager logits."""
+    """unmerge with the mixers whole and the MLPs regrouped around a share of the tokens: the group kernels and ToMe's
+    choice (the step removes under half its tokens) run in the graph as the registered ops ``ssmtrim::group_mean``,
+    ``ssmtrim::regroup`` and ``ssmtrim::merge_bipartite``, with the eager logits."""
     from ssmtrim.ops._cpu_kernel import status
 
     if not status().available:
@@ -81,5 +82,5 @@ def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
         with torch.profiler.profile() as prof:
             compiled_model(x)
     ran = {event.key for event in prof.key_averages()}
-    assert {"ssmtrim::group_mean", "ssmtrim::regroup"} <= ran
+    assert {"ssmtrim::group_mean", "ssmtrim::regroup", "ssmtrim::merge_bipartite"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())

@@ -160,6 +160,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_group_mean.restype = None
     lib.ssm_regroup.argtypes = [p, lng, lng, lng, lng, lng, lng, lng, p, p, p, i, p, p, i]
     lib.ssm_regroup.restype = None
+    lib.ssm_bipartite_choose.argtypes = [p, lng, lng, p, lng, lng, lng, lng, p, p, p, i]
+    lib.ssm_bipartite_choose.restype = None
 
 
 def load() -> ctypes.CDLL | None:

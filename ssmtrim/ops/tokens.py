@@ -25,6 +25,10 @@ it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::
 - ``choose(keys, protected, features, removed, n_drop)``: the ``removed`` tokens of lowest key leave (a stable sort:
   ties by position), ``(src_all, index, dst)`` as ``choose_merges`` returns them, each merged token's target found by
   the cosine similarity of ``features`` (the first on a tie);
+- ``bipartite(features, protected, removed)``: ToMe's choice (``ssmtrim.pruning.strategies.tome.choose_bipartite``:
+  the unprotected tokens alternate between A and B, each A token's most similar B token, the A tokens of highest
+  similarity leave), with the staying tokens' indices, so that ``keep`` can follow (registered op
+  ``ssmtrim::merge_bipartite``);
 - ``keep(index, src, dst, sizes, streams, rescale=False)``: the staying rows with the merged ones averaged in by
   size (summed in the reference's order), the new sizes, and each current token's slot; with ``rescale`` each row
   that others were merged into rescaled to the size-weighted mean of their norms (norms summed in double).

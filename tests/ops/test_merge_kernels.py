@@ -143,3 +143,48 @@ def test_the_strategy_calls_them(monkeypatch):
                          BlockOutput((), features, mixer_input=features), PruneConfig(layers=(1,), keep=(0.5,)))
     merge.Merge().reduce(step)
     assert calls == ["choose", "keep"]
+
+
+def reference_bipartite(features, protected, removed):
+    """choose_bipartite's PyTorch code, written out."""
+    candidates = int((~protected[0]).sum())
+    order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]
+    a_idx, b_idx = order[:, 0::2], order[:, 1::2]
+    unit = F.normalize(features.float(), dim=-1)
+    best, match = (gather_tokens(unit, a_idx) @ gather_tokens(unit, b_idx).transpose(1, 2)).max(-1)
+    chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
+    return a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
+
+
+@requires_kernel
+@pytest.mark.parametrize("removed,n_protected,length", [(1, 2, 41), (13, 2, 41), (20, 0, 40), (19, 1, 40)])
+def test_bipartite_is_the_reference_choice(removed, n_protected, length):
+    """ToMe's choice in one C call: the same A tokens leave, in the same order, each to the same B token; the staying
+    tokens are the others in increasing order. Without protected tokens two B tokens are copies (each A token's tie
+    goes to the first); no other near ties."""
+    _, protected, features = _case(removed + length, length=length, n_protected=n_protected)
+    if n_protected == 0:
+        features[:, 7] = features[:, 5]  # two B tokens alike (odd positions)
+    got_src, got_dst, index = cpu.merge_bipartite(features, protected, removed)
+    want_src, want_dst = reference_bipartite(features, protected, removed)
+    assert torch.equal(got_src, want_src)
+    assert torch.equal(got_dst, want_dst)
+    staying = torch.ones(features.shape[:2], dtype=torch.bool).scatter(1, got_src, False)
+    assert torch.equal(index, torch.stack([row.nonzero()[:, 0] for row in staying]))
+
+
+@requires_kernel
+def test_tome_takes_the_bipartite_kernel_with_the_reference_values(monkeypatch):
+    """A ToMe plan on a Vim: with the kernels (choice and merge in C) the logits of the PyTorch ops, to rounding."""
+    torch.manual_seed(0)
+    model = ssmtrim.create_model("vim_test", depth=2).eval()
+    apply_pruning(model, PruneConfig(layers=(1,), keep=(0.6,), arrangement="tome"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(x)
+        monkeypatch.setattr(merge, "merge_kernels", lambda *t: None)
+        import ssmtrim.pruning.strategies.tome as tome
+
+        monkeypatch.setattr(tome, "merge_kernels", lambda *t: None)
+        want = model(x)
+    assert_close_across_cpus(got, want)

@@ -64,6 +64,8 @@ class MergeKernels(NamedTuple):
     accepts: Callable[[Tensor], bool]
     choose: Callable[..., tuple[Tensor, Tensor, Tensor]]
     keep: Callable[..., tuple[tuple[Tensor, ...], Tensor, Tensor]]
+    # ToMe's bipartite choice: (features, protected, removed) -> (src, dst, index); None: in PyTorch ops
+    bipartite: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 class GroupKernels(NamedTuple):

@@ -400,6 +400,30 @@ def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: i
     return src_all, index, dst
 
 
+def merge_bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``ssm_bipartite_choose``: ToMe's choice on features (B L F) with protected (B L bool) tokens left out ->
+    (src (B R) the A tokens that leave, in order of similarity, dst (B R) the B token each goes to, index (B L-R) the
+    staying tokens in increasing order). In a graph that ``torch.compile`` makes, the registered op
+    ``ssmtrim::merge_bipartite``."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.ops.ssmtrim.merge_bipartite(features, protected, removed))
+    return _bipartite(features, protected, removed)
+
+
+def _bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[Tensor, Tensor, Tensor]:
+    lib = _cpu_kernel.load()
+    feats = features.detach()
+    feats = feats if feats.dtype == torch.float32 and feats.stride(2) == 1 else feats.float().contiguous()
+    prot = protected.to(torch.uint8).contiguous()
+    bsz, length, width = feats.shape
+    src = torch.empty(bsz, removed, dtype=torch.long)
+    dst = torch.empty(bsz, removed, dtype=torch.long)
+    index = torch.empty(bsz, length - removed, dtype=torch.long)
+    lib.ssm_bipartite_choose(_ptr(feats), feats.stride(0), feats.stride(1), _ptr(prot), bsz, length, width, removed,
+                             _ptr(src), _ptr(dst), _ptr(index), torch.get_num_threads())
+    return src, dst, index
+
+
 def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, streams: tuple[Tensor | None, ...],
                rescale: bool = False) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor]:
     """``ssm_merge_keep``: the staying tokens ``index`` (B K) of each stream (B L ..., fp32; None stays None), with
@@ -446,6 +470,15 @@ _INFERENCE_OPS.impl("merge_choose", _choose, "CPU")
 _INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present, "
                       "bool rescale=False) -> Tensor[]")
 _INFERENCE_OPS.impl("merge_keep", _keep, "CPU")
+_INFERENCE_OPS.define("merge_bipartite(Tensor features, Tensor protected, int removed) -> (Tensor, Tensor, Tensor)")
+_INFERENCE_OPS.impl("merge_bipartite", _bipartite, "CPU")
+
+
+@torch.library.register_fake("ssmtrim::merge_bipartite")
+def _bipartite_fake(features, protected, removed):
+    bsz, length = protected.shape
+    src = features.new_empty(bsz, removed, dtype=torch.long)
+    return src, src.new_empty(bsz, removed), src.new_empty(bsz, length - removed)
 
 
 @torch.library.register_fake("ssmtrim::merge_choose")
@@ -566,6 +599,6 @@ BACKEND = Backend(
     note=lambda: _cpu_kernel.status().detail,
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
-    merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep),
+    merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
     group=GroupKernels(accepts=group_accepts, mean=group_mean, regroup=regroup),
 )

@@ -958,6 +958,28 @@ static int picked_cmp(const void *pa, const void *pb) {
     return a->at < b->at ? -1 : (a->at > b->at);
 }
 
+/* The C tokens of largest rank (size, plus L + 1 for an alone one; ties by token order), in token order, into out
+ * (C), by counting: the ranks are whole numbers in [0, 2L + 2) where sizes count positions. Returns 0 (out untouched)
+ * where a rank is not such a number (the caller sorts instead). */
+static int top_by_count(const float *sizes, const unsigned char *alone, long K, long Ln, long C, long *hist,
+                        long *out) {
+    const long bins = 2 * Ln + 3;
+    memset(hist, 0, sizeof(long) * (size_t)bins);
+    for (long k = 0; k < K; k++) {
+        const float r = sizes[k] + (alone && alone[k] ? (float)(Ln + 1) : 0.f);
+        if (!(r >= 0.f && r < (float)bins) || (float)(long)r != r) return 0;
+        hist[(long)r]++;
+    }
+    long cut = bins - 1, above = 0; /* the rank of the C-th token, and how many rank above it */
+    while (cut > 0 && above + hist[cut] < C) above += hist[cut--];
+    long ties = C - above; /* the first `ties` tokens of rank cut, in token order, join those above it */
+    for (long k = 0, c = 0; k < K && c < C; k++) {
+        const long r = (long)(sizes[k] + (alone && alone[k] ? (float)(Ln + 1) : 0.f));
+        if (r > cut || (r == cut && ties-- > 0)) out[c++] = k;
+    }
+    return 1;
+}
+
 /* z (B, L, D) through strides (szb, szl; unit stride within a row); anchors (B, K) the positions of the tokens,
  * sizes (B, K) the positions each owns, alone (B, K) bytes or NULL (a token that stands for itself alone). Around
  * the C tokens of largest size (C < K; an alone token first; ties by token order; in token order), each position
@@ -973,12 +995,19 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
         float *unit = (float *)malloc(sizeof(float) * (size_t)(Ln * D + C * D + D * Cp + RROWS * Cp));
         float *centre = unit + Ln * D, *ct = centre + C * D, *sim = ct + D * Cp;
         Picked *pick = (Picked *)malloc(sizeof(Picked) * (size_t)K);
+        long *hist = (long *)malloc(sizeof(long) * (size_t)(2 * Ln + 3));
         long *anc = (long *)malloc(sizeof(long) * (size_t)C);
         unsigned char *solo = (unsigned char *)malloc((size_t)C);
+        long *solos = (long *)malloc(sizeof(long) * (size_t)C);
 #pragma omp for schedule(static)
         for (long b = 0; b < Bn; b++) {
             for (long l = 0; l < Ln; l++) unit_row(z + b * szb + l * szl, D, unit + l * D);
-            if (C < K) {
+            if (C < K && top_by_count(sizes + b * K, alone ? alone + b * K : NULL, K, Ln, C, hist, anc)) {
+                for (long c = 0; c < C; c++) {
+                    solo[c] = alone ? alone[b * K + anc[c]] : 0;
+                    anc[c] = anchors[b * K + anc[c]];
+                }
+            } else if (C < K) {
                 for (long k = 0; k < K; k++) {
                     pick[k].rank = sizes[b * K + k] + (alone && alone[b * K + k] ? (float)(Ln + 1) : 0.f);
                     pick[k].at = k;
@@ -1004,6 +1033,9 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
                 }
             }
             for (long c = 0; c < C; c++) memcpy(centre + c * D, unit + anc[c] * D, sizeof(float) * (size_t)D);
+            long nsolo = 0;
+            for (long c = 0; c < C; c++)
+                if (solo[c]) solos[nsolo++] = c;
             long *own = owner + b * Ln;
             float *cnt = counts + b * C;
             for (int round = 0; round <= rounds; round++) {
@@ -1022,15 +1054,13 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
                         for (int r = 0; r < RROWS; r++) memcpy(sim + r * Cp + c0, acc + r, sizeof(vecV));
                     }
                     for (long r = 0; r < RROWS && l0 + r < Ln; r++) {
-                        long best = 0;
-                        float top = 0.f;
-                        for (long c = 0; c < C; c++) {
-                            const float s = solo[c] ? -2.f /* below any cosine */ : sim[r * Cp + c];
-                            if (c == 0 || s > top) {
-                                top = s;
-                                best = c;
-                            }
-                        }
+                        float *sr = sim + r * Cp;
+                        for (long j = 0; j < nsolo; j++) sr[solos[j]] = -2.f; /* below any cosine */
+                        for (long c = C; c < Cp; c++) sr[c] = -3.f; /* the padding, below everything */
+                        float top = sr[0];
+                        for (long c = 1; c < Cp; c++) top = fmaxf(top, sr[c]); /* a vectorised reduction */
+                        long best = 0; /* the first that highest */
+                        while (sr[best] != top) best++;
                         own[l0 + r] = best;
                     }
                 }
@@ -1053,7 +1083,77 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
         }
         free(unit);
         free(pick);
+        free(hist);
         free(anc);
         free(solo);
+        free(solos);
+    }
+}
+
+/* ToMe's bipartite choice (ssmtrim/pruning/strategies/tome.py's choose_bipartite is the reference). feat (B, L, F)
+ * through strides (sfb, sfl; unit stride within a row); prot (B, L) bytes. The unprotected tokens in order alternate
+ * between set A (even) and set B (odd); each A token's most similar B token by cosine (the first on a tie); the R A
+ * tokens of highest such similarity (ties by A order) leave: src (B, R) in that order, dst (B, R) their B tokens,
+ * index (B, L - R) the staying tokens in increasing order. */
+void ssm_bipartite_choose(const float *feat, long sfb, long sfl, const unsigned char *prot, long Bn, long Ln, long Fn,
+                          long R, long *src, long *dst, long *index, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        long *order = (long *)malloc(sizeof(long) * (size_t)Ln);
+        long *match = (long *)malloc(sizeof(long) * (size_t)Ln);
+        Ranked *ranked = (Ranked *)malloc(sizeof(Ranked) * (size_t)Ln);
+        unsigned char *gone = (unsigned char *)malloc((size_t)Ln);
+        const long Kp = (Ln / 2 + SIMV * VLEN - 1) / (SIMV * VLEN) * (SIMV * VLEN); /* |B| <= L / 2, padded */
+        float *unit = (float *)calloc((size_t)(Fn * Kp + Fn + Kp + Kp), sizeof(float));
+        float *ua = unit + Fn * Kp, *sim = ua + Fn, *inv = sim + Kp;
+#pragma omp for schedule(static)
+        for (long b = 0; b < Bn; b++) {
+            long n = 0;
+            for (long l = 0; l < Ln; l++)
+                if (!prot[b * Ln + l]) order[n++] = l;
+            const long na = (n + 1) / 2, nb = n / 2;
+            const float *fb = feat + b * sfb;
+            for (long j = 0; j < nb; j++) inv[j] = 1.f / row_norm(fb + order[2 * j + 1] * sfl, Fn);
+            for (long f = 0; f < Fn; f++) /* B's unit features feature-major (F, Kp), zero beyond nb */
+                for (long j = 0; j < Kp; j++) unit[f * Kp + j] = j < nb ? fb[order[2 * j + 1] * sfl + f] * inv[j] : 0.f;
+            for (long i = 0; i < na; i++) {
+                unit_row(fb + order[2 * i] * sfl, Fn, ua);
+                for (long k0 = 0; k0 < Kp; k0 += SIMV * VLEN) {
+                    vecV acc[SIMV] = {{0}};
+                    for (long f = 0; f < Fn; f++) {
+                        const vecV uf = (vecV){0} + ua[f];
+                        const float *uk = unit + f * Kp + k0;
+                        for (int v = 0; v < SIMV; v++) {
+                            vecV x;
+                            memcpy(&x, uk + v * VLEN, sizeof x);
+                            acc[v] += uf * x;
+                        }
+                    }
+                    memcpy(sim + k0, acc, sizeof acc);
+                }
+                float top = nb > 0 ? sim[0] : 0.f;
+                for (long j = 1; j < nb; j++) top = fmaxf(top, sim[j]); /* a vectorised reduction */
+                long best = 0; /* the first that highest */
+                while (best + 1 < nb && sim[best] != top) best++;
+                match[i] = best;
+                ranked[i].key = order_key(-top);
+                ranked[i].at = i;
+            }
+            qsort(ranked, na, sizeof(Ranked), ranked_cmp);
+            for (long l = 0; l < Ln; l++) gone[l] = 0;
+            for (long r = 0; r < R; r++) {
+                const long i = ranked[r].at;
+                src[b * R + r] = order[2 * i];
+                dst[b * R + r] = order[2 * match[i] + 1];
+                gone[order[2 * i]] = 1;
+            }
+            for (long l = 0, k = 0; l < Ln; l++)
+                if (!gone[l]) index[b * (Ln - R) + k++] = l;
+        }
+        free(order);
+        free(match);
+        free(ranked);
+        free(gone);
+        free(unit);
     }
 }

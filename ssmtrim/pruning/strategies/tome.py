@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import gather_tokens
+from ssmtrim.ops.tokens import merge_kernels
 from ssmtrim.pruning.state import ReductionStep
 from ssmtrim.pruning.strategies.base import GAP, Strategy, register_strategy
 from ssmtrim.pruning.strategies.merge import METRIC, merge_and_keep, needs_of_metric, similarity_features, sizes_of
@@ -36,26 +37,31 @@ class ToMe(Strategy):
                               "more reduction points (--layers), or --arrangement merge.")
 
     def reduce(self, step: ReductionStep):
-        src, dst = choose_bipartite(step)
-        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, src)
+        src, dst, index = choose_bipartite(step)
+        return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, src, index)
 
 
-def choose_bipartite(step: ReductionStep) -> tuple[Tensor, Tensor]:
-    """ToMe's choice: (src (B R) the A tokens merged away, dst (B R) the B token each goes to), R = the tokens this
-    step removes (at most half of the unprotected ones)."""
+def choose_bipartite(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor | None]:
+    """ToMe's choice: (src (B R) the A tokens merged away, dst (B R) the B token each goes to, and the staying tokens'
+    indices in increasing order where the merge kernels chose, else None), R = the tokens this step removes (at most
+    half of the unprotected ones)."""
     state = step.state
     protected = state.protected()
     bsz, length = protected.shape
     candidates = int(length) - state.num_protected  # int(): shapes are tensors under tracing
     removed = candidates - step.k
+    raw = similarity_features(step.output, step.plan.option("metric"))
+    kernels = merge_kernels(raw)
+    if kernels is not None and kernels.bipartite is not None and candidates >= 2:  # one C call (ssmtrim.ops.tokens)
+        return kernels.bipartite(raw, protected, min(removed, (candidates + 1) // 2))
     order = torch.sort(protected.long(), dim=1, stable=True).indices[:, :candidates]  # unprotected, in order
     a_idx, b_idx = order[:, 0::2], order[:, 1::2]
     removed = min(removed, a_idx.shape[1])
-    features = F.normalize(similarity_features(step.output, step.plan.option("metric")).float(), dim=-1)
+    features = F.normalize(raw.float(), dim=-1)
     sim = gather_tokens(features, a_idx) @ gather_tokens(features, b_idx).transpose(1, 2)  # B |A| |B|
     best, match = sim.max(-1)
     chosen = torch.sort(-best, dim=1, stable=True).indices[:, :removed]
-    return a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen))
+    return a_idx.gather(1, chosen), b_idx.gather(1, match.gather(1, chosen)), None
 
 
 register_strategy(ToMe())

@@ -132,8 +132,8 @@ class Unmerge(Strategy):
         candidates = int(length) - state.num_protected
         match = step.plan.option("match")
         if match == "bipartite" or (match == "auto" and candidates - step.k <= candidates // 2):
-            src, dst = choose_bipartite(step)
-            removed, index = src, None
+            src, dst, index = choose_bipartite(step)
+            removed = src
         else:
             src, dst, removed, index = choose_merges(step)
         # merge's bookkeeping (slots, sizes, owner map) with no stream to shorten: the streams stay whole
