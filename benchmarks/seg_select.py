@@ -2,7 +2,8 @@
 segmentation proxy of ``seg_proxy.py`` (2x2 mosaics, a linear head over one stage's restored map, fitted on the dense
 model's maps of the same training mosaics seg_proxy.py fits it on), scored on mosaics of 2,000 other training images
 (none of them in the head's), for each strategy at each FLOPs target (paper convention, keep from the model at its own
-size, no compensation: it changes the classifier only).
+size, no compensation: it changes the classifier only): mIoU, and the agreement with dense (the share of pixels the
+head classes as it does from the dense model's maps).
 
     python benchmarks/seg_select.py --model mambavision_cifar --train ../shared/data/cifar10/train --stage 1 \\
         --layers 2,3,6
@@ -25,7 +26,7 @@ from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
 from ssmtrim.pruning.config import declared_options
 from ssmtrim.pruning.options import parse_option
-from ssmtrim.pruning.schedule import FlopsModel, keep_for
+from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for
 
 
 def main() -> None:
@@ -58,7 +59,8 @@ def main() -> None:
     side = tuple(sel_x.shape[-2:])
     backbone = ssmtrim.load_model(args.model, img_size=side).eval()
     head = fit_head(maps_of(backbone, head_x, args.stage), head_y, classes, 5)
-    dense = miou(segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1]), sel_y, classes)
+    dense_pred = segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1])
+    dense = miou(dense_pred, sel_y, classes)
     print(f"{args.model} stage {args.stage}: dense mIoU {dense:.2f} on {len(sel_x)} training mosaics", flush=True)
     layers = tuple(int(v) for v in args.layers.split(","))
     dense_estimate = FlopsModel(model, "paper")
@@ -76,12 +78,19 @@ def main() -> None:
             if keep is None:
                 print(f"FLOPs x{target}: {strategy} unreachable after blocks {layers}", flush=True)
                 continue
+            # a share fitted to the target where the keep cannot fit it, as the schedule search does
+            config = fitted_plan(dense_estimate, config, layers, keep, target)
             apply_pruning(backbone, config.replace(keep=(keep,)))
-            value = miou(segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1]), sel_y, classes)
+            pred = segment(head, maps_of(backbone, sel_x, args.stage), sel_y.shape[-1])
+            value = miou(pred, sel_y, classes)
+            # the share of pixels whose class the head reads as it reads them from the dense maps
+            agreement = float((pred == dense_pred).float().mean()) * 100
             remove_pruning(backbone)
-            result["rows"].setdefault(strategy, []).append({"target": target, "keep": keep, "miou": value})
-            print(f"FLOPs x{target} (keep {keep:.3f}) {strategy:8s} mIoU {value:.2f} ({value - dense:+.2f})",
-                  flush=True)
+            result["rows"].setdefault(strategy, []).append({"target": target, "keep": keep, "miou": value,
+                                                            "agreement": agreement,
+                                                            "options": dict(config.options)})
+            print(f"FLOPs x{target} (keep {keep:.3f}) {strategy:8s} mIoU {value:.2f} ({value - dense:+.2f}), "
+                  f"agreement with dense {agreement:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

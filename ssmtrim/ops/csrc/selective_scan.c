@@ -944,7 +944,8 @@ void ssm_group_mean(const float *x, long sxb, long sxl, long Bn, long Ln, long K
     }
 }
 
-#define RROWS 4 /* rows whose similarities are summed at once */
+#define CB 8 /* centres whose similarities are summed at once */
+typedef int32_t vecI __attribute__((vector_size(VLEN * sizeof(int32_t))));
 
 typedef struct {
     float rank;
@@ -991,17 +992,19 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
                  int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        const long Cp = (C + VLEN - 1) / VLEN * VLEN; /* C padded with zero columns */
-        float *unit = (float *)malloc(sizeof(float) * (size_t)(Ln * D + C * D + D * Cp + RROWS * Cp));
-        float *centre = unit + Ln * D, *ct = centre + C * D, *sim = ct + D * Cp;
+        const long Lp = (Ln + VLEN - 1) / VLEN * VLEN, Cq = (C + CB - 1) / CB * CB; /* padded with zeros */
+        float *unit = (float *)calloc((size_t)(Ln * D + Cq * D + D * Lp), sizeof(float));
+        float *centre = unit + Ln * D, *unitT = centre + Cq * D;
         Picked *pick = (Picked *)malloc(sizeof(Picked) * (size_t)K);
         long *hist = (long *)malloc(sizeof(long) * (size_t)(2 * Ln + 3));
         long *anc = (long *)malloc(sizeof(long) * (size_t)C);
         unsigned char *solo = (unsigned char *)malloc((size_t)C);
-        long *solos = (long *)malloc(sizeof(long) * (size_t)C);
 #pragma omp for schedule(static)
         for (long b = 0; b < Bn; b++) {
             for (long l = 0; l < Ln; l++) unit_row(z + b * szb + l * szl, D, unit + l * D);
+            for (long l0 = 0; l0 < Ln; l0 += VLEN) /* and feature-major (D, Lp): one vector holds VLEN rows */
+                for (long d = 0; d < D; d++)
+                    for (long v = 0; v < VLEN && l0 + v < Ln; v++) unitT[d * Lp + l0 + v] = unit[(l0 + v) * D + d];
             if (C < K && top_by_count(sizes + b * K, alone ? alone + b * K : NULL, K, Ln, C, hist, anc)) {
                 for (long c = 0; c < C; c++) {
                     solo[c] = alone ? alone[b * K + anc[c]] : 0;
@@ -1033,36 +1036,29 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
                 }
             }
             for (long c = 0; c < C; c++) memcpy(centre + c * D, unit + anc[c] * D, sizeof(float) * (size_t)D);
-            long nsolo = 0;
-            for (long c = 0; c < C; c++)
-                if (solo[c]) solos[nsolo++] = c;
             long *own = owner + b * Ln;
             float *cnt = counts + b * C;
             for (int round = 0; round <= rounds; round++) {
-                for (long d = 0; d < D; d++) /* the centres feature-major (D, Cp): one vector holds VLEN of them */
-                    for (long c = 0; c < Cp; c++) ct[d * Cp + c] = c < C ? centre[c * D + d] : 0.f;
-                for (long l0 = 0; l0 < Ln; l0 += RROWS) { /* RROWS rows at once: independent sums */
-                    const float *u[RROWS];
-                    for (int r = 0; r < RROWS; r++) u[r] = unit + (l0 + r < Ln ? l0 + r : l0) * D;
-                    for (long c0 = 0; c0 < Cp; c0 += VLEN) {
-                        vecV acc[RROWS] = {{0}};
+                /* VLEN rows at once, one lane each: each centre's similarity is summed lane-wise over d (CB centres at
+                 * once, independent sums), and the first highest is kept lane-wise with no horizontal step */
+                for (long r0 = 0; r0 < Lp; r0 += VLEN) {
+                    vecV top = (vecV){0} - 4.f; /* below everything */
+                    vecI best = (vecI){0};
+                    for (long c0 = 0; c0 < C; c0 += CB) {
+                        vecV acc[CB] = {{0}};
                         for (long d = 0; d < D; d++) {
                             vecV x;
-                            memcpy(&x, ct + d * Cp + c0, sizeof x);
-                            for (int r = 0; r < RROWS; r++) acc[r] += u[r][d] * x;
+                            memcpy(&x, unitT + d * Lp + r0, sizeof x);
+                            for (int j = 0; j < CB; j++) acc[j] += x * centre[(c0 + j) * D + d];
                         }
-                        for (int r = 0; r < RROWS; r++) memcpy(sim + r * Cp + c0, acc + r, sizeof(vecV));
+                        for (int j = 0; j < CB && c0 + j < C; j++) {
+                            const vecV sc = solo[c0 + j] ? (vecV){0} - 2.f /* below any cosine */ : acc[j];
+                            const vecI higher = sc > top;
+                            top = (vecV)(((vecI)sc & higher) | ((vecI)top & ~higher));
+                            best = (((vecI){0} + (int32_t)(c0 + j)) & higher) | (best & ~higher);
+                        }
                     }
-                    for (long r = 0; r < RROWS && l0 + r < Ln; r++) {
-                        float *sr = sim + r * Cp;
-                        for (long j = 0; j < nsolo; j++) sr[solos[j]] = -2.f; /* below any cosine */
-                        for (long c = C; c < Cp; c++) sr[c] = -3.f; /* the padding, below everything */
-                        float top = sr[0];
-                        for (long c = 1; c < Cp; c++) top = fmaxf(top, sr[c]); /* a vectorised reduction */
-                        long best = 0; /* the first that highest */
-                        while (sr[best] != top) best++;
-                        own[l0 + r] = best;
-                    }
+                    for (long v = 0; v < VLEN && r0 + v < Ln; v++) own[r0 + v] = best[v];
                 }
                 for (long c = 0; c < C; c++) own[anc[c]] = c;
                 for (long c = 0; c < C; c++) cnt[c] = 0.f;
@@ -1086,7 +1082,6 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
         free(hist);
         free(anc);
         free(solo);
-        free(solos);
     }
 }
 
