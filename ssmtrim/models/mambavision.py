@@ -580,8 +580,9 @@ class MambaVisionFamily:
         blocks = sorted(self.reducible_blocks(config))
         picks = sorted({blocks[min(len(blocks) - 1, round(f * (len(blocks) - 1)))] for f in (0.0, 0.5, 1.0)})
         # unmerge, as VMamba's (README, "The hierarchical test beds": 1.6 points more than merge at -30% FLOPs on
-        # 2,000 training images); for dense outputs merge, whose restored maps lost less on a segmentation proxy of
-        # training images (benchmarks/seg_select.py)
+        # 2,000 training images), for dense outputs too: on a segmentation proxy of training images its restored maps
+        # agreed with the dense maps' classes on 75-88% of the pixels at -20 / -30%, merge's on 63-80%
+        # (benchmarks/seg_select.py; benchmarks/results/seg_select_agreement_*.json)
         # with the mixers on every position and only the MLPs merged (1.7 points more at -30%;
         # benchmarks/results/screen_mixer_mv_train.json; a target that needs the mixers' FLOPs runs them merged too,
         # the MLPs on a tenth of the tokens, a plan the schedule search also tries: unmerge's reaching_further),
@@ -590,7 +591,7 @@ class MambaVisionFamily:
         # the groups of the step)
         return {"arrangement": "unmerge", "score": "clipped", "compensate": "head",
                 "options": {"mixer": "positions", "mlp_groups": "block"},
-                "layers": tuple(b + 1 for b in picks), "dense": {"arrangement": "merge"}}
+                "layers": tuple(b + 1 for b in picks)}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""

@@ -660,10 +660,11 @@ class VMambaFamily:
         # (benchmarks/results/screen_mixer_vm64_train.json; where a FLOPs target needs the mixers' FLOPs too, prune
         # runs them on the merged tokens and the MLPs on a tenth of them, a plan the schedule search also tries:
         # unmerge's reaching_further)
-        # for dense outputs merge: its restored maps lost less than unmerge's on a segmentation proxy of training
-        # images (benchmarks/seg_select.py)
+        # for dense outputs too: on a segmentation proxy of training images its restored maps agreed with the dense
+        # maps' classes on 82-93% of the pixels at -20 / -30%, merge's on 43-76% (benchmarks/seg_select.py;
+        # benchmarks/results/seg_select_agreement_*.json)
         return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "layers": (1,),
-                "options": {"mixer": "positions"}, "dense": {"arrangement": "merge"}}
+                "options": {"mixer": "positions"}}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked; not "condensed": the cross-scan reads tokens at grid positions, so

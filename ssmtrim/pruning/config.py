@@ -221,8 +221,9 @@ class PruneConfig:
         measurement, the hand-set layers) with ``fields`` (None: not given) on top; ``keep`` defaults to 0.8. The
         family's option fields and options hold for its own arrangement: with another arrangement given, its option
         fields (``OPTION_FIELDS``) take their defaults and its options only those the strategy or score reads.
-        ``task`` "dense": the family's plan for a model whose feature maps feed a dense head (where it differs: merge
-        rather than unmerge on VMamba and MambaVision); "classify" (the default, None) the classifier's."""
+        ``task`` "dense": the family's plan for a model whose feature maps feed a dense head (where it sets one: no
+        bundled family does, their classification plans' restored maps agreeing best with dense on a segmentation
+        proxy); "classify" (the default, None) the classifier's."""
         from ssmtrim.models.registry import family_of, recommended_plan_of
 
         base = recommended_plan_of(family_of(model), model.config, task or "classify")
