@@ -1085,6 +1085,8 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
     }
 }
 
+#define AROWS 4 /* A tokens whose similarities are summed at once */
+
 /* ToMe's bipartite choice (ssmtrim/pruning/strategies/tome.py's choose_bipartite is the reference). feat (B, L, F)
  * through strides (sfb, sfl; unit stride within a row); prot (B, L) bytes. The unprotected tokens in order alternate
  * between set A (even) and set B (odd); each A token's most similar B token by cosine (the first on a tie); the R A
@@ -1098,9 +1100,9 @@ void ssm_bipartite_choose(const float *feat, long sfb, long sfl, const unsigned 
         long *match = (long *)malloc(sizeof(long) * (size_t)Ln);
         Ranked *ranked = (Ranked *)malloc(sizeof(Ranked) * (size_t)Ln);
         unsigned char *gone = (unsigned char *)malloc((size_t)Ln);
-        const long Kp = (Ln / 2 + SIMV * VLEN - 1) / (SIMV * VLEN) * (SIMV * VLEN); /* |B| <= L / 2, padded */
-        float *unit = (float *)calloc((size_t)(Fn * Kp + Fn + Kp + Kp), sizeof(float));
-        float *ua = unit + Fn * Kp, *sim = ua + Fn, *inv = sim + Kp;
+        const long Kp = (Ln / 2 + VLEN - 1) / VLEN * VLEN; /* |B| <= L / 2, padded */
+        float *unit = (float *)calloc((size_t)(Fn * Kp + AROWS * Fn + AROWS * Kp + Kp), sizeof(float));
+        float *ua = unit + Fn * Kp, *sim = ua + AROWS * Fn, *inv = sim + AROWS * Kp;
 #pragma omp for schedule(static)
         for (long b = 0; b < Bn; b++) {
             long n = 0;
@@ -1111,28 +1113,28 @@ void ssm_bipartite_choose(const float *feat, long sfb, long sfl, const unsigned 
             for (long j = 0; j < nb; j++) inv[j] = 1.f / row_norm(fb + order[2 * j + 1] * sfl, Fn);
             for (long f = 0; f < Fn; f++) /* B's unit features feature-major (F, Kp), zero beyond nb */
                 for (long j = 0; j < Kp; j++) unit[f * Kp + j] = j < nb ? fb[order[2 * j + 1] * sfl + f] * inv[j] : 0.f;
-            for (long i = 0; i < na; i++) {
-                unit_row(fb + order[2 * i] * sfl, Fn, ua);
-                for (long k0 = 0; k0 < Kp; k0 += SIMV * VLEN) {
-                    vecV acc[SIMV] = {{0}};
+            for (long i0 = 0; i0 < na; i0 += AROWS) { /* AROWS A tokens at once: independent sums */
+                for (long r = 0; r < AROWS; r++) unit_row(fb + order[2 * (i0 + r < na ? i0 + r : i0)] * sfl, Fn,
+                                                          ua + r * Fn);
+                for (long k0 = 0; k0 < Kp; k0 += VLEN) {
+                    vecV acc[AROWS] = {{0}};
                     for (long f = 0; f < Fn; f++) {
-                        const vecV uf = (vecV){0} + ua[f];
-                        const float *uk = unit + f * Kp + k0;
-                        for (int v = 0; v < SIMV; v++) {
-                            vecV x;
-                            memcpy(&x, uk + v * VLEN, sizeof x);
-                            acc[v] += uf * x;
-                        }
+                        vecV x;
+                        memcpy(&x, unit + f * Kp + k0, sizeof x);
+                        for (int r = 0; r < AROWS; r++) acc[r] += ua[r * Fn + f] * x;
                     }
-                    memcpy(sim + k0, acc, sizeof acc);
+                    for (int r = 0; r < AROWS; r++) memcpy(sim + r * Kp + k0, acc + r, sizeof(vecV));
                 }
-                float top = nb > 0 ? sim[0] : 0.f;
-                for (long j = 1; j < nb; j++) top = fmaxf(top, sim[j]); /* a vectorised reduction */
-                long best = 0; /* the first that highest */
-                while (best + 1 < nb && sim[best] != top) best++;
-                match[i] = best;
-                ranked[i].key = order_key(-top);
-                ranked[i].at = i;
+                for (long r = 0; r < AROWS && i0 + r < na; r++) {
+                    const float *sr = sim + r * Kp;
+                    float top = nb > 0 ? sr[0] : 0.f;
+                    for (long j = 1; j < nb; j++) top = fmaxf(top, sr[j]); /* a vectorised reduction */
+                    long best = 0; /* the first that highest */
+                    while (best + 1 < nb && sr[best] != top) best++;
+                    match[i0 + r] = best;
+                    ranked[i0 + r].key = order_key(-top);
+                    ranked[i0 + r].at = i0 + r;
+                }
             }
             qsort(ranked, na, sizeof(Ranked), ranked_cmp);
             for (long l = 0; l < Ln; l++) gone[l] = 0;
