@@ -39,15 +39,20 @@ def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
     model = randomize(ssmtrim.create_model("vim_test", depth=2))
     apply_pruning(model, PruneConfig.recommended(model, layers=(1,), keep=(0.6,), compensate="none"))
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    eager, compiled, ran = _compiled_with_ops(model, x)
+    assert {"ssmtrim::tokens_conv", "ssmtrim::tokens_scan", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
+def _compiled_with_ops(model, x):
+    """(eager logits, compiled logits, the ops a second compiled call ran) of ``model`` on x."""
     with torch.no_grad():
         eager = model(x)
         compiled_model = torch.compile(model, fullgraph=True)
         compiled = compiled_model(x)
         with torch.profiler.profile() as prof:
             compiled_model(x)
-    ran = {event.key for event in prof.key_averages()}
-    assert {"ssmtrim::tokens_conv", "ssmtrim::tokens_scan", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
-    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+    return eager, compiled, {event.key for event in prof.key_averages()}
 
 
 def test_quartermap_on_vmamba_compiles_as_one_graph():
@@ -75,12 +80,6 @@ def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
     apply_pruning(model, PruneConfig.recommended(model, layers=(2,), keep=(0.9,), compensate="none",
                                                  options={"mixer": "positions", "mlp_share": 0.5}))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        eager = model(x)
-        compiled_model = torch.compile(model, fullgraph=True)
-        compiled = compiled_model(x)
-        with torch.profiler.profile() as prof:
-            compiled_model(x)
-    ran = {event.key for event in prof.key_averages()}
+    eager, compiled, ran = _compiled_with_ops(model, x)
     assert {"ssmtrim::group_mean", "ssmtrim::regroup", "ssmtrim::merge_bipartite"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())

@@ -95,23 +95,22 @@ def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
     """The chosen backend's merge-step kernels when they may take ``tensors`` (the streams, sizes, features of one
     step): no gradient wanted, no export or FLOP count watching (``torch.compile`` takes them as the registered ops
     ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype they accept; else None."""
-    present = [t for t in tensors if t is not None]
-    if not present or standard_ops_only():
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return None
-    kernels = backend_for(present[0].device).merge
-    return kernels if kernels is not None and all(kernels.accepts(t) for t in present) else None
+    return _inference_kernels("merge", tensors)
 
 
 def group_kernels(*tensors: Tensor | None) -> GroupKernels | None:
     """The chosen backend's group kernels when they may take ``tensors``: no gradient wanted, no export or FLOP count
     watching (``torch.compile`` takes them as the registered ops ``ssmtrim::group_mean`` and ``ssmtrim::regroup``),
     all on a device and in a dtype they accept; else None."""
+    return _inference_kernels("group", tensors)
+
+
+def _inference_kernels(kind: str, tensors: tuple[Tensor | None, ...]):
+    """The chosen backend's ``kind`` kernels ("merge", "group") when they may take ``tensors``, else None."""
     present = [t for t in tensors if t is not None]
     if not present or standard_ops_only():
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return None
-    kernels = backend_for(present[0].device).group
+    kernels = getattr(backend_for(present[0].device), kind)
     return kernels if kernels is not None and all(kernels.accepts(t) for t in present) else None
