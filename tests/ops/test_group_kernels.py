@@ -93,3 +93,19 @@ def test_group_kernels_only_where_they_may_run():
     assert group_kernels(leaf) is None  # a gradient is wanted: PyTorch ops
     with torch.no_grad():
         assert group_kernels(leaf) is not None
+
+
+@requires_kernel
+def test_regroup_with_sizes_that_are_not_counts_sorts_as_the_reference(monkeypatch):
+    """The kernel picks the largest groups by counting where sizes count positions, and sorts where they do not: the
+    reference's choice either way (ties by token order); an empty batch gives empty groups."""
+    groups, z = _groups(11, alone=False)
+    fractional = Unmerge(groups.owner, groups.sizes * 0.37 + 0.01, True, groups.anchors, None, 0.5)
+    with torch.no_grad():
+        got = fractional.for_mlp(z)
+        with monkeypatch.context() as m:
+            _reference(m)
+            want = fractional.for_mlp(z)
+        assert torch.equal(got.owner, want.owner) and torch.equal(got.sizes, want.sizes)
+        owner, counts = cpu.regroup(z[:0], groups.anchors[:0], groups.sizes[:0], None, 4, REGROUP_ROUNDS)
+    assert owner.shape == (0, 37) and counts.shape == (0, 4)
