@@ -150,6 +150,18 @@ def test_the_family_picks_the_strategy_for_the_task(name, classify, dense):
         PruneConfig.recommended(model, task="seg")
 
 
+def test_no_bundled_family_sets_a_plan_for_dense_outputs():
+    """Dense outputs take each family's classification plan (docs/ARCHITECTURE.md says so)."""
+    from ssmtrim.models.registry import list_models
+
+    tested = {}
+    for spec in list_models(include_test=True):
+        if spec.test_only and spec.arch.family not in tested:
+            model = ssmtrim.create_model(spec.name)
+            tested[spec.arch.family] = PruneConfig.recommended(model, task="dense") == PruneConfig.recommended(model)
+    assert len(tested) >= 5 and all(tested.values()), tested
+
+
 def test_a_family_plan_for_dense_outputs_is_laid_over_its_own():
     """The mechanism a family's ``recommended_plan`` offers for dense outputs: its "dense" fields replace the plan's
     for task "dense" only."""
