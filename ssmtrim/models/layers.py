@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ssmtrim.ops.tokens import standard_ops_only
+
 
 class DropPath(nn.Module):
     """Stochastic depth per sample (identity at eval)."""
@@ -55,8 +57,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Te
     None. On the CPU, outside a trace, export or FLOP count, a length that is not a multiple of
     ATTENTION_MULTIPLE is padded to one, the padded keys masked out (weight exactly 0) and the padded queries' rows
     dropped: the same values to rounding, faster."""
-    from ssmtrim.ops.tokens import standard_ops_only
-
     length = q.shape[-2]
     pad = -length % ATTENTION_MULTIPLE
     if pad == 0 or q.device.type != "cpu" or standard_ops_only() or torch.compiler.is_compiling():

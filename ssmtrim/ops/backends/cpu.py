@@ -547,11 +547,6 @@ def _regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, co
     return owner, counts
 
 
-def group_accepts(x: Tensor) -> bool:
-    """fp32 CPU tensors, with the kernel built."""
-    return merge_accepts(x)
-
-
 _INFERENCE_OPS.define("group_mean(Tensor x, Tensor owner, Tensor sizes) -> Tensor")
 _INFERENCE_OPS.impl("group_mean", _group_mean, "CPU")
 _INFERENCE_OPS.define("regroup(Tensor z, Tensor anchors, Tensor sizes, Tensor? alone, int count, int rounds) "
@@ -600,5 +595,5 @@ BACKEND = Backend(
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
     merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
-    group=GroupKernels(accepts=group_accepts, mean=group_mean, regroup=regroup),
+    group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup),
 )

@@ -1005,35 +1005,27 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
             for (long l0 = 0; l0 < Ln; l0 += VLEN) /* and feature-major (D, Lp): one vector holds VLEN rows */
                 for (long d = 0; d < D; d++)
                     for (long v = 0; v < VLEN && l0 + v < Ln; v++) unitT[d * Lp + l0 + v] = unit[(l0 + v) * D + d];
-            if (C < K && top_by_count(sizes + b * K, alone ? alone + b * K : NULL, K, Ln, C, hist, anc)) {
-                for (long c = 0; c < C; c++) {
-                    solo[c] = alone ? alone[b * K + anc[c]] : 0;
-                    anc[c] = anchors[b * K + anc[c]];
-                }
-            } else if (C < K) {
+            /* the C tokens kept (token indices into anc, in token order), then their positions and alone flags */
+            if (C == K) {
+                for (long c = 0; c < C; c++) anc[c] = c;
+            } else if (!top_by_count(sizes + b * K, alone ? alone + b * K : NULL, K, Ln, C, hist, anc)) {
                 for (long k = 0; k < K; k++) {
                     pick[k].rank = sizes[b * K + k] + (alone && alone[b * K + k] ? (float)(Ln + 1) : 0.f);
                     pick[k].at = k;
                 }
                 qsort(pick, K, sizeof(Picked), picked_cmp);
-                /* the first C in token order */
-                for (long c = 0; c < C; c++) {
+                for (long c = 0; c < C; c++) { /* the first C, by insertion in token order */
                     long at = pick[c].at, j = c;
-                    while (j > 0 && anc[j - 1] > at) { /* insertion by token index, kept in anc for now */
+                    while (j > 0 && anc[j - 1] > at) {
                         anc[j] = anc[j - 1];
                         j--;
                     }
                     anc[j] = at;
                 }
-                for (long c = 0; c < C; c++) {
-                    solo[c] = alone ? alone[b * K + anc[c]] : 0;
-                    anc[c] = anchors[b * K + anc[c]];
-                }
-            } else {
-                for (long c = 0; c < C; c++) {
-                    anc[c] = anchors[b * K + c];
-                    solo[c] = alone ? alone[b * K + c] : 0;
-                }
+            }
+            for (long c = 0; c < C; c++) {
+                solo[c] = alone ? alone[b * K + anc[c]] : 0;
+                anc[c] = anchors[b * K + anc[c]];
             }
             for (long c = 0; c < C; c++) memcpy(centre + c * D, unit + anc[c] * D, sizeof(float) * (size_t)D);
             long *own = owner + b * Ln;
