@@ -271,19 +271,26 @@ class Block(nn.Module):
         self.gamma_1 = nn.Parameter(1e-5 * torch.ones(dim)) if cfg.layer_scale else None
         self.gamma_2 = nn.Parameter(1e-5 * torch.ones(dim)) if cfg.layer_scale else None
 
-    def forward(self, x: Tensor, deltas: list[Tensor] | None = None,
-                geometry: MambaVisionGeometry | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, deltas: list[Tensor] | None = None, geometry: MambaVisionGeometry | None = None,
+                inputs: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """``deltas``, ``inputs``: lists the mixer's softplus(Δ) and its normed input (on the tokens) are added to."""
         u = None if geometry is None else geometry.unmerge
         merge, unmerge = merge_pair(u)
+        normed = self.norm1(x)
         if u is not None and u.exact_mixer:  # the mixer on every position, as dense; the MLP alone on the tokens
             spent = None if deltas is None else []
-            out, y = self.mixer(self.norm1(x), spent, None)
+            out, y = self.mixer(normed, spent, None)
             if y is not None:  # a Mamba mixer's y and softplus(Δ), for a reduction step, are the tokens'
                 y, spent = u.tokens_of(y, spent)
             if deltas is not None:
                 deltas.extend(spent)
+            if inputs is not None:
+                inputs.append(merge(normed))
         else:
-            out, y = self.mixer(merge(self.norm1(x)), deltas, geometry)
+            normed = merge(normed)
+            if inputs is not None:
+                inputs.append(normed)
+            out, y = self.mixer(normed, deltas, geometry)
             out = unmerge(out)
         x = x + self.drop_path(out if self.gamma_1 is None else self.gamma_1 * out)
         z = self.norm2(x)
@@ -506,10 +513,10 @@ class MambaVisionFamily:
             x = block(streams[0])
             return BlockOutput((x,), x.flatten(2).transpose(1, 2))
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        merge, _ = merge_pair(None if geometry is None else geometry.unmerge)
-        mixer_input = merge(block.norm1(streams[0])) if "mixer_input" in needs else None  # what the mixer reads
-        windows, y = block(streams[0], deltas, geometry)
-        return BlockOutput((windows,), windows if y is None else y, deltas[0] if deltas else None, mixer_input)
+        inputs: list[Tensor] | None = [] if "mixer_input" in needs else None  # what the mixer reads
+        windows, y = block(streams[0], deltas, geometry, inputs)
+        return BlockOutput((windows,), windows if y is None else y, deltas[0] if deltas else None,
+                           inputs[0] if inputs else None)
 
     def _level_map(self, model: MambaVision, level: int, streams: tuple, state: TokenState, hw) -> Tensor:
         """The level's output as a map (B C H W): windows restored (un-merged, pruned positions from their nearest

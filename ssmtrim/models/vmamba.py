@@ -360,20 +360,28 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, hw: tuple[int, int], deltas: list[Tensor] | None = None,
-                geometry: VMambaGeometry | SubsampledScan | None = None) -> tuple[Tensor, Tensor]:
+                geometry: VMambaGeometry | SubsampledScan | None = None,
+                inputs: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """``deltas``, ``inputs``: lists SS2D's softplus(Δ) and its normed input (on the tokens) are added to."""
         # with an unmerge state x holds every position, and SS2D and the MLP run on the merged tokens (or, with an
         # exact mixer, SS2D on every position as dense and the MLP alone on the tokens)
         u = geometry.unmerge if isinstance(geometry, VMambaGeometry) else None
         merge, unmerge = merge_pair(u)
+        normed = self.norm(x)
         if u is not None and u.exact_mixer:
             spent = None if deltas is None else []
-            y = self.op.ssm_output(self.norm(x), hw, spent, None)
+            y = self.op.ssm_output(normed, hw, spent, None)
             x = x + self.drop_path(self.op.out_proj(self.op.out_norm(y)))
             y, spent = u.tokens_of(y, spent)
             if deltas is not None:
                 deltas.extend(spent)
+            if inputs is not None:
+                inputs.append(merge(normed))
         else:
-            y = self.op.ssm_output(merge(self.norm(x)), hw, deltas, geometry)
+            normed = merge(normed)
+            if inputs is not None:
+                inputs.append(normed)
+            y = self.op.ssm_output(normed, hw, deltas, geometry)
             x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
         z = self.norm2(x)
         merge, unmerge = merge_pair(None if u is None else u.for_mlp(z))
@@ -608,10 +616,9 @@ class VMambaFamily:
         stage, j = model.config.stage_of(index)
         block = model.layers[stage].blocks[j]
         deltas: list[Tensor] | None = [] if "delta" in needs else None
-        merge, _ = merge_pair(geometry.unmerge if isinstance(geometry, VMambaGeometry) else None)
-        mixer_input = merge(block.norm(streams[0])) if "mixer_input" in needs else None  # what SS2D reads
-        hidden, y = block(streams[0], state.grid, deltas, geometry)
-        return BlockOutput((hidden,), y, deltas[0] if deltas else None, mixer_input)
+        inputs: list[Tensor] | None = [] if "mixer_input" in needs else None  # what SS2D reads
+        hidden, y = block(streams[0], state.grid, deltas, geometry, inputs)
+        return BlockOutput((hidden,), y, deltas[0] if deltas else None, inputs[0] if inputs else None)
 
     def after_block(self, model: VMamba, index: int, streams: tuple, state: TokenState) -> tuple[tuple, TokenState]:
         """After a stage's last block (except the last stage's), the downsample: the tokens leave on the next
