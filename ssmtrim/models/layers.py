@@ -19,8 +19,13 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
+    @property
+    def drops(self) -> bool:
+        """Whether a forward may drop (training with p > 0); else it is the identity."""
+        return self.p > 0.0 and self.training
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.drops:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)

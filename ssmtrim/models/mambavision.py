@@ -53,6 +53,7 @@ from ssmtrim.models.tokens import (
     BlockOutput,
     TokenState,
     Unmerge,
+    add_update,
     gaps_from_positions,
     gather_tokens,
     merge_pair,
@@ -275,7 +276,7 @@ class Block(nn.Module):
                 inputs: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """``deltas``, ``inputs``: lists the mixer's softplus(Δ) and its normed input (on the tokens) are added to."""
         u = None if geometry is None else geometry.unmerge
-        merge, unmerge = merge_pair(u)
+        merge, _ = merge_pair(u)
         normed = self.norm1(x)
         if u is not None and u.exact_mixer:  # the mixer on every position, as dense; the MLP alone on the tokens
             spent = None if deltas is None else []
@@ -291,12 +292,12 @@ class Block(nn.Module):
             if inputs is not None:
                 inputs.append(normed)
             out, y = self.mixer(normed, deltas, geometry)
-            out = unmerge(out)
-        x = x + self.drop_path(out if self.gamma_1 is None else self.gamma_1 * out)
+        x = add_update(x, out, None if u is None or u.exact_mixer else u, self.gamma_1, self.drop_path,
+                       self.drop_path.drops)
         z = self.norm2(x)
-        merge, unmerge = merge_pair(None if u is None else u.for_mlp(z))
-        out = unmerge(self.mlp(merge(z)))
-        return x + self.drop_path(out if self.gamma_2 is None else self.gamma_2 * out), y
+        groups = None if u is None else u.for_mlp(z)
+        merge, _ = merge_pair(groups)
+        return add_update(x, self.mlp(merge(z)), groups, self.gamma_2, self.drop_path, self.drop_path.drops), y
 
 
 class Downsample(nn.Module):

@@ -20,8 +20,8 @@ from ssmtrim.ops.selective_scan import tracing
 from ssmtrim.ops.tokens import group_kernels
 
 __all__ = ["BlockOutput", "Streams", "TokenState", "gather_tokens", "gaps_from_positions", "owner_after", "owners",
-           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "WholeStreams", "merge_pair", "mlp_tokens",
-           "unmerge_of"]
+           "restore_tokens", "topk_sorted", "tracing", "Unmerge", "WholeStreams", "add_update", "merge_pair",
+           "mlp_tokens", "unmerge_of"]
 
 # the tensors that follow the tokens through the blocks, e.g. Vim's (hidden, fp32 residual) or PlainMamba's (hidden,);
 # a reduction applies the same selection to each (None entries: a stream not started yet)
@@ -261,6 +261,14 @@ class Unmerge:
     def unmerge(self, y: Tensor) -> Tensor:
         return gather_tokens(y, self.owner)
 
+    def add_to(self, x: Tensor, update: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``x + scale * unmerge(update)`` (scale None: 1): a residual add of an update made on the tokens."""
+        kernels = group_kernels(x, update, scale)
+        if kernels is not None and kernels.add is not None:  # one C call (ssmtrim.ops.tokens)
+            return kernels.add(x, update, self.owner, scale)
+        out = self.unmerge(update)
+        return x + (out if scale is None else scale * out)
+
     def for_mlp(self, z: Tensor) -> Unmerge:
         """The groups a block's MLP runs on, given its input z (B L0 D): these, or with ``anchors`` the positions
         regrouped by z itself around the same tokens (with ``share`` below 1, around that share of them: the tokens of
@@ -316,6 +324,16 @@ def _same(x: Tensor) -> Tensor:
 def merge_pair(u: Unmerge | None) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(merge, unmerge) of a block's ``Unmerge``, or the identity twice when its streams hold the tokens (None)."""
     return (u.merge, u.unmerge) if u is not None else (_same, _same)
+
+
+def add_update(x: Tensor, update: Tensor, u: Unmerge | None, scale: Tensor | None,
+               drop_path: Callable[[Tensor], Tensor], drops: bool) -> Tensor:
+    """A block's residual add ``x + drop_path(scale * unmerge(update))`` (scale None: 1; u None: the update is on
+    x's positions already); ``drops``: drop_path may drop (training), else it is the identity."""
+    if u is not None and not drops:
+        return u.add_to(x, update, scale)
+    out = update if u is None else u.unmerge(update)
+    return x + drop_path(out if scale is None else scale * out)
 
 
 def unmerge_of(state: TokenState) -> Unmerge | None:

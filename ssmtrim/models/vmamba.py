@@ -49,6 +49,7 @@ from ssmtrim.models.tokens import (
     BlockOutput,
     TokenState,
     Unmerge,
+    add_update,
     gaps_from_positions,
     gather_tokens,
     merge_pair,
@@ -366,7 +367,7 @@ class VSSBlock(nn.Module):
         # with an unmerge state x holds every position, and SS2D and the MLP run on the merged tokens (or, with an
         # exact mixer, SS2D on every position as dense and the MLP alone on the tokens)
         u = geometry.unmerge if isinstance(geometry, VMambaGeometry) else None
-        merge, unmerge = merge_pair(u)
+        merge, _ = merge_pair(u)
         normed = self.norm(x)
         if u is not None and u.exact_mixer:
             spent = None if deltas is None else []
@@ -382,10 +383,11 @@ class VSSBlock(nn.Module):
             if inputs is not None:
                 inputs.append(normed)
             y = self.op.ssm_output(normed, hw, deltas, geometry)
-            x = x + self.drop_path(unmerge(self.op.out_proj(self.op.out_norm(y))))
+            x = add_update(x, self.op.out_proj(self.op.out_norm(y)), u, None, self.drop_path, self.drop_path.drops)
         z = self.norm2(x)
-        merge, unmerge = merge_pair(None if u is None else u.for_mlp(z))
-        return x + self.drop_path(unmerge(self.mlp(merge(z)))), y
+        groups = None if u is None else u.for_mlp(z)
+        merge, _ = merge_pair(groups)
+        return add_update(x, self.mlp(merge(z)), groups, None, self.drop_path, self.drop_path.drops), y
 
 
 class Downsample(nn.Module):

@@ -158,6 +158,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_merge_keep.restype = None
     lib.ssm_group_mean.argtypes = [p, lng, lng, lng, lng, lng, lng, p, p, p, i]
     lib.ssm_group_mean.restype = None
+    lib.ssm_group_add.argtypes = [p, lng, lng, p, lng, lng, p, p, p, lng, lng, lng, i]
+    lib.ssm_group_add.restype = None
     lib.ssm_regroup.argtypes = [p, lng, lng, lng, lng, lng, lng, lng, p, p, p, i, p, p, i]
     lib.ssm_regroup.restype = None
     lib.ssm_bipartite_choose.argtypes = [p, lng, lng, p, lng, lng, lng, lng, p, p, p, i]

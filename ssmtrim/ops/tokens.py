@@ -34,14 +34,16 @@ it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::
   that others were merged into rescaled to the size-weighted mean of their norms (norms summed in double).
 
 Unmerge's blocks (``ssmtrim.models.tokens.Unmerge``) average the positions each token owns before a block's mixer or
-MLP, and regroup the positions by each MLP's input (a few k-means rounds): where the backend has
-:class:`GroupKernels` (the ``cpu`` backend) and nothing needs a gradient, each is one C call
-(registered ops ``ssmtrim::group_mean``, ``ssmtrim::regroup``), :func:`group_kernels` saying when:
+MLP, regroup the positions by each MLP's input (a few k-means rounds) and add the update back to every position:
+where the backend has :class:`GroupKernels` (the ``cpu`` backend) and nothing needs a gradient, each is one C call
+(registered ops ``ssmtrim::group_mean``, ``ssmtrim::regroup``, ``ssmtrim::group_add``), :func:`group_kernels`
+saying when:
 
 - ``mean(x, owner, sizes)``: each group's rows summed in row order, then divided by its size;
 - ``regroup(z, anchors, sizes, alone, count, rounds)``: the reference's regrouping (``Unmerge.for_mlp``), its
   similarities summed in another order, so that a position can join another group only where two groups are
-  equally like it to rounding.
+  equally like it to rounding;
+- ``add(x, update, owner, scale)``: ``x + scale * update[owner]`` in one pass (a multiply-add the compiler may fuse).
 
 The choice is the reference's; the similarities and sums are computed in another order than PyTorch's, so values
 agree to rounding (the tests check 1e-6 of the largest value) and a merge target can differ only where two staying
@@ -100,8 +102,8 @@ def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
 
 def group_kernels(*tensors: Tensor | None) -> GroupKernels | None:
     """The chosen backend's group kernels when they may take ``tensors``: no gradient wanted, no export or FLOP count
-    watching (``torch.compile`` takes them as the registered ops ``ssmtrim::group_mean`` and ``ssmtrim::regroup``),
-    all on a device and in a dtype they accept; else None."""
+    watching (``torch.compile`` takes them as the registered ops ``ssmtrim::group_mean``, ``ssmtrim::regroup`` and
+    ``ssmtrim::group_add``), all on a device and in a dtype they accept; else None."""
     return _inference_kernels("group", tensors)
 
 

@@ -109,3 +109,49 @@ def test_regroup_with_sizes_that_are_not_counts_sorts_as_the_reference(monkeypat
         assert torch.equal(got.owner, want.owner) and torch.equal(got.sizes, want.sizes)
         owner, counts = cpu.regroup(z[:0], groups.anchors[:0], groups.sizes[:0], None, 4, REGROUP_ROUNDS)
     assert owner.shape == (0, 37) and counts.shape == (0, 4)
+
+
+@requires_kernel
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("shape", [(16,), (4, 6)])
+def test_group_add_is_the_reference_residual_add(monkeypatch, scaled, shape):
+    """``Unmerge.add_to``: x + scale * the update un-merged to every position, in one C call where the kernels may
+    run; rows of unit stride that are not contiguous taken as they are; an empty batch gives an empty result."""
+    groups, _ = _groups(5)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 37, *shape, generator=g)
+    update = torch.randn(3, 9, *shape, generator=g)
+    strided = torch.randn(3, 9, 2 * shape[0], *shape[1:])[:, :, : shape[0]]  # not contiguous
+    strided.copy_(update)
+    scale = torch.randn(shape[-1], generator=g) if scaled else None
+    with torch.no_grad():
+        got, got_strided = groups.add_to(x, update, scale), groups.add_to(x, strided, scale)
+        with monkeypatch.context() as m:
+            _reference(m)
+            want = groups.add_to(x, update, scale)
+        empty = cpu.group_add(x[:0], update[:0], groups.owner[:0], scale)
+    assert got.shape == want.shape == x.shape
+    assert_close_across_cpus(got, want)
+    assert_close_across_cpus(got_strided, want)
+    assert empty.shape == (0, 37, *shape)
+
+
+def test_add_update_drops_only_in_training_and_is_the_plain_add_without_groups():
+    """``add_update``: with no groups the block's plain residual add; while drop_path may drop it takes the PyTorch
+    path through drop_path (the kernel has no dropping)."""
+    from ssmtrim.models.layers import DropPath
+
+    groups, _ = _groups(6)
+    x, update = torch.randn(3, 37, 8), torch.randn(3, 9, 8)
+    drop = DropPath(0.5)
+    drop.train()
+    assert drop.drops
+    torch.manual_seed(0)
+    got = tokens.add_update(x, update, groups, None, drop, drop.drops)
+    torch.manual_seed(0)
+    want = x + drop(groups.unmerge(update))
+    assert torch.equal(got, want)
+    drop.eval()
+    assert not drop.drops
+    plain = torch.randn(3, 37, 8)
+    assert torch.equal(tokens.add_update(x, plain, None, None, drop, drop.drops), x + plain)

@@ -74,11 +74,13 @@ class GroupKernels(NamedTuple):
     many small PyTorch ops.
 
     ``accepts(x)`` says whether they take tensors like x; ``mean(x, owner, sizes)`` -> (B K ...);
-    ``regroup(z, anchors, sizes, alone, count, rounds)`` -> (owner, counts)."""
+    ``regroup(z, anchors, sizes, alone, count, rounds)`` -> (owner, counts); ``add(x, update, owner, scale)`` -> x +
+    scale * update[owner] (B L ...; scale None: 1), or None (PyTorch ops)."""
 
     accepts: Callable[[Tensor], bool]
     mean: Callable[..., Tensor]
     regroup: Callable[..., tuple[Tensor, Tensor]]
+    add: Callable[..., Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -520,6 +520,32 @@ def _group_mean(x: Tensor, owner: Tensor, sizes: Tensor) -> Tensor:
     return out
 
 
+def group_add(x: Tensor, update: Tensor, owner: Tensor, scale: Tensor | None) -> Tensor:
+    """``ssm_group_add``: x (B L ..., fp32) + scale * update[owner] (update B K ..., owner (B L) in [0, K), scale
+    over the last dimension or None) -> (B L ...), a residual add un-merging an update made on the tokens. In a graph
+    that ``torch.compile`` makes, the registered op ``ssmtrim::group_add``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ssmtrim.group_add(x, update, owner, scale)
+    return _group_add(x, update, owner, scale)
+
+
+def _group_add(x: Tensor, update: Tensor, owner: Tensor, scale: Tensor | None) -> Tensor:
+    lib = _cpu_kernel.load()
+    bsz, length = owner.shape
+    width = math.prod(x.shape[2:])
+    rows = x.detach().reshape(bsz, length, width)
+    rows = rows if rows.stride(2) == 1 else rows.contiguous()
+    upd = update.detach().reshape(bsz, update.shape[1], width)
+    upd = upd if upd.stride(2) == 1 else upd.contiguous()
+    if scale is not None:
+        scale = _f32(scale.detach().expand(x.shape[-1]).repeat(width // x.shape[-1]))
+    owner = owner.to(torch.long).contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.ssm_group_add(_ptr(rows), rows.stride(0), rows.stride(1), _ptr(upd), upd.stride(0), upd.stride(1),
+                      _ptr(owner), _ptr(scale), _ptr(out), bsz, length, width, torch.get_num_threads())
+    return out
+
+
 def regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, count: int,
             rounds: int) -> tuple[Tensor, Tensor]:
     """``ssm_regroup``: the positions of z (B L D, fp32) grouped around ``count`` of the tokens at ``anchors`` (B K;
@@ -549,6 +575,8 @@ def _regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, co
 
 _INFERENCE_OPS.define("group_mean(Tensor x, Tensor owner, Tensor sizes) -> Tensor")
 _INFERENCE_OPS.impl("group_mean", _group_mean, "CPU")
+_INFERENCE_OPS.define("group_add(Tensor x, Tensor update, Tensor owner, Tensor? scale) -> Tensor")
+_INFERENCE_OPS.impl("group_add", _group_add, "CPU")
 _INFERENCE_OPS.define("regroup(Tensor z, Tensor anchors, Tensor sizes, Tensor? alone, int count, int rounds) "
                       "-> (Tensor, Tensor)")
 _INFERENCE_OPS.impl("regroup", _regroup, "CPU")
@@ -557,6 +585,11 @@ _INFERENCE_OPS.impl("regroup", _regroup, "CPU")
 @torch.library.register_fake("ssmtrim::group_mean")
 def _group_mean_fake(x, owner, sizes):
     return x.new_empty(owner.shape[0], sizes.shape[1], *x.shape[2:], dtype=torch.float32)
+
+
+@torch.library.register_fake("ssmtrim::group_add")
+def _group_add_fake(x, update, owner, scale):
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("ssmtrim::regroup")
@@ -595,5 +628,5 @@ BACKEND = Backend(
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
     merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
-    group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup),
+    group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup, add=group_add),
 )

@@ -944,6 +944,24 @@ void ssm_group_mean(const float *x, long sxb, long sxl, long Bn, long Ln, long K
     }
 }
 
+/* out (B L D) = x + scale * u[owner]: the residual add of an update on the tokens (u, B K D), un-merged to every
+ * position (owner, B L in [0, K)); scale (D) or NULL. One pass in place of a gather, a multiply and an add. */
+void ssm_group_add(const float *x, long sxb, long sxl, const float *u, long sub, long suk, const long *owner,
+                   const float *scale, float *out, long Bn, long Ln, long D, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        for (long l = 0; l < Ln; l++) {
+            const float *xr = x + b * sxb + l * sxl;
+            const float *ur = u + b * sub + owner[b * Ln + l] * suk;
+            float *o = out + (b * Ln + l) * D;
+            if (scale)
+                for (long d = 0; d < D; d++) o[d] = xr[d] + scale[d] * ur[d];
+            else
+                for (long d = 0; d < D; d++) o[d] = xr[d] + ur[d];
+        }
+    }
+}
+
 #define CB 8 /* centres whose similarities are summed at once */
 typedef int32_t vecI __attribute__((vector_size(VLEN * sizeof(int32_t))));
 
