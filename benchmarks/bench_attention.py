@@ -1,6 +1,7 @@
 """The CPU's fused attention on sequences a reduction leaves a few tokens short of a multiple of 16, as PyTorch runs
-them and padded to the multiple with the padding masked out (``ssmtrim.models.layers.attention``), timed in turns
-(median of repeats, one thread's CPU time):
+them and padded to the multiple with the padding masked out (``ssmtrim.models.layers.self_attention``: zero rows of
+the input before the q/k/v projection), each with the projection, timed in turns (median of repeats, one thread's CPU
+time):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_attention.py [--batch 64] [--heads 4] [--head-dim 16]
 
@@ -16,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ssmtrim.models.layers import attention
+from ssmtrim.models.layers import self_attention
 
 
 def timed(calls, iters: int = 10, repeats: int = 7) -> list[float]:
@@ -43,17 +44,24 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {args.heads} heads of "
           f"{args.head_dim}, a size bias (ToMe's proportional attention) on the keys")
     g = torch.Generator().manual_seed(0)
+    dim = args.heads * args.head_dim
+    qkv = torch.nn.Linear(dim, 3 * dim)
     with torch.no_grad():
         for length in (int(v) for v in args.lengths.split(",")):
-            q, k, v = (torch.randn(args.batch, args.heads, length, args.head_dim, generator=g) for _ in range(3))
+            x = torch.randn(args.batch, length, dim, generator=g)
             bias = torch.rand(args.batch, 1, 1, length, generator=g).log()
-            args_ = (q, k, v, bias)
-            plain, padded = timed([lambda a=args_: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3]),
-                                   lambda a=args_: attention(*a)])
-            diff = float((attention(*args_) - F.scaled_dot_product_attention(q, k, v, attn_mask=bias)).abs().max())
+            plain, padded = timed([lambda x=x, b=bias: as_is(x, qkv, args.heads, b),
+                                   lambda x=x, b=bias: self_attention(x, qkv, args.heads, b)])
+            diff = float((self_attention(x, qkv, args.heads, bias) - as_is(x, qkv, args.heads, bias)).abs().max())
             print(f"{length:4d} tokens: as is {plain:7.3f} ms, padded {padded:7.3f} ms, {plain / padded:5.2f}x "
                   f"(largest difference {diff:.1e})", flush=True)
 
+
+def as_is(x, qkv, heads: int, bias):
+    """The projection and PyTorch's attention on the sequence as it is (what ``self_attention`` does unpadded)."""
+    bsz, length, dim = x.shape
+    q, k, v = qkv(x).reshape(bsz, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(bsz, length, dim)
 
 if __name__ == "__main__":
     main()

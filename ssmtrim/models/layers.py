@@ -57,16 +57,22 @@ def initial_dt_bias(shape: int | tuple[int, ...], dt_min: float = 1e-3, dt_max: 
 ATTENTION_MULTIPLE = 16
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias)`` for q, k, v (B H L hd) and bias (B 1 1 L) or
-    None. On the CPU, outside a trace, export or FLOP count, a length that is not a multiple of
-    ATTENTION_MULTIPLE is padded to one, the padded keys masked out (weight exactly 0) and the padded queries' rows
-    dropped: the same values to rounding, faster."""
-    length = q.shape[-2]
+def self_attention(x: Tensor, qkv: nn.Linear, heads: int, bias: Tensor | None = None) -> Tensor:
+    """Multi-head self-attention of x (B L D) with ``qkv`` (D -> 3D: q, k, v, each ``heads`` heads) and bias
+    (B 1 1 L, added to the logits) or None -> the heads' outputs side by side (B L D), before the output projection;
+    ``F.scaled_dot_product_attention``. On the CPU, outside a trace, export or FLOP count, a length that is not a
+    multiple of ATTENTION_MULTIPLE is padded to one with zero rows of x (before ``qkv``: q, k and v then come as the
+    unpadded ones do, strided views of one projection), the padded keys masked out (weight exactly 0) and the padded
+    queries' rows dropped: the same values to rounding, faster."""
+    bsz, length, dim = x.shape
     pad = -length % ATTENTION_MULTIPLE
-    if pad == 0 or q.device.type != "cpu" or standard_ops_only() or torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    mask = q.new_zeros(q.shape[0], 1, 1, length) if bias is None else bias.to(q.dtype).expand(q.shape[0], 1, 1, length)
-    mask = F.pad(mask, (0, pad), value=float("-inf"))
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[..., :length, :]
+    if pad and (x.device.type != "cpu" or standard_ops_only() or torch.compiler.is_compiling()):
+        pad = 0
+    mask = bias
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        mask = x.new_zeros(bsz, 1, 1, length) if bias is None else bias.to(x.dtype).expand(bsz, 1, 1, length)
+        mask = F.pad(mask, (0, pad), value=float("-inf"))
+    q, k, v = qkv(x).reshape(bsz, length + pad, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    return (out[:, :length] if pad else out).reshape(bsz, length, dim)

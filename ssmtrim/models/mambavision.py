@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ssmtrim.errors import CheckpointError, ConfigError
 from ssmtrim.models.flop_terms import MixerDims
-from ssmtrim.models.layers import DropPath, Mlp, attention, initial_dt_bias
+from ssmtrim.models.layers import DropPath, Mlp, initial_dt_bias, self_attention
 from ssmtrim.models.registry import (
     ArchConfig,
     DataConfig,
@@ -230,13 +230,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, deltas: list[Tensor] | None = None, geometry=None) -> tuple[Tensor, None]:
         """With the geometry of merged tokens, proportional attention (ToMe): a key that stands for s positions
         weighs s times, as the s tokens it replaced would have together."""
-        bsz, length, dim = x.shape
-        qkv = self.qkv(x).reshape(bsz, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         bias = None
         if geometry is not None and geometry.log_sizes is not None:
-            bias = geometry.log_sizes[:, None, None, :].to(qkv.dtype)  # B' 1 1 K, added to the logits
-        out = attention(qkv[0], qkv[1], qkv[2], bias)
-        return self.proj(out.transpose(1, 2).reshape(bsz, length, dim)), None
+            bias = geometry.log_sizes[:, None, None, :].to(x.dtype)  # B' 1 1 K, added to the logits
+        return self.proj(self_attention(x, self.qkv, self.num_heads, bias)), None
 
 
 class ConvBlock(nn.Module):
