@@ -174,6 +174,20 @@ def test_bipartite_is_the_reference_choice(removed, n_protected, length):
 
 
 @requires_kernel
+@pytest.mark.parametrize("removed", [1, 2, 3])
+def test_bipartite_few_removed_breaks_ties_by_a_order(removed):
+    """A step that removes a few tokens of many selects them without a whole sort: A tokens equally similar to their
+    B token (here copies of it) leave in A order, as the reference's stable sort has them."""
+    _, protected, features = _case(removed + 64, length=64, n_protected=0)
+    for a in (0, 2, 4):  # A tokens (even positions) that copy B token 1
+        features[:, a] = features[:, 1]
+    got_src, got_dst, _ = cpu.merge_bipartite(features, protected, removed)
+    want_src, want_dst = reference_bipartite(features, protected, removed)
+    assert torch.equal(got_src, want_src) and torch.equal(got_dst, want_dst)
+    assert got_src[0].tolist() == [0, 2, 4][:removed]
+
+
+@requires_kernel
 def test_tome_takes_the_bipartite_kernel_with_the_reference_values(monkeypatch):
     """A ToMe plan on a Vim: with the kernels (choice and merge in C) the logits of the PyTorch ops, to rounding."""
     torch.manual_seed(0)

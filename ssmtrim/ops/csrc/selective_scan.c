@@ -1097,6 +1097,24 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
 
 #define AROWS 4 /* A tokens whose similarities are summed at once */
 
+/* The R first of ranked (n) in ranked_cmp's order moved to its front, in that order: a partial selection where R is
+ * small beside n (a step that merges a few tokens), else the whole sort. */
+static void first_ranked(Ranked *ranked, long n, long R) {
+    if (R * 8 >= n) {
+        qsort(ranked, n, sizeof(Ranked), ranked_cmp);
+        return;
+    }
+    for (long r = 0; r < R; r++) {
+        long best = r;
+        for (long i = r + 1; i < n; i++)
+            if (ranked[i].key < ranked[best].key || (ranked[i].key == ranked[best].key && ranked[i].at < ranked[best].at))
+                best = i;
+        const Ranked t = ranked[r];
+        ranked[r] = ranked[best];
+        ranked[best] = t;
+    }
+}
+
 /* ToMe's bipartite choice (ssmtrim/pruning/strategies/tome.py's choose_bipartite is the reference). feat (B, L, F)
  * through strides (sfb, sfl; unit stride within a row); prot (B, L) bytes. The unprotected tokens in order alternate
  * between set A (even) and set B (odd); each A token's most similar B token by cosine (the first on a tie); the R A
@@ -1146,7 +1164,7 @@ void ssm_bipartite_choose(const float *feat, long sfb, long sfl, const unsigned 
                     ranked[i0 + r].at = i0 + r;
                 }
             }
-            qsort(ranked, na, sizeof(Ranked), ranked_cmp);
+            first_ranked(ranked, na, R);
             for (long l = 0; l < Ln; l++) gone[l] = 0;
             for (long r = 0; r < R; r++) {
                 const long i = ranked[r].at;
