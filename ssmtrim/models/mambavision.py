@@ -289,12 +289,11 @@ class Block(nn.Module):
             if inputs is not None:
                 inputs.append(normed)
             out, y = self.mixer(normed, deltas, geometry)
-        x = add_update(x, out, None if u is None or u.exact_mixer else u, self.gamma_1, self.drop_path,
-                       self.drop_path.drops)
+        x = add_update(x, out, None if u is None or u.exact_mixer else u, self.gamma_1, self.drop_path)
         z = self.norm2(x)
         groups = None if u is None else u.for_mlp(z)
         merge, _ = merge_pair(groups)
-        return add_update(x, self.mlp(merge(z)), groups, self.gamma_2, self.drop_path, self.drop_path.drops), y
+        return add_update(x, self.mlp(merge(z)), groups, self.gamma_2, self.drop_path), y
 
 
 class Downsample(nn.Module):

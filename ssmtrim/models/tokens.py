@@ -326,11 +326,11 @@ def merge_pair(u: Unmerge | None) -> tuple[Callable[[Tensor], Tensor], Callable[
     return (u.merge, u.unmerge) if u is not None else (_same, _same)
 
 
-def add_update(x: Tensor, update: Tensor, u: Unmerge | None, scale: Tensor | None,
-               drop_path: Callable[[Tensor], Tensor], drops: bool) -> Tensor:
+def add_update(x: Tensor, update: Tensor, u: Unmerge | None, scale: Tensor | None, drop_path) -> Tensor:
     """A block's residual add ``x + drop_path(scale * unmerge(update))`` (scale None: 1; u None: the update is on
-    x's positions already); ``drops``: drop_path may drop (training), else it is the identity."""
-    if u is not None and not drops:
+    x's positions already); ``drop_path`` a ``layers.DropPath``, whose ``drops`` says whether it may drop (training)
+    or is the identity."""
+    if u is not None and not drop_path.drops:
         return u.add_to(x, update, scale)
     out = update if u is None else u.unmerge(update)
     return x + drop_path(out if scale is None else scale * out)

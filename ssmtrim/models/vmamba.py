@@ -383,11 +383,11 @@ class VSSBlock(nn.Module):
             if inputs is not None:
                 inputs.append(normed)
             y = self.op.ssm_output(normed, hw, deltas, geometry)
-            x = add_update(x, self.op.out_proj(self.op.out_norm(y)), u, None, self.drop_path, self.drop_path.drops)
+            x = add_update(x, self.op.out_proj(self.op.out_norm(y)), u, None, self.drop_path)
         z = self.norm2(x)
         groups = None if u is None else u.for_mlp(z)
         merge, _ = merge_pair(groups)
-        return add_update(x, self.mlp(merge(z)), groups, None, self.drop_path, self.drop_path.drops), y
+        return add_update(x, self.mlp(merge(z)), groups, None, self.drop_path), y
 
 
 class Downsample(nn.Module):

@@ -147,11 +147,11 @@ def test_add_update_drops_only_in_training_and_is_the_plain_add_without_groups()
     drop.train()
     assert drop.drops
     torch.manual_seed(0)
-    got = tokens.add_update(x, update, groups, None, drop, drop.drops)
+    got = tokens.add_update(x, update, groups, None, drop)
     torch.manual_seed(0)
     want = x + drop(groups.unmerge(update))
     assert torch.equal(got, want)
     drop.eval()
     assert not drop.drops
     plain = torch.randn(3, 37, 8)
-    assert torch.equal(tokens.add_update(x, plain, None, None, drop, drop.drops), x + plain)
+    assert torch.equal(tokens.add_update(x, plain, None, None, drop), x + plain)
