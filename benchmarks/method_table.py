@@ -63,6 +63,9 @@ ROWS = {
     "utr": ("UTR-style (clipped; half dropped, half merged)", {"arrangement": "merge", "drop_fraction": 0.5,
                                                                 **CONDENSED}),
     "mtr": ("MTR-style (Δ importance, merged)", {"arrangement": "merge", "score": "delta", **CONDENSED}),
+    "stm": ("STM-style (a token most like its sequence neighbour leaves first, merged into a neighbour; the class "
+            "token's neighbours kept)", {"arrangement": "merge", "score": "neighbour-similarity",
+                                         "options": {"merge_into": "adjacent", "protect_around": 4}, **CONDENSED}),
     "merge": ("merge (ours, no compensation)", {"arrangement": "merge", "conv": "kept"}),
     "merge-comp": ("merge + head compensation (ours, PlainMamba's default before rescaling; Vim's before merging into "
                    "neighbours)", {"arrangement": "merge", "conv": "kept", "compensate": "head"}),

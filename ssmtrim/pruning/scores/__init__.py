@@ -6,6 +6,7 @@ from ssmtrim.pruning.scores import (  # noqa: F401  (register on import)
     delta,
     l1,
     l2,
+    neighbour,
     random,
     unclipped,
 )
