@@ -187,8 +187,12 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
     # a seeded generator per plan and block keeps random scores reproducible
     generator = torch.Generator().manual_seed(config.seed * 1000 + i) if score.needs_generator else None
-    scores = score(output, generator)
     protected = state.protected()
+    if observer is not None or config.mode == "threshold":
+        scores = score(output, generator)
+    else:  # computed only if the strategy reads them
+        def scores() -> Tensor:
+            return score(output, generator)
     if observer is not None:
         observer(i, scores, ~protected)
     candidates = state.num_tokens - state.num_protected

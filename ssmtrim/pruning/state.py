@@ -3,7 +3,9 @@ step as a strategy sees it, and what a forward recorded."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from torch import Tensor
@@ -16,12 +18,19 @@ class ReductionStep:
     """One reduction point: what a strategy is given."""
 
     block: int  # 0-based block after which tokens are reduced
-    scores: Tensor  # B L, higher is more important
+    # B L, higher is more important, or what computes them when :attr:`scores` is first read (a strategy that does
+    # not read them, such as ToMe's matching, then costs none)
+    score_of: Tensor | Callable[[], Tensor]
     k: int  # unprotected tokens to keep per image
     streams: Streams
     state: TokenState
     output: BlockOutput
     plan: Any  # the PruneConfig (strategy options such as the merge metric)
+
+    @cached_property
+    def scores(self) -> Tensor:
+        """The tokens' scores (B L), higher is more important."""
+        return self.score_of() if callable(self.score_of) else self.score_of
 
 
 @dataclass

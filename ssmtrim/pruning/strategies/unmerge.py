@@ -128,7 +128,7 @@ class Unmerge(Strategy):
 
     def reduce(self, step: ReductionStep):
         state = step.state
-        length = step.scores.shape[1]
+        length = step.state.positions.shape[1]
         candidates = int(length) - state.num_protected
         match = step.plan.option("match")
         if match == "bipartite" or (match == "auto" and candidates - step.k <= candidates // 2):
