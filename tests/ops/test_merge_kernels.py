@@ -68,6 +68,28 @@ def test_choose_adjacent_is_the_reference_choice(removed, n_drop, n_protected):
 
 
 @requires_kernel
+@pytest.mark.parametrize("removed,n_drop,length", [(120, 0, 257), (60, 20, 130), (1, 0, 64)])
+def test_choose_many_tokens_is_the_reference_choice(removed, n_drop, length):
+    """At 64 tokens and more the ranking is a radix sort: the same stable order (ties by position; the keys here
+    take six values) and the same targets, protected staying tokens never chosen."""
+    keys, protected, features = _case(length + removed, length=length, n_protected=3)
+    got = cpu.merge_choose(keys, protected, features, removed, n_drop)
+    want = reference_choose(keys, protected, features, removed, n_drop)
+    for g, w, what in zip(got, want, ("removed", "staying", "targets"), strict=True):
+        assert torch.equal(g, w), what
+
+
+@requires_kernel
+@pytest.mark.parametrize("length", [7, 90])
+def test_choose_orders_nans_last_and_negative_zero_with_zero_at_any_length(length):
+    values = torch.tensor([0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), float("-inf")])
+    keys = values[torch.arange(length) % 7][None] if length > 7 else values[None]
+    protected = torch.zeros_like(keys, dtype=torch.bool)
+    src_all, _, _ = cpu.merge_choose(keys, protected, None, length - 1, length - 1)
+    assert src_all.tolist() == torch.sort(keys, dim=1, stable=True).indices[:, : length - 1].tolist()
+
+
+@requires_kernel
 def test_choose_orders_nans_last_and_negative_zero_with_zero():
     keys = torch.tensor([[0.5, float("nan"), -0.0, 0.0, -1.0, float("inf"), float("-inf")]])
     protected = torch.zeros_like(keys, dtype=torch.bool)
@@ -157,7 +179,8 @@ def reference_bipartite(features, protected, removed):
 
 
 @requires_kernel
-@pytest.mark.parametrize("removed,n_protected,length", [(1, 2, 41), (13, 2, 41), (20, 0, 40), (19, 1, 40)])
+@pytest.mark.parametrize("removed,n_protected,length", [(1, 2, 41), (13, 2, 41), (20, 0, 40), (19, 1, 40),
+                                                        (100, 1, 257), (40, 0, 200)])
 def test_bipartite_is_the_reference_choice(removed, n_protected, length):
     """ToMe's choice in one C call: the same A tokens leave, in the same order, each to the same B token; the staying
     tokens are the others in increasing order. Without protected tokens two B tokens are copies (each A token's tie
