@@ -65,14 +65,13 @@ def self_attention(x: Tensor, qkv: nn.Linear, heads: int, bias: Tensor | None = 
     unpadded ones do, strided views of one projection), the padded keys masked out (weight exactly 0) and the padded
     queries' rows dropped: the same values to rounding, faster."""
     bsz, length, dim = x.shape
-    pad = -length % ATTENTION_MULTIPLE
-    if pad and (x.device.type != "cpu" or standard_ops_only() or torch.compiler.is_compiling()):
-        pad = 0
+    padded = x.device.type == "cpu" and not (standard_ops_only() or torch.compiler.is_compiling())
+    pad = -length % ATTENTION_MULTIPLE if padded else 0  # a trace reads no length as a number
     mask = bias
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
         mask = x.new_zeros(bsz, 1, 1, length) if bias is None else bias.to(x.dtype).expand(bsz, 1, 1, length)
         mask = F.pad(mask, (0, pad), value=float("-inf"))
-    q, k, v = qkv(x).reshape(bsz, length + pad, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    qkv_ = qkv(x).reshape(bsz, length + pad, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv_[0], qkv_[1], qkv_[2], attn_mask=mask).transpose(1, 2)
     return (out[:, :length] if pad else out).reshape(bsz, length, dim)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from torch import Tensor
@@ -26,11 +25,15 @@ class ReductionStep:
     state: TokenState
     output: BlockOutput
     plan: Any  # the PruneConfig (strategy options such as the merge metric)
+    # the scores once computed (a dict, not functools.cached_property, whose lock torch.compile cannot enter)
+    _computed: dict = field(default_factory=dict, repr=False, compare=False)
 
-    @cached_property
+    @property
     def scores(self) -> Tensor:
         """The tokens' scores (B L), higher is more important."""
-        return self.score_of() if callable(self.score_of) else self.score_of
+        if "scores" not in self._computed:
+            self._computed["scores"] = self.score_of() if callable(self.score_of) else self.score_of
+        return self._computed["scores"]
 
 
 @dataclass
