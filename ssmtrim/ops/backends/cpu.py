@@ -389,8 +389,7 @@ def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: i
     merged = removed - n_drop
     feats = None
     if features is not None and merged > 0:
-        feats = features.detach()
-        feats = feats if feats.dtype == torch.float32 and feats.stride(2) == 1 else feats.float().contiguous()
+        feats = _rows(features.detach())
     src_all = torch.empty(bsz, removed, dtype=torch.long)
     index = torch.empty(bsz, length - removed, dtype=torch.long)
     dst = torch.empty(bsz, max(merged, 0), dtype=torch.long)
@@ -412,8 +411,7 @@ def merge_bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[
 
 def _bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
-    feats = features.detach()
-    feats = feats if feats.dtype == torch.float32 and feats.stride(2) == 1 else feats.float().contiguous()
+    feats = _rows(features.detach())
     prot = protected.to(torch.uint8).contiguous()
     bsz, length, width = feats.shape
     src = torch.empty(bsz, removed, dtype=torch.long)
@@ -448,8 +446,7 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
     k, m = index.shape[1], src.shape[1]
     index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
     sizes = _f32(sizes)
-    rows_in = [t.detach().reshape(bsz, length, math.prod(t.shape[2:])) for t in present]  # no -1: batch 0
-    rows_in = [t if t.stride(2) == 1 else t.contiguous() for t in rows_in]
+    rows_in = [_rows(t.detach().reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]  # no -1: batch 0
     outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
     new_sizes = torch.empty(bsz, k, dtype=torch.float32)
     slot_of = torch.empty(bsz, length, dtype=torch.long)
@@ -511,8 +508,7 @@ def _group_mean(x: Tensor, owner: Tensor, sizes: Tensor) -> Tensor:
     lib = _cpu_kernel.load()
     bsz, length = owner.shape
     k = sizes.shape[1]
-    rows = x.detach().reshape(bsz, length, math.prod(x.shape[2:]))
-    rows = rows if rows.stride(2) == 1 else rows.contiguous()
+    rows = _rows(x.detach().reshape(bsz, length, math.prod(x.shape[2:])))
     out = torch.empty(bsz, k, *x.shape[2:], dtype=torch.float32)
     owner, sizes = owner.to(torch.long).contiguous(), _f32(sizes)
     lib.ssm_group_mean(_ptr(rows), rows.stride(0), rows.stride(1), bsz, length, k, rows.shape[2], _ptr(owner),
@@ -533,10 +529,8 @@ def _group_add(x: Tensor, update: Tensor, owner: Tensor, scale: Tensor | None) -
     lib = _cpu_kernel.load()
     bsz, length = owner.shape
     width = math.prod(x.shape[2:])
-    rows = x.detach().reshape(bsz, length, width)
-    rows = rows if rows.stride(2) == 1 else rows.contiguous()
-    upd = update.detach().reshape(bsz, update.shape[1], width)
-    upd = upd if upd.stride(2) == 1 else upd.contiguous()
+    rows = _rows(x.detach().reshape(bsz, length, width))
+    upd = _rows(update.detach().reshape(bsz, update.shape[1], width))
     if scale is not None:
         scale = _f32(scale.detach().expand(x.shape[-1]).repeat(width // x.shape[-1]))
     owner = owner.to(torch.long).contiguous()
@@ -562,8 +556,7 @@ def _regroup(z: Tensor, anchors: Tensor, sizes: Tensor, alone: Tensor | None, co
     lib = _cpu_kernel.load()
     bsz, length, width = z.shape
     k = anchors.shape[1]
-    z = z.detach()
-    z = z if z.stride(2) == 1 else z.contiguous()
+    z = _rows(z.detach())
     anchors, sizes = anchors.to(torch.long).contiguous(), _f32(sizes)
     solo = None if alone is None else alone.to(torch.uint8).contiguous()
     owner = torch.empty(bsz, length, dtype=torch.long)

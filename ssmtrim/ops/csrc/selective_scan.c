@@ -990,18 +990,6 @@ void ssm_group_add(const float *x, long sxb, long sxl, const float *u, long sub,
 #define CB 8 /* centres whose similarities are summed at once */
 typedef int32_t vecI __attribute__((vector_size(VLEN * sizeof(int32_t))));
 
-typedef struct {
-    float rank;
-    long at;
-} Picked;
-
-/* Descending rank, ties by position: torch.sort(-rank, stable=True)'s order. */
-static int picked_cmp(const void *pa, const void *pb) {
-    const Picked *a = (const Picked *)pa, *b = (const Picked *)pb;
-    if (a->rank != b->rank) return a->rank > b->rank ? -1 : 1;
-    return a->at < b->at ? -1 : (a->at > b->at);
-}
-
 /* The C tokens of largest rank (size, plus L + 1 for an alone one; ties by token order), in token order, into out
  * (C), by counting: the ranks are whole numbers in [0, 2L + 2) where sizes count positions. Returns 0 (out untouched)
  * where a rank is not such a number (the caller sorts instead). */
@@ -1038,7 +1026,7 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
         const long Lp = (Ln + VLEN - 1) / VLEN * VLEN, Cq = (C + CB - 1) / CB * CB; /* padded with zeros */
         float *unit = (float *)calloc((size_t)(Ln * D + Cq * D + D * Lp), sizeof(float));
         float *centre = unit + Ln * D, *unitT = centre + Cq * D;
-        Picked *pick = (Picked *)malloc(sizeof(Picked) * (size_t)K);
+        Ranked *pick = (Ranked *)malloc(sizeof(Ranked) * (size_t)K);
         long *hist = (long *)malloc(sizeof(long) * (size_t)(2 * Ln + 3));
         long *anc = (long *)malloc(sizeof(long) * (size_t)C);
         unsigned char *solo = (unsigned char *)malloc((size_t)C);
@@ -1052,11 +1040,11 @@ void ssm_regroup(const float *z, long szb, long szl, long Bn, long Ln, long D, l
             if (C == K) {
                 for (long c = 0; c < C; c++) anc[c] = c;
             } else if (!top_by_count(sizes + b * K, alone ? alone + b * K : NULL, K, Ln, C, hist, anc)) {
-                for (long k = 0; k < K; k++) {
-                    pick[k].rank = sizes[b * K + k] + (alone && alone[b * K + k] ? (float)(Ln + 1) : 0.f);
+                for (long k = 0; k < K; k++) { /* descending rank, ties by position: torch.sort(-rank, stable) */
+                    pick[k].key = order_key(-(sizes[b * K + k] + (alone && alone[b * K + k] ? (float)(Ln + 1) : 0.f)));
                     pick[k].at = k;
                 }
-                qsort(pick, K, sizeof(Picked), picked_cmp);
+                qsort(pick, K, sizeof(Ranked), ranked_cmp);
                 for (long c = 0; c < C; c++) { /* the first C, by insertion in token order */
                     long at = pick[c].at, j = c;
                     while (j > 0 && anc[j - 1] > at) {
@@ -1132,8 +1120,7 @@ static void first_ranked(Ranked *ranked, Ranked *tmp, long n, long R) {
     for (long r = 0; r < R; r++) {
         long best = r;
         for (long i = r + 1; i < n; i++)
-            if (ranked[i].key < ranked[best].key || (ranked[i].key == ranked[best].key && ranked[i].at < ranked[best].at))
-                best = i;
+            if (ranked_cmp(ranked + i, ranked + best) < 0) best = i;
         const Ranked t = ranked[r];
         ranked[r] = ranked[best];
         ranked[best] = t;
