@@ -133,12 +133,13 @@ class MambaVisionConfig(ArchConfig):
 
 @dataclass(frozen=True)
 class MambaVisionGeometry:
-    """Where the kept tokens of reduced windows sit (one row per window), for the Mamba mixers."""
+    """Where the kept tokens of reduced windows sit (one row per window), for the Mamba mixers; with mixers that read
+    every position (an exact-mixer ``unmerge``), only the un-merge."""
 
-    owners: Tensor  # B' T: the token standing for each position of the window
-    positions: Tensor  # B' K: each token's position in the window (raster order)
-    gaps: Tensor | None  # B' K positions skipped before each token along the scan (float); None: no decay
-    gap_estimate: str  # "bias" or "mean"
+    owners: Tensor | None = None  # B' T: the token standing for each position of the window
+    positions: Tensor | None = None  # B' K: each token's position in the window (raster order)
+    gaps: Tensor | None = None  # B' K positions skipped before each token along the scan (float); None: no decay
+    gap_estimate: str = "bias"  # "bias" or "mean"
     log_sizes: Tensor | None = None  # B' K log of the positions each token stands for (merges); None: one each
     # the windows still hold every position (an ``unmerge`` state): the blocks merge into the tokens before the mixer
     # and the MLP and un-merge their updates; None: the windows hold the tokens
@@ -537,7 +538,11 @@ class MambaVisionFamily:
         return (x,), self._state(model, level + 1, x, state.keeps_positions)
 
     def geometry(self, model: MambaVision, state: TokenState, plan) -> MambaVisionGeometry | None:
-        """Reduced windows: owners, positions and the positions the scan skips; None for full windows."""
+        """Reduced windows: owners, positions and the positions the scan skips; None for full windows. Where the
+        mixers read every position (an exact-mixer ``unmerge`` state), only the un-merge: nothing else is read."""
+        u = unmerge_of(state)
+        if u is not None and u.exact_mixer:
+            return MambaVisionGeometry(unmerge=u)
         if not state.reduced:
             return None
         forward, _ = gaps_from_positions(state.positions, state.length)

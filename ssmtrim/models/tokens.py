@@ -244,8 +244,13 @@ class Unmerge:
     anchors: Tensor | None = None
     alone: Tensor | None = None  # B K bool, tokens that stand for themselves alone when regrouping (a class token)
     share: float = 1.0  # regroup around this share of the tokens (:func:`mlp_tokens` of them, the largest groups)
+    # every position is its own token (a step removed nothing): merge and un-merge are the identity, only the MLPs'
+    # regrouping (:meth:`for_mlp`) changes anything
+    identity: bool = False
 
     def merge(self, x: Tensor) -> Tensor:
+        if self.identity:
+            return x
         kernels = group_kernels(x)
         if kernels is not None:  # one C call (ssmtrim.ops.tokens)
             return kernels.mean(x, self.owner, self.sizes)
@@ -259,10 +264,12 @@ class Unmerge:
         return (acc / sizes).view(bsz, k, *rows).to(x.dtype)
 
     def unmerge(self, y: Tensor) -> Tensor:
-        return gather_tokens(y, self.owner)
+        return y if self.identity else gather_tokens(y, self.owner)
 
     def add_to(self, x: Tensor, update: Tensor, scale: Tensor | None = None) -> Tensor:
         """``x + scale * unmerge(update)`` (scale None: 1): a residual add of an update made on the tokens."""
+        if self.identity:
+            return x + (update if scale is None else scale * update)
         kernels = group_kernels(x, update, scale)
         if kernels is not None and kernels.add is not None:  # one C call (ssmtrim.ops.tokens)
             return kernels.add(x, update, self.owner, scale)
@@ -343,4 +350,5 @@ def unmerge_of(state: TokenState) -> Unmerge | None:
     share = state.whole.mlp_share
     regroup = share is not None
     return Unmerge(state.owner, state.sizes.float(), state.whole.exact_mixers, state.positions if regroup else None,
-                   state.protected() if regroup and state.cls_index is not None else None, share or 1.0)
+                   state.protected() if regroup and state.cls_index is not None else None, share or 1.0,
+                   identity=not state.reduced)

@@ -309,13 +309,14 @@ def _route_order(k: int, hw: tuple[int, int], device: torch.device) -> Tensor:
 class VMambaGeometry:
     """Where the tokens of a reduced stage sit, for its blocks (computed once per token state): the conv reads the
     grid restored from them; routes 0 and 2 scan them in raster order (their order), 1 and 3 in column order, each
-    decaying across the positions it skips."""
+    decaying across the positions it skips. With mixers that read every position (an exact-mixer ``unmerge``), only
+    the un-merge."""
 
-    owners: Tensor  # B L0 the token standing for each grid position (kept, merged into, or nearest)
-    positions: Tensor  # B K grid position of each token, increasing
-    column: Tensor  # B K the tokens in column-major order (routes 1 and 3)
-    gaps: tuple[Tensor, ...] | None  # per route, B K: grid positions skipped before each step (float); None: none
-    gap_estimate: str  # "bias" or "mean": the Δ of a skipped position
+    owners: Tensor | None = None  # B L0 the token standing for each grid position (kept, merged into, or nearest)
+    positions: Tensor | None = None  # B K grid position of each token, increasing
+    column: Tensor | None = None  # B K the tokens in column-major order (routes 1 and 3)
+    gaps: tuple[Tensor, ...] | None = None  # per route, B K: grid positions skipped before each step (float), or none
+    gap_estimate: str = "bias"  # "bias" or "mean": the Δ of a skipped position
     # the residual stream still holds every position (an ``unmerge`` state): the blocks merge into the tokens before
     # SS2D and the MLP and un-merge their updates; None: the streams hold the tokens
     unmerge: Unmerge | None = None
@@ -641,6 +642,9 @@ class VMambaFamily:
         thinned (``state.scan_stride``), the stride; None for a full grid."""
         if state.scan_stride is not None and not state.reduced:
             return SubsampledScan(state.scan_stride)
+        u = unmerge_of(state)
+        if u is not None and u.exact_mixer:  # SS2D reads every position as dense: only the un-merge is read
+            return VMambaGeometry(unmerge=u)
         if not state.reduced:
             return None
         return reduced_geometry(state, plan.gap)

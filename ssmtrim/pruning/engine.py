@@ -203,7 +203,7 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     else:
         k = kept_count(candidates, keep[i], centred=state.num_protected == 1)
     stats.kept_fraction.append(k / candidates)
-    if k >= candidates:
+    if k >= candidates and not strategy.steps_without_removal(config):
         return streams, state, geometry  # nothing to reduce here
     streams, new = strategy.reduce(ReductionStep(i, scores, k, streams, state, output, config))
     if state.track_owner and new.owner is state.owner and new.positions is not state.positions:

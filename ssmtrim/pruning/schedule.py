@@ -81,6 +81,20 @@ def tokens_per_block(model: nn.Module, layers: tuple[int, ...], keep: float | tu
     return out
 
 
+def after_step(model: nn.Module, layers: tuple[int, ...]) -> list[bool]:
+    """Whether each block runs after a reduction step of ``layers`` (1-based, as ``tokens_per_block``) on its stage's
+    grid, where a strategy's later-block plan (an MLPs' share) applies even to a step that removed nothing."""
+    family = family_of(model)
+    starts = dict(stages_of(family, model.config))
+    out, stepped = [], False
+    for block in range(family.depth(model.config)):
+        if block in starts:
+            stepped = False
+        out.append(stepped)
+        stepped = stepped or block + 1 in layers
+    return out
+
+
 class FlopsModel:
     """FLOPs of a schedule, estimated from the dense model's per-block counts. Each block's FLOPs scale with the tokens
     it runs on; with a ``plan`` whose strategy runs the blocks' per-token MLPs on other tokens than their mixers
@@ -128,10 +142,13 @@ class FlopsModel:
 
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
+        # the MLPs' share applies after a step, even one that removed nothing (Strategy.steps_without_removal)
+        shared = after_step(self.model, layers) if self.mlp_share < 1.0 else [False] * len(tokens)
         saved = 0.0
-        for whole, mlp, t, d in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens, strict=True):
+        for whole, mlp, t, d, s in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens, shared,
+                                       strict=True):
             mixers = d if self.mixers_whole else t
-            mlps = mlp_tokens(t, self.mlp_share) if t < d else t  # a block after a step that removed tokens
+            mlps = mlp_tokens(t, self.mlp_share) if s else t
             saved += (whole - mlp) * (1 - mixers / d) + mlp * (1 - mlps / d)
         return (self.total - saved) / self.total
 
@@ -217,6 +234,8 @@ def keep_for(flops: FlopsModel, layers: tuple[int, ...], target: float,
     lo, hi = 0.01, 1.0
     if ratio(lo) > target:
         return None
+    if ratio(1.0) <= target:  # a plan whose steps save FLOPs while removing no token (an MLPs' share)
+        return 1.0
     for _ in range(20):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ratio(mid) <= target else (lo, mid)

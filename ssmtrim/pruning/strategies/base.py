@@ -60,6 +60,13 @@ class Strategy:
         FLOPs estimate scales the MLPs' FLOPs by it, in the blocks after a step."""
         return 1.0
 
+    def steps_without_removal(self, plan) -> bool:
+        """True where a step that removes no token still changes how the later blocks run (unmerge's MLPs on a share
+        of the tokens): the engine then runs :meth:`reduce` at a keep of 1 too (its ``k`` every candidate), and the
+        FLOPs estimate scales the MLPs by :meth:`mlp_share` after such a step. Default False: a step that removes
+        nothing is skipped."""
+        return False
+
     def reaching_further(self, plan):
         """A plan like ``plan`` that can save more FLOPs, for a FLOPs target ``plan`` cannot reach (None: none)."""
         return None

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import WholeStreams
 from ssmtrim.pruning.options import Option
@@ -84,6 +86,11 @@ class Unmerge(Strategy):
     def _regroups(self, plan) -> bool:
         return plan.option("mlp_groups") == "block" or self.mlp_share(plan) < 1.0
 
+    def steps_without_removal(self, plan) -> bool:
+        """With the MLPs on a share of the tokens, a step at keep 1 runs the later MLPs on that share, the mixers
+        on every position exactly as dense (no merge, no un-merge, no matching)."""
+        return self.mlp_share(plan) < 1.0
+
     def reaching_further(self, plan):
         """Past the MLPs' reach: the mixers on the merged tokens too, as gently as the target allows, and the MLPs on
         a tenth of a step's tokens (unless the plan sets its own share)."""
@@ -94,8 +101,8 @@ class Unmerge(Strategy):
 
     def fit_target(self, plan, meets):
         """With the MLPs on a share of the tokens: the largest share (to 1e-3) that still meets the target. A step
-        that removes a single token already runs the MLPs on that share, so where even keep ~1 saves more than asked
-        (vmamba_cifar64 at -30%: 31.4% with a tenth), the share takes up the difference the keep cannot."""
+        that removes no token already runs the MLPs on that share, so where even keep 1 saves more than asked
+        (vmamba_cifar64 at -30%: 31% with a tenth), the share takes up the difference the keep cannot."""
         share = self.mlp_share(plan)
         if share >= 1.0:
             return plan
@@ -130,6 +137,8 @@ class Unmerge(Strategy):
         state = step.state
         length = step.state.positions.shape[1]
         candidates = int(length) - state.num_protected
+        if step.k >= candidates:  # nothing leaves (steps_without_removal): only the MLPs' share changes anything
+            return step.streams, self._unreduced(step)
         match = step.plan.option("match")
         if match == "bipartite" or (match == "auto" and candidates - step.k <= candidates // 2):
             src, dst, index = choose_bipartite(step)
@@ -140,6 +149,19 @@ class Unmerge(Strategy):
         _, new = merge_and_keep(state.replace(track_owner=True), (), sizes_of(state), src, dst, removed, index)
         share = self.mlp_share(step.plan) if self._regroups(step.plan) else None
         return step.streams, new.replace(whole=WholeStreams(self.reduces_mlps_only(step.plan), share))
+
+
+    def _unreduced(self, step: ReductionStep):
+        """The state after a step that removes nothing: every position its own token (the mixers read the positions
+        as dense), the later MLPs regrouped around the plan's share of them; a stream already whole keeps its
+        tokens."""
+        state = step.state
+        if state.full_streams:
+            return state
+        bsz, length = state.positions.shape
+        identity = torch.arange(length, device=state.positions.device).expand(bsz, -1)
+        return state.replace(owner=identity, sizes=sizes_of(state), track_owner=True,
+                             whole=WholeStreams(True, self.mlp_share(step.plan)))
 
 
 register_strategy(Unmerge())
