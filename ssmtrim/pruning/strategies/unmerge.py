@@ -150,7 +150,6 @@ class Unmerge(Strategy):
         share = self.mlp_share(step.plan) if self._regroups(step.plan) else None
         return step.streams, new.replace(whole=WholeStreams(self.reduces_mlps_only(step.plan), share))
 
-
     def _unreduced(self, step: ReductionStep):
         """The state after a step that removes nothing: every position its own token (the mixers read the positions
         as dense), the later MLPs regrouped around the plan's share of them; a stream already whole keeps its
