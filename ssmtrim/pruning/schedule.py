@@ -99,8 +99,9 @@ class FlopsModel:
     """FLOPs of a schedule, estimated from the dense model's per-block counts. Each block's FLOPs scale with the tokens
     it runs on; with a ``plan`` whose strategy runs the blocks' per-token MLPs on other tokens than their mixers
     (``reduces_mlps_only``: the mixers on every position; ``mlp_share`` below 1: the MLPs on a share of the step's
-    tokens), the MLPs' part (the multiply-adds of the Linear layers of the family's ``token_mlp`` of each block) scales
-    with the MLPs' tokens and the rest with the mixers'."""
+    tokens, also after a step that removes none where ``steps_without_removal``), the MLPs' part (the multiply-adds
+    of the Linear layers of the family's ``token_mlp`` of each block) scales with the MLPs' tokens and the rest with
+    the mixers'."""
 
     def __init__(self, model: nn.Module, convention: str = "full", plan: PruneConfig | None = None) -> None:
         from ssmtrim.flops import count_flops
@@ -116,18 +117,21 @@ class FlopsModel:
         self.mlp_blocks = [0] * depth  # the MLPs' FLOPs where they scale apart from the mixers (else 0)
         self.mixers_whole = False  # the mixers run on every position
         self.mlp_share = 1.0
+        self.steps_without_removal = False  # a step that removes nothing still runs the MLPs on their share
         if plan is not None:
             view = self.for_plan(plan)
             self.mlp_blocks, self.mixers_whole, self.mlp_share = view.mlp_blocks, view.mixers_whole, view.mlp_share
+            self.steps_without_removal = view.steps_without_removal
 
     def for_plan(self, plan: PruneConfig) -> FlopsModel:
         """This estimate for ``plan`` from the same dense count (no second trace)."""
         strategy = get_strategy(plan.arrangement)
         whole, share = strategy.reduces_mlps_only(plan), strategy.mlp_share(plan)
-        if (whole, share) == (self.mixers_whole, self.mlp_share):
+        empty = strategy.steps_without_removal(plan)
+        if (whole, share, empty) == (self.mixers_whole, self.mlp_share, self.steps_without_removal):
             return self
         view = copy.copy(self)
-        view.mixers_whole, view.mlp_share = whole, share
+        view.mixers_whole, view.mlp_share, view.steps_without_removal = whole, share, empty
         if whole or share < 1.0:
             if self._mlp_blocks is None:
                 check_provides(self.model, plan)  # a family without per-token MLPs (token_mlp): one sentence
@@ -142,13 +146,14 @@ class FlopsModel:
 
     def ratio(self, layers: tuple[int, ...], keep: float | tuple[float, ...]) -> float:
         tokens = tokens_per_block(self.model, layers, keep)
-        # the MLPs' share applies after a step, even one that removed nothing (Strategy.steps_without_removal)
-        shared = after_step(self.model, layers) if self.mlp_share < 1.0 else [False] * len(tokens)
+        # the MLPs' share applies after a step that removed tokens, or after any step where the strategy runs one
+        # that removes nothing (Strategy.steps_without_removal)
+        stepped = after_step(self.model, layers) if self.steps_without_removal else [False] * len(tokens)
         saved = 0.0
-        for whole, mlp, t, d, s in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens, shared,
+        for whole, mlp, t, d, s in zip(self.whole_blocks, self.mlp_blocks, tokens, self.dense_tokens, stepped,
                                        strict=True):
             mixers = d if self.mixers_whole else t
-            mlps = mlp_tokens(t, self.mlp_share) if s else t
+            mlps = mlp_tokens(t, self.mlp_share) if s or t < d else t
             saved += (whole - mlp) * (1 - mixers / d) + mlp * (1 - mlps / d)
         return (self.total - saved) / self.total
 
