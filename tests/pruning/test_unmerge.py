@@ -461,6 +461,32 @@ def test_a_step_at_keep_1_runs_the_later_mlps_on_their_share_alone(name, layers,
         torch.testing.assert_close(model(x), dense_of(model)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_strategy_without_such_steps_skips_a_step_at_keep_1_in_the_engine_and_the_estimate():
+    """The engine and the FLOPs estimate read Strategy.steps_without_removal alike: a strategy with an MLPs' share
+    that does not run steps removing nothing is its dense self at keep 1, and its estimate there is dense."""
+    from ssmtrim.pruning.schedule import FlopsModel
+    from ssmtrim.pruning.strategies.base import register_strategy, unregister_strategy
+    from ssmtrim.pruning.strategies.unmerge import Unmerge
+
+    class NoEmptySteps(Unmerge):
+        name = "unmerge_no_empty_steps"
+
+        def steps_without_removal(self, plan) -> bool:
+            return False
+
+    register_strategy(NoEmptySteps())
+    try:
+        model, x = _model_and_input("vmamba_test", 32)
+        plan = _plan(model, (2,), 1.0).replace(arrangement="unmerge_no_empty_steps",
+                                               options=(("mixer", "tokens"), ("mlp_share", 0.3)))
+        assert FlopsModel(model, "paper", plan).ratio(plan.layers, 1.0) == 1.0
+        assert FlopsModel(model, "paper", plan.replace(arrangement="unmerge")).ratio(plan.layers, 1.0) < 1.0
+        with torch.no_grad():
+            torch.testing.assert_close(reduced_forward(model, x, plan).logits, model(x), rtol=1e-5, atol=1e-5)
+    finally:
+        unregister_strategy("unmerge_no_empty_steps")
+
+
 def test_an_identity_unmerge_passes_its_rows_through():
     from ssmtrim.models.tokens import Unmerge
 
