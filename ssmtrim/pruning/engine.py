@@ -254,6 +254,11 @@ def apply_pruning(model: nn.Module, config: PruneConfig) -> nn.Module:
     if is_pruned(model):
         raise ConfigError("this model is already pruned; prune the dense model it came from instead.")
     check_plan_for(model, config)
+    if config.is_identity and not get_strategy(config.arrangement).steps_without_removal(config):
+        from ssmtrim.notices import notice
+
+        notice("plan-removes-nothing", "every --keep is 1, so no step removes a token and the model runs as dense; "
+               "give a keep ratio below 1 (e.g. --keep 0.8) or a FLOPs target (--flops 0.7).")
     model.__class__ = _reduced_class(type(model))
     model.prune_config = config
     return model

@@ -487,6 +487,21 @@ def test_a_strategy_without_such_steps_skips_a_step_at_keep_1_in_the_engine_and_
         unregister_strategy("unmerge_no_empty_steps")
 
 
+def test_a_plan_that_removes_nothing_is_said_unless_its_steps_still_act(capsys):
+    """Every keep 1 in count mode: one note that the model runs as dense, and what to give instead; not where a step
+    at keep 1 still acts (an MLPs' share)."""
+    from ssmtrim.notices import reset_notices
+
+    model, _ = _model_and_input("vmamba_test", 32)
+    reset_notices()
+    apply_pruning(copy.deepcopy(model), _plan(model, (2,), 1.0))
+    assert "no step removes a token" in capsys.readouterr().err
+    reset_notices()
+    apply_pruning(copy.deepcopy(model), _plan(model, (2,), 1.0).replace(options=(("mlp_share", 0.3),)))
+    apply_pruning(copy.deepcopy(model), _plan(model, (2,), 0.9))
+    assert "no step removes" not in capsys.readouterr().err
+
+
 def test_an_identity_unmerge_passes_its_rows_through():
     from ssmtrim.models.tokens import Unmerge
 
