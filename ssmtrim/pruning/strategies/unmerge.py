@@ -57,7 +57,8 @@ MLP_GROUPS = Option("mlp_groups", "step", "the groups of positions the later blo
 MLP_SHARE = Option("mlp_share", 1.0, "the share of a step's tokens the later blocks' MLPs run on: below 1, each "
                    "block's MLP regroups the positions around that share of the tokens (the largest groups) by its own "
                    "input, as mlp_groups=block does, so a step can merge gently for the mixers and harder for the MLPs "
-                   "(a family must have MLPs)", low=0.01, high=1.0)
+                   "(at --keep 1 a step removes no token: the mixers read every position, the MLPs their share; a "
+                   "family must have MLPs)", low=0.01, high=1.0)
 
 # the MLPs' share of a step's tokens where a target is past the MLPs' reach (reaching_further): on 2,000 training images
 # at -40% FLOPs (benchmarks/results/screen_mlp_share_{mv,vm64}_train.json) shares 1 / 0.25 / 0.1 / 0.05 kept 69.25 /
