@@ -9,9 +9,11 @@ The reduced model is each family's recommended plan (merge; unmerge on VMamba, M
 recommended blocks (or ``--arrangement``, ``--layers``, ``--keep``), count mode, compensation off (it changes no
 speed); registered names without bundled weights get random weights (speed does not depend on them). For each runtime
 it prints images/s at ``--batch``, milliseconds per image at batch 1, the speed-up over dense, and the realised share
-(speed-up / the full-convention FLOPs ratio). With one thread the clock is the thread's CPU time (another process on a
-shared machine then does not count; onnxruntime's own threads are not this thread's, so its column always reads the
-wall clock), else the wall clock. Compiling takes minutes on a deep model.
+(speed-up / the full-convention FLOPs ratio); the speed-up is the ratio of the two medians, and, paired, the median of
+the per-turn ratios (dense and reduced timed back to back), which a drift across turns moves less. With one thread
+the clock is the thread's CPU time (another process on a shared machine then does not count; onnxruntime's own
+threads are not this thread's, so its column always reads the wall clock), else the wall clock. Compiling takes
+minutes on a deep model.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ def with_reference_ops(model):
     return call
 
 
-def rates(calls, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> list[float]:
+def rates(calls, x, warmup: int, iters: int, repeats: int, wall: bool = False) -> tuple[list[float], list[float]]:
     """Images/s of each of ``calls`` on x, median of ``repeats`` timings of ``iters`` calls, the calls taking turns
-    (dense, reduced, dense, ...) so that a slow spell of a shared machine falls on both."""
+    (dense, reduced, dense, ...) so that a slow spell of a shared machine falls on both; and each call's speed-up over
+    the first, paired: the median over the turns of its rate / the first call's rate in the same turn (a drift that
+    spans several turns then cancels within each)."""
     clock = time.thread_time if torch.get_num_threads() == 1 and not wall else time.perf_counter
     for call in calls:
         for _ in range(warmup):
@@ -76,7 +80,15 @@ def rates(calls, x, warmup: int, iters: int, repeats: int, wall: bool = False) -
             for _ in range(iters):
                 call(x)
             out.append(iters * x.shape[0] / (clock() - t0))
-    return [statistics.median(m) for m in measured]
+    paired = [statistics.median(r / d for r, d in zip(m, measured[0], strict=True)) for m in measured]
+    return [statistics.median(m) for m in measured], paired
+
+
+def timing(dense: float, reduced: float, paired: float, flops_ratio: float) -> dict[str, float]:
+    """One runtime's row: images/s, the speed-up (ratio of the medians) and the realised share (speed-up / FLOPs
+    ratio), and the same two from the paired speed-up (:func:`rates`)."""
+    return {"dense": dense, "reduced": reduced, "speedup": reduced / dense, "realised": reduced / dense / flops_ratio,
+            "speedup_paired": paired, "realised_paired": paired / flops_ratio}
 
 
 def main() -> None:
@@ -120,12 +132,10 @@ def main() -> None:
                 for label, batch in (("batch", x_many), ("one", x_one)):
                     n = 1 if label == "batch" else 5
                     calls = (d, r, with_reference_ops(r)) if args.reference_ops and runtime == "eager" else (d, r)
-                    rd, rr, *ro = rates(calls, batch, 1, args.iters * n, args.repeats)
-                    row[f"{runtime}_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
-                                                 "realised": rr / rd / row["flops_ratio"]}
+                    (rd, rr, *ro), (_, pr, *po) = rates(calls, batch, 1, args.iters * n, args.repeats)
+                    row[f"{runtime}_{label}"] = timing(rd, rr, pr, row["flops_ratio"])
                     if ro:
-                        row[f"{runtime}_reference_ops_{label}"] = {"dense": rd, "reduced": ro[0], "speedup": ro[0] / rd,
-                                                               "realised": ro[0] / rd / row["flops_ratio"]}
+                        row[f"{runtime}_reference_ops_{label}"] = timing(rd, ro[0], po[0], row["flops_ratio"])
             if args.onnx:
                 from ssmtrim.export import OnnxModel, export_onnx
 
@@ -135,9 +145,8 @@ def main() -> None:
                         path = os.path.join(tmp, f"{kind}_{batch.shape[0]}.onnx")
                         export_onnx(m, path, batch_size=batch.shape[0], check_images=batch)
                         runners.append(lambda a, s=OnnxModel(path, threads=torch.get_num_threads()): s.run(a))
-                    rd, rr = rates(runners, batch.numpy(), 1, args.iters, args.repeats, wall=True)
-                    row[f"onnxruntime_{label}"] = {"dense": rd, "reduced": rr, "speedup": rr / rd,
-                                                   "realised": rr / rd / row["flops_ratio"]}
+                    (rd, rr), (_, pr) = rates(runners, batch.numpy(), 1, args.iters, args.repeats, wall=True)
+                    row[f"onnxruntime_{label}"] = timing(rd, rr, pr, row["flops_ratio"])
         results.append(row)
         print(f"\n{name}: {row['plan']['arrangement']} after {row['plan']['layers']}, keep {args.keep}, "
               f"{row['flops_ratio']:.2f}x fewer FLOPs (full)")
@@ -146,7 +155,8 @@ def main() -> None:
                 unit = f"img/s at batch {args.batch}" if key.endswith("batch") else "ms at batch 1"
                 show = (lambda r: f"{r:8.1f}") if key.endswith("batch") else (lambda r: f"{1e3 / r:8.1f}")
                 print(f"  {key:22s} dense {show(v['dense'])}  reduced {show(v['reduced'])} {unit:22s} "
-                      f"speed-up {v['speedup']:.2f}x  realised {v['realised']:.2f}")
+                      f"speed-up {v['speedup']:.2f}x  realised {v['realised']:.2f}  (paired: "
+                      f"{v['speedup_paired']:.2f}x, {v['realised_paired']:.2f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
