@@ -18,6 +18,7 @@ from ssmtrim.models.registry import family_of
 from ssmtrim.models.tokens import Unmerge
 from ssmtrim.pruning import PruneConfig, apply_pruning, dense_of, feature_maps, remove_pruning
 from ssmtrim.pruning.engine import check_plan_for, reduced_forward
+from ssmtrim.pruning.scores import get_score
 
 from ..conftest import randomize
 
@@ -433,14 +434,16 @@ def test_the_flops_estimate_of_an_mlp_share_is_what_runs(name, layers, size, mix
 
 
 @pytest.mark.parametrize("name,layers,size", CASES[1:])
-def test_a_step_at_keep_1_runs_the_later_mlps_on_their_share_alone(name, layers, size, tmp_path):
+def test_a_step_at_keep_1_runs_the_later_mlps_on_their_share_alone(name, layers, size, tmp_path, monkeypatch):
     """With an MLPs' share a step at keep 1 removes no token and still runs the later MLPs on that share: the mixers
     read every position (with the MLPs silenced the model is its dense self, as with mixer=positions), no score is
     computed, the blocks get only the un-merge (no reduced geometry), and a saved folder reloads to the same logits."""
     torch.manual_seed(0)
     model, x = _model_and_input(name, size)
     plan = _plan(model, layers, 1.0).replace(options=(("mixer", "tokens"), ("mlp_share", 0.3)))
-    family, seen = family_of(model), []
+    family, seen, scored = family_of(model), [], []
+    score = type(get_score(plan.score))
+    monkeypatch.setattr(score, "__call__", lambda self, output, generator=None: scored.append(1))
     with torch.no_grad():
         dense = model(x)
         geometry = family.geometry
@@ -449,7 +452,7 @@ def test_a_step_at_keep_1_runs_the_later_mlps_on_their_share_alone(name, layers,
             reduced = reduced_forward(model, x, plan)
         finally:
             del family.geometry
-        assert reduced.stats.kept_fraction and set(reduced.stats.kept_fraction) == {1.0}
+        assert reduced.stats.kept_fraction and set(reduced.stats.kept_fraction) == {1.0} and not scored
         assert seen and all(g.unmerge is not None and g.unmerge.identity and g.owners is None for g in seen)
         assert float((reduced.logits - dense).abs().max()) > 1e-4 * float(dense.abs().max())
         positions = plan.replace(options=(("mixer", "positions"), ("mlp_share", 0.3)))
@@ -503,8 +506,6 @@ def test_a_plan_that_removes_nothing_is_said_unless_its_steps_still_act(capsys):
 
 
 def test_an_identity_unmerge_passes_its_rows_through():
-    from ssmtrim.models.tokens import Unmerge
-
     x, update, scale = torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(3)
     u = Unmerge(torch.arange(5).expand(2, -1), torch.ones(2, 5), identity=True)
     assert u.merge(x) is x and u.unmerge(x) is x
