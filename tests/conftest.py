@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -18,6 +19,15 @@ import torch
 
 import ssmtrim
 from ssmtrim.errors import CheckpointError, SourceNotFoundError, StateDictMismatchError, UnknownModelError
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

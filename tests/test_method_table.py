@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "method_table.py"
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def method_table():
-    spec = importlib.util.spec_from_file_location("method_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("method_table")
 
 
 def run(rows: dict[str, list[float]], **overrides) -> dict:

@@ -548,7 +548,7 @@ class MambaVisionFamily:
         forward, _ = gaps_from_positions(state.positions, state.length)
         gaps = None if plan.gap == "zero" else forward.float()
         log_sizes = None if state.sizes is None else state.sizes.float().log()
-        return MambaVisionGeometry(owners(state), state.positions, gaps, plan.gap, log_sizes, unmerge_of(state))
+        return MambaVisionGeometry(owners(state), state.positions, gaps, plan.gap, log_sizes, u)
 
     def stages(self, config: MambaVisionConfig) -> list[tuple[int, int]]:
         """(first block, tokens per row) per level: a conv level's whole map, a window level's window."""

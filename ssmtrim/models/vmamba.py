@@ -329,8 +329,9 @@ class SubsampledScan:
     stride: tuple[int, int]  # (rows, columns)
 
 
-def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
-    """The geometry of a reduced token state on an h x w grid (tokens at their grid positions, in raster order)."""
+def reduced_geometry(state: TokenState, gap: str, unmerge: Unmerge | None = None) -> VMambaGeometry:
+    """The geometry of a reduced token state on an h x w grid (tokens at their grid positions, in raster order);
+    ``unmerge``: the state's :func:`unmerge_of` where the caller has it (else made here)."""
     h, w = state.grid
     pos = state.positions
     if not tracing() and not bool((pos[:, 1:] > pos[:, :-1]).all()):
@@ -341,7 +342,8 @@ def reduced_geometry(state: TokenState, gap: str) -> VMambaGeometry:
     col_fwd, col_bwd = gaps_from_positions(col_key, state.length)
     # routes 0 and 1 scan forward through their positions, 2 and 3 backward (their reverses)
     gaps = tuple(g.float() for g in (raster_fwd, col_fwd, raster_bwd.flip(1), col_bwd.flip(1)))
-    return VMambaGeometry(owners(state), pos, column, None if gap == "zero" else gaps, gap, unmerge_of(state))
+    u = unmerge if unmerge is not None else unmerge_of(state)
+    return VMambaGeometry(owners(state), pos, column, None if gap == "zero" else gaps, gap, u)
 
 
 def _along(x: Tensor, order: Tensor) -> Tensor:
@@ -647,7 +649,7 @@ class VMambaFamily:
             return VMambaGeometry(unmerge=u)
         if not state.reduced:
             return None
-        return reduced_geometry(state, plan.gap)
+        return reduced_geometry(state, plan.gap, u)
 
     def resize_state_dict(self, config: VMambaConfig, state_dict: dict[str, Tensor], img_size: ImgSize):
         """No position embedding: any input size takes the same weights (a new config, the same tensors)."""
