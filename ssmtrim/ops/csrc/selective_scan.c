@@ -792,7 +792,10 @@ void ssm_merge_choose(const float *keys, const unsigned char *prot, const float 
         /* the staying tokens' unit features feature-major (F, K), so that one token's similarities to all of them
          * are K-wide multiply-adds with no horizontal sums; then that token's unit features and similarities */
         const long Kp = (K + SIMV * VLEN - 1) / (SIMV * VLEN) * (SIMV * VLEN); /* K padded with zero columns */
-        float *unit = feat && M > 0 ? (float *)calloc(Fn * Kp + Fn + 2 * Kp, sizeof(float)) : NULL;
+        /* with adjacent, a merged token is compared with two staying tokens only: their unit features are made
+         * when needed (the same products as the feature-major table's), and the table is not built */
+        const long table = adjacent ? 2 * Fn : Fn * Kp;
+        float *unit = feat && M > 0 ? (float *)calloc(table + Fn + 2 * Kp, sizeof(float)) : NULL;
 #pragma omp for schedule(static)
         for (long b = 0; b < Bn; b++) {
             for (long l = 0; l < Ln; l++) {
@@ -812,13 +815,15 @@ void ssm_merge_choose(const float *keys, const unsigned char *prot, const float 
                 for (long m = 0; m < M; m++) dst[b * M + m] = src_all[b * R + ndrop + m];
                 continue;
             }
-            float *us = unit + Fn * Kp, *sim = us + Fn, *row = sim + Kp;
+            float *us = unit + table, *sim = us + Fn, *row = sim + Kp;
             long nshut = 0;
             for (long k = 0; k < K; k++)
                 if (prot[b * Ln + index[b * K + k]]) shut[nshut++] = k;
             for (long k = 0; k < K; k++) row[k] = 1.f / row_norm(feat + b * sfb + index[b * K + k] * sfl, Fn);
-            for (long f = 0; f < Fn; f++) /* written in order, read across the rows */
-                for (long k = 0; k < K; k++) unit[f * Kp + k] = feat[b * sfb + index[b * K + k] * sfl + f] * row[k];
+            if (!adjacent)
+                for (long f = 0; f < Fn; f++) /* written in order, read across the rows */
+                    for (long k = 0; k < K; k++)
+                        unit[f * Kp + k] = feat[b * sfb + index[b * K + k] * sfl + f] * row[k];
             for (long m = 0; m < M; m++) {
                 const long s = src_all[b * R + ndrop + m];
                 unit_row(feat + b * sfb + s * sfl, Fn, us);
@@ -834,10 +839,16 @@ void ssm_merge_choose(const float *keys, const unsigned char *prot, const float 
                     while (next < K && prot[b * Ln + index[b * K + next]]) next++;
                     long pick = prev >= 0 ? prev : (next < K ? next : 0);
                     if (prev >= 0 && next < K) {
-                        float sp = 0.f, sn = 0.f;
+                        float *up = unit, *un = unit + Fn, sp = 0.f, sn = 0.f;
+                        const float *xp = feat + b * sfb + index[b * K + prev] * sfl;
+                        const float *xn = feat + b * sfb + index[b * K + next] * sfl;
                         for (long f = 0; f < Fn; f++) {
-                            sp += us[f] * unit[f * Kp + prev];
-                            sn += us[f] * unit[f * Kp + next];
+                            up[f] = xp[f] * row[prev];
+                            un[f] = xn[f] * row[next];
+                        }
+                        for (long f = 0; f < Fn; f++) {
+                            sp += us[f] * up[f];
+                            sn += us[f] * un[f];
                         }
                         if (sn > sp) pick = next;
                     }
