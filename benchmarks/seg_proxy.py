@@ -36,6 +36,8 @@ from ssmtrim.evaluate import label_images
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, feature_maps, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
+from ssmtrim.pruning.config import declared_options
+from ssmtrim.pruning.options import parse_option
 from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,16 @@ def segment(head: torch.nn.Linear, maps: torch.Tensor, side: int) -> torch.Tenso
     return F.interpolate(logits, size=(side, side), mode="nearest").argmax(1)
 
 
+def spelled_plan(model, row: str, layers: tuple[int, ...], task: str = "classify") -> PruneConfig:
+    """The plan a row spelled NAME or NAME:OPTION=VALUE[:OPTION=VALUE...] names (e.g.
+    unmerge:mixer=tokens:mlp_share=0.2): the family's plan for ``task`` with that strategy and those options laid
+    over it, after ``layers``, keep 1 (to be solved for a target), no compensation (it changes the classifier only)."""
+    name, *options = row.split(":")
+    given = {"options": dict(parse_option(o, declared_options()) for o in options)} if options else {}
+    return PruneConfig.recommended(model, task=task, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
+                                   **given)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vmamba_cifar64")
@@ -115,7 +127,9 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=1, help="which stage's map the head reads (0-based)")
     ap.add_argument("--layers", default="1,3,4,6")
     ap.add_argument("--targets", default="0.8,0.7")
-    ap.add_argument("--rows", default="ours,tome,align")
+    ap.add_argument("--rows", default="ours,tome,align",
+                    help=f"rows, comma-separated: {', '.join(ROWS)}, or a plan spelled NAME:OPTION=VALUE[:...] (e.g. "
+                         "unmerge:mixer=tokens:mlp_share=0.2: the family's plan with that strategy and options)")
     ap.add_argument("--head-images", type=int, default=4000, help="training mosaics for the head")
     ap.add_argument("--head-epochs", type=int, default=5)
     ap.add_argument("--json", type=Path)
@@ -156,8 +170,10 @@ def main() -> None:
             if row.startswith("ours"):  # the family's plan for classification, or for dense outputs (--task dense)
                 task = "dense" if row == "ours-dense" else "classify"
                 config = PruneConfig.recommended(model, task=task, layers=layers, keep=(1.0,), compensate="none")
-            else:
+            elif row in ROWS:
                 config = PruneConfig(layers=layers, **{"keep": (1.0,), **ROWS[row]})
+            else:
+                config = spelled_plan(model, row, layers)
             keep = config.keep[0] if "keep" in ROWS.get(row, {}) else keep_of(config, target)
             if keep is None:
                 print(f"FLOPs x{target}: {row} unreachable after blocks {layers}", flush=True)

@@ -16,16 +16,14 @@ import json
 import random
 from pathlib import Path
 
-from seg_proxy import fit_head, maps_of, miou, mosaics, segment  # a sibling script
+from seg_proxy import fit_head, maps_of, miou, mosaics, segment, spelled_plan  # a sibling script
 
 import ssmtrim
 from ssmtrim.data import ImageSet, scan_folder
 from ssmtrim.evaluate import label_images
 from ssmtrim.models.loading import data_config_of
-from ssmtrim.pruning import PruneConfig, apply_pruning, remove_pruning
+from ssmtrim.pruning import apply_pruning, remove_pruning
 from ssmtrim.pruning.calibrate import load_images
-from ssmtrim.pruning.config import declared_options
-from ssmtrim.pruning.options import parse_option
 from ssmtrim.pruning.schedule import FlopsModel, fitted_plan, keep_for
 
 
@@ -70,10 +68,7 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             # NAME or NAME:OPTION=VALUE[:OPTION=VALUE...] (e.g. unmerge:mixer=tokens:mlp_share=0.1): the family's
             # plan with that strategy (and options)
-            name, *options = strategy.split(":")
-            given = {"options": dict(parse_option(o, declared_options()) for o in options)} if options else {}
-            config = PruneConfig.recommended(model, layers=layers, keep=(1.0,), compensate="none", arrangement=name,
-                                             **given)
+            config = spelled_plan(model, strategy, layers)
             keep = keep_for(dense_estimate.for_plan(config), layers, target)
             if keep is None:
                 print(f"FLOPs x{target}: {strategy} unreachable after blocks {layers}", flush=True)

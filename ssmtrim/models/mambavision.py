@@ -598,9 +598,16 @@ class MambaVisionFamily:
         # each block's MLP regrouping the positions by its own input (+0.2 / +0.6 at -20 / -30%, agreement with dense
         # +1.1 / +0.9; benchmarks/results/screen_mlp_groups_mv_train.json; VMamba's screens gained nothing, and kept
         # the groups of the step)
-        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head",
-                "options": {"mixer": "positions", "mlp_groups": "block"},
-                "layers": tuple(b + 1 for b in picks)}
+        options = {"mixer": "positions", "mlp_groups": "block"}
+        # for dense outputs, a target past the mixers-whole plan's reach runs the MLPs on a fifth of the tokens, not a
+        # tenth (the mixers merged a little harder): on 500 mosaics of 2,000 training images its restored level-1 /
+        # level-2 maps agreed with the dense maps' classes on 79.2 / 82.5% of the pixels at -30% (a tenth: 77.4 /
+        # 80.3; 0.15: 78.6 / 82.3; 0.3: 78.3 / 82.0) and 60.0 / 66.4% at -40% (a tenth: 60.3 / 65.3)
+        # (benchmarks/seg_select.py; benchmarks/results/seg_select_reach_share_mv_*.json); classification keeps a
+        # tenth (chosen on top-1, unmerge's REACH_SHARE). VMamba's maps measured no such gain (its stage-1 map agreed
+        # best with a tenth: seg_select_reach_share_vm64_*.json), so its dense plan is its classification plan.
+        return {"arrangement": "unmerge", "score": "clipped", "compensate": "head", "options": options,
+                "layers": tuple(b + 1 for b in picks), "dense": {"options": {**options, "reach_share": 0.2}}}
 
     def provides(self, config) -> frozenset[str]:
         """What run_block hands over when asked (scores and strategies that need more are refused)."""

@@ -152,16 +152,38 @@ def test_the_family_picks_the_strategy_for_the_task(name, classify, dense):
         PruneConfig.recommended(model, task="seg")
 
 
-def test_no_bundled_family_sets_a_plan_for_dense_outputs():
-    """Dense outputs take each family's classification plan (docs/ARCHITECTURE.md says so)."""
+def test_only_mambavision_sets_a_plan_for_dense_outputs():
+    """Dense outputs take each family's classification plan but on MambaVision, whose plan for them differs only in
+    unmerge's reach_share (a fifth for a tenth; docs/ARCHITECTURE.md says so)."""
     from ssmtrim.models.registry import list_models
 
-    tested = {}
+    differs = {}
     for spec in list_models(include_test=True):
-        if spec.test_only and spec.arch.family not in tested:
+        if spec.test_only and spec.arch.family not in differs:
             model = ssmtrim.create_model(spec.name)
-            tested[spec.arch.family] = PruneConfig.recommended(model, task="dense") == PruneConfig.recommended(model)
-    assert len(tested) >= 5 and all(tested.values()), tested
+            dense, classify = PruneConfig.recommended(model, task="dense"), PruneConfig.recommended(model)
+            differs[spec.arch.family] = {k: v for k, v in dense.options if dict(classify.options).get(k) != v}
+            assert dense.replace(options=classify.options) == classify, spec.name
+    assert len(differs) >= 5, differs
+    assert differs.pop("mambavision") == {"reach_share": 0.2}
+    assert not any(differs.values()), differs
+
+
+def test_the_plan_that_reaches_further_takes_its_reach_share():
+    """unmerge's reaching_further: the MLPs on reach_share of the tokens (a tenth by default), the plan's own
+    mlp_share where it sets one."""
+    from ssmtrim.pruning.strategies import get_strategy
+
+    unmerge = get_strategy("unmerge")
+    whole = PruneConfig(layers=(2,), keep=(0.5,), arrangement="unmerge", options={"mixer": "positions"})
+    assert dict(unmerge.reaching_further(whole).options) == {"mixer": "tokens", "mlp_share": 0.1}
+    given = whole.replace(options={"mixer": "positions", "reach_share": 0.2})
+    assert dict(unmerge.reaching_further(given).options)["mlp_share"] == 0.2
+    own = whole.replace(options={"mixer": "positions", "reach_share": 0.2, "mlp_share": 0.3})
+    assert dict(unmerge.reaching_further(own).options)["mlp_share"] == 0.3
+    assert unmerge.reaching_further(whole.replace(options={"mixer": "tokens"})) is None
+    with pytest.raises(ConfigError, match="reach-share 0.0 is outside"):
+        whole.replace(options={"reach_share": 0.0})
 
 
 def test_a_family_plan_for_dense_outputs_is_laid_over_its_own():

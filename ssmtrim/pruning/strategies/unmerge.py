@@ -64,12 +64,16 @@ MLP_SHARE = Option("mlp_share", 1.0, "the share of a step's tokens the later blo
 # at -40% FLOPs (benchmarks/results/screen_mlp_share_{mv,vm64}_train.json) shares 1 / 0.25 / 0.1 / 0.05 kept 69.25 /
 # 73.15 / 74.15 / 72.80 (mambavision_cifar) and 62.45 / 69.75 / 71.65 / 71.90 (vmamba_cifar64): 0.1, best on average
 REACH_SHARE = 0.1
+REACH = Option("reach_share", REACH_SHARE, "the share of a step's tokens the later blocks' MLPs run on where a target "
+               "is past the reach of mixer=positions (the plan the schedule search then tries: the mixers on the "
+               "merged tokens, the MLPs on this share); an mlp_share the plan sets is taken instead",
+               low=0.01, high=1.0)
 
 
 class Unmerge(Strategy):
     name = "unmerge"
     keeps_positions = True
-    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER, MLP_GROUPS, MLP_SHARE)
+    options = (METRIC, PROTECT_AROUND, MERGE_INTO, MATCH, GAP, MIXER, MLP_GROUPS, MLP_SHARE, REACH)
     description = "merged for each later block's mixer and MLP, their updates un-merged onto the full residual stream"
     keeps_what = "of the tokens the blocks run on (the residual stream keeps every position)"
 
@@ -94,10 +98,10 @@ class Unmerge(Strategy):
 
     def reaching_further(self, plan):
         """Past the MLPs' reach: the mixers on the merged tokens too, as gently as the target allows, and the MLPs on
-        a tenth of a step's tokens (unless the plan sets its own share)."""
+        ``reach_share`` of a step's tokens (a tenth by default; the plan's own share where it sets one)."""
         if not self.reduces_mlps_only(plan):
             return None
-        share = self.mlp_share(plan) if self.mlp_share(plan) < 1.0 else REACH_SHARE
+        share = self.mlp_share(plan) if self.mlp_share(plan) < 1.0 else float(plan.option("reach_share"))
         return plan.replace(options={**dict(plan.options), "mixer": "tokens", "mlp_share": share})
 
     def fit_target(self, plan, meets):
