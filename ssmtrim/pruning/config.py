@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ssmtrim.errors import ConfigError
+from ssmtrim.pruning.options import declarations_version
 from ssmtrim.pruning.scores import score_names
 from ssmtrim.pruning.strategies import strategy_names
 
@@ -51,12 +52,20 @@ CONV_NEIGHBOURS = ("original", "kept")
 OPTION_FIELDS = ("gap", "metric", "drop_fraction")
 
 
-def declared_options() -> dict:
-    """Every option a registered strategy or score declares, by name (:mod:`ssmtrim.pruning.options`)."""
-    from ssmtrim.pruning.scores.base import score_options
-    from ssmtrim.pruning.strategies.base import strategy_options
+_DECLARED: dict[int, dict] = {}  # the declared options, by the declarations' version (one entry)
 
-    return {**score_options(), **strategy_options()}
+
+def declared_options() -> dict:
+    """Every option a registered strategy or score declares, by name (:mod:`ssmtrim.pruning.options`); the same
+    mapping between registrations (read it, do not change it)."""
+    version = declarations_version()
+    if version not in _DECLARED:
+        from ssmtrim.pruning.scores.base import score_options
+        from ssmtrim.pruning.strategies.base import strategy_options
+
+        _DECLARED.clear()
+        _DECLARED[version] = {**score_options(), **strategy_options()}
+    return _DECLARED[version]
 
 
 

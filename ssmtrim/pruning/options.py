@@ -16,6 +16,19 @@ from typing import Any
 
 from ssmtrim.errors import ConfigError
 
+_CHANGES = [0]  # how many times a strategy or score was registered or unregistered
+
+
+def declarations_changed() -> None:
+    """A strategy or score was registered or unregistered: the declared options may differ."""
+    _CHANGES[0] += 1
+
+
+def declarations_version() -> int:
+    """Changes with every registration, so that what is derived from the declarations can be kept between them (a
+    forward reads an option's default without walking every plug-in, and a compiled graph guards on one number)."""
+    return _CHANGES[0]
+
 
 @dataclass(frozen=True)
 class Option:

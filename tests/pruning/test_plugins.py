@@ -326,6 +326,27 @@ def test_a_strategy_declares_its_own_option_and_the_plan_asks_it(toy, images, tm
     assert again.prune_config == plan
 
 
+def test_the_declared_options_follow_every_registration():
+    """declared_options() is kept between registrations (a forward reads defaults from it): a strategy registered or
+    unregistered later is seen at once, by a plan made before it too."""
+    from ssmtrim.pruning.config import declared_options
+
+    class Later(Strategy):
+        name = "toy-later"
+        options = (Option("toy_later", 3, "a later plug-in's option", low=0, high=9),)
+
+    plan = PruneConfig(layers=(1,), keep=(0.5,))
+    assert "toy_later" not in declared_options()
+    register_strategy(Later())
+    try:
+        assert declared_options()["toy_later"].default == 3 and plan.option("toy_later") == 3
+    finally:
+        unregister_strategy("toy-later")
+    assert "toy_later" not in declared_options()
+    with pytest.raises(ConfigError, match="option 'toy_later' is not declared"):
+        plan.option("toy_later")
+
+
 def test_a_plan_that_needs_what_the_family_does_not_give_is_refused_when_applied(toy):
     """The toy family declares no ``provides``: a score or strategy that reads softplus(Δ) or the mixer input is
     refused in one sentence when the plan is applied, not mid-forward."""

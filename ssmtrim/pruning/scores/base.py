@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import BlockOutput
-from ssmtrim.pruning.options import Option
+from ssmtrim.pruning.options import Option, declarations_changed
 
 
 class Score:
@@ -35,11 +35,13 @@ _SCORES: dict[str, Score] = {}
 
 def register_score(score: Score) -> Score:
     _SCORES[score.name] = score
+    declarations_changed()
     return score
 
 
 def unregister_score(name: str) -> None:
     _SCORES.pop(name, None)
+    declarations_changed()
 
 
 def score_options() -> dict[str, Option]:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ssmtrim.errors import ConfigError
 from ssmtrim.models.tokens import Streams, TokenState, gather_tokens
-from ssmtrim.pruning.options import Option
+from ssmtrim.pruning.options import Option, declarations_changed
 from ssmtrim.pruning.state import ReductionStep
 
 
@@ -104,6 +104,7 @@ def register_strategy(strategy: Strategy) -> Strategy:
             raise ValueError(f"strategy {strategy.name!r} declares option {option.name!r} differently from another "
                              "strategy; share one Option object.")
     _STRATEGIES[strategy.name] = strategy
+    declarations_changed()
     return strategy
 
 
@@ -114,6 +115,7 @@ def strategy_options() -> dict[str, Option]:
 
 def unregister_strategy(name: str) -> None:
     _STRATEGIES.pop(name, None)
+    declarations_changed()
 
 
 def get_strategy(name: str) -> Strategy:
