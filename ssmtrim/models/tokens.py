@@ -117,7 +117,11 @@ class TokenState:
         return self.positions.gather(1, flat).reshape(index.shape)
 
     def replace(self, **changes) -> TokenState:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (as dataclasses.replace, which a compiled graph would guard field by field)."""
+        return TokenState(**{**{name: getattr(self, name) for name in _STATE_FIELDS}, **changes})
+
+
+_STATE_FIELDS = tuple(f.name for f in dataclasses.fields(TokenState))
 
 
 @dataclass
