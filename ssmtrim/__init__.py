@@ -3,9 +3,9 @@ MambaVision).
 
 Public API (imported lazily so that ``import ssmtrim`` stays light and never touches CUDA, mamba-ssm or onnx):
 ``load_model`` (``features_only=True``: a :class:`Backbone`), ``create_model``, ``list_models``, ``save_model``,
-``describe_model``, ``count_flops``, ``PruneConfig``, ``prune``, ``calibrate``, ``apply_pruning``, ``feature_maps``,
-``prune_and_save``, ``export_model`` / ``export_onnx`` / ``OnnxModel`` (ONNX, the ``export`` extra),
-``selective_scan``, ``set_backend``, ``use_backend``.
+``describe_model``, ``count_flops``, ``PruneConfig``, ``describe_options`` (the strategies' and scores' options),
+``prune``, ``calibrate``, ``apply_pruning``, ``feature_maps``, ``prune_and_save``, ``export_model`` /
+``export_onnx`` / ``OnnxModel`` (ONNX, the ``export`` extra), ``selective_scan``, ``set_backend``, ``use_backend``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _EXPORTS = {
     "count_flops": "ssmtrim.flops",
     "count_flops_all": "ssmtrim.flops",
     "PruneConfig": "ssmtrim.pruning",
+    "describe_options": "ssmtrim.pruning",
     "apply_pruning": "ssmtrim.pruning",
     "remove_pruning": "ssmtrim.pruning",
     "prune": "ssmtrim.pruning",

@@ -40,8 +40,8 @@ DropFractionOpt = Annotated[float | None, typer.Option("--drop-fraction", help="
                                                        "(least important) dropped instead of merged (default 0).")]
 ModeOpt = Annotated[str, typer.Option("--mode", help="count (fixed tokens per layer) or threshold.")]
 OptionOpt = Annotated[list[str] | None, typer.Option("--option", metavar="NAME=VALUE", help="Any other option a "
-                                                     "strategy or score declares (repeatable), e.g. --option "
-                                                     "name=value.")]
+                                                     "strategy or score declares (repeatable; `ssmtrim options` "
+                                                     "lists them), e.g. --option mlp_share=0.2.")]
 
 
 def parse_options(texts: list[str] | None) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from ssmtrim.cli.finetune_cmd import finetune
 from ssmtrim.cli.flops_cmd import flops
 from ssmtrim.cli.info_cmd import info
 from ssmtrim.cli.models_cmd import models
+from ssmtrim.cli.options_cmd import options
 from ssmtrim.cli.prune_cmd import prune
 from ssmtrim.cli.report_cmd import report
 from ssmtrim.cli.train_cmd import train
@@ -52,6 +53,7 @@ app.command("info")(info)
 app.command("flops")(flops)
 app.command("eval")(eval_)
 app.command("prune")(prune)
+app.command("options")(options)
 app.command("report")(report)
 app.command("finetune")(finetune)
 app.command("convert")(convert)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ssmtrim.errors import ConfigError
-from ssmtrim.pruning.config import GAP_ESTIMATES, MODES, PruneConfig
+from ssmtrim.pruning.config import GAP_ESTIMATES, MODES, PruneConfig, describe_options
 from ssmtrim.pruning.engine import (
     DensePrefix,
     ReducedOutput,
@@ -31,8 +31,8 @@ from ssmtrim.pruning.strategies import strategy_names
 
 __all__ = [
     "DensePrefix", "GAP_ESTIMATES", "MODES", "PruneConfig", "PruneResult", "PruneStats", "ReducedOutput",
-    "apply_pruning", "dense_of", "dense_prefix", "feature_maps", "is_pruned", "kept_count", "prune", "reduce_on",
-    "reduced_forward", "remove_pruning", "score_names", "strategy_names",
+    "apply_pruning", "dense_of", "dense_prefix", "describe_options", "feature_maps", "is_pruned", "kept_count",
+    "prune", "reduce_on", "reduced_forward", "remove_pruning", "score_names", "strategy_names",
 ]  # fmt: skip
 
 
