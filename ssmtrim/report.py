@@ -200,6 +200,7 @@ def build_report(
     layers: tuple[int, ...] | None = None,
     arrangements: tuple[str, ...] | None = None,
     strategy: dict[str, Any] | None = None,
+    task: str | None = None,
     calib: str | os.PathLike | None = None,
     num_images: int | None = None,
     calib_images: int = 256,
@@ -217,8 +218,9 @@ def build_report(
     runtime: str = "torch",
 ) -> dict[str, Any]:
     """Dense, then each pruned model (or each sweep point x arrangement), on the same images; see the module
-    docstring. ``strategy`` holds further PruneConfig fields of the sweep (score, gap, conv, mode). Returns the report
-    as a dict (what ``report.json`` holds). Inside :func:`ssmtrim.distributed.sharded` each rank evaluates and
+    docstring. ``strategy`` holds further PruneConfig fields of the sweep (score, gap, conv, mode, options), and
+    ``task`` ("classify", the default, or "dense") the family plan they are laid over, as for ``prune``. Returns the
+    report as a dict (what ``report.json`` holds). Inside :func:`ssmtrim.distributed.sharded` each rank evaluates and
     calibrates on its block of the images (every rank gets the one-process accuracies) and rank 0 alone measures the
     speed. ``runtime="onnxruntime"`` measures the speed of every row in onnxruntime instead (each model exported to
     ONNX and checked against PyTorch first, :func:`measure_speed_onnx`); accuracy and FLOPs stay PyTorch's."""
@@ -241,13 +243,21 @@ def build_report(
         raise ConfigError("the first model of a report must be dense; give the dense model first.")
     if sweep is None and not pruned:
         raise ConfigError("nothing to compare: give pruned model folders after the dense model, or --sweep.")
+    from ssmtrim.models.registry import TASKS, recommended_plan_of
+
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or dense "
+                          "(feature maps for a detection or segmentation head).")
+    if sweep is None and (task is not None or (strategy or {}).get("options")):
+        raise ConfigError("--task and --option shape the plans of a sweep; give --sweep, or leave them out (a pruned "
+                          "folder carries its own plan).")
     chosen = arrangements is not None  # given: each must run; default: the strategies that can run here
     arrangements = strategy_names() if arrangements is None else tuple(arrangements)
     for arrangement in arrangements:
         if arrangement not in strategy_names():
             raise ConfigError(f"--arrangements: {arrangement!r} is not one of {', '.join(strategy_names())}.")
         if chosen and sweep is not None:  # what the family cannot give is refused before any image is read
-            check_provides(dense, PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement))
+            check_provides(dense, PruneConfig.recommended(dense, task, **(strategy or {}), arrangement=arrangement))
     for name, model in pruned:
         if not is_pruned(model):
             raise ConfigError(f"{name!r} is not pruned, and a report compares one dense model with pruned ones; give "
@@ -308,10 +318,8 @@ def build_report(
         kind, values = sweep_values
         depth = family_of(dense).depth(dense.config)
         # where the family's recommended plan reduces (its hand-set layers), as prune does
-        from ssmtrim.models.registry import recommended_plan_of
-
-        layers = layers or tuple(recommended_plan_of(family_of(dense), dense.config).get("layers") or
-                                 sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+        own = recommended_plan_of(family_of(dense), dense.config, task or "classify").get("layers")
+        layers = layers or tuple(own or sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \
@@ -338,8 +346,8 @@ def build_report(
         runs, left_out = [], []
         for value in values:
             for arrangement in arrangements:
-                config = PruneConfig.recommended(dense, **(strategy or {}), arrangement=arrangement, layers=layers,
-                                                 keep=(1.0,))
+                config = PruneConfig.recommended(dense, task, **(strategy or {}), arrangement=arrangement,
+                                                 layers=layers, keep=(1.0,))
                 config = with_keep(value, config)
                 try:
                     check_plan_for(dense, config, runnable=False)
@@ -394,6 +402,7 @@ def build_report(
         "runtime": runtime,
         "batch_size": batch_size,
         "sweep": sweep,
+        "task": task or "classify",
         "layers": list(layers) if layers else None,
         "entries": [copy.deepcopy(r.to_dict()) for r in rows],
     }

@@ -124,6 +124,26 @@ def test_sweep_covers_every_arrangement_that_can_run(setup):
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in want.items() if k != "thresholds"}
 
 
+def test_a_sweep_takes_the_task_and_options(setup):
+    """report --sweep --task dense --option ...: each row's plan is the family's plan for that task with the options
+    laid over it, as prune resolves it; neither applies without a sweep (a pruned folder carries its own plan)."""
+    root, _, pruned = setup
+    torch.manual_seed(0)
+    dense = ssmtrim.save_model(ssmtrim.create_model("mambavision_test", num_classes=3), root / "mv_dense")
+    res = runner.invoke(app, ["report", str(dense), "--data", str(root / "data"), "--sweep", "keep=0.5",
+                              "--arrangements", "unmerge", "--task", "dense", "--option", "mlp_share=0.3",
+                              "--no-speed", "-o", str(root / "r_task"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["task"] == "dense"
+    options = out["entries"][1]["plan"]["options"]
+    assert options["reach_share"] == 0.2 and options["mlp_share"] == 0.3 and options["mixer"] == "positions"
+    bad = runner.invoke(app, ["report", str(root / "dense"), str(pruned), "--data", str(root / "data"), "--task",
+                              "dense", "--no-speed", "-o", str(root / "r_task_bad")])
+    assert bad.exit_code == 1 and "--task and --option shape the plans of a sweep" in bad.output
+    assert not (root / "r_task_bad").exists()
+
+
 def test_speed_is_measured():
     model = ssmtrim.create_model("vim_test").eval()
     speed = measure_speed(model, (3, 32, 32), batch_size=4, warmup=1, iters=2, repeats=2)
@@ -141,6 +161,8 @@ def test_bad_sweeps(text):
     ([], "at least one pruned folder"),
     (["--sweep", "keep=0.5", "--arrangements", "shuffle"], "not one of"),
     (["--sweep", "keep=0.5", "--layers", "9"], "out of range"),
+    (["--sweep", "keep=0.5", "--task", "seg"], "--task 'seg' is not one of classify, dense"),
+    (["--sweep", "keep=0.5", "--option", "nope=1"], "no strategy or score declares it"),
 ])  # fmt: skip
 def test_bad_input(setup, args, message):
     root, dense, _ = setup

@@ -18,7 +18,17 @@ from ssmtrim.cli._options import (
     SkipUnknownClassesOpt,
     parse_img_size,
 )
-from ssmtrim.cli._prune_options import ConvOpt, GapOpt, LayersOpt, ScoreOpt, parse_layers, strategy_fields
+from ssmtrim.cli._prune_options import (
+    ConvOpt,
+    GapOpt,
+    LayersOpt,
+    OptionOpt,
+    ScoreOpt,
+    TaskOpt,
+    parse_layers,
+    parse_options,
+    strategy_fields,
+)
 from ssmtrim.cli._render import ProgressRenderer, console, print_json
 from ssmtrim.errors import ConfigError
 
@@ -36,6 +46,8 @@ def report(
     arrangements: Annotated[str | None, typer.Option("--arrangements", help="Strategies in a sweep, comma-separated "
                                                      "(default: every registered one).")] = None,
     score: ScoreOpt = None,
+    task: TaskOpt = None,
+    option: OptionOpt = None,
     gap: GapOpt = None,
     conv: ConvOpt = None,
     calib: Annotated[Path | None, typer.Option("--calib", help="Calibration images for a sweep (default: the first "
@@ -84,8 +96,9 @@ def report(
     with sharded(device) as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:
         result = build_report(dense, data, pruned, sweep=sweep, layers=layer_list,
                               arrangements=tuple(a for a in arrangements.split(",") if a) if arrangements else None,
-                              strategy={k: v for k, v in strategy_fields(score, None, gap, conv).items()
-                                        if v is not None}, calib=calib,
+                              strategy={k: v for k, v in {**strategy_fields(score, None, gap, conv),
+                                                          "options": parse_options(option)}.items()
+                                        if v is not None}, task=task, calib=calib,
                               num_images=num_images, batch_size=batch_size, speed=not no_speed, repeats=repeats,
                               device=device, labels_file=labels, progress=progress, dense_name=models[0],
                               skip_unknown_classes=skip_unknown_classes, runtime=runtime)
