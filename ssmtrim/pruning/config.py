@@ -68,27 +68,19 @@ def declared_options() -> dict:
     return _DECLARED[version]
 
 
-
 def describe_options() -> list[dict[str, Any]]:
     """Every declared plug-in option, by name: how it is given (the plan's option fields by their own flag, e.g.
     ``--gap``; the others as ``--option NAME=VALUE``), its default, its allowed values (``choices``, or ``low`` and
     ``high``), the registered strategies and scores that read it, and what it does (``ssmtrim options``)."""
-    from ssmtrim.pruning.scores import get_score, score_names
-    from ssmtrim.pruning.strategies import get_strategy
+    from ssmtrim.pruning.scores.base import scores_reading
+    from ssmtrim.pruning.strategies.base import strategies_reading
 
-    readers: dict[str, dict[str, list[str]]] = {}
-    for kind, names, get in (("strategies", strategy_names(), get_strategy), ("scores", score_names(), get_score)):
-        for name in names:
-            for option in get(name).options:
-                readers.setdefault(option.name, {"strategies": [], "scores": []})[kind].append(name)
-    rows = []
-    for name, option in sorted(declared_options().items()):
-        rows.append({"name": name, "given_as": option.flag if name in OPTION_FIELDS else f"--option {name}=VALUE",
-                     "default": option.default,
-                     "choices": None if option.choices is None else list(option.choices),
-                     "low": option.low, "high": option.high,
-                     "read_by": readers.get(name, {"strategies": [], "scores": []}), "help": option.help})
-    return rows
+    return [{"name": name, "given_as": option.flag if name in OPTION_FIELDS else f"--option {name}=VALUE",
+             "default": option.default, "choices": None if option.choices is None else list(option.choices),
+             "low": option.low, "high": option.high,
+             "read_by": {"strategies": list(strategies_reading(name)), "scores": list(scores_reading(name))},
+             "help": option.help}
+            for name, option in sorted(declared_options().items())]
 
 
 def _sequence(values: Any, flag: str) -> tuple[Any, ...]:

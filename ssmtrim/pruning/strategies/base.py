@@ -42,7 +42,7 @@ class Strategy:
         mine = {o.name for o in self.options}
         for name, option in strategy_options().items():
             if name not in mine and plan.option(name) != option.default:
-                users = ", ".join(s.name for s in _STRATEGIES.values() if name in {o.name for o in s.options})
+                users = ", ".join(strategies_reading(name))
                 if name == GAP.name:
                     raise ConfigError(f"--gap sets the decay over pruned positions, which --arrangement {self.name} "
                                       f"does not keep (its tokens form a new sequence); leave --gap out or use one "
@@ -111,6 +111,11 @@ def register_strategy(strategy: Strategy) -> Strategy:
 def strategy_options() -> dict[str, Option]:
     """Every option a registered strategy declares, by name."""
     return {o.name: o for s in _STRATEGIES.values() for o in s.options}
+
+
+def strategies_reading(option: str) -> tuple[str, ...]:
+    """The registered strategies that declare ``option``."""
+    return tuple(s.name for s in _STRATEGIES.values() if option in {o.name for o in s.options})
 
 
 def unregister_strategy(name: str) -> None:
