@@ -59,6 +59,7 @@ from ssmtrim.models.tokens import (
     unmerge_of,
 )
 from ssmtrim.ops import selective_scan
+from ssmtrim.ops.tokens import TokenKernels, scan_kernels
 
 ROUTES = 4
 
@@ -201,6 +202,10 @@ class SS2D(nn.Module):
     def scan_grid(self, u: Tensor, deltas: list[Tensor] | None = None) -> Tensor:
         """The four routes over a grid u (B E H W) -> their outputs summed in raster order (B H*W E); softplus(Δ)
         averaged over the routes appended to ``deltas`` when given."""
+        if deltas is None:
+            kernels = scan_kernels(u, self, self.d_state)
+            if kernels is not None:
+                return self.scan_grid_tokens(u, kernels)
         hw = (u.shape[-2], u.shape[-1])
         n, r, e = self.d_state, self.dt_rank, self.d_inner
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
@@ -222,6 +227,29 @@ class SS2D(nn.Module):
         if deltas is not None:
             deltas.append((self.merge(spent, hw) / ROUTES).transpose(1, 2))
         return y
+
+    def scan_grid_tokens(self, u: Tensor, kernels: TokenKernels) -> Tensor:
+        """:meth:`scan_grid` on token-major kernels (:mod:`ssmtrim.ops.tokens`): the same values, with the grid's rows
+        (B L E) in raster order and in column order (one transposed copy each), each route's x_proj and dt_proj
+        applied to the rows in its order, and the two scan calls reading the reversed routes from the end instead of
+        flipped copies -> (B H*W E)."""
+        bsz, e, h, w = u.shape
+        n, r = self.d_state, self.dt_rank
+        a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
+        d = self.Ds.float().reshape(ROUTES, e)
+        bias = self.dt_projs_bias.float()
+        raster = u.flatten(2).transpose(1, 2).contiguous()  # B L E, row-major
+        column = u.transpose(2, 3).flatten(2).transpose(1, 2).contiguous()  # B L E, column-major
+
+        def route(rows: Tensor, k: int) -> tuple:
+            dt, b, c = torch.split(F.linear(rows, self.x_proj_weight[k]), [r, n, n], dim=-1)  # B L R, B L N (views)
+            return (rows, F.linear(dt, self.dt_projs_weight[k]), a[k], b, c, d[k], bias[k], None, None)
+
+        # each call returns the mean of a route and its reverse, in the rows' order: twice it is their sum, exactly
+        rows = kernels.scan(route(raster, 0), route(raster, 2), None, True, True)
+        cols = kernels.scan(route(column, 1), route(column, 3), None, True, True)
+        cols = cols.view(bsz, w, h, e).transpose(1, 2).reshape(bsz, h * w, e)  # raster order
+        return rows * 2 + cols * 2
 
     def scan_subsampled(self, u: Tensor, stride: tuple[int, int], deltas: list[Tensor] | None = None) -> Tensor:
         """QuarterMap's scan: the routes read every ``stride[0]``-th row and ``stride[1]``-th column of the conv's

@@ -15,7 +15,12 @@ count, which hold standard ops only):
   directions in one call, each direction's ``(u, delta, A, B, C, D, delta_bias, gap, gap_scale)`` with u, delta
   (B L E) and B, C (B L N) in its scan order and the gap decay of a reduced sequence in factored form (counts (B L)
   in scan order, Δ estimate (B E)) or None; z and the result, the mean of the two gated outputs, (B L E) in the
-  original order.
+  original order; with ``backward_in_order`` the backward direction is given in original order and read from its
+  end (no reversed copy).
+
+A mixer without Vim's causal conv takes the scan alone where :func:`scan_kernels` says so: VMamba's SS2D scans its
+four routes as two such calls, row-major forward and reversed (the tokens' rows as they are) and column-major
+forward and reversed (one transposed copy), each route's projections applied to the rows in that order.
 
 A merge step (``ssmtrim.pruning.strategies.merge``) is a few dozen small PyTorch ops, which at batch 1 cost about
 as much as a block; where the backend has :class:`MergeKernels` (the ``cpu`` backend) and nothing needs a gradient,
@@ -63,7 +68,8 @@ from ssmtrim.ops.backend import backend_for
 from ssmtrim.ops.backends.base import GroupKernels, MergeKernels, TokenKernels
 from ssmtrim.ops.selective_scan import single_op_requested
 
-__all__ = ["GroupKernels", "MergeKernels", "TokenKernels", "group_kernels", "merge_kernels", "token_kernels"]
+__all__ = ["GroupKernels", "MergeKernels", "TokenKernels", "group_kernels", "merge_kernels", "scan_kernels",
+           "token_kernels"]
 
 
 def standard_ops_only() -> bool:
@@ -91,6 +97,22 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
         return None
     kernels = backend_for(x.device).tokens
     return kernels if kernels is not None and kernels.accepts(x, d_inner, d_state) else None
+
+
+def scan_kernels(x: Tensor, module: nn.Module, d_state: int) -> TokenKernels | None:
+    """The chosen backend's token-major kernels when their scan may run on x (B L E) for ``module`` (a mixer without
+    Vim's causal conv, such as VMamba's routes): no gradient wanted, no export or FLOP count watching, a backend
+    whose scan takes x; else None (the general path)."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return None
+    if standard_ops_only():
+        return None
+    kernels = backend_for(x.device).tokens
+    if kernels is None:
+        return None
+    accepts = kernels.scan_accepts
+    return kernels if (accepts(x, d_state) if accepts is not None else kernels.accepts(x, x.shape[-1], d_state)) \
+        else None
 
 
 def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:

@@ -44,12 +44,15 @@ class TokenKernels(NamedTuple):
     so that neither transposes nor flips are copied (see :mod:`ssmtrim.ops.tokens` for the meaning).
 
     ``accepts(x, d_inner, d_state)`` says whether they take this input; ``conv(x, conv, reverse, positions)`` is the
-    causal conv + SiLU in scan order; ``scan(forward, backward, z, delta_softplus)`` both scan directions and their
-    mean."""
+    causal conv + SiLU in scan order; ``scan(forward, backward, z, delta_softplus, backward_in_order=False)`` both
+    scan directions and their mean (``backward_in_order``: the backward direction given in original order, read
+    from its end); ``scan_accepts(x, d_state)`` whether the scan alone takes x (B L E) (a mixer without the causal
+    conv, such as VMamba's routes; None: as ``accepts``)."""
 
     accepts: Callable[[Tensor, int, int], bool]
     conv: Callable[..., Tensor]
     scan: Callable[..., Tensor]
+    scan_accepts: Callable[[Tensor, int], bool] | None = None
 
 
 class MergeKernels(NamedTuple):

@@ -254,6 +254,12 @@ def tokens_accept(x: Tensor, d_inner: int, d_state: int) -> bool:
             and d_inner % _VECTOR == 0)
 
 
+def tokens_scan_accept(x: Tensor, d_state: int) -> bool:
+    """The scan alone (no conv): fp32 CPU tensors and a state the kernel holds; any number of channels (a partial
+    vector of channels is padded inside the kernel, as the general path's scan pads it)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and d_state <= kernel_state_limit()
+
+
 def _rows(t: Tensor) -> Tensor:
     """t (B L C) fp32 with unit channel stride (a view of a wider row is fine), else a contiguous copy."""
     return t if t.dtype == torch.float32 and t.stride(2) == 1 else t.float().contiguous()
@@ -284,35 +290,48 @@ def _conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, 
     return out
 
 
-def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, delta_softplus: bool) -> Tensor:
+def tokens_scan(forward: ScanInputs, backward: ScanInputs, z: Tensor | None, delta_softplus: bool,
+                backward_in_order: bool = False) -> Tensor:
     """``ssm_scan_bi_tok``: both directions in one call, each (u, delta, A, B, C, D, delta_bias, gap, gap_scale) with
     u, delta (B L E) and B, C (B L N) in its scan order, and the gap in factored form only (counts (B L) in its scan
     order, scale (B E)) or None; z (B L E) and the result, the mean of the two gated outputs, in original order
-    (B L E, fp32, contiguous). In a graph that ``torch.compile`` makes, the registered op ``ssmtrim::tokens_scan``."""
+    (B L E, fp32, contiguous). With ``backward_in_order`` the backward direction's u, delta, B, C and gap counts are
+    given in original order and read from the last token (no reversed copy is made). In a graph that
+    ``torch.compile`` makes, the registered op ``ssmtrim::tokens_scan``."""
     for direction in (forward, backward):
         if (direction[7] is None) != (direction[8] is None):
             raise ValueError("the token-major scan takes the gap in factored form only: counts and scale together")
     if torch.compiler.is_compiling():
-        return torch.ops.ssmtrim.tokens_scan(*forward, *backward, z, delta_softplus)
-    return _scan_tokens(*forward, *backward, z, delta_softplus)  # eager: the function itself, not the op's dispatch
+        return torch.ops.ssmtrim.tokens_scan(*forward, *backward, z, delta_softplus, backward_in_order)
+    # eager: the function itself, not the op's dispatch
+    return _scan_tokens(*forward, *backward, z, delta_softplus, backward_in_order)
 
 
 def _scan_tokens(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, bias: Tensor | None,
     gap: Tensor | None, gap_scale: Tensor | None, u_b: Tensor, delta_b: Tensor, A_b: Tensor, B_b: Tensor, C_b: Tensor,
     D_b: Tensor | None, bias_b: Tensor | None, gap_b: Tensor | None, gap_scale_b: Tensor | None, z: Tensor | None,
-    delta_softplus: bool,
+    delta_softplus: bool, backward_in_order: bool = False,
 ) -> Tensor:
+    if backward_in_order and gap_b is not None:
+        gap_b = gap_b.flip(1)  # counts (B L) are read in scan order
     forward = (u, delta, A, B, C, D, bias, gap, gap_scale)
     backward = (u_b, delta_b, A_b, B_b, C_b, D_b, bias_b, gap_b, gap_scale_b)
     lib = _cpu_kernel.load()
     keep: list[Tensor] = []  # what the pointers point into, alive until the call returns
     pointers, strides = [], []
-    for u, delta, A, B, C, D, bias, gap, gap_scale in (forward, backward):
+    for reversed_read, (u, delta, A, B, C, D, bias, gap, gap_scale) in ((False, forward),
+                                                                        (backward_in_order, backward)):
         rows = [_rows(u), _rows(delta), _f32(A), _rows(B), _rows(C), _f32(D), _f32(bias), _f32(gap), _f32(gap_scale)]
         keep += [t for t in rows if t is not None]
         pointers += [None if t is None else t.data_ptr() for t in rows]
-        strides += [s for t in (rows[0], rows[1], rows[3], rows[4]) for s in t.stride()[:2]]
+        sequences = (rows[0], rows[1], rows[3], rows[4])
+        if reversed_read:  # each sequence from its last token on, through a negative token stride
+            for i, t in zip((0, 1, 3, 4), sequences, strict=True):
+                pointers[-9 + i] += (t.shape[1] - 1) * t.stride(1) * t.element_size()
+            strides += [s for t in sequences for s in (t.stride(0), -t.stride(1))]
+        else:
+            strides += [s for t in sequences for s in t.stride()[:2]]
     z = None if z is None else _rows(z)
     bsz, length, e = keep[0].shape
     n = forward[2].shape[1]
@@ -335,7 +354,7 @@ _SCAN_DIRECTION = ("Tensor u{s}, Tensor delta{s}, Tensor A{s}, Tensor B{s}, Tens
 for _schema, _impl in (
     ("tokens_conv(Tensor x, Tensor weight, Tensor? bias, bool reverse, Tensor? positions) -> Tensor", _conv_tokens),
     (f"tokens_scan({_SCAN_DIRECTION.format(s='')}, {_SCAN_DIRECTION.format(s='_b')}, Tensor? z, "
-     "bool delta_softplus) -> Tensor", _scan_tokens),
+     "bool delta_softplus, bool backward_in_order=False) -> Tensor", _scan_tokens),
 ):
     _INFERENCE_OPS.define(_schema)
     _INFERENCE_OPS.impl(_schema.split("(")[0], _impl, "CPU")
@@ -619,7 +638,8 @@ BACKEND = Backend(
     devices=("cpu",),
     note=lambda: _cpu_kernel.status().detail,
     describe=describe,
-    tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan),
+    tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan,
+                        scan_accepts=tokens_scan_accept),
     merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
     group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup, add=group_add),
 )
