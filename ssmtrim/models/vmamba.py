@@ -286,6 +286,10 @@ class SS2D(nn.Module):
         grid = gather_tokens(u, geometry.owners).transpose(1, 2).reshape(bsz, e, h, w)
         u = gather_tokens(F.silu(self.conv2d(grid)).flatten(2).transpose(1, 2), geometry.positions)  # B K E
         tokens = self.scan_input(u.transpose(1, 2))  # B E K, raster order (the kept positions increase)
+        if deltas is None:
+            kernels = scan_kernels(u, self, n)
+            if kernels is not None:
+                return self.scan_tokens_reduced(u, geometry, kernels).to(x.dtype)
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
         # routes 0 and 2 read the tokens in raster order (forward, reversed), 1 and 3 in column order: one gather
@@ -320,6 +324,34 @@ class SS2D(nn.Module):
         if deltas is not None:
             deltas.append((merged(spent) / ROUTES).transpose(1, 2))
         return merged(outs).to(x.dtype).transpose(1, 2)
+
+    def scan_tokens_reduced(self, u: Tensor, geometry: VMambaGeometry, kernels: TokenKernels) -> Tensor:
+        """The routes of :meth:`ssm_output_reduced` on token-major kernels: the tokens' rows u (B K E, raster order)
+        and, gathered, in column order; each route's projections on the rows in its order; the reversed routes read
+        from the end; the gaps in factored form -> the routes summed per token (B K E, raster order)."""
+        bsz, k, e = u.shape
+        n, r = self.d_state, self.dt_rank
+        a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
+        d = self.Ds.float().reshape(ROUTES, e)
+        biases = self.dt_projs_bias.float()
+        rows_of = (u, gather_tokens(u, geometry.column))
+
+        def route(route: int) -> tuple:
+            rows = rows_of[route % 2]
+            dt, b, c = torch.split(F.linear(rows, self.x_proj_weight[route]), [r, n, n], dim=-1)
+            delta, bias = F.linear(dt, self.dt_projs_weight[route]), biases[route]
+            gap = gap_scale = None
+            if geometry.gaps is not None:  # counts in the route's scan order; a reversed route's read from its end
+                gap = geometry.gaps[route] if route < 2 else geometry.gaps[route].flip(1)
+                gap_scale = F.softplus(bias)[None, :].expand(bsz, -1) if geometry.gap_estimate == "bias" else \
+                    F.softplus(delta.float() + bias).mean(1)
+            return (rows, delta, a[route], b, c, d[route], bias, gap, gap_scale)
+
+        # each call returns the mean of a route and its reverse in its rows' order: twice it is their sum, exactly
+        rows = kernels.scan(route(0), route(2), None, True, True)
+        cols = kernels.scan(route(1), route(3), None, True, True)
+        index = geometry.column[:, :, None].expand(-1, -1, e)
+        return rows * 2 + torch.zeros_like(rows).scatter_add(1, index, cols * 2)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.out_norm(self.ssm_output(x, hw)))

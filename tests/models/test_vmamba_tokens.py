@@ -11,6 +11,7 @@ import torch
 
 import ssmtrim
 import ssmtrim.models.vmamba as vmamba
+from ssmtrim.models.tokens import TokenState
 from ssmtrim.ops import scan_as_single_op
 from ssmtrim.ops._cpu_kernel import status as kernel_status
 from ssmtrim.ops.backends.cpu import tokens_scan
@@ -57,6 +58,39 @@ def test_routes_match_the_general_path(monkeypatch, threads, width, hw):
     finally:
         torch.set_num_threads(before)
     assert fast.shape == general.shape == (3, hw[0] * hw[1], op.d_inner)
+    assert_close_across_cpus(fast, general)
+
+
+@requires_kernel
+@pytest.mark.parametrize("gap", ["bias", "mean", "zero"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reduced_routes_match_the_general_path(monkeypatch, gap, threads):
+    """A reduced stage's routes over its tokens (different kept positions per image, on a non-square grid), their
+    gaps' decay estimated by the bias, by the mean Δ, or none."""
+    op = spread_ss2d(40)
+    h, w, bsz = 5, 6, 3
+    gen = torch.Generator().manual_seed(4)
+    kept = torch.stack([torch.randperm(h * w, generator=gen)[:13].sort().values for _ in range(bsz)])
+    # each grid position stands by the last kept token at or before it (the first one before any)
+    owner = ((kept[:, None, :] <= torch.arange(h * w)[None, :, None]).sum(-1) - 1).clamp_min(0)
+    state = TokenState(positions=kept, cls_index=None, length=h * w, grid=(h, w), keeps_positions=True, reduced=True,
+                       owner=owner)
+    geometry = vmamba.reduced_geometry(state, gap)
+    x = torch.randn(bsz, kept.shape[1], 40, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    calls = []
+    take = op.scan_tokens_reduced
+    monkeypatch.setattr(op, "scan_tokens_reduced", lambda *a: calls.append(1) or take(*a))
+    try:
+        with torch.no_grad():
+            fast = op.ssm_output(x, (h, w), None, geometry)
+            assert calls, "the token-major path is the one being tested"
+            general_path(monkeypatch)
+            general = op.ssm_output(x, (h, w), None, geometry)
+    finally:
+        torch.set_num_threads(before)
+    assert fast.shape == general.shape == (bsz, kept.shape[1], op.d_inner)
     assert_close_across_cpus(fast, general)
 
 
@@ -120,17 +154,25 @@ def test_taken_only_where_it_may_run(monkeypatch):
 @pytest.mark.parametrize("plan", [
     {"arrangement": "unmerge", "keep": (1.0,), "options": {"mixer": "positions", "mlp_share": 0.3}},
     {"arrangement": "quartermap", "keep": (0.25,)},
+    {"arrangement": "unmerge", "keep": (0.5,), "options": {"mixer": "tokens"}, "reduced_routes": True},
+    {"arrangement": "merge", "keep": (0.6,), "gap": "mean", "reduced_routes": True},
+    {"arrangement": "align", "keep": (0.4,), "gap": "zero", "reduced_routes": True},
 ])
 def test_model_logits_match_the_general_path(monkeypatch, plan):
-    """Dense and reduced (the mixers on every position; QuarterMap's strided grid) logits."""
+    """Dense and reduced logits: the mixers on every position, QuarterMap's strided grid, and the routes over a reduced
+    stage's tokens (their gaps' decay estimated by the bias, by the mean Δ, or none)."""
     model = randomize(ssmtrim.create_model("vmamba_test")).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         dense_fast = model(x)
-        config = PruneConfig(layers=(1,), keep=plan["keep"], arrangement=plan["arrangement"],
-                             options=plan.get("options", {}))
+        config = PruneConfig(layers=(2,), keep=plan["keep"], arrangement=plan["arrangement"],
+                             gap=plan.get("gap", "bias"), options=plan.get("options", {}))
         reduced = apply_pruning(randomize(ssmtrim.create_model("vmamba_test")).eval(), config)
+        calls = []
+        take = vmamba.SS2D.scan_tokens_reduced
+        monkeypatch.setattr(vmamba.SS2D, "scan_tokens_reduced", lambda *a: calls.append(1) or take(*a))
         reduced_fast = reduced(x)
+        assert bool(calls) == plan.get("reduced_routes", False)  # the path being tested is the one taken
         general_path(monkeypatch)
         dense_general, reduced_general = model(x), reduced(x)
     assert_close_across_cpus(dense_fast, dense_general)
