@@ -10,7 +10,9 @@ steps alone on the captured block outputs (score, strategy, geometry; also with 
 backend's merge kernels), and one block at several token counts, from which a block's fixed cost (the intercept of a
 straight line through the times) and its cost per token are fitted. What a forward spends beyond its blocks (and
 steps) is the embedding, the head, the engine's loop and whatever else a whole forward costs that its parts run alone
-do not.
+do not. Also timed: the reduced forward with each step's captured result handed over instead of computed, the most
+its speed-up can be however cheap the steps become; and the realised share (speed-up / the full-convention FLOPs
+ratio).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 import ssmtrim
+from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, engine
@@ -72,9 +75,12 @@ def main() -> None:
         blocks.append((i, streams, state, geometry, needs))
         return run_block(model, i, streams, state, geometry, needs)
 
+    results: dict[int, tuple] = {}  # each step's result in the captured forward, by block
+
     def capture_step(*step_args):
         steps.append(step_args)
-        return reduce_after(*step_args)
+        results[step_args[1]] = reduce_after(*step_args)
+        return results[step_args[1]]
 
     family.run_block, engine._reduce_after = capture_block, capture_step
     try:
@@ -111,6 +117,13 @@ def main() -> None:
         finally:
             merge.merge_kernels = kernels
 
+    def steps_free():  # the reduced forward with each step's captured result handed over: what the steps cost nothing
+        engine._reduce_after = lambda model, i, *rest: results[i]
+        try:
+            reduced(x)
+        finally:
+            engine._reduce_after = reduce_after
+
     tokens = sorted({b[2].num_tokens for b in blocks}, reverse=True)
     full = next(b for b in blocks if b[2].num_tokens == tokens[0])
     index = full[0]
@@ -127,6 +140,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001
             sizes = []
         got = timed({"dense": lambda: dense(x), "dense blocks": dense_blocks_alone, "reduced": lambda: reduced(x),
+                     "steps free": steps_free,
                      "blocks": blocks_alone, "blocks, no geometry": blocks_without_geometry,
                      "steps": steps_alone, "steps, torch ops": steps_in_torch_ops,
                      **{f"block@{n}": one_block(n) for n in sizes}}, args.repeats)
@@ -136,7 +150,13 @@ def main() -> None:
     print(f"  dense forward           {got['dense']:7.2f} ms")
     print(f"    its blocks alone      {got['dense blocks']:7.2f} ms   (the rest: "
           f"{got['dense'] - got['dense blocks']:.2f} ms)")
-    print(f"  reduced forward         {got['reduced']:7.2f} ms   speed-up {got['dense'] / got['reduced']:.2f}x")
+    flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
+    ratio = flops[0] / flops[1]
+    print(f"  reduced forward         {got['reduced']:7.2f} ms   speed-up {got['dense'] / got['reduced']:.2f}x, "
+          f"realised {got['dense'] / got['reduced'] / ratio:.2f} ({ratio:.2f}x fewer FLOPs, full)")
+    print(f"    its steps free        {got['steps free']:7.2f} ms   speed-up {got['dense'] / got['steps free']:.2f}x, "
+          f"realised {got['dense'] / got['steps free'] / ratio:.2f} (each step's result handed over: the most the "
+          "steps can give)")
     print(f"    its blocks alone      {got['blocks']:7.2f} ms   (the dense blocks / these: "
           f"{got['dense blocks'] / got['blocks']:.2f}x)")
     reduced_blocks = sum(b[3] is not None for b in blocks)
