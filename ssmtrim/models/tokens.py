@@ -92,9 +92,11 @@ class TokenState:
 
     def protected(self) -> Tensor:
         """B L bool, True for tokens that are never reduced (the class token, registers)."""
-        mask = torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
         if self.cls_index is None:
-            return mask
+            return torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
+        if self.cls_index.dim() == 1:  # one class token: a comparison (two small ops, where a scatter takes four)
+            return torch.arange(self.positions.shape[1], device=self.positions.device) == self.cls_index[:, None]
+        mask = torch.zeros(self.positions.shape, dtype=torch.bool, device=self.positions.device)
         index = self.protected_index()
         return mask.scatter(1, index, torch.ones_like(index, dtype=torch.bool))
 

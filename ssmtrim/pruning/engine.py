@@ -187,18 +187,17 @@ def _reduce_after(model: nn.Module, i: int, output, streams: Streams, state: Tok
     strategy, score = get_strategy(config.arrangement), get_score(config.score)
     # a seeded generator per plan and block keeps random scores reproducible
     generator = torch.Generator().manual_seed(config.seed * 1000 + i) if score.needs_generator else None
-    protected = state.protected()
     if observer is not None or config.mode == "threshold":
         scores = score(output, generator)
     else:  # computed only if the strategy reads them
         def scores() -> Tensor:
             return score(output, generator)
     if observer is not None:
-        observer(i, scores, ~protected)
+        observer(i, scores, ~state.protected())
     candidates = state.num_tokens - state.num_protected
     threshold = thresholds.get(i)
     if config.mode == "threshold" and threshold is not None:
-        k = threshold_count(scores, protected, threshold)
+        k = threshold_count(scores, state.protected(), threshold)
         k = strategy.threshold_count(k, candidates, state)
     else:
         k = kept_count(candidates, keep[i], centred=state.num_protected == 1)

@@ -192,7 +192,10 @@ def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     around = step.plan.option("protect_around")
     if around > 0 and state.cls_index is not None:
         anchors = state.positions.gather(1, state.protected_index())  # B P original positions
-        distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
+        if anchors.shape[1] == 1:  # one class token: no minimum over the anchors to take
+            distance = (state.positions - anchors).abs()  # B L
+        else:
+            distance = (state.positions[:, :, None] - anchors[:, None, :]).abs().amin(-1)  # B L
         # above every other token, below the protected ones (which a step never removes, however few it keeps)
         scores = scores.float().masked_fill(distance <= around, torch.finfo(torch.float32).max)
     keys = scores.masked_fill(protected, float("inf"))
