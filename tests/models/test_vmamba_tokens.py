@@ -37,6 +37,24 @@ def spread_ss2d(width: int, seed: int = 0) -> vmamba.SS2D:
     return op
 
 
+def both_paths(monkeypatch, op: vmamba.SS2D, method: str, threads: int, run):
+    """``run()`` at ``threads`` threads without a gradient, on the token-major path (checked to be taken: ``method``
+    of ``op`` is called) and then on the general path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    calls = []
+    take = getattr(op, method)
+    monkeypatch.setattr(op, method, lambda *a: calls.append(1) or take(*a))
+    try:
+        with torch.no_grad():
+            fast = run()
+            assert calls, "the token-major path is the one being tested"
+            general_path(monkeypatch)
+            return fast, run()
+    finally:
+        torch.set_num_threads(before)
+
+
 @requires_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("width", "hw"), [(40, (5, 7)), (32, (4, 4)), (24, (1, 6))])
@@ -44,19 +62,7 @@ def test_routes_match_the_general_path(monkeypatch, threads, width, hw):
     """Any width (here 40 and 24: partial vectors of channels), square and non-square grids, one or two threads."""
     op = spread_ss2d(width)
     x = torch.randn(3, hw[0] * hw[1], width)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    calls = []
-    take = op.scan_grid_tokens
-    monkeypatch.setattr(op, "scan_grid_tokens", lambda *a: calls.append(1) or take(*a))
-    try:
-        with torch.no_grad():
-            fast = op.ssm_output(x, hw)
-            assert calls, "the token-major path is the one being tested"
-            general_path(monkeypatch)
-            general = op.ssm_output(x, hw)
-    finally:
-        torch.set_num_threads(before)
+    fast, general = both_paths(monkeypatch, op, "scan_grid_tokens", threads, lambda: op.ssm_output(x, hw))
     assert fast.shape == general.shape == (3, hw[0] * hw[1], op.d_inner)
     assert_close_across_cpus(fast, general)
 
@@ -77,19 +83,8 @@ def test_reduced_routes_match_the_general_path(monkeypatch, gap, threads):
                        owner=owner)
     geometry = vmamba.reduced_geometry(state, gap)
     x = torch.randn(bsz, kept.shape[1], 40, generator=gen)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    calls = []
-    take = op.scan_tokens_reduced
-    monkeypatch.setattr(op, "scan_tokens_reduced", lambda *a: calls.append(1) or take(*a))
-    try:
-        with torch.no_grad():
-            fast = op.ssm_output(x, (h, w), None, geometry)
-            assert calls, "the token-major path is the one being tested"
-            general_path(monkeypatch)
-            general = op.ssm_output(x, (h, w), None, geometry)
-    finally:
-        torch.set_num_threads(before)
+    fast, general = both_paths(monkeypatch, op, "scan_tokens_reduced", threads,
+                               lambda: op.ssm_output(x, (h, w), None, geometry))
     assert fast.shape == general.shape == (bsz, kept.shape[1], op.d_inner)
     assert_close_across_cpus(fast, general)
 
