@@ -203,7 +203,7 @@ class SS2D(nn.Module):
         """The four routes over a grid u (B E H W) -> their outputs summed in raster order (B H*W E); softplus(Δ)
         averaged over the routes appended to ``deltas`` when given."""
         if deltas is None:
-            kernels = scan_kernels(u, self, self.d_state)
+            kernels = scan_kernels(u, self, self.d_inner, self.d_state)
             if kernels is not None:
                 return self.scan_grid_tokens(u, kernels)
         hw = (u.shape[-2], u.shape[-1])
@@ -287,7 +287,7 @@ class SS2D(nn.Module):
         u = gather_tokens(F.silu(self.conv2d(grid)).flatten(2).transpose(1, 2), geometry.positions)  # B K E
         tokens = self.scan_input(u.transpose(1, 2))  # B E K, raster order (the kept positions increase)
         if deltas is None:
-            kernels = scan_kernels(u, self, n)
+            kernels = scan_kernels(u, self, e, n)
             if kernels is not None:
                 return self.scan_tokens_reduced(u, geometry, kernels).to(x.dtype)
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)

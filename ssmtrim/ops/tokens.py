@@ -99,10 +99,10 @@ def token_kernels(x: Tensor, mixer: nn.Module, convs: tuple[nn.Conv1d, ...], d_i
     return kernels if kernels is not None and kernels.accepts(x, d_inner, d_state) else None
 
 
-def scan_kernels(x: Tensor, module: nn.Module, d_state: int) -> TokenKernels | None:
-    """The chosen backend's token-major kernels when their scan may run on x (B L E) for ``module`` (a mixer without
-    Vim's causal conv, such as VMamba's routes): no gradient wanted, no export or FLOP count watching, a backend
-    whose scan takes x; else None (the general path)."""
+def scan_kernels(x: Tensor, module: nn.Module, d_inner: int, d_state: int) -> TokenKernels | None:
+    """The chosen backend's token-major kernels when their scan may run on activations like x (``d_inner``
+    channels) for ``module`` (a mixer without Vim's causal conv, such as VMamba's routes): no gradient wanted, no
+    export or FLOP count watching, a backend whose scan takes them; else None (the general path)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return None
     if standard_ops_only():
@@ -111,8 +111,7 @@ def scan_kernels(x: Tensor, module: nn.Module, d_state: int) -> TokenKernels | N
     if kernels is None:
         return None
     accepts = kernels.scan_accepts
-    return kernels if (accepts(x, d_state) if accepts is not None else kernels.accepts(x, x.shape[-1], d_state)) \
-        else None
+    return kernels if (accepts(x, d_state) if accepts is not None else kernels.accepts(x, d_inner, d_state)) else None
 
 
 def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
