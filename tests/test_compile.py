@@ -70,7 +70,8 @@ def test_quartermap_on_vmamba_compiles_as_one_graph():
 def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
     """unmerge with the mixers whole and the MLPs regrouped around a share of the tokens: the group kernels and ToMe's
     choice (the step removes under half its tokens) run in the graph as the registered ops ``ssmtrim::group_mean``,
-    ``ssmtrim::regroup`` and ``ssmtrim::merge_bipartite``, with the eager logits."""
+    ``ssmtrim::regroup`` and ``ssmtrim::merge_bipartite``, and SS2D's routes as ``ssmtrim::tokens_scan``, with the
+    eager logits."""
     from ssmtrim.ops._cpu_kernel import status
 
     if not status().available:
@@ -81,5 +82,21 @@ def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
                                                  options={"mixer": "positions", "mlp_share": 0.5}))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     eager, compiled, ran = _compiled_with_ops(model, x)
-    assert {"ssmtrim::group_mean", "ssmtrim::regroup", "ssmtrim::merge_bipartite"} <= ran
+    assert {"ssmtrim::group_mean", "ssmtrim::regroup", "ssmtrim::merge_bipartite", "ssmtrim::tokens_scan"} <= ran
+    assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
+
+
+def test_a_reduced_vmamba_stage_runs_its_routes_as_ops():
+    """merge on VMamba: the reduced stage's routes over its tokens (the reversed ones read from the end, the gaps in
+    factored form) run in the graph as ``ssmtrim::tokens_scan``, with the eager logits."""
+    from ssmtrim.ops._cpu_kernel import status
+
+    if not status().available:
+        pytest.skip("fast CPU kernel unavailable (no compiler)")
+    torch.manual_seed(0)
+    model = randomize(ssmtrim.create_model("vmamba_test")).eval()
+    apply_pruning(model, PruneConfig(layers=(2,), keep=(0.6,), arrangement="merge"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    eager, compiled, ran = _compiled_with_ops(model, x)
+    assert {"ssmtrim::tokens_scan", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
