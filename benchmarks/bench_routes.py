@@ -1,7 +1,9 @@
 """VMamba's SS2D on the token-major scan against the general path, side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_routes.py [--models vmamba_cifar64,vmamba_cifar,vmamba_tiny]
-        [--batch 64] [--repeats 7] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_routes.py [--models vmamba_cifar64,vmamba_cifar] [--batch 64]
+        [--repeats 7] [--json out.json]
+
+Any registered VMamba name may be given (one without bundled weights, e.g. vmamba_tiny, gets random ones).
 
 The dense model's forward at ``--batch`` and at batch 1, once with the four routes scanned as two calls of the
 token-major two-direction scan (the default where nothing needs a gradient) and once on the general path (channel-major
