@@ -243,11 +243,10 @@ def build_report(
         raise ConfigError("the first model of a report must be dense; give the dense model first.")
     if sweep is None and not pruned:
         raise ConfigError("nothing to compare: give pruned model folders after the dense model, or --sweep.")
-    from ssmtrim.models.registry import TASKS, recommended_plan_of
+    from ssmtrim.models.registry import check_task, recommended_plan_of
 
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or dense "
-                          "(feature maps for a detection or segmentation head).")
+    if task is not None:
+        check_task(task)
     if sweep is None and (task is not None or (strategy or {}).get("options")):
         raise ConfigError("--task and --option shape the plans of a sweep; give --sweep, or leave them out (a pruned "
                           "folder carries its own plan).")

@@ -126,11 +126,9 @@ def prune(
               "compensate_alpha": compensate_alpha, "options": parse_options(option),
               **strategy_fields(score, arrangement, gap, conv)}
     if task is not None:
-        from ssmtrim.models.registry import TASKS
+        from ssmtrim.models.registry import check_task
 
-        if task not in TASKS:
-            raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or "
-                              "dense (feature maps for a detection or segmentation head).")
+        check_task(task)
         config["task"] = task
     # under torchrun the ranks split the images (gloo: pruning runs on the CPU) and rank 0 alone prints and writes
     with sharded("cpu") as (rank, _), ProgressRenderer(quiet or json_out or rank != 0) as progress:

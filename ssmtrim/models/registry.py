@@ -207,13 +207,18 @@ def provides_of(family: Family, config: Any) -> frozenset[str]:
 TASKS = ("classify", "dense")
 
 
+def check_task(task: str) -> None:
+    """``task`` is one of :data:`TASKS`; one sentence if not."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or dense "
+                          "(feature maps for a detection or segmentation head).")
+
+
 def recommended_plan_of(family: Family, config: Any, task: str = "classify") -> dict[str, Any]:
     """The family's optional ``recommended_plan(config)``, else the plan's defaults reducing after a quarter, half
     and three quarters of the blocks; for ``task`` "dense" (the reduced model's feature maps feed a dense head) with
     the plan's "dense" fields on top."""
-    if task not in TASKS:
-        raise ConfigError(f"--task {task!r} is not one of {', '.join(TASKS)}; use classify (the default) or dense "
-                          "(feature maps for a detection or segmentation head).")
+    check_task(task)
     own = getattr(family, "recommended_plan", None)
     if own is None:
         depth = family.depth(config)

@@ -230,26 +230,41 @@ class SS2D(nn.Module):
 
     def scan_grid_tokens(self, u: Tensor, kernels: TokenKernels) -> Tensor:
         """:meth:`scan_grid` on token-major kernels (:mod:`ssmtrim.ops.tokens`): the same values, with the grid's rows
-        (B L E) in raster order and in column order (one transposed copy each), each route's x_proj and dt_proj
-        applied to the rows in its order, and the two scan calls reading the reversed routes from the end instead of
-        flipped copies -> (B H*W E)."""
+        (B L E) in raster order and in column order (one transposed copy each) scanned by :meth:`route_pairs`
+        -> (B H*W E)."""
         bsz, e, h, w = u.shape
+        raster = u.flatten(2).transpose(1, 2).contiguous()  # B L E, row-major
+        column = u.transpose(2, 3).flatten(2).transpose(1, 2).contiguous()  # B L E, column-major
+        rows, cols = self.route_pairs(raster, column, kernels)
+        return rows + cols.view(bsz, w, h, e).transpose(1, 2).reshape(bsz, h * w, e)  # cols in raster order
+
+    def route_pairs(self, raster: Tensor, column: Tensor, kernels: TokenKernels,
+                    geometry: VMambaGeometry | None = None) -> tuple[Tensor, Tensor]:
+        """The four routes as two calls of the token-major two-direction scan: rows (B L E) in raster order (route 0,
+        and route 2 read from the end) and in column order (routes 1 and 3), each route's x_proj and dt_proj applied
+        to the rows in its order -> (routes 0 + 2 in raster order, routes 1 + 3 in column order). With a reduced
+        stage's ``geometry`` the routes decay across the positions they skip (its gaps, in factored form)."""
+        bsz, _, e = raster.shape
         n, r = self.d_state, self.dt_rank
         a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
         d = self.Ds.float().reshape(ROUTES, e)
-        bias = self.dt_projs_bias.float()
-        raster = u.flatten(2).transpose(1, 2).contiguous()  # B L E, row-major
-        column = u.transpose(2, 3).flatten(2).transpose(1, 2).contiguous()  # B L E, column-major
+        biases = self.dt_projs_bias.float()
 
-        def route(rows: Tensor, k: int) -> tuple:
+        def route(k: int) -> tuple:
+            rows = column if k % 2 else raster
             dt, b, c = torch.split(F.linear(rows, self.x_proj_weight[k]), [r, n, n], dim=-1)  # B L R, B L N (views)
-            return (rows, F.linear(dt, self.dt_projs_weight[k]), a[k], b, c, d[k], bias[k], None, None)
+            delta, bias = F.linear(dt, self.dt_projs_weight[k]), biases[k]
+            gap = gap_scale = None
+            if geometry is not None and geometry.gaps is not None:
+                # counts in the route's scan order; a reversed route's are read from its end, as its rows are
+                gap = geometry.gaps[k] if k < 2 else geometry.gaps[k].flip(1)
+                gap_scale = F.softplus(bias)[None, :].expand(bsz, -1) if geometry.gap_estimate == "bias" else \
+                    F.softplus(delta.float() + bias).mean(1)
+            return (rows, delta, a[k], b, c, d[k], bias, gap, gap_scale)
 
         # each call returns the mean of a route and its reverse, in the rows' order: twice it is their sum, exactly
-        rows = kernels.scan(route(raster, 0), route(raster, 2), None, True, True)
-        cols = kernels.scan(route(column, 1), route(column, 3), None, True, True)
-        cols = cols.view(bsz, w, h, e).transpose(1, 2).reshape(bsz, h * w, e)  # raster order
-        return rows * 2 + cols * 2
+        return (kernels.scan(route(0), route(2), None, True, True) * 2,
+                kernels.scan(route(1), route(3), None, True, True) * 2)
 
     def scan_subsampled(self, u: Tensor, stride: tuple[int, int], deltas: list[Tensor] | None = None) -> Tensor:
         """QuarterMap's scan: the routes read every ``stride[0]``-th row and ``stride[1]``-th column of the conv's
@@ -327,31 +342,11 @@ class SS2D(nn.Module):
 
     def scan_tokens_reduced(self, u: Tensor, geometry: VMambaGeometry, kernels: TokenKernels) -> Tensor:
         """The routes of :meth:`ssm_output_reduced` on token-major kernels: the tokens' rows u (B K E, raster order)
-        and, gathered, in column order; each route's projections on the rows in its order; the reversed routes read
-        from the end; the gaps in factored form -> the routes summed per token (B K E, raster order)."""
-        bsz, k, e = u.shape
-        n, r = self.d_state, self.dt_rank
-        a = -torch.exp(self.A_logs.float()).reshape(ROUTES, e, n)
-        d = self.Ds.float().reshape(ROUTES, e)
-        biases = self.dt_projs_bias.float()
-        rows_of = (u, gather_tokens(u, geometry.column))
-
-        def route(route: int) -> tuple:
-            rows = rows_of[route % 2]
-            dt, b, c = torch.split(F.linear(rows, self.x_proj_weight[route]), [r, n, n], dim=-1)
-            delta, bias = F.linear(dt, self.dt_projs_weight[route]), biases[route]
-            gap = gap_scale = None
-            if geometry.gaps is not None:  # counts in the route's scan order; a reversed route's read from its end
-                gap = geometry.gaps[route] if route < 2 else geometry.gaps[route].flip(1)
-                gap_scale = F.softplus(bias)[None, :].expand(bsz, -1) if geometry.gap_estimate == "bias" else \
-                    F.softplus(delta.float() + bias).mean(1)
-            return (rows, delta, a[route], b, c, d[route], bias, gap, gap_scale)
-
-        # each call returns the mean of a route and its reverse in its rows' order: twice it is their sum, exactly
-        rows = kernels.scan(route(0), route(2), None, True, True)
-        cols = kernels.scan(route(1), route(3), None, True, True)
-        index = geometry.column[:, :, None].expand(-1, -1, e)
-        return rows * 2 + torch.zeros_like(rows).scatter_add(1, index, cols * 2)
+        and, gathered, in column order, scanned by :meth:`route_pairs` with the gaps -> the routes summed per token
+        (B K E, raster order)."""
+        rows, cols = self.route_pairs(u, gather_tokens(u, geometry.column), kernels, geometry)
+        index = geometry.column[:, :, None].expand(-1, -1, u.shape[-1])
+        return rows + torch.zeros_like(rows).scatter_add(1, index, cols)  # cols back in raster order
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
         return self.out_proj(self.out_norm(self.ssm_output(x, hw)))
