@@ -257,6 +257,8 @@ class BiMambaMixer(nn.Module):
         activation kept as (B L ·) rows and the backward direction read by index instead of flipped; a geometry's
         conv positions and gap decay are read by the kernels."""
         x, z = self.in_proj(hidden).split(self.d_inner, dim=-1)  # B L E each, views
+        if kernels.mixer is not None:  # the rest in a few calls
+            return kernels.mixer(*self.mixer_directions(geometry), x, z, self.gap_mode(geometry))
         directions = []
         for backward in (False, True):
             s = "_b" if backward else ""
@@ -272,6 +274,32 @@ class BiMambaMixer(nn.Module):
             directions.append((xc, dt, -torch.exp(A_log.float()), b, c, D.float(), dt_proj.bias.float(), gap,
                                gap_scale))
         return kernels.scan(*directions, z, True)
+
+    def mixer_directions(self, geometry: VimGeometry | None) -> tuple[tuple, tuple]:
+        """Each direction's weights and geometry for a backend's ``TokenKernels.mixer``: (conv weight, conv bias,
+        conv positions, x_proj weight, dt_proj weight, dt_proj bias, A_log, D, gap counts), the positions and gap
+        counts in the direction's scan order (None for a full sequence)."""
+        directions = []
+        for backward in (False, True):
+            s = "_b" if backward else ""
+            conv, dt_proj = getattr(self, "conv1d" + s), getattr(self, "dt_proj" + s)
+            pos = gap = None
+            if geometry is not None and geometry.conv_positions is not None:
+                pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
+            if geometry is not None and geometry.gap_counts is not None:
+                gap = geometry.gap_counts[1].flip(1) if backward else geometry.gap_counts[0]
+            directions.append((conv.weight, conv.bias, pos, getattr(self, "x_proj" + s).weight, dt_proj.weight,
+                               dt_proj.bias, getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s),
+                               gap))
+        return directions[0], directions[1]
+
+    @staticmethod
+    def gap_mode(geometry: VimGeometry | None) -> int:
+        """How a backend's mixer kernel estimates the gap's step (see :meth:`decay_gap`): 2 softplus(dt_proj's
+        bias), 1 the mean step of the present tokens; 0 without a gap."""
+        if geometry is None or geometry.gap_counts is None:
+            return 0
+        return 2 if geometry.gap_estimate == "bias" else 1
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.out_proj(self.ssm_output(hidden))

@@ -152,6 +152,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_conv_silu_tok.restype = None
     lib.ssm_scan_bi_tok.argtypes = [p, p, p, lng, lng, i, p] + [lng] * 4 + [i]
     lib.ssm_scan_bi_tok.restype = None
+    lib.ssm_conv_pair_tok.argtypes = [p, lng, lng] + [p] * 7 + [lng] * 4 + [i]
+    lib.ssm_conv_pair_tok.restype = None
+    lib.ssm_mixer_scan_tok.argtypes = [p, p, p, lng, i, p, lng, lng, p] + [lng] * 4 + [i]
+    lib.ssm_mixer_scan_tok.restype = None
     lib.ssm_merge_choose.argtypes = [p, p, p, lng, lng, lng, lng, lng, lng, lng, p, p, p, i, i]
     lib.ssm_merge_choose.restype = None
     lib.ssm_merge_keep.argtypes = [lng, lng, lng, lng, p, p, p, p, i, p, p, p, p, p, p, i, i]

@@ -5,8 +5,8 @@ A Vim mixer's projections produce rows (B L E), one per token, while the general
 sequences, and the backward direction reads them reversed: the general path pays a transpose copy before and after
 each kernel and a flip copy per reversed tensor. Where the chosen backend has :class:`TokenKernels` (the ``cpu``
 backend's C kernels) and nothing needs a gradient, the mixer runs on them instead (in a graph ``torch.compile`` makes
-too, as the registered ops ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan``; not in an exported file or a FLOP
-count, which hold standard ops only):
+too, as the registered ops ``ssmtrim::tokens_mixer``, or ``ssmtrim::tokens_conv`` and ``ssmtrim::tokens_scan``; not in
+an exported file or a FLOP count, which hold standard ops only):
 
 - ``conv(x, conv, reverse, positions=None)``: SiLU(causal depth-wise conv1d) of x (B L E) in scan order (the tokens
   reversed with ``reverse``), result (B L E) contiguous in scan order, ready for ``x_proj``; ``positions`` (B L, scan
@@ -17,6 +17,15 @@ count, which hold standard ops only):
   in scan order, Δ estimate (B E)) or None; z and the result, the mean of the two gated outputs, (B L E) in the
   original order; with ``backward_in_order`` the backward direction is given in original order and read from its
   end (no reversed copy).
+
+- ``mixer(forward, backward, x, z, gap_mode)`` (where the backend has it; the ``cpu`` backend does): everything
+  between a Vim mixer's in_proj and out_proj in three calls, both directions' conv + SiLU in one C call, each
+  direction's x_proj as a PyTorch product, and both scans in one C call that forms each direction's step Δ from its
+  dt rows and dt_proj's weight (the low-rank product, no (B L E) Δ made before), A from A_log and the gap's scale
+  (the present tokens' mean step, or softplus of dt_proj's bias) itself: at batch 1 a block's fixed cost, a dozen
+  small calls, falls by about a third (registered op ``ssmtrim::tokens_mixer`` in a compiled graph). The same values
+  as ``conv`` and ``scan`` called one by one, to the cross-CPU tolerance (the sums and exponentials are the kernel's
+  own).
 
 A mixer without Vim's causal conv takes the scan alone where :func:`scan_kernels` says so: VMamba's SS2D scans its
 four routes as two such calls, row-major forward and reversed (the tokens' rows as they are) and column-major

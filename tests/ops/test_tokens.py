@@ -158,3 +158,60 @@ def test_pruned_logits_with_gap_decay_match_the_general_path(monkeypatch, arrang
         general_path(monkeypatch)
         general = model(x)
     assert_close_across_cpus(fast, general)
+
+
+@requires_kernel
+@pytest.mark.parametrize("case", ["full", "positions", "gap-bias", "gap-mean"])
+def test_the_mixer_kernel_matches_the_conv_and_scan_kernels(monkeypatch, case):
+    """The backend's one-call mixer (both convs, the x_proj products, Δ formed inside the scan from dt_proj's weight,
+    A from A_log, the gap's scale from the plan's estimate) is what the token path runs, and gives what the conv and
+    scan kernels called one by one give."""
+    from ssmtrim.models.tokens import gaps_from_positions
+    from ssmtrim.ops.backends import cpu
+
+    mixer = spread_model(6).layers[1].mixer
+    g = torch.Generator().manual_seed(6)
+    positions = torch.stack([torch.randperm(40, generator=g)[:21].sort().values for _ in range(2)])
+    geometry = {"full": None, "positions": vim.VimGeometry(40, positions, None, "zero"),
+                "gap-bias": vim.VimGeometry(40, positions, gaps_from_positions(positions, 40), "bias"),
+                "gap-mean": vim.VimGeometry(40, positions, gaps_from_positions(positions, 40), "mean")}[case]
+    hidden = torch.randn(2, 21, mixer.in_proj.in_features)
+    calls = []
+    real = cpu._mixer_tokens
+    monkeypatch.setattr(cpu, "_mixer_tokens", lambda *args: calls.append(args[-1]) or real(*args))
+    with torch.no_grad():
+        kernels = kernels_of(mixer, hidden)
+        assert kernels is not None and kernels.mixer is not None
+        fast = mixer.ssm_output(hidden, geometry)
+        one_by_one = mixer.ssm_output_tokens(hidden, kernels._replace(mixer=None), geometry)
+    assert calls == [mixer.gap_mode(geometry)]  # taken, with the plan's gap estimate
+    assert_close_across_cpus(fast, one_by_one)
+
+
+@requires_kernel
+def test_the_mixer_kernels_gap_estimates_differ():
+    """The two gap estimates are read (a kernel that ignored the mode would give one output for both)."""
+    from ssmtrim.models.tokens import gaps_from_positions
+
+    mixer = spread_model(7).layers[0].mixer
+    positions = torch.tensor([[0, 3, 4, 9, 15, 16, 30]])
+    hidden = torch.randn(1, 7, mixer.in_proj.in_features)
+    with torch.no_grad():
+        outs = [mixer.ssm_output(hidden, vim.VimGeometry(31, positions, gaps_from_positions(positions, 31), e))
+                for e in ("bias", "mean")]
+    assert not torch.allclose(outs[0], outs[1])
+
+
+@requires_kernel
+def test_the_mixer_kernel_takes_gaps_for_both_directions_or_neither():
+    mixer = spread_model().layers[0].mixer
+    hidden = torch.randn(1, 5, mixer.in_proj.in_features)
+    with torch.no_grad():
+        kernels = kernels_of(mixer, hidden)
+        x, z = mixer.in_proj(hidden).split(mixer.d_inner, dim=-1)
+        forward, backward = mixer.mixer_directions(None)
+        gap = torch.ones(1, 5)
+        with pytest.raises(ValueError, match="both directions or neither"):
+            kernels.mixer((*forward[:-1], gap), backward, x, z, 1)
+        with pytest.raises(ValueError, match="gap_mode 1 or 2"):
+            kernels.mixer((*forward[:-1], gap), (*backward[:-1], gap), x, z, 0)

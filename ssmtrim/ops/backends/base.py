@@ -47,12 +47,15 @@ class TokenKernels(NamedTuple):
     causal conv + SiLU in scan order; ``scan(forward, backward, z, delta_softplus, backward_in_order=False)`` both
     scan directions and their mean (``backward_in_order``: the backward direction given in original order, read
     from its end); ``scan_accepts(x, d_state)`` whether the scan alone takes x (B L E) (a mixer without the causal
-    conv, such as VMamba's routes; None: as ``accepts``)."""
+    conv, such as VMamba's routes; None: as ``accepts``); ``mixer(forward, backward, x, z, gap_mode)``, where given,
+    a Vim mixer between its in_proj and out_proj in a few calls (each direction's conv, x_proj, step and scan; None:
+    the mixer calls ``conv`` and ``scan`` itself)."""
 
     accepts: Callable[[Tensor, int, int], bool]
     conv: Callable[..., Tensor]
     scan: Callable[..., Tensor]
     scan_accepts: Callable[[Tensor, int], bool] | None = None
+    mixer: Callable[..., Tensor] | None = None
 
 
 class MergeKernels(NamedTuple):

@@ -14,6 +14,7 @@ import ctypes
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmtrim.ops import _cpu_kernel
@@ -345,16 +346,88 @@ def _scan_tokens(
     return out
 
 
+# (conv weight, conv bias, positions, x_proj weight, dt_proj weight, dt_proj bias, A_log, D, gap counts): see
+# tokens_mixer
+MixerDirection = tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor | None,
+                       Tensor | None]
+
+
+def tokens_mixer(forward: MixerDirection, backward: MixerDirection, x: Tensor, z: Tensor | None,
+                 gap_mode: int) -> Tensor:
+    """A Vim mixer between its in_proj and out_proj in three calls: ``ssm_conv_pair_tok`` (both directions' conv +
+    SiLU), each direction's x_proj (a PyTorch product), ``ssm_mixer_scan_tok`` (both scans, each direction's step Δ
+    formed inside from its x_proj rows and dt_proj weight, A from A_log, the gap's scale from ``gap_mode``: 1 the mean
+    Δ of the present tokens, 2 softplus(dt_proj's bias)). x, z (B L E) rows in original order; each direction's
+    ``(conv weight, conv bias, positions, x_proj weight (R + 2N, E), dt_proj weight (E R), dt_proj bias, A_log, D,
+    gap counts)``, positions and gap counts (B L) in its scan order or None; the result, the mean of the two gated
+    outputs, (B L E) in original order. In a graph that ``torch.compile`` makes, the registered op
+    ``ssmtrim::tokens_mixer``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ssmtrim.tokens_mixer(*forward, *backward, x, z, gap_mode)
+    return _mixer_tokens(*forward, *backward, x, z, gap_mode)  # eager: the function itself, not the op's dispatch
+
+
+def _mixer_tokens(
+    conv_w: Tensor, conv_b: Tensor | None, pos: Tensor | None, x_w: Tensor, dt_w: Tensor, dt_b: Tensor, a_log: Tensor,
+    d: Tensor | None, gap: Tensor | None, conv_w_b: Tensor, conv_b_b: Tensor | None, pos_b: Tensor | None,
+    x_w_b: Tensor, dt_w_b: Tensor, dt_b_b: Tensor, a_log_b: Tensor, d_b: Tensor | None, gap_b: Tensor | None,
+    x: Tensor, z: Tensor | None, gap_mode: int,
+) -> Tensor:
+    if (gap is None) != (gap_b is None) or (gap is not None and gap_mode not in (1, 2)):
+        raise ValueError("the mixer kernel takes gap counts for both directions or neither, with gap_mode 1 or 2")
+    lib = _cpu_kernel.load()
+    threads = torch.get_num_threads()
+    x = _rows(x)
+    bsz, length, e = x.shape
+    n = a_log.shape[1]
+    rank = dt_w.shape[1]
+    # what the pointers point into, alive until the calls return
+    held = [_f32(t) for t in (conv_w, conv_b, conv_w_b, conv_b_b, dt_w, dt_b, a_log, d, gap, dt_w_b, dt_b_b, a_log_b,
+                              d_b, gap_b)]
+    conv_w, conv_b, conv_w_b, conv_b_b, dt_w, dt_b, a_log, d, gap, dt_w_b, dt_b_b, a_log_b, d_b, gap_b = held
+    pos, pos_b = (None if t is None else t.to(torch.int64).contiguous() for t in (pos, pos_b))
+    xc = torch.empty(2, bsz, length, e, dtype=torch.float32)
+    with _profiled("ssmtrim::causal_conv1d_silu"):
+        lib.ssm_conv_pair_tok(x.data_ptr(), x.stride(0), x.stride(1), _addr(pos), _addr(pos_b), conv_w.data_ptr(),
+                              conv_w_b.data_ptr(), _addr(conv_b), _addr(conv_b_b), xc.data_ptr(), bsz, e, length,
+                              conv_w.shape[-1], threads)
+    # each direction's dt rows, B and C side by side (B L R+2N), as the general path's x_proj gives them
+    rows = (F.linear(xc[0], x_w), F.linear(xc[1], x_w_b))
+    pointers, strides = [], []
+    for u, xd, a, dd, bias, g in ((xc[0], rows[0], a_log, d, dt_b, gap), (xc[1], rows[1], a_log_b, d_b, dt_b_b, gap_b)):
+        base, step = xd.data_ptr(), xd.element_size()
+        pointers += [u.data_ptr(), base, a.data_ptr(), base + rank * step, base + (rank + n) * step, _addr(dd),
+                     bias.data_ptr(), _addr(g), None]
+        sb, sl = xd.stride()[:2]
+        strides += [u.stride(0), u.stride(1), sb, sl, sb, sl, sb, sl]
+    z = None if z is None else _rows(z)
+    zs = z.stride()[:2] if z is not None else (0, 0)
+    out = torch.empty(bsz, length, e, dtype=torch.float32)
+    with _profiled("ssmtrim::selective_scan"):
+        lib.ssm_mixer_scan_tok((ctypes.c_void_p * 18)(*pointers), (ctypes.c_long * 16)(*strides),
+                               (ctypes.c_void_p * 2)(dt_w.data_ptr(), dt_w_b.data_ptr()), rank, gap_mode, _addr(z),
+                               zs[0], zs[1], out.data_ptr(), bsz, e, length, n, threads)
+    return out
+
+
+def _addr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 # The same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes). Inference
 # only (they are taken when nothing needs a gradient), so each is a plain CPU kernel of a schema: about 5 us of
 # dispatch a call where torch.library.custom_op's wrapper costs about 16 (benchmarks/bench_dispatch.py).
 _INFERENCE_OPS = torch.library.Library("ssmtrim", "FRAGMENT")
 _SCAN_DIRECTION = ("Tensor u{s}, Tensor delta{s}, Tensor A{s}, Tensor B{s}, Tensor C{s}, Tensor? D{s}, "
                    "Tensor? bias{s}, Tensor? gap{s}, Tensor? gap_scale{s}")
+_MIXER_DIRECTION = ("Tensor conv_w{s}, Tensor? conv_b{s}, Tensor? pos{s}, Tensor x_w{s}, Tensor dt_w{s}, "
+                    "Tensor dt_b{s}, Tensor a_log{s}, Tensor? d{s}, Tensor? gap{s}")
 for _schema, _impl in (
     ("tokens_conv(Tensor x, Tensor weight, Tensor? bias, bool reverse, Tensor? positions) -> Tensor", _conv_tokens),
     (f"tokens_scan({_SCAN_DIRECTION.format(s='')}, {_SCAN_DIRECTION.format(s='_b')}, Tensor? z, "
      "bool delta_softplus, bool backward_in_order=False) -> Tensor", _scan_tokens),
+    (f"tokens_mixer({_MIXER_DIRECTION.format(s='')}, {_MIXER_DIRECTION.format(s='_b')}, Tensor x, Tensor? z, "
+     "int gap_mode) -> Tensor", _mixer_tokens),
 ):
     _INFERENCE_OPS.define(_schema)
     _INFERENCE_OPS.impl(_schema.split("(")[0], _impl, "CPU")
@@ -363,6 +436,12 @@ for _schema, _impl in (
 @torch.library.register_fake("ssmtrim::tokens_conv")
 def _conv_tokens_fake(x, weight, bias, reverse, positions):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("ssmtrim::tokens_mixer")
+def _mixer_tokens_fake(*args):
+    x = args[18]
+    return x.new_empty(x.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("ssmtrim::tokens_scan")
@@ -639,7 +718,7 @@ BACKEND = Backend(
     note=lambda: _cpu_kernel.status().detail,
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan,
-                        scan_accepts=tokens_scan_accept),
+                        scan_accepts=tokens_scan_accept, mixer=tokens_mixer),
     merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
     group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup, add=group_add),
 )

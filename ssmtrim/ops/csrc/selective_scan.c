@@ -629,22 +629,79 @@ static void load_rows(const float *src, long sb, long sl, long b, long e0, long 
  * strides st = (u: batch, token), (delta), (B), (C); the gap only in factored form, gap (B, L) contiguous in scan
  * order and gscale (B, E), or both NULL. The gate zb (L, WT) is in original order, read at scan step t's original
  * token (L-1-t with rev). The ungated-then-gated outputs go to y (L, WT) in scan order. */
+/* What a Vim mixer's direction may hand the token-major scan in a leaner form (ssm_mixer_scan_tok), or NULL: */
+typedef struct {
+    const float *dtw; /* (E, R): delta = dt_low dtw^T, dt_low (B, L, R) read through delta's strides; NULL: delta */
+    long R;
+    int a_log;    /* p[2] holds log(-A) (the parameter A_log): A = -exp(p[2]) */
+    int gap_mode; /* the scale of the factored gap: 0 gscale (p[8]), 1 the mean over the tokens of d (softplus(delta +
+                   * bias), the present tokens' step), 2 softplus(bias) */
+} TokExtra;
+
+/* delta rows of a channel block from a low-rank product: dst[t][k] = sum_r dtl[b, t, r] dtw[e0 + k, r] (0 for
+ * k >= nl), the sum over r in increasing order */
+static void lowrank_rows(const float *dtl, long sb, long sl, long b, const float *dtw, long R, long e0, long nl,
+                         long Ln, float *dst) {
+    float *wt = (float *)malloc(sizeof(float) * R * WT); /* (R, WT) */
+    for (long r = 0; r < R; r++)
+        for (long k = 0; k < WT; k++) wt[r * WT + k] = k < nl ? dtw[(e0 + k) * R + r] : 0.f;
+    for (long t = 0; t < Ln; t++) {
+        const float *row = dtl + b * sb + t * sl;
+        float *d = dst + t * WT;
+#pragma omp simd
+        for (long k = 0; k < WT; k++) d[k] = row[0] * wt[k];
+        for (long r = 1; r < R; r++) {
+            const float v = row[r];
+#pragma omp simd
+            for (long k = 0; k < WT; k++) d[k] += v * wt[r * WT + k];
+        }
+    }
+    free(wt);
+}
+
 static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int softplus, int rev, const float *zb,
-                         long b, long e0, long nl, long En, long Ln, long Nn, float *y) {
+                         long b, long e0, long nl, long En, long Ln, long Nn, const TokExtra *ex, float *y) {
     const float *A = p[2], *Bm = p[3], *Cm = p[4], *D = p[5], *bias = p[6], *gap = p[7], *gscale = p[8];
+    const int gap_mode = ex ? ex->gap_mode : 0;
     float At[MAXN * WT], h[MAXN * WT], Dl[WT]; /* At: A log2 e (see decay_row) */
     load_rows(p[0], st[0], st[1], b, e0, Ln, nl, 0, blk->u);
-    load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
-    if (gap) factored_gap(gap, gscale, b, En, e0, nl, Ln, WT, blk->tmp); /* then d + G, as block_prepare does */
+    if (ex && ex->dtw)
+        lowrank_rows(p[1], st[2], st[3], b, ex->dtw, ex->R, e0, nl, Ln, blk->d);
+    else
+        load_rows(p[1], st[2], st[3], b, e0, Ln, nl, 0, blk->d);
+    if (gap && gap_mode == 0) factored_gap(gap, gscale, b, En, e0, nl, Ln, WT, blk->tmp); /* then d + G */
     for (long t = 0; t < Ln; t++)
         for (long k = 0; k < WT; k++) blk->d[t * WT + k] += bias && k < nl ? bias[e0 + k] : 0.f;
     if (softplus)
         for (long i = 0; i < Ln * WT; i += W) softplus_row(blk->d + i, blk->d + i);
+    if (gap && gap_mode != 0) { /* the scale from this block's steps, or from the bias, then G as factored_gap */
+        float sc[WT];
+        if (gap_mode == 1) {
+            for (long k = 0; k < WT; k++) sc[k] = 0.f;
+            for (long t = 0; t < Ln; t++)
+                for (long k = 0; k < WT; k++) sc[k] += blk->d[t * WT + k];
+            for (long k = 0; k < WT; k++) sc[k] = k < nl ? sc[k] / (float)Ln : 0.f;
+        } else {
+            float bv[WT];
+            for (long k = 0; k < WT; k++) bv[k] = bias && k < nl ? bias[e0 + k] : 0.f;
+            for (long k = 0; k < WT; k += W) softplus_row(bv + k, sc + k);
+            for (long k = nl; k < WT; k++) sc[k] = 0.f;
+        }
+        for (long t = 0; t < Ln; t++) {
+            const float g = gap[b * Ln + t];
+            for (long k = 0; k < WT; k++) blk->tmp[t * WT + k] = g * sc[k];
+        }
+    }
     if (gap)
         for (long t = 0; t < Ln; t++)
             for (long k = 0; k < WT; k++) blk->dec[t * WT + k] = blk->d[t * WT + k] + blk->tmp[t * WT + k];
     for (long n = 0; n < Nn; n++)
         for (long k = 0; k < WT; k++) At[n * WT + k] = (k < nl ? A[(e0 + k) * Nn + n] : 0.f) * LOG2E;
+    if (ex && ex->a_log) /* A = -exp(A_log) = -2^(A_log log2 e), by the scan's own vector exp2 */
+        for (long i = 0; i < Nn * WT; i += W) {
+            exp2_row(At + i, At + i);
+            for (long k = 0; k < W; k++) At[i + k] = (i % WT) + k < nl ? -At[i + k] * LOG2E : 0.f;
+        }
     for (long k = 0; k < WT; k++) Dl[k] = D && k < nl ? D[e0 + k] : 0.f;
     for (long i = 0; i < Nn * WT; i++) h[i] = 0.f;
     for (long t = 0; t < Ln; t++) {
@@ -683,8 +740,8 @@ static void scan_dir_tok(Block *blk, const float *const *p, const long *st, int 
 /* Both directions of a bidirectional mixer in one call: p[0..8] the forward direction's inputs, p[9..17] the
  * backward one's (in its scan order, i.e. reversed), strides st[0..7] and st[8..15] (see scan_dir_tok); z (B, L, E)
  * through (szb, szl); out (B, L, E) contiguous, original order: (y_forward + y_backward) / 2, written once. */
-void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long szb, long szl, int softplus,
-                     float *out, long Bn, long En, long Ln, long Nn, int nthreads) {
+static void scan_bi_tok(const float *const *p, const long *st, const TokExtra *ex, const float *z, long szb, long szl,
+                        int softplus, float *out, long Bn, long En, long Ln, long Nn, int nthreads) {
     const long nblk = (En + WT - 1) / WT;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -694,8 +751,9 @@ void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long
         for (long bb = 0; bb < Bn * nblk; bb++) {
             const long b = bb / nblk, e0 = (bb % nblk) * WT, nl = En - e0 < WT ? En - e0 : WT;
             if (z) load_rows(z, szb, szl, b, e0, Ln, nl, 0, blk.z);
-            scan_dir_tok(&blk, p, st, softplus, 0, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, yf);
-            scan_dir_tok(&blk, p + 9, st + 8, softplus, 1, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, yb);
+            scan_dir_tok(&blk, p, st, softplus, 0, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, ex, yf);
+            scan_dir_tok(&blk, p + 9, st + 8, softplus, 1, z ? blk.z : NULL, b, e0, nl, En, Ln, Nn, ex ? ex + 1 : NULL,
+                         yb);
             for (long t = 0; t < Ln; t++) {
                 float *row = out + (b * Ln + t) * En + e0;
                 const float *yft = yf + t * WT, *ybt = yb + (Ln - 1 - t) * WT;
@@ -705,6 +763,30 @@ void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long
         free(blk.u);
         free(yf);
     }
+}
+
+void ssm_scan_bi_tok(const float *const *p, const long *st, const float *z, long szb, long szl, int softplus,
+                     float *out, long Bn, long En, long Ln, long Nn, int nthreads) {
+    scan_bi_tok(p, st, NULL, z, szb, szl, softplus, out, Bn, En, Ln, Nn, nthreads);
+}
+
+/* A Vim mixer's two directions after its in_proj, in two calls (ssmtrim/ops/backends/cpu.py::_mixer_tokens, with
+ * the x_proj products between them): ssm_conv_pair_tok, both directions' conv + SiLU of x (B, L, E) into out (2, B,
+ * L, E) (direction 1 in its scan order, reversed); then ssm_mixer_scan_tok, ssm_scan_bi_tok with softplus, each
+ * direction's delta the low-rank product of its dt rows with dtw (E, R) (dtws[0], dtws[1]), A given as A_log and
+ * the gap's scale (when a gap is given) by gap_mode (see TokExtra). */
+void ssm_conv_pair_tok(const float *x, long sxb, long sxl, const long *pos, const long *pos_b, const float *w,
+                       const float *w_b, const float *bias, const float *bias_b, float *out, long Bn, long En, long Ln,
+                       long Kw, int nthreads) {
+    ssm_conv_silu_tok(x, sxb, sxl, pos, w, bias, 1, 0, out, Bn, En, Ln, Kw, nthreads);
+    ssm_conv_silu_tok(x, sxb, sxl, pos_b, w_b, bias_b, 1, 1, out + Bn * Ln * En, Bn, En, Ln, Kw, nthreads);
+}
+
+void ssm_mixer_scan_tok(const float *const *p, const long *st, const float *const *dtws, long R, int gap_mode,
+                        const float *z, long szb, long szl, float *out, long Bn, long En, long Ln, long Nn,
+                        int nthreads) {
+    TokExtra ex[2] = {{dtws[0], R, 1, gap_mode}, {dtws[1], R, 1, gap_mode}};
+    scan_bi_tok(p, st, ex, z, szb, szl, 1, out, Bn, En, Ln, Nn, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
