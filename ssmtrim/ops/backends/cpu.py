@@ -465,6 +465,11 @@ def merge_accepts(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and kernel_state_limit() > 0
 
 
+def _bytes(mask: Tensor) -> Tensor:
+    """A mask as contiguous bytes of 0 or 1, as the kernels read it: a contiguous bool tensor is that already."""
+    return mask if mask.dtype == torch.bool and mask.is_contiguous() else mask.to(torch.uint8).contiguous()
+
+
 def merge_choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: int,
                  n_drop: int, adjacent: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``ssm_merge_choose``: keys (B L, the ranking: the lowest leave; protected tokens +inf), protected (B L bool),
@@ -482,7 +487,7 @@ def _choose(keys: Tensor, protected: Tensor, features: Tensor | None, removed: i
             n_drop: int, adjacent: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
     keys = _f32(keys)
-    prot = protected.to(torch.uint8).contiguous()
+    prot = _bytes(protected)
     bsz, length = keys.shape
     merged = removed - n_drop
     feats = None
@@ -510,7 +515,7 @@ def merge_bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[
 def _bipartite(features: Tensor, protected: Tensor, removed: int) -> tuple[Tensor, Tensor, Tensor]:
     lib = _cpu_kernel.load()
     feats = _rows(features.detach())
-    prot = protected.to(torch.uint8).contiguous()
+    prot = _bytes(protected)
     bsz, length, width = feats.shape
     src = torch.empty(bsz, removed, dtype=torch.long)
     dst = torch.empty(bsz, removed, dtype=torch.long)
