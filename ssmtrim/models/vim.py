@@ -130,6 +130,19 @@ class VimGeometry:
     # tokens and un-merge the mixer's output; None: the streams hold the tokens
     unmerge: Unmerge | None = None
 
+    def conv_positions_for(self, backward: bool) -> Tensor | None:
+        """The conv's positions in one direction's scan order (the backward direction's counted from the end), or
+        None where the conv reads the present tokens."""
+        if self.conv_positions is None:
+            return None
+        return (self.length - 1 - self.conv_positions).flip(1) if backward else self.conv_positions
+
+    def gap_counts_for(self, backward: bool) -> Tensor | None:
+        """The skipped positions before each token (B L) in one direction's scan order, or None without gaps."""
+        if self.gap_counts is None:
+            return None
+        return self.gap_counts[1].flip(1) if backward else self.gap_counts[0]
+
 
 class BiMambaMixer(nn.Module):
     """The bidirectional "v2" Mamba mixer: one in_proj/out_proj, a forward and a backward scan branch.
@@ -173,8 +186,7 @@ class BiMambaMixer(nn.Module):
         conv = self.conv1d_b if backward else self.conv1d
         if geometry is None or geometry.conv_positions is None:
             return causal_conv1d_silu(x, conv)
-        pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
-        return causal_conv1d_silu(x, conv, pos, geometry.length)
+        return causal_conv1d_silu(x, conv, geometry.conv_positions_for(backward), geometry.length)
 
     def decay_gap(self, dt: Tensor, backward: bool, geometry: VimGeometry | None = None,
                   ) -> tuple[Tensor, Tensor] | None:
@@ -182,8 +194,7 @@ class BiMambaMixer(nn.Module):
         (see :func:`ssmtrim.ops.selective_scan`); none for a full sequence."""
         if geometry is None or geometry.gap_counts is None:
             return None
-        fwd, bwd = geometry.gap_counts
-        counts = bwd.flip(1) if backward else fwd  # B L in scan order
+        counts = geometry.gap_counts_for(backward)  # B L in scan order
         bias = (self.dt_proj_b if backward else self.dt_proj).bias.float()
         if geometry.gap_estimate == "bias":
             estimate = F.softplus(bias)[None, :].expand(dt.shape[0], -1)
@@ -268,9 +279,7 @@ class BiMambaMixer(nn.Module):
             s = "_b" if backward else ""
             x_proj, dt_proj = getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s)
             A_log, D = getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s)
-            pos = None
-            if geometry is not None and geometry.conv_positions is not None:
-                pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
+            pos = None if geometry is None else geometry.conv_positions_for(backward)
             xc = kernels.conv(x, getattr(self, "conv1d" + s), backward, pos)  # B L E in scan order
             dt, b, c = torch.split(x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
             dt = dt @ dt_proj.weight.t()  # B L E
@@ -288,10 +297,8 @@ class BiMambaMixer(nn.Module):
             s = "_b" if backward else ""
             conv, dt_proj = getattr(self, "conv1d" + s), getattr(self, "dt_proj" + s)
             pos = gap = None
-            if geometry is not None and geometry.conv_positions is not None:
-                pos = (geometry.length - 1 - geometry.conv_positions).flip(1) if backward else geometry.conv_positions
-            if geometry is not None and geometry.gap_counts is not None:
-                gap = geometry.gap_counts[1].flip(1) if backward else geometry.gap_counts[0]
+            if geometry is not None:
+                pos, gap = geometry.conv_positions_for(backward), geometry.gap_counts_for(backward)
             directions.append((conv.weight, conv.bias, pos, getattr(self, "x_proj" + s).weight, dt_proj.weight,
                                dt_proj.bias, getattr(self, "A_b_log" if backward else "A_log"), getattr(self, "D" + s),
                                gap))

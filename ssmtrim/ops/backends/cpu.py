@@ -388,16 +388,16 @@ def _mixer_tokens(
     pos, pos_b = (None if t is None else t.to(torch.int64).contiguous() for t in (pos, pos_b))
     xc = torch.empty(2, bsz, length, e, dtype=torch.float32)
     with _profiled("ssmtrim::causal_conv1d_silu"):
-        lib.ssm_conv_pair_tok(x.data_ptr(), x.stride(0), x.stride(1), _addr(pos), _addr(pos_b), conv_w.data_ptr(),
-                              conv_w_b.data_ptr(), _addr(conv_b), _addr(conv_b_b), xc.data_ptr(), bsz, e, length,
+        lib.ssm_conv_pair_tok(x.data_ptr(), x.stride(0), x.stride(1), _ptr(pos), _ptr(pos_b), conv_w.data_ptr(),
+                              conv_w_b.data_ptr(), _ptr(conv_b), _ptr(conv_b_b), xc.data_ptr(), bsz, e, length,
                               conv_w.shape[-1], threads)
     # each direction's dt rows, B and C side by side (B L R+2N), as the general path's x_proj gives them
     rows = (F.linear(xc[0], x_w), F.linear(xc[1], x_w_b))
     pointers, strides = [], []
     for u, xd, a, dd, bias, g in ((xc[0], rows[0], a_log, d, dt_b, gap), (xc[1], rows[1], a_log_b, d_b, dt_b_b, gap_b)):
         base, step = xd.data_ptr(), xd.element_size()
-        pointers += [u.data_ptr(), base, a.data_ptr(), base + rank * step, base + (rank + n) * step, _addr(dd),
-                     bias.data_ptr(), _addr(g), None]
+        pointers += [u.data_ptr(), base, a.data_ptr(), base + rank * step, base + (rank + n) * step, _ptr(dd),
+                     bias.data_ptr(), _ptr(g), None]
         sb, sl = xd.stride()[:2]
         strides += [u.stride(0), u.stride(1), sb, sl, sb, sl, sb, sl]
     z = None if z is None else _rows(z)
@@ -405,13 +405,9 @@ def _mixer_tokens(
     out = torch.empty(bsz, length, e, dtype=torch.float32)
     with _profiled("ssmtrim::selective_scan"):
         lib.ssm_mixer_scan_tok((ctypes.c_void_p * 18)(*pointers), (ctypes.c_long * 16)(*strides),
-                               (ctypes.c_void_p * 2)(dt_w.data_ptr(), dt_w_b.data_ptr()), rank, gap_mode, _addr(z),
+                               (ctypes.c_void_p * 2)(dt_w.data_ptr(), dt_w_b.data_ptr()), rank, gap_mode, _ptr(z),
                                zs[0], zs[1], out.data_ptr(), bsz, e, length, n, threads)
     return out
-
-
-def _addr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 # The same functions as registered ops, for the graphs torch.compile makes (which cannot call into ctypes). Inference
