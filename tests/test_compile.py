@@ -29,7 +29,7 @@ def test_a_reduced_forward_compiles_as_one_graph(name):
 def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
     """Under ``torch.compile`` Vim's mixer takes the cpu backend's token-major kernels as the registered op
     ``ssmtrim::tokens_mixer`` (not the general path's transposes and flips), and the merge
-    step its two kernels (``ssmtrim::merge_choose``, ``ssmtrim::merge_keep``); an ONNX export or a FLOP count (which
+    step its one kernel (``ssmtrim::merge_step``); an ONNX export or a FLOP count (which
     trace for standard ops) still takes the general path (tests/test_export.py)."""
     from ssmtrim.ops._cpu_kernel import status
 
@@ -40,7 +40,7 @@ def test_a_compiled_vim_runs_the_token_major_kernels_as_ops():
     apply_pruning(model, PruneConfig.recommended(model, layers=(1,), keep=(0.6,), compensate="none"))
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     eager, compiled, ran = _compiled_with_ops(model, x)
-    assert {"ssmtrim::tokens_mixer", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
+    assert {"ssmtrim::tokens_mixer", "ssmtrim::merge_step"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())
 
 
@@ -88,7 +88,8 @@ def test_unmerge_with_regrouped_mlps_compiles_as_one_graph():
 
 def test_a_reduced_vmamba_stage_runs_its_routes_as_ops():
     """merge on VMamba: the reduced stage's routes over its tokens (the reversed ones read from the end, the gaps in
-    factored form) run in the graph as ``ssmtrim::tokens_scan``, with the eager logits."""
+    factored form) run in the graph as ``ssmtrim::tokens_scan`` and the merge step as ``ssmtrim::merge_step``, with the
+    eager logits."""
     from ssmtrim.ops._cpu_kernel import status
 
     if not status().available:
@@ -98,5 +99,5 @@ def test_a_reduced_vmamba_stage_runs_its_routes_as_ops():
     apply_pruning(model, PruneConfig(layers=(2,), keep=(0.6,), arrangement="merge"))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     eager, compiled, ran = _compiled_with_ops(model, x)
-    assert {"ssmtrim::tokens_scan", "ssmtrim::merge_choose", "ssmtrim::merge_keep"} <= ran
+    assert {"ssmtrim::tokens_scan", "ssmtrim::merge_step"} <= ran
     assert float((compiled - eager).abs().max()) <= 1e-5 * float(eager.abs().max())

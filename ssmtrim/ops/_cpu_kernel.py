@@ -160,6 +160,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ssm_merge_choose.restype = None
     lib.ssm_merge_keep.argtypes = [lng, lng, lng, lng, p, p, p, p, i, p, p, p, p, p, p, i, i]
     lib.ssm_merge_keep.restype = None
+    lib.ssm_merge_step.argtypes = [p, p, p, lng, lng, p, lng, lng, lng, p, lng, lng, lng, lng, i, i, p, p, p, p, i,
+                                   p, p, p, p, p, p, p, i]
+    lib.ssm_merge_step.restype = None
     lib.ssm_group_mean.argtypes = [p, lng, lng, lng, lng, lng, lng, p, p, p, i]
     lib.ssm_group_mean.restype = None
     lib.ssm_group_add.argtypes = [p, lng, lng, p, lng, lng, p, p, p, lng, lng, lng, i]

@@ -33,8 +33,15 @@ forward and reversed (one transposed copy), each route's projections applied to 
 
 A merge step (``ssmtrim.pruning.strategies.merge``) is a few dozen small PyTorch ops, which at batch 1 cost about
 as much as a block; where the backend has :class:`MergeKernels` (the ``cpu`` backend) and nothing needs a gradient,
-it is two C calls instead (registered ops ``ssmtrim::merge_choose``, ``ssmtrim::merge_keep`` in a compiled graph),
-:func:`merge_kernels` saying when:
+it is one C call instead (``step``, registered op ``ssmtrim::merge_step`` in a compiled graph) or, where the step
+needs more than ``step`` takes (merge's ``redundancy`` option; ToMe's choice), two (``choose`` or ``bipartite``, then
+``keep``; registered ops ``ssmtrim::merge_choose``, ``ssmtrim::merge_keep``), :func:`merge_kernels` saying when:
+
+- ``step(scores, positions, protected, around, features, sizes, streams, removed, n_drop, adjacent, rescale)``:
+  ``choose`` then ``keep`` with the ranking's keys made from the scores in the same call (the protected tokens
+  first, then those within ``around`` original positions of one, then by score, as ``choose_merges`` ranks them), and
+  the staying tokens' original positions and the protected tokens' new indices besides; the reference's choice, owner
+  map and positions exactly, its rows to rounding;
 
 - ``choose(keys, protected, features, removed, n_drop)``: the ``removed`` tokens of lowest key leave (a stable sort:
   ties by position), ``(src_all, index, dst)`` as ``choose_merges`` returns them, each merged token's target found by
@@ -126,7 +133,8 @@ def scan_kernels(x: Tensor, module: nn.Module, d_inner: int, d_state: int) -> To
 def merge_kernels(*tensors: Tensor | None) -> MergeKernels | None:
     """The chosen backend's merge-step kernels when they may take ``tensors`` (the streams, sizes, features of one
     step): no gradient wanted, no export or FLOP count watching (``torch.compile`` takes them as the registered ops
-    ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype they accept; else None."""
+    ``ssmtrim::merge_step``, ``ssmtrim::merge_choose`` and ``ssmtrim::merge_keep``), all on a device and in a dtype
+    they accept; else None."""
     return _inference_kernels("merge", tensors)
 
 

@@ -140,7 +140,8 @@ def test_a_reduced_forward_gives_the_reference_logits(monkeypatch):
     CPUs), a batch of images with the class token in the middle, a dropped share and redundancy included."""
     torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
-    for given in ({}, {"drop_fraction": 0.3}, {"options": (("redundancy", 0.5),)}):
+    recommended = (("merge_into", "adjacent"), ("protect_around", 4), ("rescale", "norm"))
+    for given in ({}, {"drop_fraction": 0.3}, {"options": (("redundancy", 0.5),)}, {"options": recommended}):
         model = ssmtrim.create_model("vim_test").eval()
         reduced = apply_pruning(model, PruneConfig(layers=(1, 2), keep=(0.6, 0.7), arrangement="merge", **given))
         with torch.no_grad():
@@ -152,19 +153,105 @@ def test_a_reduced_forward_gives_the_reference_logits(monkeypatch):
 
 
 @requires_kernel
-def test_the_strategy_calls_them(monkeypatch):
+@pytest.mark.parametrize("one_step,options,want", [
+    (True, (), ["step"]),
+    (False, (), ["choose", "keep"]),  # a backend without the one-call step: its two calls
+    (True, (("redundancy", 0.5),), ["choose", "keep"]),  # every token's similarities first: the two calls
+])
+def test_the_strategy_calls_them(monkeypatch, one_step, options, want):
     calls = []
-    choose, keep = cpu.merge_choose, cpu.merge_keep
+    choose, keep, step_of = cpu.merge_choose, cpu.merge_keep, cpu.merge_step
     kernels = cpu.BACKEND.merge._replace(choose=lambda *a: calls.append("choose") or choose(*a),
-                                         keep=lambda *a: calls.append("keep") or keep(*a))
+                                         keep=lambda *a: calls.append("keep") or keep(*a),
+                                         step=(lambda *a: calls.append("step") or step_of(*a)) if one_step else None)
     monkeypatch.setattr(merge, "merge_kernels", lambda *tensors: kernels)
     length = 9
     state = TokenState(torch.arange(length)[None], torch.tensor([4]), length, (1, length), True)
     features = torch.randn(1, length, 4)
     step = ReductionStep(0, torch.randn(1, length), 5, (torch.randn(1, length, 4),), state,
-                         BlockOutput((), features, mixer_input=features), PruneConfig(layers=(1,), keep=(0.5,)))
+                         BlockOutput((), features, mixer_input=features),
+                         PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", options=options))
     merge.Merge().reduce(step)
-    assert calls == ["choose", "keep"]
+    assert calls == want
+
+
+def _step_case(seed, bsz, length, n_protected, sized, options, k):
+    """A merge step on tokens left from an earlier one: original positions with gaps, protected tokens (a class token
+    as B, registers as B P), sizes or none, two streams of rows and an absent one, the owner map tracked."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.stack([torch.randperm(2 * length, generator=g)[:length].sort().values for _ in range(bsz)])
+    if n_protected == 0:
+        cls_index = None
+    elif n_protected == 1:
+        cls_index = torch.full((bsz,), length // 2)
+    else:
+        cls_index = torch.stack([torch.randperm(length, generator=g)[:n_protected].sort().values for _ in range(bsz)])
+    sizes = torch.randint(1, 5, (bsz, length), generator=g).float() if sized else None
+    owner = torch.stack([torch.randint(0, length, (2 * length,), generator=g) for _ in range(bsz)])
+    state = TokenState(positions, cls_index, 2 * length, (1, 2 * length), True, reduced=True, sizes=sizes,
+                       owner=owner, track_owner=True)
+    streams = (torch.randn(bsz, length, 7, generator=g), None, torch.randn(bsz, length, 12, generator=g)[:, :, ::2])
+    features = torch.randn(bsz, length, 5, generator=g)
+    features[:, 5] = features[:, 9]  # two tokens alike
+    scores = torch.randint(0, 6, (bsz, length), generator=g).float()  # ties: the order among them by position
+    fields = {name: value for name, value in options if name == "drop_fraction"}  # a field of the plan
+    plan = PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge", **fields,
+                       options=tuple(o for o in options if o[0] not in fields))
+    return ReductionStep(0, scores, k, streams, state, BlockOutput((), features, mixer_input=features), plan)
+
+
+@requires_kernel
+@pytest.mark.parametrize("n_protected,sized,options,k", [
+    (1, False, (("merge_into", "adjacent"), ("protect_around", 4), ("rescale", "norm")), 20),  # Vim's default
+    (1, True, (("merge_into", "adjacent"), ("protect_around", 4), ("rescale", "norm")), 9),
+    (3, True, (("protect_around", 2),), 15),  # registers: protection around each
+    (3, False, (("merge_into", "adjacent"), ("rescale", "norm")), 1),
+    (0, True, (("protect_around", 3),), 12),  # nothing protected: nothing to protect around
+    (1, True, (("rescale", "norm"),), 30),
+    (1, False, (("drop_fraction", 0.4), ("protect_around", 1)), 10),
+    (2, True, (("drop_fraction", 1.0),), 8),  # every removed token dropped: nothing merged
+    (1, True, (("drop_fraction", 0.0), ("merge_into", "adjacent")), 40),  # nothing removed
+])
+def test_the_one_call_step_is_the_reference_step(monkeypatch, n_protected, sized, options, k):
+    """``MergeKernels.step`` (keys, choice and merged rows in one C call) against the strategy's PyTorch code: the
+    same tokens stay, at the same positions, the protected tokens at the same new indices, the same owner map, the
+    same sizes; rows to the tolerance across CPUs."""
+    for seed in range(3):
+        step = _step_case(seed, 3, 41, n_protected, sized, options, k)
+        got_streams, got = merge.Merge().reduce(step)
+        with monkeypatch.context() as m:
+            m.setattr(merge, "merge_kernels", lambda *tensors: None)
+            want_streams, want = merge.Merge().reduce(step)
+        for g_, w in zip(got_streams, want_streams, strict=True):
+            assert (g_ is None) == (w is None)
+            if w is not None:
+                assert g_.shape == w.shape
+                assert_close_across_cpus(g_, w, rtol=1e-6)
+        assert torch.equal(got.positions, want.positions)
+        assert (got.cls_index is None) == (want.cls_index is None)
+        assert got.cls_index is None or torch.equal(got.cls_index, want.cls_index)
+        assert torch.equal(got.owner, want.owner)
+        assert_close_across_cpus(got.sizes, want.sizes, rtol=1e-6)
+        assert got.reduced
+
+
+@requires_kernel
+def test_the_one_call_step_ranks_protected_then_their_neighbours_then_scores():
+    """The keys the kernel makes: a protected token stays whatever its score (NaN included), the tokens within
+    ``around`` original positions of it stay next (however low their scores), the others by score."""
+    length = 12
+    positions = torch.tensor([[0, 1, 2, 4, 6, 7, 9, 10, 11, 13, 14, 20]])
+    scores = torch.tensor([[9., 8., 7., -5., -6., 6., 5., 4., 3., 2., 1., 0.]])
+    scores[0, 5] = float("nan")  # the class token's own score: it stays all the same
+    streams = (torch.randn(1, length, 3),)
+    cls = torch.tensor([[5]])  # at original position 7: only position 6 (current 4) lies within 1 of it
+    out = cpu.merge_step(scores, positions, cls, 1, None, None, streams, length - 5, length - 5)
+    _, _, new_positions, new_cls, _, src_all, index, _ = out
+    assert index.tolist() == [[0, 1, 2, 4, 5]]  # the class token, its neighbour, then the three best scores
+    assert new_positions.tolist() == [[0, 1, 2, 6, 7]] and new_cls.tolist() == [[4]]
+    assert src_all[0].tolist() == [3, 11, 10, 9, 8, 7, 6]  # the lowest first
+    _, _, _, _, _, _, index, _ = cpu.merge_step(scores, positions, cls, 3, None, None, streams, length - 5, length - 5)
+    assert index.tolist() == [[3, 4, 5, 6, 7]]  # within 3: four neighbours, whatever their scores
 
 
 def reference_bipartite(features, protected, removed):

@@ -72,6 +72,10 @@ class MergeKernels(NamedTuple):
     keep: Callable[..., tuple[tuple[Tensor, ...], Tensor, Tensor]]
     # ToMe's bipartite choice: (features, protected, removed) -> (src, dst, index); None: in PyTorch ops
     bipartite: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+    # a whole merge step, the ranking's keys made from the scores: (scores, positions, protected index, around,
+    # features, sizes, streams, removed, n_drop, adjacent, rescale) -> (merged streams, new sizes, new positions, new
+    # protected index, slot_of, src_all, index, dst); None: choose, then keep
+    step: Callable[..., tuple] | None = None
 
 
 class GroupKernels(NamedTuple):

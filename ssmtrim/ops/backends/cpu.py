@@ -559,6 +559,63 @@ def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[
     return [*outs, new_sizes, slot_of]
 
 
+def merge_step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: int, features: Tensor | None,
+               sizes: Tensor | None, streams: tuple[Tensor | None, ...], removed: int, n_drop: int,
+               adjacent: bool = False, rescale: bool = False) -> tuple[tuple[Tensor | None, ...], Tensor, ...]:
+    """``ssm_merge_step``: a whole merge step in one call, :func:`merge_choose` then :func:`merge_keep`, with the
+    ranking's keys made from ``scores`` (B L) there: the ``protected`` tokens (B P current indices; None: none) first
+    to stay, then those within ``around`` original ``positions`` (B L) of one (0: none), then by score -> (merged
+    streams, new sizes (B K), new positions (B K), the protected tokens' new indices (B P; None without), slot_of (B
+    L), src_all (B R), index (B K), dst (B R-n_drop)). ``sizes`` None: every token of size 1. In a graph that
+    ``torch.compile`` makes, the registered op ``ssmtrim::merge_step``."""
+    present = [t for t in streams if t is not None]
+    if torch.compiler.is_compiling():
+        *outs, new_sizes, new_positions, new_protected, slot_of, src_all, index, dst = torch.ops.ssmtrim.merge_step(
+            scores, positions, protected, around, features, sizes, present, removed, n_drop, adjacent, rescale)
+    else:
+        *outs, new_sizes, new_positions, new_protected, slot_of, src_all, index, dst = _step(
+            scores, positions, protected, around, features, sizes, present, removed, n_drop, adjacent, rescale)
+    merged = iter(outs)
+    return (tuple(None if t is None else next(merged) for t in streams), new_sizes, new_positions,
+            None if protected is None else new_protected, slot_of, src_all, index, dst)
+
+
+def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: int, features: Tensor | None,
+          sizes: Tensor | None, present: list[Tensor], removed: int, n_drop: int, adjacent: bool = False,
+          rescale: bool = False) -> list[Tensor]:
+    """:func:`merge_step` over the streams that are there: [their merged rows..., new sizes, new positions, new
+    protected indices (B 0 without), slot_of, src_all, index, dst]."""
+    lib = _cpu_kernel.load()
+    bsz, length = positions.shape
+    k, merged = length - removed, removed - n_drop
+    scores, sizes = _f32(scores), _f32(sizes)
+    positions = positions if positions.dtype == torch.long and positions.is_contiguous() else \
+        positions.to(torch.long).contiguous()
+    prot = None if protected is None else protected.to(torch.long).contiguous()
+    feats = _rows(features.detach()) if features is not None and merged > 0 else None
+    sfb, sfl, width = (feats.stride(0), feats.stride(1), feats.shape[2]) if feats is not None else (0, 0, 0)
+    rows_in = [_rows(t.detach().reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]  # no -1: batch 0
+    outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
+    n_prot = 0 if prot is None else prot.shape[1]
+    new_sizes = torch.empty(bsz, k, dtype=torch.float32)
+    new_positions = torch.empty(bsz, k, dtype=torch.long)
+    new_protected = torch.empty(bsz, n_prot, dtype=torch.long)
+    slot_of = torch.empty(bsz, length, dtype=torch.long)
+    src_all = torch.empty(bsz, removed, dtype=torch.long)
+    index = torch.empty(bsz, k, dtype=torch.long)
+    dst = torch.empty(bsz, merged, dtype=torch.long)
+    n = len(present)
+    lib.ssm_merge_step(_ptr(scores), _ptr(positions), _ptr(prot), n_prot, around, _ptr(feats), sfb, sfl, width,
+                       _ptr(sizes), bsz, length, removed, n_drop, int(adjacent), n,
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
+                       (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
+                       (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
+                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), int(rescale), _ptr(src_all),
+                       _ptr(index), _ptr(dst), _ptr(new_sizes), _ptr(slot_of), _ptr(new_positions),
+                       _ptr(new_protected), torch.get_num_threads())
+    return [*outs, new_sizes, new_positions, new_protected, slot_of, src_all, index, dst]
+
+
 # registered ops for compiled graphs, as the token-major kernels are
 _INFERENCE_OPS.define("merge_choose(Tensor keys, Tensor protected, Tensor? features, int removed, int n_drop, "
                       "bool adjacent=False) -> (Tensor, Tensor, Tensor)")
@@ -566,6 +623,10 @@ _INFERENCE_OPS.impl("merge_choose", _choose, "CPU")
 _INFERENCE_OPS.define("merge_keep(Tensor index, Tensor src, Tensor dst, Tensor sizes, Tensor[] present, "
                       "bool rescale=False) -> Tensor[]")
 _INFERENCE_OPS.impl("merge_keep", _keep, "CPU")
+_INFERENCE_OPS.define("merge_step(Tensor scores, Tensor positions, Tensor? protected, int around, Tensor? features, "
+                      "Tensor? sizes, Tensor[] present, int removed, int n_drop, bool adjacent=False, "
+                      "bool rescale=False) -> Tensor[]")
+_INFERENCE_OPS.impl("merge_step", _step, "CPU")
 _INFERENCE_OPS.define("merge_bipartite(Tensor features, Tensor protected, int removed) -> (Tensor, Tensor, Tensor)")
 _INFERENCE_OPS.impl("merge_bipartite", _bipartite, "CPU")
 
@@ -582,6 +643,18 @@ def _choose_fake(keys, protected, features, removed, n_drop, adjacent=False):
     bsz, length = keys.shape
     index = keys.new_empty(bsz, length - removed, dtype=torch.long)
     return keys.new_empty(bsz, removed, dtype=torch.long), index, index.new_empty(bsz, max(removed - n_drop, 0))
+
+
+@torch.library.register_fake("ssmtrim::merge_step")
+def _step_fake(scores, positions, protected, around, features, sizes, present, removed, n_drop, adjacent=False,
+               rescale=False):
+    bsz, length = positions.shape
+    k = length - removed
+    index = positions.new_empty(bsz, k, dtype=torch.long)
+    return [*(t.new_empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present),
+            scores.new_empty(bsz, k, dtype=torch.float32), index.new_empty(bsz, k),
+            index.new_empty(bsz, 0 if protected is None else protected.shape[1]), index.new_empty(bsz, length),
+            index.new_empty(bsz, removed), index.new_empty(bsz, k), index.new_empty(bsz, removed - n_drop)]
 
 
 @torch.library.register_fake("ssmtrim::merge_keep")
@@ -720,6 +793,7 @@ BACKEND = Backend(
     describe=describe,
     tokens=TokenKernels(accepts=tokens_accept, conv=tokens_conv, scan=tokens_scan,
                         scan_accepts=tokens_scan_accept, mixer=tokens_mixer),
-    merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite),
+    merge=MergeKernels(accepts=merge_accepts, choose=merge_choose, keep=merge_keep, bipartite=merge_bipartite,
+                      step=merge_step),
     group=GroupKernels(accepts=merge_accepts, mean=group_mean, regroup=regroup, add=group_add),
 )

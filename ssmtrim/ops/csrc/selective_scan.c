@@ -1038,6 +1038,56 @@ void ssm_merge_keep(long Bn, long Ln, long K, long M, const long *index, const l
     }
 }
 
+/* A whole merge step in one call: the choice (ssm_merge_choose) on keys made here from scores (B, L): a protected
+ * token (prot_idx (B, P), current indices; NULL: none) ranks above all (+inf), a token within `around` original
+ * positions (positions (B, L)) of a protected one above every other (FLT_MAX; around 0: none), the rest by score;
+ * then the staying rows (ssm_merge_keep, sizes NULL: every token of size 1), their original positions into
+ * new_positions (B, K) and the protected tokens' new indices into new_prot (B, P). */
+void ssm_merge_step(const float *scores, const long *positions, const long *prot_idx, long Pn, long around,
+                    const float *feat, long sfb, long sfl, long Fn, const float *sizes, long Bn, long Ln, long R,
+                    long ndrop, int adjacent, int nstreams, const float *const *streams, const long *rows,
+                    const long *strides, float *const *outs, int rescale, long *src_all, long *index, long *dst,
+                    float *new_sizes, long *slot_of, long *new_positions, long *new_prot, int nthreads) {
+    const long K = Ln - R, M = R - ndrop;
+    float *keys = (float *)malloc(sizeof(float) * (size_t)(Bn * Ln) * (sizes ? 1 : 2));
+    float *ones = sizes ? NULL : keys + Bn * Ln;
+    unsigned char *prot = (unsigned char *)calloc((size_t)(Bn * Ln), 1);
+    const uint32_t inf_bits = 0x7f800000u; /* +inf, written as bits: -ffast-math assumes no float is infinite */
+    for (long b = 0; b < Bn; b++) {
+        const long *pos = positions + b * Ln;
+        float *key = keys + b * Ln;
+        memcpy(key, scores + b * Ln, sizeof(float) * (size_t)Ln);
+        if (ones)
+            for (long l = 0; l < Ln; l++) ones[b * Ln + l] = 1.f;
+        if (!prot_idx) continue;
+        for (long p = 0; p < Pn; p++) prot[b * Ln + prot_idx[b * Pn + p]] = 1;
+        if (around > 0)
+            for (long l = 0; l < Ln; l++)
+                for (long p = 0; p < Pn; p++) {
+                    const long d = pos[l] - pos[prot_idx[b * Pn + p]];
+                    if (d <= around && -d <= around) {
+                        key[l] = FLT_MAX;
+                        break;
+                    }
+                }
+        for (long p = 0; p < Pn; p++) memcpy(key + prot_idx[b * Pn + p], &inf_bits, sizeof inf_bits);
+    }
+    ssm_merge_choose(keys, prot, M > 0 ? feat : NULL, sfb, sfl, Bn, Ln, Fn, R, ndrop, src_all, index, dst, adjacent,
+                     nthreads);
+    long *src = M > 0 ? (long *)malloc(sizeof(long) * (size_t)(Bn * M)) : NULL; /* the merged ones: src_all's tail */
+    for (long b = 0; b < Bn && src; b++) memcpy(src + b * M, src_all + b * R + ndrop, sizeof(long) * (size_t)M);
+    ssm_merge_keep(Bn, Ln, K, M > 0 ? M : 0, index, src, dst, sizes ? sizes : ones, nstreams, streams, rows, strides,
+                   outs, new_sizes, slot_of, rescale, nthreads);
+    free(src);
+    for (long b = 0; b < Bn; b++) {
+        for (long k = 0; k < K; k++) new_positions[b * K + k] = positions[b * Ln + index[b * K + k]];
+        if (prot_idx)
+            for (long p = 0; p < Pn; p++) new_prot[b * Pn + p] = slot_of[b * Ln + prot_idx[b * Pn + p]];
+    }
+    free(keys);
+    free(prot);
+}
+
 /* ---- groups of positions (unmerge's blocks: ssmtrim/models/tokens.py's Unmerge is the reference) ---- */
 
 /* x (B, L, D) through strides (sxb, sxl; unit stride within a row), owner (B, L) in [0, K), sizes (B, K) -> out

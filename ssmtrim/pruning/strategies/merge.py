@@ -138,15 +138,18 @@ def rescaled(before: Streams, after: Streams, sizes: Tensor, total: Tensor, slot
 
 
 def _placed(state: TokenState, streams: Streams, kept_sizes: Tensor, slot_of: Tensor, index: Tensor, src: Tensor,
-            dst: Tensor) -> tuple[Streams, TokenState]:
+            dst: Tensor, positions: Tensor | None = None, new_cls: Tensor | None = None) -> tuple[Streams, TokenState]:
     """The state after a merge step: the staying tokens' positions and sizes, the protected tokens' new indices, the
-    owner map; ``slot_of`` (B L) each current token's slot among the staying ones ``index`` (B K) (-1: leaves)."""
+    owner map; ``slot_of`` (B L) each current token's slot among the staying ones ``index`` (B K) (-1: leaves).
+    ``positions`` (B K) and ``new_cls`` (B P), where a kernel made them: the staying tokens' original positions and
+    the protected tokens' new indices."""
     protected = state.protected_index()
-    new_cls = None if protected is None else slot_of.gather(1, protected)  # protected tokens always stay
+    if new_cls is None and protected is not None:
+        new_cls = slot_of.gather(1, protected)  # protected tokens always stay
     if new_cls is not None and state.cls_index.dim() == 1:
         new_cls = new_cls[:, 0]
-    new_state = state.replace(positions=gather_tokens(state.positions, index), cls_index=new_cls, reduced=True,
-                              sizes=kept_sizes)
+    positions = gather_tokens(state.positions, index) if positions is None else positions
+    new_state = state.replace(positions=positions, cls_index=new_cls, reduced=True, sizes=kept_sizes)
     if not state.track_owner:
         return streams, new_state
     # where each current token went: a staying token to its slot, a merged one to its target's, a dropped one nowhere
@@ -170,9 +173,32 @@ class Merge(Strategy):
         return super().needs(plan) | needs_of_metric(plan.option("metric"))
 
     def reduce(self, step: ReductionStep):
+        fused = _merged_in_one_call(step)
+        if fused is not None:
+            return fused
         src, dst, removed, index = choose_merges(step)
         return merge_and_keep(step.state, step.streams, sizes_of(step.state), src, dst, removed, index,
                               step.plan.option("rescale") == "norm")
+
+
+def _merged_in_one_call(step: ReductionStep) -> tuple[Streams, TokenState] | None:
+    """The step as :func:`choose_merges` then :func:`merge_and_keep` make it, in the backend's one merge-step call
+    (``MergeKernels.step``: the ranking's keys, the choice, the merged rows, the new positions); None where that
+    kernel is not there or cannot take the step (a redundancy term, which needs every token's similarities)."""
+    plan, state = step.plan, step.state
+    if plan.option("redundancy") > 0:
+        return None
+    removed = int(state.num_tokens) - state.num_protected - step.k
+    n_drop = int(round(plan.option("drop_fraction") * removed))
+    raw = similarity_features(step.output, plan.option("metric")) if removed > n_drop else None
+    kernels = merge_kernels(step.scores, raw, state.sizes, *step.streams)
+    if kernels is None or kernels.step is None:
+        return None
+    around = plan.option("protect_around") if state.cls_index is not None else 0
+    streams, sizes, positions, new_cls, slot_of, src_all, index, dst = kernels.step(
+        step.scores, state.positions, state.protected_index(), around, raw, state.sizes, step.streams, removed, n_drop,
+        plan.option("merge_into") == "adjacent", plan.option("rescale") == "norm")
+    return _placed(state, streams, sizes, slot_of, index, src_all[:, n_drop:], dst, positions, new_cls)
 
 
 def choose_merges(step: ReductionStep) -> tuple[Tensor, Tensor, Tensor, Tensor]:
