@@ -461,6 +461,11 @@ def merge_accepts(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and kernel_state_limit() > 0
 
 
+def _longs(t: Tensor) -> Tensor:
+    """t as contiguous int64 (itself where it is already)."""
+    return t if t.dtype == torch.long and t.is_contiguous() else t.to(torch.long).contiguous()
+
+
 def _bytes(mask: Tensor) -> Tensor:
     """A mask as contiguous bytes of 0 or 1, as the kernels read it: a contiguous bool tensor is that already."""
     return mask if mask.dtype == torch.bool and mask.is_contiguous() else mask.to(torch.uint8).contiguous()
@@ -589,12 +594,11 @@ def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: i
     bsz, length = positions.shape
     k, merged = length - removed, removed - n_drop
     scores, sizes = _f32(scores), _f32(sizes)
-    positions = positions if positions.dtype == torch.long and positions.is_contiguous() else \
-        positions.to(torch.long).contiguous()
-    prot = None if protected is None else protected.to(torch.long).contiguous()
-    feats = _rows(features.detach()) if features is not None and merged > 0 else None
+    positions, prot = (None if t is None else _longs(t) for t in (positions, protected))
+    # the kernels run where nothing needs a gradient: no detach (at batch 1 each call counts)
+    feats = _rows(features) if features is not None and merged > 0 else None
     sfb, sfl, width = (feats.stride(0), feats.stride(1), feats.shape[2]) if feats is not None else (0, 0, 0)
-    rows_in = [_rows(t.detach().reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]  # no -1: batch 0
+    rows_in = [_rows(t if t.dim() == 3 else t.reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]
     outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
     n_prot = 0 if prot is None else prot.shape[1]
     new_sizes = torch.empty(bsz, k, dtype=torch.float32)
