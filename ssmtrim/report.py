@@ -317,8 +317,7 @@ def build_report(
         kind, values = sweep_values
         depth = family_of(dense).depth(dense.config)
         # where the family's recommended plan reduces (its hand-set layers), as prune does
-        own = recommended_plan_of(family_of(dense), dense.config, task or "classify").get("layers")
-        layers = layers or tuple(own or sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+        layers = layers or tuple(recommended_plan_of(family_of(dense), dense.config, task or "classify")["layers"])
         PruneConfig(layers=layers, keep=(1.0,)).validate_for(depth)
         calib_set = scan_folder(calib).subset(calib_images, seed) if calib is not None else None
         xc = load_images(shard_images(calib_set), data_cfg, eval_batch_size)[0] if calib_set is not None \

@@ -148,7 +148,8 @@ class Family(Protocol):
     # optional (each with a default in its *_of helper below):
     # recommended_plan(config) -> PruneConfig fields used where the user names no strategy option (chosen by
     #   measurement, see the README's method table) and ``layers``, the hand-set schedule a FLOPs-target search always
-    #   considers; default: the plan's defaults after 1/4, 1/2, 3/4 of the blocks (recommended_plan_of). Its optional
+    #   considers; default: the plan's defaults, and where no layers are named after 1/4, 1/2, 3/4 of the blocks
+    #   (recommended_plan_of). Its optional
     #   key "dense" holds the fields that change when the reduced model serves dense outputs (feature maps for a
     #   detection or segmentation head; PruneConfig.recommended(model, task="dense"), prune --task dense)
     # provides(config) -> what run_block hands over when ``needs`` asks: "delta", "mixer_input", "bc"; default: nothing
@@ -215,17 +216,18 @@ def check_task(task: str) -> None:
 
 
 def recommended_plan_of(family: Family, config: Any, task: str = "classify") -> dict[str, Any]:
-    """The family's optional ``recommended_plan(config)``, else the plan's defaults reducing after a quarter, half
-    and three quarters of the blocks; for ``task`` "dense" (the reduced model's feature maps feed a dense head) with
-    the plan's "dense" fields on top."""
+    """The family's optional ``recommended_plan(config)``, else the plan's defaults; reducing after a quarter, half
+    and three quarters of the blocks where it names no layers; for ``task`` "dense" (the reduced model's feature maps
+    feed a dense head) with the plan's "dense" fields on top."""
     check_task(task)
     own = getattr(family, "recommended_plan", None)
-    if own is None:
-        depth = family.depth(config)
-        return {"layers": tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))}
-    plan = dict(own(config))
+    plan = dict(own(config)) if own is not None else {}
     dense = plan.pop("dense", {})
-    return {**plan, **dense} if task == "dense" else plan
+    plan = {**plan, **dense} if task == "dense" else plan
+    if "layers" not in plan:
+        depth = family.depth(config)
+        plan["layers"] = tuple(sorted({max(1, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
+    return plan
 
 
 def stages_of(family: Family, config: Any) -> list[tuple[int, int]]:

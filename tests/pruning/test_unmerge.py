@@ -199,6 +199,30 @@ def test_a_family_plan_for_dense_outputs_is_laid_over_its_own():
     assert recommended_plan_of(Family(), None, "dense") == {"arrangement": "merge", "layers": (2,)}
 
 
+def test_a_family_plan_without_layers_reduces_after_the_quarters():
+    """A family whose ``recommended_plan`` names no layers (or that has none) reduces after a quarter, half and three
+    quarters of its blocks, never after the last: one rule for prune, report --sweep and the API."""
+    from ssmtrim.models.registry import recommended_plan_of
+
+    class Family:
+        def depth(self, config):
+            return 8
+
+    class Planned(Family):
+        def recommended_plan(self, config):
+            return {"arrangement": "merge", "dense": {"arrangement": "align"}}
+
+    assert recommended_plan_of(Family(), None) == {"layers": (2, 4, 6)}
+    assert recommended_plan_of(Planned(), None) == {"arrangement": "merge", "layers": (2, 4, 6)}
+    assert recommended_plan_of(Planned(), None, "dense") == {"arrangement": "align", "layers": (2, 4, 6)}
+
+    class Shallow(Family):
+        def depth(self, config):
+            return 2
+
+    assert recommended_plan_of(Shallow(), None) == {"layers": (1,)}  # not after the last block
+
+
 def test_prune_task_dense_on_the_command_line(tmp_path):
     dense = ssmtrim.save_model(randomize(ssmtrim.create_model("vmamba_test")), tmp_path / "dense")
     images = tmp_path / "images"
