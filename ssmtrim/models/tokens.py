@@ -263,6 +263,12 @@ class Unmerge:
         bsz, length = self.owner.shape
         k = self.sizes.shape[1]
         rows = x.shape[2:]
+        if torch.compiler.is_exporting():
+            # an exported graph: one product with the owner map as a 0/1 matrix (B K L0), a few operators where
+            # index_add takes a dozen; the same sums in another order (values to rounding)
+            member = (self.owner[:, None, :] == torch.arange(k, device=x.device)[None, :, None]).float()
+            acc = member @ x.reshape(bsz, length, -1).float()
+            return (acc / self.sizes[..., None]).view(bsz, k, *rows).to(x.dtype)
         flat = (self.owner + torch.arange(bsz, device=x.device)[:, None] * k).reshape(-1)
         acc = x.new_zeros((bsz * k, *rows), dtype=torch.float32)
         acc = acc.index_add_(0, flat, x.reshape(bsz * length, *rows).float())
@@ -309,6 +315,13 @@ class Unmerge:
             if alone is not None:  # below any cosine: a protected token takes no other position
                 likeness = likeness.masked_fill(alone[:, None, :], -2.0)
             owner = likeness.argmax(-1).scatter(1, anchors, slots)
+            if torch.compiler.is_exporting():  # the groups' sizes and means from one 0/1 membership matrix
+                member = (owner[:, None, :] == slots[:, :, None]).float()  # B K L0
+                sizes = member.sum(-1)
+                groups = Unmerge(owner, sizes)
+                if round_ < REGROUP_ROUNDS:
+                    centres = torch.nn.functional.normalize((member @ unit) / sizes[..., None], dim=-1)
+                continue
             groups = Unmerge(owner, torch.zeros_like(slots, dtype=torch.float32).scatter_add(
                 1, owner, torch.ones_like(owner, dtype=torch.float32)))
             if round_ < REGROUP_ROUNDS:

@@ -56,6 +56,28 @@ def test_regroup_is_the_reference_regrouping(monkeypatch, share, alone):
         assert got.sizes.shape[1] == tokens.mlp_tokens(9, share)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_an_exported_graph_groups_and_averages_as_the_reference(monkeypatch, share):
+    """Under export (ONNX) the groups' sizes and means come from a 0/1 membership matrix, a few operators where
+    index_add and scatter_add take a dozen: the reference's groups, sizes and means (to rounding)."""
+    for seed in range(3):
+        groups, z = _groups(seed)
+        groups = Unmerge(groups.owner, groups.sizes, True, groups.anchors, groups.alone, share)
+        x = torch.randn(3, 37, 4, 6, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad(), monkeypatch.context() as m:
+            _reference(m)
+            want = groups.for_mlp(z)
+            want_means, want_own = want.merge(x), groups.merge(x)
+            m.setattr(torch.compiler, "is_exporting", lambda: True)
+            got = groups.for_mlp(z)
+            got_means, got_own = got.merge(x), groups.merge(x)
+        assert torch.equal(got.owner, want.owner)
+        assert torch.equal(got.sizes, want.sizes)
+        assert got_means.shape == want_means.shape == (3, tokens.mlp_tokens(9, share), 4, 6)
+        assert_close_across_cpus(got_means, want_means)
+        assert_close_across_cpus(got_own, want_own)
+
+
 @requires_kernel
 def test_regroup_keeps_each_anchor_in_its_group_and_an_alone_token_alone():
     groups, z = _groups(7)
