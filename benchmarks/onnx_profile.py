@@ -1,16 +1,17 @@
 """Where onnxruntime spends a batch-1 forward, dense against reduced, by the line of ssmtrim's code that made each node.
 
-    OMP_NUM_THREADS=1 python benchmarks/onnx_profile.py [--model mambavision_cifar] [--keep 0.7] [--runs 300] \\
-        [--top 12] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/onnx_profile.py [--model mambavision_cifar] [--keep 0.7] [--option N=V]
+        [--runs 300] [--top 12] [--json out.json]
 
 Both models are exported for one image (the reduced one with its family's recommended plan at ``--keep`` after its
-recommended blocks, count mode, compensation off; a registered name without bundled weights gets random weights) and
-checked on four random images. Each file then runs ``--runs`` times under onnxruntime's profiler, one intra-op
-thread; every node's kernel time and executions are summed by the innermost module ``forward`` of ssmtrim's in the
-stack the exporter recorded for it (nodes onnxruntime fused or made itself have none), and the two files' sums are
-printed side by side, the lines that cost the reduced file most first. The profiler's own cost per node inflates every
-figure (a node of a few microseconds reads several times that): read the columns against each other. Last, both
-files unprofiled, timed in turns (wall clock, median of repeats) with their ratio.
+recommended blocks, ``--option`` laid over its options, count mode, compensation off; a registered name without
+bundled weights gets random weights) and checked on four random images. Each file then runs ``--runs`` times under
+onnxruntime's profiler, one intra-op thread; every node's kernel time and executions are summed by the innermost
+module ``forward`` of ssmtrim's in the stack the exporter recorded for it (nodes onnxruntime fused or made itself have
+none), and the two files' sums are printed side by side, the lines that cost the reduced file most first. The
+profiler's own cost per node inflates every figure (a node of a few microseconds reads several times that): read the
+columns against each other. Last, both files unprofiled, timed in turns (wall clock, median of repeats) with their
+ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import ssmtrim
 from ssmtrim.export import export_onnx
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning
+from ssmtrim.pruning.config import declared_options
+from ssmtrim.pruning.options import parse_option
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_LINE = "(fused or made by onnxruntime)"
@@ -109,13 +112,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mambavision_cifar")
     ap.add_argument("--keep", type=float, default=0.7)
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=V",
+                    help="a plug-in option laid over the family's (repeatable), e.g. --option mlp_groups=step")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
     dense = load(args.model)
-    config = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none")
+    options = dict(parse_option(o, declared_options()) for o in args.option) or None
+    config = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none", options=options)
     reduced = apply_pruning(load(args.model), config)
     shape = data_config_of(dense).input_size
     check = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
@@ -127,8 +133,9 @@ def main() -> None:
             export_onnx(model, paths[kind], check_images=check)
         profiles = {kind: profile_by_line(path, x, args.runs, folder) for kind, path in paths.items()}
         ms = timed_in_turns(paths, x, args.repeats)
-    print(f"{args.model}: {config.arrangement} after {config.layers} at keep {args.keep}, batch 1, onnxruntime, one "
-          f"thread; {args.runs} profiled runs (us and node executions a run, inflated by the profiler)")
+    print(f"{args.model}: {config.arrangement} after {config.layers} at keep {args.keep} ({dict(config.options)}), "
+          f"batch 1, onnxruntime, one thread; {args.runs} profiled runs (us and node executions a run, inflated by the "
+          "profiler)")
     for kind in ("dense", "reduced"):
         total = sum(t for t, _ in profiles[kind].values())
         nodes = sum(n for _, n in profiles[kind].values())
