@@ -20,27 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-import ssmtrim
+from ssmtrim.bundled import bundled_or_random
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.models.registry import family_of
 from ssmtrim.pruning import PruneConfig, apply_pruning, engine
 from ssmtrim.pruning.state import PruneStats
 from ssmtrim.pruning.strategies import merge
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str) -> torch.nn.Module:
-    bundled = ROOT / "examples" / name
-    if bundled.is_dir():
-        return ssmtrim.load_model(bundled).eval()
-    torch.manual_seed(0)
-    return ssmtrim.create_model(name).eval()
 
 
 def timed(calls: dict, repeats: int, inner: int = 5) -> dict[str, float]:
@@ -63,9 +52,9 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
-    dense = load(args.model)
+    dense = bundled_or_random(args.model)
     config = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none")
-    reduced = apply_pruning(load(args.model), config)
+    reduced = apply_pruning(bundled_or_random(args.model), config)
     family = family_of(dense)
     x = torch.randn(1, *data_config_of(dense).input_size)
     blocks, steps = [], []

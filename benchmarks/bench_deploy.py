@@ -28,22 +28,12 @@ from pathlib import Path
 
 import torch
 
-import ssmtrim
+from ssmtrim.bundled import bundled_or_random
 from ssmtrim.flops import count_flops_all
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning
 from ssmtrim.pruning.config import declared_options
 from ssmtrim.pruning.options import parse_option
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name: str) -> torch.nn.Module:
-    bundled = ROOT / "examples" / name
-    if bundled.is_dir():
-        return ssmtrim.load_model(bundled).eval()
-    torch.manual_seed(0)
-    return ssmtrim.create_model(name).eval()
 
 
 def with_reference_ops(model):
@@ -112,14 +102,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     results = []
     for name in args.models.split(","):
-        dense = load(name)
+        dense = bundled_or_random(name)
         size = data_config_of(dense).input_size
         x_many, x_one = torch.randn(args.batch, *size), torch.randn(1, *size)
         given = {"arrangement": args.arrangement,
                  "layers": tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
                  "options": dict(parse_option(o, declared_options()) for o in args.option) or None}
-        reduced = apply_pruning(load(name), PruneConfig.recommended(dense, keep=(args.keep,), compensate="none",
-                                                                    **given))
+        plan = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none", **given)
+        reduced = apply_pruning(bundled_or_random(name), plan)
         flops = [count_flops_all(m)["full"].total for m in (dense, reduced)]
         row = {"model": name, "plan": reduced.prune_config.to_dict(), "flops_ratio": flops[0] / flops[1]}
         runtimes = {"eager": (dense, reduced)}

@@ -26,23 +26,14 @@ from pathlib import Path
 
 import torch
 
-import ssmtrim
+from ssmtrim.bundled import bundled_or_random
 from ssmtrim.export import export_onnx
 from ssmtrim.models.loading import data_config_of
 from ssmtrim.pruning import PruneConfig, apply_pruning
 from ssmtrim.pruning.config import declared_options
 from ssmtrim.pruning.options import parse_option
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_LINE = "(fused or made by onnxruntime)"
-
-
-def load(name: str) -> torch.nn.Module:
-    bundled = ROOT / "examples" / name
-    if bundled.is_dir():
-        return ssmtrim.load_model(bundled).eval()
-    torch.manual_seed(0)
-    return ssmtrim.create_model(name).eval()
 
 
 def source_lines(path: Path) -> dict[str, str]:
@@ -119,10 +110,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
-    dense = load(args.model)
+    dense = bundled_or_random(args.model)
     options = dict(parse_option(o, declared_options()) for o in args.option) or None
     config = PruneConfig.recommended(dense, keep=(args.keep,), compensate="none", options=options)
-    reduced = apply_pruning(load(args.model), config)
+    reduced = apply_pruning(bundled_or_random(args.model), config)
     shape = data_config_of(dense).input_size
     check = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1)).numpy()

@@ -40,6 +40,20 @@ def bundled_folder(name: str) -> Path | None:
     return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
 
 
+def bundled_or_random(name: str, seed: int = 0):
+    """The registered model ``name`` in eval mode: its bundled weights where they ship (``examples/<name>``), else its
+    architecture with random weights (seeded), which serve as well where only speed is measured."""
+    import torch
+
+    import ssmtrim
+
+    folder = bundled_folder(name)
+    if folder is not None:
+        return ssmtrim.load_model(folder).eval()
+    torch.manual_seed(seed)
+    return ssmtrim.create_model(name).eval()
+
+
 def bundled_model() -> Path:
     return examples_dir() / "vim_cifar"
 

@@ -214,3 +214,19 @@ def test_a_relative_source_is_recorded_where_it_really_is(tmp_path, monkeypatch)
     assert ssmtrim.load_model(recorded).config == ssmtrim.load_model(str(tmp_path / "copy")).config
     bundled = ssmtrim.save_model(ssmtrim.load_model("vim_cifar"), tmp_path / "b")
     assert json.loads((bundled / "config.json").read_text())["source"]["source"] == "vim_cifar"
+
+
+def test_bundled_or_random_loads_shipped_weights_else_seeded_random_ones():
+    """What the speed benchmarks run: a registered model's bundled weights where they ship, else its architecture
+    with seeded random weights (the same for the same seed)."""
+    from ssmtrim.bundled import bundled_folder, bundled_or_random
+
+    shipped = bundled_or_random("vim_cifar")
+    want = ssmtrim.load_model(bundled_folder("vim_cifar"))
+    assert not shipped.training
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), want.state_dict().values(),
+                                                   strict=True))
+    assert bundled_folder("vim_test") is None
+    a, b, c = bundled_or_random("vim_test"), bundled_or_random("vim_test"), bundled_or_random("vim_test", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.head.weight, c.head.weight)

@@ -266,8 +266,7 @@ class Unmerge:
         if torch.compiler.is_exporting():
             # an exported graph: one product with the owner map as a 0/1 matrix (B K L0), a few operators where
             # index_add takes a dozen; the same sums in another order (values to rounding)
-            member = (self.owner[:, None, :] == torch.arange(k, device=x.device)[None, :, None]).float()
-            acc = member @ x.reshape(bsz, length, -1).float()
+            acc = _membership(self.owner, k) @ x.reshape(bsz, length, -1).float()
             return (acc / self.sizes[..., None]).view(bsz, k, *rows).to(x.dtype)
         flat = (self.owner + torch.arange(bsz, device=x.device)[:, None] * k).reshape(-1)
         acc = x.new_zeros((bsz * k, *rows), dtype=torch.float32)
@@ -316,7 +315,7 @@ class Unmerge:
                 likeness = likeness.masked_fill(alone[:, None, :], -2.0)
             owner = likeness.argmax(-1).scatter(1, anchors, slots)
             if torch.compiler.is_exporting():  # the groups' sizes and means from one 0/1 membership matrix
-                member = (owner[:, None, :] == slots[:, :, None]).float()  # B K L0
+                member = _membership(owner, slots.shape[1])
                 sizes = member.sum(-1)
                 groups = Unmerge(owner, sizes)
                 if round_ < REGROUP_ROUNDS:
@@ -341,6 +340,11 @@ REGROUP_ROUNDS = 2
 def mlp_tokens(tokens: int, share: float) -> int:
     """Tokens an MLP regrouped around ``share`` of ``tokens`` runs on (at least one)."""
     return tokens if share >= 1.0 else max(1, int(tokens * share + 1e-9))
+
+
+def _membership(owner: Tensor, k: int) -> Tensor:
+    """B K L0, 1.0 where token k owns position l (``owner`` B L0 in [0, k)), else 0."""
+    return (owner[:, None, :] == torch.arange(k, device=owner.device)[None, :, None]).float()
 
 
 def _same(x: Tensor) -> Tensor:
