@@ -312,3 +312,28 @@ def test_tome_takes_the_bipartite_kernel_with_the_reference_values(monkeypatch):
         monkeypatch.setattr(tome, "merge_kernels", lambda *t: None)
         want = model(x)
     assert_close_across_cpus(got, want)
+
+
+@requires_kernel
+@pytest.mark.parametrize("removed,n_drop,features", [(5, 2, False), (5, 6, True), (12, 0, True), (-1, 0, True)])
+def test_the_one_call_step_refuses_what_it_cannot_do(removed, n_drop, features):
+    """Merging without features, dropping more than leave, removing more than there are: refused before the C call."""
+    length = 11
+    feats = torch.randn(1, length, 4) if features else None
+    with pytest.raises(ValueError, match="a merge step removes"):
+        cpu.merge_step(torch.randn(1, length), torch.arange(length)[None], None, 0, feats, None,
+                       (torch.randn(1, length, 3),), removed, n_drop)
+
+
+@requires_kernel
+def test_the_one_call_step_refuses_tensors_of_another_shape():
+    length = 11
+    ok = dict(scores=torch.randn(1, length), positions=torch.arange(length)[None], protected=torch.tensor([[3]]))
+    for name, bad in (("scores", torch.randn(1, length - 1)), ("protected", torch.tensor([3]))):
+        given = {**ok, name: bad}
+        with pytest.raises(ValueError, match="as its positions"):
+            cpu.merge_step(given["scores"], given["positions"], given["protected"], 0, torch.randn(1, length, 4),
+                           None, (torch.randn(1, length, 3),), 4, 0)
+    with pytest.raises(ValueError, match="as its positions"):
+        cpu.merge_step(ok["scores"], ok["positions"], None, 0, torch.randn(1, length, 4), None,
+                       (torch.randn(2, length, 3),), 4, 0)

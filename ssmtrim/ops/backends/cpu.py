@@ -593,6 +593,13 @@ def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: i
     lib = _cpu_kernel.load()
     bsz, length = positions.shape
     k, merged = length - removed, removed - n_drop
+    if not 0 <= n_drop <= removed <= length or (features is None and merged > 0):
+        raise ValueError(f"a merge step removes 0 <= n_drop <= removed <= {length} tokens and needs features to merge "
+                         f"any, got removed {removed}, n_drop {n_drop}, features {features is not None}")
+    if any(t is not None and tuple(t.shape[:2]) != (bsz, length) for t in (scores, sizes, features, *present)) or \
+            (protected is not None and (protected.dim() != 2 or protected.shape[0] != bsz)):
+        raise ValueError(f"a merge step's scores, sizes, features and streams are (B L ...) = ({bsz} {length} ...) "
+                         "as its positions, and its protected indices (B P)")
     scores, sizes = _f32(scores), _f32(sizes)
     positions, prot = (None if t is None else _longs(t) for t in (positions, protected))
     # the kernels run where nothing needs a gradient: no detach (at batch 1 each call counts)
