@@ -255,3 +255,16 @@ def test_the_direction_check_sees_planted_upward_imports(monkeypatch):
     found = upward_imports()
     assert any("ssmtrim.ops.backend -> ssmtrim.pruning.engine" in f for f in found)
     assert any("ssmtrim.pruning.engine -> ssmtrim.cli.app" in f for f in found)
+
+
+def test_the_benchmarks_table_names_scripts_that_exist():
+    """docs/ARCHITECTURE.md's table of benchmarks and checks names files in benchmarks/ (a renamed or removed script
+    would leave the map pointing nowhere)."""
+    import re
+
+    doc = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text()
+    table = doc.split("## Benchmarks and checks", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([\w.]+\.(?:py|sh))`", table))
+    assert "onnx_profile.py" in named
+    missing = sorted(name for name in named if not (ROOT.parent / "benchmarks" / name).is_file())
+    assert not missing, missing
