@@ -1197,6 +1197,9 @@ CASES += [
          refused("output file", "lies inside the source model")),
     Case("report-runtime-unknown", ["report", "{dense}", "{pruned}", "--data", "{images}", "-o", "{case}/r",
                                     "--runtime", "tensorrt"], refused("--runtime must be one of")),
+    Case("report-compiled-threshold-plan", ["report", "{dense}", "{thr}", "--data", "{images}", "-o", "{case}/r",
+                                            "--runtime", "compiled"],
+         refused("--runtime compiled times one graph per batch size", "--mode count"), threshold_folder),
 ]
 
 

@@ -109,26 +109,62 @@ def _time_runs(many: Callable[[], Any], one: Callable[[], Any], batch_size: int,
 
 @torch.no_grad()
 def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, warmup: int = 2,
-                  iters: int = 5, repeats: int = 3, device: str | torch.device = "cpu") -> Speed:
+                  iters: int = 5, repeats: int = 3, device: str | torch.device = "cpu",
+                  compiled: bool = False) -> Speed:
     """Throughput at ``batch_size`` and latency at batch 1, after warm-up; median of ``repeats`` timings of
-    ``iters`` forwards each. Random inputs (speed does not depend on pixel values in count mode)."""
+    ``iters`` forwards each. Random inputs (speed does not depend on pixel values in count mode). With ``compiled``,
+    of ``torch.compile(model, fullgraph=True, dynamic=False)``: a graph for each of the two batch sizes, made during
+    the warm-up (minutes on a deep model) and not timed, after dropping the process's earlier compiled graphs; a
+    model that does not compile is refused in one sentence."""
     device = torch.device(device)
     model = model.to(device).eval()
+    run = _compiled(model) if compiled else model
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     x = torch.randn(batch_size, *input_size, device=device)
     x1 = x[:1].clone()
-    rates, lats, rss = _time_runs(lambda: model(x), lambda: model(x1), batch_size, warmup, iters, repeats, sync,
+    rates, lats, rss = _time_runs(lambda: run(x), lambda: run(x1), batch_size, max(warmup, 1) if compiled else warmup,
+                                  iters, repeats, sync,
                                   (lambda: torch.cuda.reset_peak_memory_stats(device)) if device.type == "cuda"
                                   else (lambda: None))
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         mem = (rss.peak - rss.base) / 2**20
-    return Speed(batch_size, statistics.median(rates), statistics.median(lats), mem, rss.peak / 2**20, str(device),
-                 torch.get_num_threads())
+    return Speed(batch_size, statistics.median(rates), statistics.median(lats), mem, rss.peak / 2**20,
+                 f"{device} (compiled)" if compiled else str(device), torch.get_num_threads())
 
 
-RUNTIMES = ("torch", "onnxruntime")
+def _compiled(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``model`` under ``torch.compile(fullgraph=True, dynamic=False)`` (a graph per input shape; not dynamic, which
+    would recompile ssmtrim's shared forward for every family compiled in the process), its first call's failure to
+    compile said in one sentence. The process's compiled graphs are dropped first (``torch.compiler.reset``): the rows
+    of a report share one forward function, and past PyTorch's limit of graphs for one function a full-graph compile
+    fails (``FailOnRecompileLimitHit``)."""
+    from ssmtrim.pruning import is_pruned
+
+    if is_pruned(model) and model.prune_config.mode != "count":
+        raise ConfigError("this model's plan keeps a number of tokens that depends on each image (threshold mode), "
+                          "which one compiled graph cannot hold; prune it with --mode count to time it compiled.")
+    torch.compiler.reset()
+    graph = torch.compile(model, fullgraph=True, dynamic=False)
+    made: set[tuple[int, ...]] = set()
+
+    def run(x: Tensor) -> Tensor:
+        if tuple(x.shape) in made:
+            return graph(x)
+        try:
+            out = graph(x)
+        except Exception as exc:  # dynamo and inductor raise many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"this model could not be compiled ({first}); measure its speed with --runtime torch "
+                              "(eager) or onnxruntime.") from None
+        made.add(tuple(x.shape))
+        return out
+
+    return run
+
+
+RUNTIMES = ("torch", "compiled", "onnxruntime")
 
 
 def measure_speed_onnx(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = 8, warmup: int = 2,
@@ -223,7 +259,8 @@ def build_report(
     report as a dict (what ``report.json`` holds). Inside :func:`ssmtrim.distributed.sharded` each rank evaluates and
     calibrates on its block of the images (every rank gets the one-process accuracies) and rank 0 alone measures the
     speed. ``runtime="onnxruntime"`` measures the speed of every row in onnxruntime instead (each model exported to
-    ONNX and checked against PyTorch first, :func:`measure_speed_onnx`); accuracy and FLOPs stay PyTorch's."""
+    ONNX and checked against PyTorch first, :func:`measure_speed_onnx`), ``runtime="compiled"`` of every row compiled
+    (``torch.compile``, :func:`measure_speed` with ``compiled``); accuracy and FLOPs stay eager PyTorch's."""
     from ssmtrim.data import scan_folder
     from ssmtrim.devices import check_device
     from ssmtrim.distributed import is_main, leading, local_prefix, shard_images, sum_counts, work_split
@@ -275,6 +312,14 @@ def build_report(
             check_exportable(model)
         if sweep_values is not None and (strategy or {}).get("mode", "count") != "count":
             raise ConfigError("--runtime onnxruntime needs plans with fixed token counts; sweep with --mode count.")
+    if runtime == "compiled" and speed:
+        for _, model in pruned:
+            if model.prune_config.mode != "count":
+                raise ConfigError("--runtime compiled times one graph per batch size, which a threshold-mode plan "
+                                  "(a token count per image) cannot give; prune with --mode count, or use --runtime "
+                                  "torch.")
+        if sweep_values is not None and (strategy or {}).get("mode", "count") != "count":
+            raise ConfigError("--runtime compiled needs plans with fixed token counts; sweep with --mode count.")
     require_fvcore()
     data_cfg = data_config_of(dense)
     if speed and is_main() and torch.device(device).type == "cpu":  # before the images and long work
@@ -303,7 +348,7 @@ def build_report(
             spd = measure_speed_onnx(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats).to_dict()
         elif speed and is_main():
             spd = measure_speed(model, data_cfg.input_size, batch_size, iters=iters, repeats=repeats,
-                                device=device).to_dict()
+                                device=device, compiled=runtime == "compiled").to_dict()
         model.to("cpu")
         fidelity = None
         if dense_maps is not None and fidelity_images.shape[0]:

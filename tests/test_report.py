@@ -150,6 +150,62 @@ def test_speed_is_measured():
     assert speed.images_per_s > 0 and speed.latency_ms > 0 and speed.batch_size == 4 and speed.device == "cpu"
 
 
+def test_a_report_times_every_row_compiled(setup):
+    """``--runtime compiled``: each row timed as a torch.compile graph (the dense model and the reduced one, a graph
+    per batch size, made before the timing), the JSON saying where; the accuracy is eager PyTorch's as in any report."""
+    root, dense, pruned = setup
+    res = runner.invoke(app, ["report", str(dense), str(pruned), "--data", str(root / "data"), "-o",
+                              str(root / "r_compiled"), "--repeats", "1", "--batch-size", "2", "--runtime", "compiled",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["runtime"] == "compiled" and report["device"] == "cpu (compiled)"
+    for row in report["entries"]:
+        assert row["speed"]["device"] == "cpu (compiled)"
+        assert row["speed"]["images_per_s"] > 0 and row["speed"]["latency_ms"] > 0
+    assert report["entries"][1]["accuracy"]["top1"] is not None
+
+
+def test_compiled_speed_times_a_fullgraph_static_graph_and_resets_the_caches(monkeypatch):
+    calls, real = [], torch.compile
+
+    def recording(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, **kwargs)
+
+    resets = []
+    monkeypatch.setattr(torch, "compile", recording)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    model = apply_pruning(ssmtrim.create_model("vim_test", depth=2).eval(),
+                          PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"))
+    speed = measure_speed(model, (3, 32, 32), batch_size=2, warmup=1, iters=1, repeats=1, compiled=True)
+    assert calls == [{"fullgraph": True, "dynamic": False}] and resets == [1]
+    assert speed.device == "cpu (compiled)" and speed.images_per_s > 0
+
+
+def test_compiled_speed_refuses_what_cannot_compile(monkeypatch):
+    from ssmtrim.report import build_report
+
+    model = ssmtrim.create_model("vim_test", depth=2).eval()
+    thresholded = apply_pruning(ssmtrim.create_model("vim_test", depth=2).eval(),
+                                PruneConfig(layers=(1,), keep=(0.5,), mode="threshold", thresholds=(0.0,)))
+    with pytest.raises(ConfigError, match="threshold mode"):
+        measure_speed(thresholded, (3, 32, 32), batch_size=2, warmup=1, iters=1, repeats=1, compiled=True)
+    with pytest.raises(ConfigError, match="--runtime compiled times one graph per batch size"):
+        build_report(model, "unused", [("t", thresholded)], runtime="compiled")
+    with pytest.raises(ConfigError, match="--runtime must be one of torch, compiled, onnxruntime"):
+        build_report(model, "unused", [("t", thresholded)], runtime="tvm")
+
+    def fails(*args, **kwargs):
+        def graph(x):
+            raise RuntimeError("backend compiler failed\nmore lines")
+        return graph
+
+    monkeypatch.setattr(torch, "compile", fails)
+    with pytest.raises(ConfigError, match=r"could not be compiled \(backend compiler failed\); measure its speed"):
+        measure_speed(model, (3, 32, 32), batch_size=2, warmup=1, iters=1, repeats=1, compiled=True)
+
+
 @pytest.mark.parametrize("text", ["keep", "keep=", "size=0.5", "keep=1.5", "flops=a"])
 def test_bad_sweeps(text):
     with pytest.raises(ConfigError, match="--sweep"):
@@ -202,3 +258,19 @@ def test_the_terminal_table_fits_80_columns_with_whole_cells():
         assert set(header) - set(h) == dropped, (width, h)
         assert 1 + sum(3 + max(len(x) for x in col) for col in zip(h, *r, strict=True)) <= width
         assert r[1][0] == "merge keep=0.8" and "top-1" in h and "real" in h
+
+
+def test_compiled_rows_past_the_recompile_limit(monkeypatch):
+    """Many plans of one model timed compiled in one process (a sweep's rows share the engine's forward): each row
+    starts from dropped caches, so PyTorch's limit of graphs for one function (here lowered to 2) is never reached."""
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
+    from ssmtrim.pruning import remove_pruning
+
+    model = ssmtrim.create_model("vim_test", depth=2).eval()
+    for keep in (0.3, 0.4, 0.5, 0.6):
+        apply_pruning(model, PruneConfig(layers=(1,), keep=(keep,), arrangement="merge"))
+        speed = measure_speed(model, (3, 32, 32), batch_size=2, warmup=1, iters=1, repeats=1, compiled=True)
+        assert speed.images_per_s > 0
+        remove_pruning(model)

@@ -57,8 +57,10 @@ def report(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch of the throughput measurement.")] = 8,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats (the median is reported).")] = 3,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="Skip the speed and memory measurements.")] = False,
-    runtime: Annotated[str, typer.Option("--runtime", help="Where speed is measured: torch, or onnxruntime (each "
-                                         "model exported to ONNX and checked first; needs the export extra).")]
+    runtime: Annotated[str, typer.Option("--runtime", help="Where speed is measured: torch (eager), compiled "
+                                         "(torch.compile, fullgraph, a graph per batch size; compiling takes minutes "
+                                         "on a deep model), or onnxruntime (each model exported to ONNX and checked "
+                                         "first; needs the export extra).")]
     = "torch",
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "cpu",
