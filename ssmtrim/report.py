@@ -134,17 +134,22 @@ def measure_speed(model: nn.Module, input_size: tuple[int, int, int], batch_size
                  f"{device} (compiled)" if compiled else str(device), torch.get_num_threads())
 
 
+def check_compilable(model: nn.Module) -> None:
+    """Refuse, in one sentence, a model whose forward one compiled graph cannot hold (a threshold-mode plan)."""
+    from ssmtrim.pruning import is_pruned
+
+    if is_pruned(model) and model.prune_config.mode != "count":
+        raise ConfigError("--runtime compiled times one graph per batch size, which a threshold-mode plan (a token "
+                          "count per image) cannot give; prune with --mode count, or use --runtime torch.")
+
+
 def _compiled(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """``model`` under ``torch.compile(fullgraph=True, dynamic=False)`` (a graph per input shape; not dynamic, which
     would recompile ssmtrim's shared forward for every family compiled in the process), its first call's failure to
     compile said in one sentence. The process's compiled graphs are dropped first (``torch.compiler.reset``): the rows
     of a report share one forward function, and past PyTorch's limit of graphs for one function a full-graph compile
     fails (``FailOnRecompileLimitHit``)."""
-    from ssmtrim.pruning import is_pruned
-
-    if is_pruned(model) and model.prune_config.mode != "count":
-        raise ConfigError("this model's plan keeps a number of tokens that depends on each image (threshold mode), "
-                          "which one compiled graph cannot hold; prune it with --mode count to time it compiled.")
+    check_compilable(model)
     torch.compiler.reset()
     graph = torch.compile(model, fullgraph=True, dynamic=False)
     made: set[tuple[int, ...]] = set()
@@ -314,10 +319,7 @@ def build_report(
             raise ConfigError("--runtime onnxruntime needs plans with fixed token counts; sweep with --mode count.")
     if runtime == "compiled" and speed:
         for _, model in pruned:
-            if model.prune_config.mode != "count":
-                raise ConfigError("--runtime compiled times one graph per batch size, which a threshold-mode plan "
-                                  "(a token count per image) cannot give; prune with --mode count, or use --runtime "
-                                  "torch.")
+            check_compilable(model)
         if sweep_values is not None and (strategy or {}).get("mode", "count") != "count":
             raise ConfigError("--runtime compiled needs plans with fixed token counts; sweep with --mode count.")
     require_fvcore()
