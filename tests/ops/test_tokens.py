@@ -215,3 +215,19 @@ def test_the_mixer_kernel_takes_gaps_for_both_directions_or_neither():
             kernels.mixer((*forward[:-1], gap), backward, x, z, 1)
         with pytest.raises(ValueError, match="gap_mode 1 or 2"):
             kernels.mixer((*forward[:-1], gap), (*backward[:-1], gap), x, z, 0)
+
+
+@requires_kernel
+def test_a_profile_names_the_path_that_ran():
+    """Under torch.profiler an eager reduced Vim's C calls carry the token path's names (its mixer, the merge step),
+    not the general path's (``ssmtrim::selective_scan``, ``causal_conv1d_silu``), so a profile says which path ran."""
+    from ssmtrim.pruning import PruneConfig, apply_pruning
+
+    torch.manual_seed(0)
+    model = apply_pruning(ssmtrim.create_model("vim_test", depth=2).eval(),
+                          PruneConfig(layers=(1,), keep=(0.5,), arrangement="merge"))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(torch.randn(1, 3, 32, 32))
+    ran = {event.key for event in prof.key_averages()}
+    assert {"ssmtrim::tokens_mixer (convs)", "ssmtrim::tokens_mixer (scans)", "ssmtrim::merge_step"} <= ran
+    assert not ran & {"ssmtrim::selective_scan", "ssmtrim::causal_conv1d_silu"}

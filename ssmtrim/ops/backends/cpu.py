@@ -285,7 +285,7 @@ def _conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, reverse: bool, 
     bias = None if bias is None else bias.contiguous()
     pos = None if positions is None else positions.to(torch.int64).contiguous()
     out = torch.empty(bsz, length, e, dtype=torch.float32)
-    with _profiled("ssmtrim::causal_conv1d_silu"):
+    with _profiled("ssmtrim::tokens_conv"):
         lib.ssm_conv_silu_tok(_ptr(x), x.stride(0), x.stride(1), _ptr(pos), _ptr(weight), _ptr(bias), 1, int(reverse),
                               _ptr(out), bsz, e, length, width, torch.get_num_threads())
     return out
@@ -340,7 +340,7 @@ def _scan_tokens(
     ptr_array = (ctypes.c_void_p * len(pointers))(*pointers)
     stride_array = (ctypes.c_long * len(strides))(*strides)
     zs = z.stride()[:2] if z is not None else (0, 0)
-    with _profiled("ssmtrim::selective_scan"):
+    with _profiled("ssmtrim::tokens_scan"):
         lib.ssm_scan_bi_tok(ptr_array, stride_array, _ptr(z), zs[0], zs[1], int(delta_softplus), _ptr(out), bsz, e,
                             length, n, torch.get_num_threads())
     return out
@@ -387,7 +387,7 @@ def _mixer_tokens(
     conv_w, conv_b, conv_w_b, conv_b_b, dt_w, dt_b, a_log, d, gap, dt_w_b, dt_b_b, a_log_b, d_b, gap_b = held
     pos, pos_b = (None if t is None else t.to(torch.int64).contiguous() for t in (pos, pos_b))
     xc = torch.empty(2, bsz, length, e, dtype=torch.float32)
-    with _profiled("ssmtrim::causal_conv1d_silu"):
+    with _profiled("ssmtrim::tokens_mixer (convs)"):
         lib.ssm_conv_pair_tok(x.data_ptr(), x.stride(0), x.stride(1), _ptr(pos), _ptr(pos_b), conv_w.data_ptr(),
                               conv_w_b.data_ptr(), _ptr(conv_b), _ptr(conv_b_b), xc.data_ptr(), bsz, e, length,
                               conv_w.shape[-1], threads)
@@ -403,7 +403,7 @@ def _mixer_tokens(
     z = None if z is None else _rows(z)
     zs = z.stride()[:2] if z is not None else (0, 0)
     out = torch.empty(bsz, length, e, dtype=torch.float32)
-    with _profiled("ssmtrim::selective_scan"):
+    with _profiled("ssmtrim::tokens_mixer (scans)"):
         lib.ssm_mixer_scan_tok((ctypes.c_void_p * 18)(*pointers), (ctypes.c_long * 16)(*strides),
                                (ctypes.c_void_p * 2)(dt_w.data_ptr(), dt_w_b.data_ptr()), rank, gap_mode, _ptr(z),
                                zs[0], zs[1], out.data_ptr(), bsz, e, length, n, threads)
@@ -616,14 +616,15 @@ def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: i
     index = torch.empty(bsz, k, dtype=torch.long)
     dst = torch.empty(bsz, merged, dtype=torch.long)
     n = len(present)
-    lib.ssm_merge_step(_ptr(scores), _ptr(positions), _ptr(prot), n_prot, around, _ptr(feats), sfb, sfl, width,
-                       _ptr(sizes), bsz, length, removed, n_drop, int(adjacent), n,
-                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
-                       (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
-                       (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
-                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), int(rescale), _ptr(src_all),
-                       _ptr(index), _ptr(dst), _ptr(new_sizes), _ptr(slot_of), _ptr(new_positions),
-                       _ptr(new_protected), torch.get_num_threads())
+    with _profiled("ssmtrim::merge_step"):
+        lib.ssm_merge_step(_ptr(scores), _ptr(positions), _ptr(prot), n_prot, around, _ptr(feats), sfb, sfl, width,
+                           _ptr(sizes), bsz, length, removed, n_drop, int(adjacent), n,
+                           (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
+                           (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
+                           (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
+                           (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), int(rescale), _ptr(src_all),
+                           _ptr(index), _ptr(dst), _ptr(new_sizes), _ptr(slot_of), _ptr(new_positions),
+                           _ptr(new_protected), torch.get_num_threads())
     return [*outs, new_sizes, new_positions, new_protected, slot_of, src_all, index, dst]
 
 
