@@ -385,7 +385,7 @@ def _mixer_tokens(
     held = [_f32(t) for t in (conv_w, conv_b, conv_w_b, conv_b_b, dt_w, dt_b, a_log, d, gap, dt_w_b, dt_b_b, a_log_b,
                               d_b, gap_b)]
     conv_w, conv_b, conv_w_b, conv_b_b, dt_w, dt_b, a_log, d, gap, dt_w_b, dt_b_b, a_log_b, d_b, gap_b = held
-    pos, pos_b = (None if t is None else t.to(torch.int64).contiguous() for t in (pos, pos_b))
+    pos, pos_b = (None if t is None else _longs(t) for t in (pos, pos_b))
     xc = torch.empty(2, bsz, length, e, dtype=torch.float32)
     with _profiled("ssmtrim::tokens_mixer (convs)"):
         lib.ssm_conv_pair_tok(x.data_ptr(), x.stride(0), x.stride(1), _ptr(pos), _ptr(pos_b), conv_w.data_ptr(),
@@ -542,25 +542,33 @@ def merge_keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, streams: 
     return tuple(None if t is None else next(merged) for t in streams), new_sizes, slot_of
 
 
+def _stream_arrays(present: list[Tensor], bsz: int, length: int, k: int) -> tuple[list[Tensor], list[Tensor], tuple]:
+    """The merge kernels' view of the streams: (their rows (B L D_i, unit stride within a row; held alive until the
+    call returns), the outputs (B K ...) to fill, the four ctypes arrays the C functions take: row pointers, row
+    widths, (batch, token) strides, output pointers)."""
+    rows_in = [_rows(t if t.dim() == 3 else t.reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]
+    outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
+    n = len(present)
+    arrays = ((ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
+              (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
+              (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
+              (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]))
+    return rows_in, outs, arrays
+
+
 def _keep(index: Tensor, src: Tensor, dst: Tensor, sizes: Tensor, present: list[Tensor],
           rescale: bool = False) -> list[Tensor]:
     """:func:`merge_keep` over the streams that are there: [their merged rows..., new sizes, slot_of]."""
     lib = _cpu_kernel.load()
     bsz, length = sizes.shape
     k, m = index.shape[1], src.shape[1]
-    index, src, dst = (t.to(torch.long).contiguous() for t in (index, src, dst))
+    index, src, dst = (_longs(t) for t in (index, src, dst))
     sizes = _f32(sizes)
-    rows_in = [_rows(t.detach().reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]  # no -1: batch 0
-    outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
+    rows_in, outs, arrays = _stream_arrays(present, bsz, length, k)
     new_sizes = torch.empty(bsz, k, dtype=torch.float32)
     slot_of = torch.empty(bsz, length, dtype=torch.long)
-    n = len(present)
-    lib.ssm_merge_keep(bsz, length, k, m, _ptr(index), _ptr(src), _ptr(dst), _ptr(sizes), n,
-                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
-                       (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
-                       (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
-                       (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), _ptr(new_sizes), _ptr(slot_of),
-                       int(rescale), torch.get_num_threads())
+    lib.ssm_merge_keep(bsz, length, k, m, _ptr(index), _ptr(src), _ptr(dst), _ptr(sizes), len(present), *arrays,
+                       _ptr(new_sizes), _ptr(slot_of), int(rescale), torch.get_num_threads())
     return [*outs, new_sizes, slot_of]
 
 
@@ -605,8 +613,7 @@ def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: i
     # the kernels run where nothing needs a gradient: no detach (at batch 1 each call counts)
     feats = _rows(features) if features is not None and merged > 0 else None
     sfb, sfl, width = (feats.stride(0), feats.stride(1), feats.shape[2]) if feats is not None else (0, 0, 0)
-    rows_in = [_rows(t if t.dim() == 3 else t.reshape(bsz, length, math.prod(t.shape[2:]))) for t in present]
-    outs = [torch.empty(bsz, k, *t.shape[2:], dtype=torch.float32) for t in present]
+    rows_in, outs, arrays = _stream_arrays(present, bsz, length, k)
     n_prot = 0 if prot is None else prot.shape[1]
     new_sizes = torch.empty(bsz, k, dtype=torch.float32)
     new_positions = torch.empty(bsz, k, dtype=torch.long)
@@ -615,16 +622,11 @@ def _step(scores: Tensor, positions: Tensor, protected: Tensor | None, around: i
     src_all = torch.empty(bsz, removed, dtype=torch.long)
     index = torch.empty(bsz, k, dtype=torch.long)
     dst = torch.empty(bsz, merged, dtype=torch.long)
-    n = len(present)
     with _profiled("ssmtrim::merge_step"):
         lib.ssm_merge_step(_ptr(scores), _ptr(positions), _ptr(prot), n_prot, around, _ptr(feats), sfb, sfl, width,
-                           _ptr(sizes), bsz, length, removed, n_drop, int(adjacent), n,
-                           (ctypes.c_void_p * n)(*[t.data_ptr() for t in rows_in]),
-                           (ctypes.c_long * n)(*[t.shape[2] for t in rows_in]),
-                           (ctypes.c_long * (2 * n))(*[s for t in rows_in for s in t.stride()[:2]]),
-                           (ctypes.c_void_p * n)(*[t.data_ptr() for t in outs]), int(rescale), _ptr(src_all),
-                           _ptr(index), _ptr(dst), _ptr(new_sizes), _ptr(slot_of), _ptr(new_positions),
-                           _ptr(new_protected), torch.get_num_threads())
+                           _ptr(sizes), bsz, length, removed, n_drop, int(adjacent), len(present), *arrays,
+                           int(rescale), _ptr(src_all), _ptr(index), _ptr(dst), _ptr(new_sizes), _ptr(slot_of),
+                           _ptr(new_positions), _ptr(new_protected), torch.get_num_threads())
     return [*outs, new_sizes, new_positions, new_protected, slot_of, src_all, index, dst]
 
 
